@@ -1,0 +1,93 @@
+# Declarations of the ggml C API that llama-runner uses (ggml.h, ggml-backend.h,
+# ggml-cpu.h), grouped like the headers.  Nothing here is implemented in Cython.
+from libc.stdint cimport int32_t, int64_t
+from libc.stddef cimport size_t
+
+
+cdef extern from "ggml.h" nogil:
+    enum ggml_type:
+        GGML_TYPE_F32
+        GGML_TYPE_F16
+        GGML_TYPE_Q4_0
+        GGML_TYPE_Q4_1
+        GGML_TYPE_Q5_0
+        GGML_TYPE_Q5_1
+        GGML_TYPE_Q8_0
+        GGML_TYPE_BF16
+        GGML_TYPE_COUNT
+
+    enum ggml_log_level:
+        GGML_LOG_LEVEL_NONE
+        GGML_LOG_LEVEL_DEBUG
+        GGML_LOG_LEVEL_INFO
+        GGML_LOG_LEVEL_WARN
+        GGML_LOG_LEVEL_ERROR
+        GGML_LOG_LEVEL_CONT
+
+    ctypedef void (*ggml_log_callback)(ggml_log_level level, const char * text, void * user_data) noexcept
+    ctypedef bint (*ggml_abort_callback)(void * data) noexcept
+
+    void ggml_log_set(ggml_log_callback log_callback, void * user_data)
+    const char * ggml_type_name(ggml_type type)
+    size_t ggml_row_size(ggml_type type, int64_t ne)
+    const char * ggml_version()
+    const char * ggml_commit()
+
+
+cdef extern from "ggml-backend.h" nogil:
+    cdef struct ggml_backend_device
+    ctypedef ggml_backend_device * ggml_backend_dev_t
+    cdef struct ggml_backend_reg
+    ctypedef ggml_backend_reg * ggml_backend_reg_t
+    cdef struct ggml_backend_buffer_type
+    ctypedef ggml_backend_buffer_type * ggml_backend_buffer_type_t
+
+    enum ggml_backend_dev_type:
+        GGML_BACKEND_DEVICE_TYPE_CPU
+        GGML_BACKEND_DEVICE_TYPE_GPU
+        GGML_BACKEND_DEVICE_TYPE_IGPU
+        GGML_BACKEND_DEVICE_TYPE_ACCEL
+
+    struct ggml_backend_dev_caps:
+        bint async "async"
+        bint host_buffer
+        bint buffer_from_host_ptr
+        bint events
+        bint mmap_support
+
+    struct ggml_backend_dev_props:
+        const char * name
+        const char * description
+        size_t memory_free
+        size_t memory_total
+        ggml_backend_dev_type type
+        const char * device_id
+        ggml_backend_dev_caps caps
+
+    struct ggml_backend_feature:
+        const char * name
+        const char * value
+    ctypedef ggml_backend_feature * (*ggml_backend_get_features_t)(ggml_backend_reg_t reg)
+
+    const char * ggml_backend_dev_name(ggml_backend_dev_t device)
+    const char * ggml_backend_dev_description(ggml_backend_dev_t device)
+    void ggml_backend_dev_memory(ggml_backend_dev_t device, size_t * free, size_t * total)
+    ggml_backend_dev_type ggml_backend_dev_get_type "ggml_backend_dev_type"(ggml_backend_dev_t device)
+    void ggml_backend_dev_get_props(ggml_backend_dev_t device, ggml_backend_dev_props * props)
+    ggml_backend_reg_t ggml_backend_dev_backend_reg(ggml_backend_dev_t device)
+
+    const char * ggml_backend_reg_name(ggml_backend_reg_t reg)
+    size_t ggml_backend_reg_dev_count(ggml_backend_reg_t reg)
+    ggml_backend_dev_t ggml_backend_reg_dev_get(ggml_backend_reg_t reg, size_t index)
+    void * ggml_backend_reg_get_proc_address(ggml_backend_reg_t reg, const char * name)
+
+    size_t ggml_backend_reg_count()
+    ggml_backend_reg_t ggml_backend_reg_get(size_t index)
+    ggml_backend_reg_t ggml_backend_reg_by_name(const char * name)
+    size_t ggml_backend_dev_count()
+    ggml_backend_dev_t ggml_backend_dev_get(size_t index)
+    ggml_backend_dev_t ggml_backend_dev_by_name(const char * name)
+
+    ggml_backend_reg_t ggml_backend_load(const char * path)
+    void ggml_backend_load_all()
+    void ggml_backend_load_all_from_path(const char * dir_path)

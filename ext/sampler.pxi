@@ -1,0 +1,123 @@
+# Sampler: one llama_sampler chain per request.
+
+cdef class Sampler:
+    """A sampler chain built from per-request options.
+
+    Order: grammar, logit bias, penalties, top_k, typical_p, top_p, min_p,
+    temperature, then dist (seeded) — or greedy when ``temperature <= 0``.
+    The grammar comes first so that every later stage only sees tokens the
+    grammar allows.
+    """
+    cdef llama_sampler * chain   # owned; NULL after close
+    cdef readonly Model model    # the vocabulary the chain was built for
+    cdef readonly uint32_t seed  # seed of the dist stage (0 for greedy)
+    cdef readonly bint greedy    # temperature <= 0
+
+    def __cinit__(self, Model model not None, *, float temperature=0.8, int32_t top_k=40,
+                  float top_p=0.9, float min_p=0.0, float typical_p=1.0,
+                  int32_t repeat_last_n=64, float repeat_penalty=1.0,
+                  float frequency_penalty=0.0, float presence_penalty=0.0,
+                  seed=None, grammar=None, str grammar_root="root", logit_bias=None):
+        model._check()
+        self.model = model
+        self.chain = llama_sampler_chain_init(llama_sampler_chain_default_params())
+        cdef llama_sampler * grammar_smpl = NULL
+        cdef bytes bgrammar, broot
+        cdef llama_logit_bias * biases = NULL
+        cdef Py_ssize_t nb
+        if grammar:
+            bgrammar = grammar.encode() if isinstance(grammar, str) else bytes(grammar)
+            broot = grammar_root.encode()
+            _log_state.last_error = ""
+            grammar_smpl = llama_sampler_init_grammar(model.vocab, bgrammar, broot)
+            if grammar_smpl == NULL:
+                raise GrammarError(_with_last_error("invalid GBNF grammar"))
+            llama_sampler_chain_add(self.chain, grammar_smpl)
+        if logit_bias:
+            nb = len(logit_bias)
+            biases = <llama_logit_bias *> malloc(nb * sizeof(llama_logit_bias))
+            try:
+                for i, (tok, bias) in enumerate(dict(logit_bias).items()):
+                    model._check_token(tok)
+                    biases[i].token = tok
+                    biases[i].bias = bias
+                llama_sampler_chain_add(self.chain, llama_sampler_init_logit_bias(model.n_vocab, <int32_t> nb, biases))
+            finally:
+                free(biases)
+        if repeat_last_n != 0 and (repeat_penalty != 1.0 or frequency_penalty != 0.0 or presence_penalty != 0.0):
+            if repeat_penalty <= 0:
+                raise ValueError("repeat_penalty must be > 0")
+            llama_sampler_chain_add(self.chain, llama_sampler_init_penalties(
+                model.n_vocab, repeat_last_n, repeat_penalty, frequency_penalty, presence_penalty))
+        if temperature <= 0:
+            self.greedy = True
+            self.seed = 0
+            llama_sampler_chain_add(self.chain, llama_sampler_init_greedy())
+            return
+        if top_k > 0:
+            llama_sampler_chain_add(self.chain, llama_sampler_init_top_k(top_k))
+        if 0.0 < typical_p < 1.0:
+            llama_sampler_chain_add(self.chain, llama_sampler_init_typical(typical_p, 1))
+        if 0.0 < top_p < 1.0:
+            llama_sampler_chain_add(self.chain, llama_sampler_init_top_p(top_p, 1))
+        if min_p > 0.0:
+            llama_sampler_chain_add(self.chain, llama_sampler_init_min_p(min_p, 1))
+        llama_sampler_chain_add(self.chain, llama_sampler_init_temp(temperature))
+        if seed is None or seed < 0:
+            seed = int.from_bytes(os.urandom(4), "little")
+        self.seed = <uint32_t> (seed & 0xFFFFFFFF)
+        llama_sampler_chain_add(self.chain, llama_sampler_init_dist(self.seed))
+
+    def __dealloc__(self):
+        if self.chain != NULL:
+            llama_sampler_free(self.chain)
+            self.chain = NULL
+
+    def close(self):
+        if self.chain != NULL:
+            llama_sampler_free(self.chain)
+            self.chain = NULL
+
+    @property
+    def closed(self):
+        return self.chain == NULL
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    cdef inline int _check(self) except -1:
+        if self.chain == NULL:
+            raise ClosedError("sampler is closed")
+        return 0
+
+    def sample(self, Context ctx not None, int32_t idx=-1):
+        """Sample a token from the logits of batch entry ``idx`` and accept it
+        into the chain's state (penalties, grammar).  Releases the GIL."""
+        self._check()
+        ctx._check()
+        if ctx.model is not self.model:
+            raise ValueError("sampler and context belong to different models")
+        if llama_get_logits_ith(ctx.ptr, idx) == NULL:
+            raise IndexError(f"no logits for batch index {idx}")
+        cdef llama_token tok
+        with nogil:
+            tok = llama_sampler_sample(self.chain, ctx.ptr, idx)
+        return tok
+
+    def accept(self, llama_token token):
+        """Feed a token into the chain's state without sampling (e.g. prompt
+        tokens for repeat penalties)."""
+        self._check()
+        self.model._check_token(token)
+        llama_sampler_accept(self.chain, token)
+
+    def reset(self):
+        self._check()
+        llama_sampler_reset(self.chain)
+
+    def __len__(self):
+        self._check()
+        return llama_sampler_chain_n(self.chain)
