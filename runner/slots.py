@@ -1,0 +1,374 @@
+"""Multi-slot prefix KV cache policy.
+
+The KV cache of one llama context is split into ``n_slots`` slots; slot ``i``
+is llama sequence id ``i`` and holds at most ``slot_ctx`` inputs. A request
+borrows one slot for its whole life: :meth:`SlotCache.acquire` picks the slot
+whose KV already holds the longest useful prefix of the prompt, trims the rest
+and says how many prompt inputs need no evaluation.
+
+An *input* is any hashable item occupying exactly one KV position: an int
+token id, or a media-chunk object compared with ``==``. Media spanning several
+positions must be listed as one item per position (e.g. ``(chunk, i)``) so that
+list indices and KV positions stay equal.
+
+Invariant (the one everything here relies on): for every slot,
+``slot.inputs[p]`` is the input whose KV entry sits at position ``p`` of
+sequence ``slot.id``, for ``p < len(slot.inputs)``, and the sequence holds
+nothing at positions ``>= len(slot.inputs)``. The engine keeps it true by
+calling :meth:`SlotCache.record` with exactly the inputs each successful
+decode wrote, and :meth:`Slot.truncate` or :meth:`SlotCache.release` to
+forget inputs (a failed decode: ``release(slot, [])`` clears the slot).
+The cache therefore issues KV removals only when ``slot.inputs`` says there is
+something to remove.
+
+Nothing here touches llama.cpp directly: every KV operation goes through a
+:class:`KVBackend`, so the policy is tested with a fake that records calls.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Hashable, Sequence
+from typing import Literal, Protocol
+
+__all__ = [
+    "KVBackend",
+    "NoFreeSlot",
+    "ShiftResult",
+    "Slot",
+    "SlotCache",
+    "common_prefix",
+    "truncate_prompt",
+]
+
+Policy = Literal["single", "multi"]
+
+
+class KVBackend(Protocol):
+    """The KV-memory operations the slot cache needs (``llama_memory_seq_*``).
+
+    Positions are half-open ``[p0, p1)``; ``p1 == -1`` means "to the end".
+    """
+
+    def seq_rm(self, seq: int, p0: int, p1: int) -> bool:
+        """Remove positions ``[p0, p1)`` of ``seq``.
+
+        Returns False when the memory refuses a partial removal (recurrent
+        models); removing everything (``0, -1``) must always succeed.
+        """
+        ...
+
+    def seq_cp(self, src: int, dst: int, p0: int, p1: int) -> None:
+        """Make positions ``[p0, p1)`` of ``src`` also belong to ``dst``."""
+        ...
+
+    def seq_add(self, seq: int, p0: int, p1: int, delta: int) -> None:
+        """Add ``delta`` to the positions ``[p0, p1)`` of ``seq`` (RoPE shift)."""
+        ...
+
+    def can_shift(self) -> bool:
+        """Whether :meth:`seq_add` is supported by this memory."""
+        ...
+
+
+class NoFreeSlot(Exception):
+    """Every slot is in use; the request has to wait."""
+
+
+def common_prefix(a: Sequence[Hashable], b: Sequence[Hashable]) -> int:
+    """Length of the longest common prefix of ``a`` and ``b`` (compared with ``==``)."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def truncate_prompt(inputs: Sequence[Hashable], slot_ctx: int, num_keep: int) -> list:
+    """Shorten a prompt that does not fit a slot, keeping its head and tail.
+
+    A prompt shorter than ``slot_ctx`` is returned unchanged (as a new list):
+    it leaves at least one free position to generate into, and later growth is
+    handled by :meth:`SlotCache.shift`.
+
+    Otherwise the result is ``inputs[:keep] + inputs[-tail:]`` with
+
+    * ``keep = min(num_keep, slot_ctx - 2)`` — the protected head (system
+      prompt, BOS), clamped so that at least one tail input and one free
+      position remain;
+    * ``tail = max(1, (slot_ctx - keep) // 2)`` — the most recent inputs.
+
+    so the result fills the head plus half of the room after it, leaving
+    ``slot_ctx - keep - tail >= 1`` positions for generation: the same state a
+    context shift of a full slot would leave.
+
+    Raises ValueError if ``slot_ctx < 2`` or ``num_keep < 0``.
+    """
+    if slot_ctx < 2:
+        raise ValueError(f"slot_ctx must be at least 2, got {slot_ctx}")
+    if num_keep < 0:
+        raise ValueError(f"num_keep must be >= 0, got {num_keep}")
+    if len(inputs) < slot_ctx:
+        return list(inputs)
+    keep = min(num_keep, slot_ctx - 2)
+    tail = max(1, (slot_ctx - keep) // 2)
+    return list(inputs[:keep]) + list(inputs[len(inputs) - tail:])
+
+
+@dataclasses.dataclass(frozen=True)
+class ShiftResult:
+    """Outcome of :meth:`SlotCache.shift`.
+
+    Exactly one of two cases:
+
+    * in place (``reprocess == []``): ``discarded`` inputs after ``num_keep``
+      were removed from the KV and the slot, later positions moved down;
+    * reprocess (``reprocess`` non-empty): the memory cannot shift, so the slot
+      was cleared; the engine must evaluate ``reprocess`` again (recording it)
+      before continuing. ``discarded`` still counts the dropped inputs.
+    """
+
+    discarded: int  # inputs dropped from the slot's history
+    reprocess: list  # inputs to evaluate again into the (now empty) slot; [] when shifted in place
+
+
+@dataclasses.dataclass(eq=False)
+class Slot:
+    """One KV sequence and the inputs it holds.
+
+    Invariant: ``inputs`` is exactly the content of sequence ``id`` in the KV
+    memory (see the module docstring). Not thread-safe; owned by the engine
+    loop thread, like the :class:`SlotCache` that creates it.
+    """
+
+    id: int  # llama sequence id; also the index in SlotCache.slots
+    backend: KVBackend = dataclasses.field(repr=False)  # KV memory holding this sequence
+    inputs: list = dataclasses.field(default_factory=list)  # input at each KV position 0..len-1
+    in_use: bool = False  # borrowed by a request between acquire() and release()
+    last_used: int = 0  # logical clock of the last acquire/release; larger = more recent
+    cached: bool = True  # False while lent by acquire_uncached(): emptied on release
+
+    def truncate(self, n: int) -> int:
+        """Forget every input from position ``n`` on; return how many remain.
+
+        Issues ``seq_rm(id, n, -1)`` when there is something to remove. If the
+        memory refuses the partial removal, the slot is cleared entirely and 0
+        is returned (the engine must then treat nothing as cached).
+        """
+        if n < 0:
+            raise ValueError(f"truncate position must be >= 0, got {n}")
+        if n >= len(self.inputs):
+            return len(self.inputs)
+        if n > 0 and self.backend.seq_rm(self.id, n, -1):
+            del self.inputs[n:]
+            return n
+        self._clear()
+        return 0
+
+    def _clear(self) -> None:
+        """Remove the whole sequence (always supported by the memory)."""
+        if self.inputs:
+            self.backend.seq_rm(self.id, 0, -1)
+            self.inputs.clear()
+
+
+class SlotCache:
+    """Chooses, trims, forks and shifts the KV slots of one context.
+
+    Policies for :meth:`acquire`:
+
+    * ``'single'``: the free slot sharing the longest prefix with the prompt;
+      ties go to a slot that loses nothing (its inputs are all part of that
+      prefix, e.g. an empty slot), then to the least recently used.
+    * ``'multi'``: the free slot whose inputs are an exact prefix of the
+      prompt (longest first, ties least recently used), else the least
+      recently used free slot. If any *other* slot, free or in use, shares a
+      longer prefix with the prompt, that prefix is forked into the chosen
+      slot with ``seq_rm(dst, 0, -1)`` then ``seq_cp(src, dst, 0, n)``. Needs
+      a memory that copies partial ranges (a unified KV cache); use
+      ``'single'`` for recurrent models.
+
+    Not thread-safe; owned by the engine loop thread. Calls into the backend
+    happen synchronously, so an acquire never runs between a ``record()`` and
+    the decode that writes those inputs.
+    """
+
+    def __init__(self, backend: KVBackend, n_slots: int, slot_ctx: int,
+                 policy: Policy = "single") -> None:
+        if n_slots < 1:
+            raise ValueError(f"n_slots must be at least 1, got {n_slots}")
+        if slot_ctx < 2:
+            raise ValueError(f"slot_ctx must be at least 2, got {slot_ctx}")
+        if policy not in ("single", "multi"):
+            raise ValueError(f"unknown slot policy {policy!r}; expected 'single' or 'multi'")
+        self.backend = backend  # KV memory shared by all slots
+        self.slot_ctx = slot_ctx  # capacity of each slot, in inputs
+        self.policy: Policy = policy  # how acquire() picks a slot
+        self.slots = [Slot(i, backend) for i in range(n_slots)]  # index == sequence id
+        self._clock = 0  # logical time source for Slot.last_used
+
+    # -- lending ----------------------------------------------------------
+
+    @property
+    def n_free(self) -> int:
+        """Number of slots not in use."""
+        return sum(not s.in_use for s in self.slots)
+
+    def acquire(self, prompt: Sequence[Hashable]) -> tuple[Slot, int]:
+        """Lend a slot for ``prompt``; return ``(slot, n_cached)``.
+
+        On return ``slot.inputs == list(prompt[:n_cached])`` and the KV holds
+        exactly that, so the engine evaluates ``prompt[n_cached:]``, which is
+        never empty (a fully cached prompt gives ``n_cached = len(prompt) - 1``
+        so that its last input produces fresh logits).
+
+        Raises NoFreeSlot when every slot is in use, ValueError for an empty
+        prompt or one longer than ``slot_ctx`` (see :func:`truncate_prompt`).
+        """
+        if not prompt:
+            raise ValueError("cannot acquire a slot for an empty prompt")
+        if len(prompt) > self.slot_ctx:
+            raise ValueError(
+                f"prompt of {len(prompt)} inputs exceeds slot_ctx={self.slot_ctx}; truncate it first")
+        free = [s for s in self.slots if not s.in_use]
+        if not free:
+            raise NoFreeSlot(f"all {len(self.slots)} slots are in use")
+        limit = len(prompt) - 1  # at least one input must remain to evaluate
+        if self.policy == "single":
+            slot, n_cached = self._pick_longest(free, prompt, limit)
+        else:
+            slot, n_cached = self._pick_multi(free, prompt, limit)
+        if slot.truncate(n_cached) < n_cached:
+            n_cached = 0  # the memory refused a partial removal; the slot was cleared
+        self._lend(slot, cached=True)
+        return slot, n_cached
+
+    def acquire_uncached(self) -> Slot:
+        """Lend an empty slot to a request that must not use or leave a cache (embeddings).
+
+        Takes a free empty slot if there is one, else the least recently used
+        free slot, cleared. :meth:`release` empties it again.
+        """
+        free = [s for s in self.slots if not s.in_use]
+        if not free:
+            raise NoFreeSlot(f"all {len(self.slots)} slots are in use")
+        slot = min(free, key=lambda s: (bool(s.inputs), s.last_used))
+        slot._clear()
+        self._lend(slot, cached=False)
+        return slot
+
+    def release(self, slot: Slot, kept_inputs: Sequence[Hashable] | None = None) -> None:
+        """Return ``slot`` after a request.
+
+        The slot keeps the longest common prefix of what it holds and
+        ``kept_inputs`` (the prompt plus the tokens returned); ``None`` keeps
+        everything recorded, ``[]`` clears it (use that after a failed decode).
+        Inputs never decoded cannot be kept, whatever ``kept_inputs`` claims.
+        A slot lent by :meth:`acquire_uncached` is always left empty.
+        """
+        self._check_lent(slot)
+        if not slot.cached:
+            slot._clear()
+        elif kept_inputs is not None:
+            slot.truncate(common_prefix(slot.inputs, kept_inputs))
+        slot.in_use = False
+        slot.cached = True
+        slot.last_used = self._tick()
+
+    def record(self, slot: Slot, inputs: Sequence[Hashable]) -> None:
+        """Note that ``inputs`` were decoded into ``slot`` after what it holds.
+
+        Raises ValueError if they would overflow ``slot_ctx``: shift first.
+        """
+        self._check_lent(slot)
+        if len(slot.inputs) + len(inputs) > self.slot_ctx:
+            raise ValueError(
+                f"slot {slot.id} holds {len(slot.inputs)} inputs; {len(inputs)} more exceed "
+                f"slot_ctx={self.slot_ctx}")
+        slot.inputs.extend(inputs)
+
+    # -- context shift ----------------------------------------------------
+
+    def shift(self, slot: Slot, num_keep: int) -> ShiftResult:
+        """Make room in a slot by dropping half of what follows its first ``num_keep`` inputs.
+
+        ``discard = max(1, (len(inputs) - num_keep) // 2)`` inputs at positions
+        ``[num_keep, num_keep + discard)`` are dropped. If the memory can shift
+        this is ``seq_rm(id, num_keep, num_keep + discard)`` then
+        ``seq_add(id, num_keep + discard, len, -discard)``. If it cannot
+        (``can_shift()`` False, or the partial ``seq_rm`` refused), the slot is
+        cleared and the returned :class:`ShiftResult` lists the surviving inputs
+        for the engine to evaluate again.
+
+        Raises ValueError unless ``0 <= num_keep < len(slot.inputs)``.
+        """
+        self._check_lent(slot)
+        n = len(slot.inputs)
+        if not 0 <= num_keep < n:
+            raise ValueError(
+                f"cannot shift slot {slot.id}: num_keep={num_keep} must be in [0, {n})")
+        discard = max(1, (n - num_keep) // 2)
+        kept = slot.inputs[:num_keep] + slot.inputs[num_keep + discard:]
+        if self.backend.can_shift() and self.backend.seq_rm(slot.id, num_keep, num_keep + discard):
+            self.backend.seq_add(slot.id, num_keep + discard, n, -discard)
+            slot.inputs[:] = kept
+            return ShiftResult(discard, [])
+        slot._clear()
+        return ShiftResult(discard, kept)
+
+    # -- introspection ----------------------------------------------------
+
+    def snapshot(self) -> list[dict]:
+        """Per-slot state for the ``info`` op: id, n_inputs, in_use, last_used."""
+        return [
+            {"id": s.id, "n_inputs": len(s.inputs), "in_use": s.in_use, "last_used": s.last_used}
+            for s in self.slots
+        ]
+
+    # -- internals --------------------------------------------------------
+
+    def _pick_longest(self, free: list[Slot], prompt: Sequence[Hashable],
+                      limit: int) -> tuple[Slot, int]:
+        """'single' policy: most reusable prefix, then nothing lost, then LRU."""
+        def rank(s: Slot) -> tuple[int, bool, int]:
+            n = min(common_prefix(s.inputs, prompt), limit)
+            return (-n, len(s.inputs) > n, s.last_used)
+
+        chosen = min(free, key=rank)
+        return chosen, -rank(chosen)[0]
+
+    def _pick_multi(self, free: list[Slot], prompt: Sequence[Hashable],
+                    limit: int) -> tuple[Slot, int]:
+        """'multi' policy: exact-prefix free slot or LRU victim, forked from a longer match."""
+        exact = [s for s in free if common_prefix(s.inputs, prompt) == len(s.inputs)]
+        if exact:
+            dst = min(exact, key=lambda s: (-len(s.inputs), s.last_used))
+        else:
+            dst = min(free, key=lambda s: s.last_used)
+        n_dst = min(common_prefix(dst.inputs, prompt), limit)
+        src, n_src = dst, n_dst
+        for s in self.slots:
+            n = min(common_prefix(s.inputs, prompt), limit)
+            if s is not dst and n > n_src:
+                src, n_src = s, n
+        if src is dst:
+            return dst, n_dst
+        dst._clear()
+        self.backend.seq_cp(src.id, dst.id, 0, n_src)
+        dst.inputs[:] = src.inputs[:n_src]
+        return dst, n_src
+
+    def _lend(self, slot: Slot, *, cached: bool) -> None:
+        slot.in_use = True
+        slot.cached = cached
+        slot.last_used = self._tick()
+
+    def _tick(self) -> int:
+        self._clock += 1
+        return self._clock
+
+    def _check_lent(self, slot: Slot) -> None:
+        if not (0 <= slot.id < len(self.slots) and self.slots[slot.id] is slot):
+            raise ValueError(f"slot {slot.id} does not belong to this cache")
+        if not slot.in_use:
+            raise ValueError(f"slot {slot.id} is not in use")
