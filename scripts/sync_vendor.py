@@ -116,7 +116,7 @@ def apply_patches(tree: Path) -> None:
                               cwd=tree, capture_output=True, text=True,
                               env={**os.environ, "GIT_CEILING_DIRECTORIES": str(tree.parent)})
         if proc.returncode != 0:
-            raise SyncError(f"patch {patch.relative_to(ROOT)} does not apply:\n{proc.stderr}")
+            raise SyncError(f"patch {patch.name} ({patch}) does not apply:\n{proc.stderr}")
 
 
 def build_expected(workdir: Path) -> Path:
