@@ -12,6 +12,7 @@ cdef class Sampler:
     cdef readonly Model model    # the vocabulary the chain was built for
     cdef readonly uint32_t seed  # seed of the dist stage (0 for greedy)
     cdef readonly bint greedy    # temperature <= 0
+    cdef bint argmax_only        # greedy with no stateful stage: sample() is a plain argmax
 
     def __cinit__(self, Model model not None, *, float temperature=0.8, int32_t top_k=40,
                   float top_p=0.9, float min_p=0.0, float typical_p=1.0,
@@ -52,6 +53,9 @@ cdef class Sampler:
         if temperature <= 0:
             self.greedy = True
             self.seed = 0
+            # Nothing before the greedy stage changes the logits or keeps
+            # state: sample() can skip building the n_vocab candidate array.
+            self.argmax_only = llama_sampler_chain_n(self.chain) == 0
             llama_sampler_chain_add(self.chain, llama_sampler_init_greedy())
             return
         if top_k > 0:
@@ -103,6 +107,20 @@ cdef class Sampler:
         if llama_get_logits_ith(ctx.ptr, idx) == NULL:
             raise IndexError(f"no logits for batch index {idx}")
         cdef llama_token tok
+        cdef float * logits
+        cdef float best
+        cdef int32_t i, n
+        if self.argmax_only:
+            logits = llama_get_logits_ith(ctx.ptr, idx)
+            n = self.model.n_vocab
+            tok = 0
+            best = logits[0]
+            with nogil:
+                for i in range(1, n):
+                    if logits[i] > best:
+                        best = logits[i]
+                        tok = i
+            return tok
         with nogil:
             tok = llama_sampler_sample(self.chain, ctx.ptr, idx)
         return tok

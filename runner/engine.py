@@ -1,0 +1,764 @@
+"""The in-process engine: one model, one context, ``parallel`` sequences.
+
+Threads and who owns what:
+
+* callers (any thread) tokenize their prompt in :meth:`Engine.submit` and put
+  a :class:`_Seq` on the wait queue (guarded by ``Engine._lock``);
+* the **loop thread** owns the context, the batch, the samplers and the slot
+  cache.  Each step is five named phases — finish, admit, build, decode,
+  sample — and the decode releases the GIL;
+* the **delivery thread** turns sampled tokens into text (UTF-8 hold-back,
+  stop strings) and calls the request's event sink.  It runs while the next
+  decode computes, so the tokens sampled in step N go into step N+1 without
+  waiting for step N's detokenizing, stop checks and delivery.
+
+A stop string is found by the delivery thread one or two steps after its
+last token was sampled; it flags the sequence and the loop thread finishes it
+at the next step, trimming the slot to the tokens actually returned.
+
+Prefill policy: each step first takes one token per generating sequence, then
+fills the rest of ``n_batch`` with prompt chunks, visiting prefilling
+sequences in a rotating order.  While any sequence is generating, prompt
+chunks are capped at ``prefill_budget`` tokens per step, which bounds the gap
+between two tokens of a generating stream to one decode of about
+``prefill_budget + parallel`` tokens, however long an arriving prompt is.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import logging
+import math
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import numpy as np
+
+from runner import _llama
+from runner.requests import (
+    BadRequest, Busy, Cancelled, Chunk, CompletionOptions, CompletionRequest, EmbeddingResult,
+    EngineError, Final, InputTooLong, InternalError, NotReady,
+)
+from runner.sampling import logprob_entry, make_sampler
+from runner.slots import NoFreeSlot, Slot, SlotCache, truncate_prompt
+from runner.textstream import TextStream
+
+log = logging.getLogger("runner.engine")
+
+Event = Chunk | Final
+Sink = Callable[[Event], None]
+
+
+@dataclass
+class EngineConfig:
+    """Load parameters (the fields of Ollama's load request)."""
+
+    model_path: str                   # GGUF file
+    n_ctx: int = 4096                 # total context, split evenly across slots
+    n_batch: int = 512                # most inputs decoded in one step
+    parallel: int = 1                 # slots = concurrent sequences
+    n_threads: int | None = None      # CPU threads (None: all cores)
+    n_gpu_layers: int = -1            # layers to offload (-1: all)
+    main_gpu: int = 0                 # GPU used when the model is not split
+    tensor_split: list[float] | None = None  # share of the model per GPU
+    devices: list[str] | None = None  # ggml device names to use (None: all)
+    flash_attn: str = "auto"          # auto | on | off
+    type_k: str = "f16"               # K cache type (f16, q8_0, q4_0)
+    type_v: str = "f16"               # V cache type
+    use_mmap: bool = True             # map the model file instead of reading it
+    lora_paths: tuple = ()            # LoRA adapters applied with scale 1
+    projector_path: str | None = None # multimodal projector (not supported yet)
+    cache_policy: str = "single"      # single | multi (see runner.slots)
+    max_queue: int = 64               # requests waiting beyond `parallel` before "busy"
+    embeddings: bool = False          # the model is used mainly for embeddings
+    prefill_budget: int = 256         # prompt inputs per step while others generate
+    kv_unified: bool = True           # one KV buffer for all slots (needed for forking)
+
+
+@dataclass
+class StepTiming:
+    """Wall-clock cost of the phases of one loop step, in seconds."""
+
+    build: float        # finish + admit + build the batch
+    decode: float       # llama_decode (GIL released)
+    sample: float       # sampling every output of the batch
+    idle_gap: float     # end of the previous decode to the start of this one
+    n_tokens: int       # inputs in the batch
+    n_generating: int   # of which one-token generation steps
+
+
+class Handle:
+    """A submitted completion: iterate it for events, or pass ``on_event``.
+
+    Iteration yields :class:`Chunk` events and ends after the :class:`Final`.
+    ``cancel()`` may be called from any thread.
+    """
+
+    def __init__(self, engine: "Engine", request_id: str, sink: Sink | None):
+        self.id = request_id              # engine-unique request id
+        self._engine = engine
+        self._queue: queue.SimpleQueue | None = None if sink else queue.SimpleQueue()
+        self._sink = sink or self._queue.put  # called by the delivery thread only
+        self.final: Final | None = None   # set once the Final event was delivered
+
+    def cancel(self) -> None:
+        self._engine.cancel(self.id)
+
+    def __iter__(self) -> Iterator[Event]:
+        if self._queue is None:
+            raise TypeError("this request delivers events to its on_event callback")
+        while True:
+            event = self._queue.get()
+            yield event
+            if isinstance(event, Final):
+                return
+
+    def result(self) -> tuple[str, Final]:
+        """Wait for the end; return the whole text and the Final event."""
+        parts = []
+        final = None
+        for event in self:
+            if isinstance(event, Chunk):
+                parts.append(event.text)
+            else:
+                final = event
+        return "".join(parts), final
+
+
+@dataclass(eq=False)
+class _Seq:
+    """One completion's state.  Loop-thread fields unless marked otherwise."""
+
+    handle: Handle                    # where events go
+    options: CompletionOptions        # validated options
+    inputs: list[int]                 # prompt inputs (after truncation)
+    t_tokenize: float                 # seconds spent tokenizing (caller thread)
+    t_queued: float                   # perf_counter when queued
+    sampler: _llama.Sampler | None = None  # built at admission
+    slot: Slot | None = None          # slot while running
+    n_cached: int = 0                 # prompt inputs found in the slot
+    n_sched: int = 0                  # prompt inputs handed to a batch (decoded or in flight)
+    generated: list[int] = field(default_factory=list)  # tokens sampled so far
+    next_token: int | None = None     # sampled but not yet decoded
+    out_index: int = -1               # batch index whose logits to sample, or -1
+    t_admitted: float = 0.0           # perf_counter at admission
+    t_first: float = 0.0              # perf_counter when the first token was sampled
+    prompt_duration: float = 0.0      # tokenize + prompt evaluation seconds
+    cancelled: bool = False           # set by any thread; honoured at the next step
+    stop_hit: int = -1                # delivery thread: tokens returned before a stop string (-1: none)
+    ended: bool = False               # loop thread sent the end record
+    n_returned: int = -1              # delivery thread: generated tokens returned (set at the end)
+    error: EngineError | None = None  # why the sequence failed, if it did
+    final: Final | None = None        # completed by the delivery thread, sent after the release
+    n_predict: int = 0                # generation limit in tokens (0: none)
+
+    @property
+    def prefilling(self) -> bool:
+        return self.n_sched < len(self.inputs)
+
+
+class Engine:
+    """Continuous batching over one llama context with a prefix KV cache."""
+
+    def __init__(self, config: EngineConfig, progress: Callable[[float], object] | None = None):
+        if config.projector_path:
+            raise BadRequest("multimodal projectors are not supported yet")
+        if config.parallel < 1 or config.n_ctx < config.parallel * 2:
+            raise BadRequest("need parallel >= 1 and n_ctx >= 2 * parallel")
+        if config.cache_policy not in ("single", "multi"):
+            raise BadRequest("cache_policy must be 'single' or 'multi'")
+        self.config = config
+        _llama.backend_init()
+        self.model = _llama.Model(config.model_path, n_gpu_layers=config.n_gpu_layers,
+                                  main_gpu=config.main_gpu, tensor_split=config.tensor_split,
+                                  devices=config.devices, use_mmap=config.use_mmap,
+                                  progress=progress)
+        try:
+            pooling = None if self.model.meta(f"{self._arch}.pooling_type") else "mean"
+            self.ctx = _llama.Context(
+                self.model, n_ctx=config.n_ctx, n_batch=config.n_batch, n_seq_max=config.parallel,
+                n_threads=config.n_threads, flash_attn=config.flash_attn, type_k=config.type_k,
+                type_v=config.type_v, pooling=pooling, kv_unified=config.kv_unified)
+            self._loras = [_llama.LoraAdapter(self.model, p) for p in config.lora_paths]
+            if self._loras:
+                self.ctx.set_loras([(a, 1.0) for a in self._loras])
+        except BaseException:
+            self.model.close()
+            raise
+        self.n_batch = self.ctx.n_batch
+        self.slot_ctx = self.ctx.n_ctx // config.parallel
+        self.slots = SlotCache(self.ctx, config.parallel, self.slot_ctx, config.cache_policy)
+        self.batch = _llama.Batch(self.n_batch)
+        self.timings: collections.deque[StepTiming] = collections.deque(maxlen=4096)
+
+        self._lock = threading.Lock()           # guards _waiting, _embeds, _by_id, _closing
+        self._wake = threading.Condition(self._lock)
+        self._waiting: collections.deque[_Seq] = collections.deque()  # FIFO of queued requests
+        self._embeds: collections.deque = collections.deque()  # pending embedding jobs
+        self._by_id: dict[str, _Seq] = {}       # every unfinished request
+        self._closing = False                   # no new requests accepted
+        self._drain = False                     # finish running requests before stopping
+        self._ids = itertools.count(1)
+        self._active: list[_Seq] = []           # loop thread: running sequences
+        self._ready: list[_Seq] = []            # ended, text flushed, slot to release (under _lock)
+        self._rotate = 0                        # loop thread: prefill start offset
+        self._last_decode_end = 0.0             # loop thread: for the idle-gap timing
+        self._out: queue.SimpleQueue = queue.SimpleQueue()  # records for the delivery thread
+        self._loop = threading.Thread(target=self._run_loop, name="runner-loop", daemon=True)
+        self._delivery = threading.Thread(target=self._run_delivery, name="runner-delivery", daemon=True)
+        self._loop.start()
+        self._delivery.start()
+
+    @property
+    def _arch(self) -> str:
+        return self.model.meta("general.architecture") or "llama"
+
+    # ------------------------------------------------------------------
+    # public API (any thread)
+    # ------------------------------------------------------------------
+
+    def tokenize(self, text: str, add_special: bool = False, parse_special: bool = False) -> list[int]:
+        return self.model.tokenize(text, add_special=add_special, parse_special=parse_special)
+
+    def detokenize(self, tokens: list[int]) -> str:
+        try:
+            return self.model.detokenize(tokens)
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from exc
+
+    def submit(self, request: CompletionRequest, on_event: Sink | None = None) -> Handle:
+        """Queue a completion.  Raises Busy, BadRequest or InputTooLong at once."""
+        options = request.options.validate()
+        t0 = time.perf_counter()
+        inputs = self._prompt_inputs(request)
+        t_tok = time.perf_counter() - t0
+        if len(inputs) >= self.slot_ctx:
+            if not options.truncate:
+                raise InputTooLong(f"prompt of {len(inputs)} tokens does not fit the slot context "
+                                   f"of {self.slot_ctx} tokens (n_ctx {self.ctx.n_ctx} / parallel "
+                                   f"{self.config.parallel})")
+            inputs = truncate_prompt(inputs, self.slot_ctx, options.num_keep)
+        sampler = make_sampler(self.model, options, self.slot_ctx)  # grammar errors surface here
+        rid = request.id or f"r{next(self._ids)}"
+        handle = Handle(self, rid, on_event)
+        seq = _Seq(handle=handle, options=options, inputs=inputs, t_tokenize=t_tok,
+                   t_queued=time.perf_counter(), sampler=sampler)
+        seq.n_predict = options.num_predict if options.num_predict > 0 else 0
+        if options.num_predict == 0:
+            seq.n_predict = -1  # nothing to generate: finish right after the prompt
+        with self._lock:
+            if self._closing:
+                sampler.close()
+                raise NotReady("the engine is shutting down")
+            if rid in self._by_id:
+                sampler.close()
+                raise BadRequest(f"request id {rid!r} is already in use")
+            running = len(self._by_id) - len(self._waiting)
+            if running >= self.config.parallel and len(self._waiting) >= self.config.max_queue:
+                sampler.close()
+                raise Busy(f"server busy: {len(self._waiting)} requests queued (max_queue "
+                           f"{self.config.max_queue})")
+            self._waiting.append(seq)
+            self._by_id[rid] = seq
+            self._wake.notify()
+        return handle
+
+    def complete(self, prompt: str | list[int], **options) -> tuple[str, Final]:
+        """Convenience: run one completion to the end."""
+        req = CompletionRequest(prompt=prompt, options=CompletionOptions.from_dict(options))
+        return self.submit(req).result()
+
+    def cancel(self, request_id: str) -> bool:
+        """Cancel a queued or running request; False if it is unknown or done."""
+        with self._lock:
+            seq = self._by_id.get(request_id)
+            if seq is None:
+                return False
+            seq.cancelled = True
+            self._wake.notify()
+        return True
+
+    def embed(self, text: str, normalize: bool = False, timeout: float | None = None) -> EmbeddingResult:
+        """Embedding of ``text`` with the model's pooling (mean for plain LMs)."""
+        tokens = self.model.tokenize(text, add_special=True, parse_special=False)
+        if not tokens:
+            raise BadRequest("cannot embed empty text")
+        if len(tokens) > min(self.n_batch, self.slot_ctx):
+            raise InputTooLong(f"input of {len(tokens)} tokens exceeds the embedding limit of "
+                               f"{min(self.n_batch, self.slot_ctx)}")
+        done = threading.Event()
+        job = {"tokens": tokens, "done": done, "result": None, "error": None}
+        with self._lock:
+            if self._closing:
+                raise NotReady("the engine is shutting down")
+            self._embeds.append(job)
+            self._wake.notify()
+        if not done.wait(timeout):
+            raise InternalError("embedding timed out")
+        if job["error"] is not None:
+            raise job["error"]
+        vec = job["result"]
+        if normalize:
+            norm = float(np.linalg.norm(vec))
+            if norm > 0:
+                vec = vec / norm
+        return EmbeddingResult(embedding=vec, prompt_eval_count=len(tokens))
+
+    def info(self) -> dict:
+        """Model, configuration, slots and queue, as plain data."""
+        with self._lock:
+            waiting = len(self._waiting)
+            running = len(self._by_id) - waiting
+        return {
+            "model": {
+                "path": self.model.path, "description": self.model.description,
+                "architecture": self._arch, "n_params": self.model.n_params,
+                "size": self.model.size, "ftype": self.model.ftype_name,
+                "n_ctx_train": self.model.n_ctx_train, "n_embd": self.model.n_embd,
+                "n_vocab": self.model.n_vocab,
+            },
+            "config": {k: v for k, v in dataclasses.asdict(self.config).items()},
+            "n_ctx": self.ctx.n_ctx, "n_batch": self.n_batch, "slot_ctx": self.slot_ctx,
+            "slots": self.slots.snapshot(), "waiting": waiting, "running": running,
+        }
+
+    def close(self, drain: bool = False, timeout: float = 30.0) -> None:
+        """Stop the engine.  ``drain`` lets running requests finish first;
+        queued ones are cancelled either way."""
+        with self._lock:
+            if self._closing and not self._loop.is_alive():
+                return
+            self._closing = True
+            self._drain = drain
+            for seq in self._waiting:
+                seq.cancelled = True
+            for seq in self._by_id.values():
+                if not drain:
+                    seq.cancelled = True
+            self._wake.notify()
+        if not drain:
+            self.ctx.abort()
+        self._loop.join(timeout)
+        self._out.put(None)
+        self._delivery.join(timeout)
+        if self._loop.is_alive():
+            log.error("engine loop did not stop within %.0f s", timeout)
+            return
+        self.batch.close()
+        self.ctx.close()
+        for a in self._loras:
+            a.close()
+        self.model.close()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------
+    # helpers for callers
+    # ------------------------------------------------------------------
+
+    def _prompt_inputs(self, request: CompletionRequest) -> list[int]:
+        if isinstance(request.prompt, str):
+            inputs = self.model.tokenize(request.prompt, add_special=request.add_special,
+                                         parse_special=True)
+        else:
+            inputs = list(request.prompt)
+            n_vocab = self.model.n_vocab
+            if not all(isinstance(t, int) and 0 <= t < n_vocab for t in inputs):
+                raise BadRequest(f"prompt token ids must be integers in [0, {n_vocab})")
+        if not inputs:
+            raise BadRequest("the prompt is empty")
+        return inputs
+
+    # ------------------------------------------------------------------
+    # loop thread
+    # ------------------------------------------------------------------
+
+    def _run_loop(self) -> None:
+        try:
+            while True:
+                with self._lock:
+                    while not (self._waiting or self._embeds or self._active or self._ready
+                               or self._closing):
+                        self._wake.wait()
+                    stopping = self._closing and (not self._drain or not self._active)
+                if stopping:
+                    break
+                self._step()
+        except BaseException:
+            log.exception("engine loop crashed")
+            for seq in list(self._active):
+                self._end(seq, "error", InternalError("engine loop crashed"))
+        finally:
+            for seq in list(self._active):
+                self._end(seq, "cancelled")
+            with self._lock:
+                waiting = list(self._waiting)
+                self._waiting.clear()
+                embeds = list(self._embeds)
+                self._embeds.clear()
+            for seq in waiting:
+                self._end(seq, "cancelled")
+            self._out.put(("flush",))
+            for job in embeds:
+                job["error"] = NotReady("the engine is shutting down")
+                job["done"].set()
+
+    def _step(self) -> None:
+        t0 = time.perf_counter()
+        self._finish_flagged()
+        self._admit()
+        if self._embeds:
+            self._run_embeddings()
+        plan = self._build_batch()
+        if not plan:
+            return
+        t1 = time.perf_counter()
+        idle = t1 - self._last_decode_end if self._last_decode_end else 0.0
+        n_tokens = len(self.batch)
+        if not self._decode(plan):
+            self._last_decode_end = time.perf_counter()
+            return
+        t2 = time.perf_counter()
+        self._last_decode_end = t2
+        n_gen = self._sample(plan)
+        t3 = time.perf_counter()
+        self.timings.append(StepTiming(build=t1 - t0, decode=t2 - t1, sample=t3 - t2,
+                                       idle_gap=idle, n_tokens=n_tokens, n_generating=n_gen))
+
+    # -- phase 1: finish ------------------------------------------------
+
+    def _finish_flagged(self) -> None:
+        """End sequences that were cancelled or hit a stop string, and release
+        the slots of ended sequences whose text the delivery thread flushed."""
+        with self._lock:
+            cancelled = [s for s in self._waiting if s.cancelled]
+            for s in cancelled:
+                self._waiting.remove(s)
+            ready, self._ready = self._ready, []
+        for seq in cancelled:
+            self._end(seq, "cancelled")
+        for seq in list(self._active):
+            if seq.stop_hit >= 0:
+                self._end(seq, "stop")
+            elif seq.cancelled:
+                self._end(seq, "cancelled")
+        for seq in ready:
+            if seq.slot is not None:
+                # The slot keeps the prompt and the tokens returned; a failed
+                # decode leaves it empty (its KV state is not trusted).
+                kept = [] if seq.error else seq.inputs + seq.generated[:seq.n_returned]
+                self.slots.release(seq.slot, kept)
+            self._out.put(("final", seq))
+
+    def _end(self, seq: _Seq, reason: str, error: EngineError | None = None) -> None:
+        """Stop a sequence and send its end record.  The slot stays lent until
+        the delivery thread says how many tokens were returned."""
+        if seq.ended:
+            return
+        seq.ended = True
+        seq.error = error
+        if seq in self._active:
+            self._active.remove(seq)
+        if seq.sampler is not None:
+            seq.sampler.close()
+        now = time.perf_counter()
+        final = Final(
+            done_reason=reason,
+            prompt_eval_count=max(0, min(seq.n_sched, len(seq.inputs)) - seq.n_cached),
+            prompt_eval_duration=seq.prompt_duration or (now - seq.t_admitted if seq.t_admitted else 0.0),
+            eval_count=len(seq.generated),
+            eval_duration=(now - seq.t_first) if seq.t_first else 0.0,
+            cached_count=seq.n_cached, prompt_count=len(seq.inputs),
+            slot=seq.slot.id if seq.slot is not None else -1,
+            error=str(error) if error else None, error_code=error.code if error else None)
+        self._out.put(("end", seq, final))
+
+    # -- phase 2: admit -------------------------------------------------
+
+    def _admit(self) -> None:
+        """Move queued requests into free slots (FIFO)."""
+        while self.slots.n_free > 0:
+            with self._lock:
+                if not self._waiting or (self._closing and not self._drain):
+                    return
+                seq = self._waiting.popleft()
+            try:
+                seq.slot, seq.n_cached = self.slots.acquire(seq.inputs)
+            except NoFreeSlot:
+                with self._lock:
+                    self._waiting.appendleft(seq)
+                return
+            seq.n_sched = seq.n_cached
+            seq.t_admitted = time.perf_counter()
+            self._active.append(seq)
+            # The penalties look at the prompt too.
+            if seq.options.repeat_last_n and seq.options.repeat_penalty != 1.0:
+                for tok in seq.inputs[-max(seq.options.repeat_last_n, 0) or None:]:
+                    seq.sampler.accept(tok)
+
+    # -- phase 3: build -------------------------------------------------
+
+    def _build_batch(self) -> list[list]:
+        """Fill the batch: one token per generating sequence first, then prompt
+        chunks.  Returns the plan, entries ``[seq, n_inputs, out_index, is_gen]``."""
+        batch = self.batch
+        batch.clear()
+        plan = []
+        for seq in [s for s in self._active if s.next_token is not None]:
+            if len(seq.slot.inputs) + 1 > self.slot_ctx and not self._make_room(seq):
+                continue
+            if seq.next_token is None:  # _make_room turned it into a prompt again
+                continue
+            idx = batch.add(seq.next_token, len(seq.slot.inputs), seq.slot.id, True)
+            plan.append([seq, 1, idx, True])
+        budget = self.n_batch - len(batch)
+        if plan:
+            budget = min(budget, self.config.prefill_budget)
+        prefilling = [s for s in self._active if s.prefilling]
+        if prefilling and budget > 0:
+            start = self._rotate % len(prefilling)
+            self._rotate += 1
+            for seq in prefilling[start:] + prefilling[:start]:
+                if budget <= 0:
+                    break
+                part = seq.inputs[seq.n_sched:seq.n_sched + budget]
+                last = seq.n_sched + len(part) == len(seq.inputs)
+                idx = batch.add_tokens(part, seq.n_sched, seq.slot.id, output_last=last)
+                plan.append([seq, len(part), idx if last else -1, False])
+                seq.n_sched += len(part)
+                budget -= len(part)
+        return plan
+
+    def _make_room(self, seq: _Seq) -> bool:
+        """The slot is full: shift it, or end the sequence with 'length'."""
+        if not seq.options.shift:
+            self._end(seq, "length")
+            return False
+        num_keep = min(seq.options.num_keep, self.slot_ctx // 2)
+        result = self.slots.shift(seq.slot, num_keep)
+        if result.reprocess:
+            # The memory cannot shift (recurrent models): evaluate what
+            # survives again, as a prompt that ends with the pending token.
+            seq.inputs = list(result.reprocess) + [seq.next_token]
+            seq.generated = []
+            seq.n_sched = seq.n_cached = 0
+            seq.next_token = None
+        return True
+
+    # -- phase 4: decode ------------------------------------------------
+
+    def _decode(self, plan: list[list]) -> bool:
+        """Decode the batch, halving it while no KV slot fits, and record what
+        was decoded into the slots.  False when nothing was decoded."""
+        batch = self.batch
+        n = len(batch)
+        while True:
+            try:
+                self.ctx.decode(batch)
+                break
+            except _llama.NoKVSlotError:
+                if n <= 1:
+                    self._fail_plan(plan, InternalError("no KV cache slot even for one input"))
+                    return False
+                n //= 2
+                batch.truncate(n)
+                log.warning("no KV slot for the batch; retrying with %d inputs", n)
+            except _llama.DecodeAbortedError:
+                self._rollback(plan, 0)
+                return False
+            except (_llama.DecodeError, ValueError) as exc:
+                self._fail_plan(plan, InternalError(f"decode failed: {exc}"))
+                return False
+        self._rollback(plan, n)
+        for seq, count, _, is_gen in plan:
+            if is_gen:
+                self.slots.record(seq.slot, [seq.next_token])
+                seq.next_token = None
+            else:
+                self.slots.record(seq.slot, seq.inputs[seq.n_sched - count:seq.n_sched])
+        return True
+
+    def _rollback(self, plan: list[list], n_kept: int) -> None:
+        """Drop plan entries past the first ``n_kept`` batch inputs (not
+        decoded): their inputs are scheduled again at the next step."""
+        offset = 0
+        for entry in plan:
+            seq, count, _, is_gen = entry
+            kept = min(count, max(0, n_kept - offset))
+            offset += count
+            if kept == count:
+                continue
+            if not is_gen:
+                seq.n_sched -= count - kept
+            entry[1] = kept
+            entry[2] = -1  # the output row was not computed
+        plan[:] = [e for e in plan if e[1] > 0]
+
+    def _fail_plan(self, plan: list[list], error: EngineError) -> None:
+        for seq, *_ in plan:
+            self._end(seq, "error", error)
+
+    # -- phase 5: sample ------------------------------------------------
+
+    def _sample(self, plan: list[list]) -> int:
+        """Sample the next token of every sequence with an output row; returns
+        how many tokens were generated."""
+        n_gen = 0
+        for seq, _, idx, _ in plan:
+            if idx < 0 or seq.ended:
+                continue
+            if seq.n_predict < 0:  # num_predict 0: evaluate the prompt only
+                seq.prompt_duration = seq.t_tokenize + (time.perf_counter() - seq.t_admitted)
+                self._end(seq, "length")
+                continue
+            want_lp = seq.options.logprobs or seq.options.top_logprobs > 0
+            logits = self.ctx.logits(idx) if want_lp else None
+            token = seq.sampler.sample(self.ctx, idx)
+            if not seq.t_first:
+                seq.t_first = time.perf_counter()
+                seq.prompt_duration = seq.t_tokenize + (seq.t_first - seq.t_admitted)
+            if self.model.is_eog(token) and not seq.options.ignore_eos:
+                self._end(seq, "stop")  # the EOG token is neither returned nor cached
+                continue
+            lp = logprob_entry(self.model, logits, token, seq.options.top_logprobs) if want_lp else None
+            seq.generated.append(token)
+            n_gen += 1
+            self._out.put(("tok", seq, token, lp))
+            if seq.n_predict and len(seq.generated) >= seq.n_predict:
+                self._end(seq, "length")  # the last token is returned, never decoded
+            else:
+                seq.next_token = token
+        return n_gen
+
+    # -- embeddings -----------------------------------------------------
+
+    def _run_embeddings(self) -> None:
+        """Embeddings run alone in a decode of their own, in a slot that
+        neither reuses nor keeps a cached prompt."""
+        while True:
+            with self._lock:
+                if not self._embeds:
+                    return
+                job = self._embeds.popleft()
+            try:
+                slot = self.slots.acquire_uncached()
+            except NoFreeSlot:
+                with self._lock:
+                    self._embeds.appendleft(job)
+                return
+            try:
+                self.batch.clear()
+                self.batch.add_tokens(job["tokens"], 0, slot.id, output_last=True)
+                # Every token is an output for pooling.
+                for i in range(len(self.batch)):
+                    self.batch.set_output(i, True)
+                self.ctx.set_embeddings(True)
+                try:
+                    self.ctx.decode(self.batch)
+                    job["result"] = np.array(self.ctx.embeddings_seq(slot.id), dtype=np.float32)
+                finally:
+                    self.ctx.set_embeddings(False)
+                self.slots.record(slot, job["tokens"])
+            except Exception as exc:  # the request fails, the engine goes on
+                job["error"] = exc if isinstance(exc, EngineError) else InternalError(f"embedding failed: {exc}")
+            finally:
+                self.slots.release(slot)
+                job["done"].set()
+
+    # ------------------------------------------------------------------
+    # delivery thread
+    # ------------------------------------------------------------------
+
+    def _run_delivery(self) -> None:
+        """Turn sampled tokens into text events; detect stop strings."""
+        outputs: dict[int, _Output] = {}
+        while True:
+            record = self._out.get()
+            if record is None:
+                return
+            try:
+                self._deliver(record, outputs)
+            except BaseException:
+                log.exception("delivery failed")
+
+    def _deliver(self, record: tuple, outputs: dict[int, "_Output"]) -> None:
+        kind = record[0]
+        if kind == "flush":  # shutdown: nothing will release slots any more
+            with self._lock:
+                ready, self._ready = self._ready, []
+            for seq in ready:
+                self._send_final(seq)
+            return
+        seq: _Seq = record[1]
+        if kind == "final":
+            self._send_final(seq)
+            return
+        out = outputs.get(id(seq))
+        if out is None:
+            out = outputs[id(seq)] = _Output(TextStream(seq.options.stop))
+        if kind == "tok":
+            if out.stream.stopped:
+                return  # decoded after the stop string was complete: not returned
+            self._deliver_token(seq, out, record[2], record[3])
+            return
+        # kind == "end": flush the held-back text, then let the loop release the slot.
+        del outputs[id(seq)]
+        final: Final = record[2]
+        if out.stream.stopped:
+            final.done_reason = "stop"
+            seq.n_returned = out.n_fed - out.stream.n_feeds_to_trim
+        else:
+            text = out.stream.finish()
+            if text or out.tokens:
+                seq.handle._sink(Chunk(text=text, tokens=out.tokens, logprobs=out.logprobs or None))
+            seq.n_returned = out.n_fed
+        final.eval_count = out.n_fed
+        seq.final = final
+        with self._lock:
+            if self._loop.is_alive() and not (self._closing and not self._drain):
+                self._ready.append(seq)
+                self._wake.notify()
+                return
+        self._send_final(seq)
+
+    def _deliver_token(self, seq: _Seq, out: "_Output", token: int, logprob: dict | None) -> None:
+        piece = self.model.token_to_piece(token)
+        out.n_fed += 1
+        out.tokens.append(token)
+        if logprob is not None:
+            logprob["text"] = piece.decode("utf-8", "replace")
+            out.logprobs.append(logprob)
+        text = out.stream.feed(piece)
+        if out.stream.stopped:
+            seq.stop_hit = out.n_fed - out.stream.n_feeds_to_trim
+            with self._lock:
+                self._wake.notify()
+        if text:
+            seq.handle._sink(Chunk(text=text, tokens=out.tokens, logprobs=out.logprobs or None))
+            out.tokens = []
+            out.logprobs = []
+
+    def _send_final(self, seq: _Seq) -> None:
+        with self._lock:
+            self._by_id.pop(seq.handle.id, None)
+        seq.handle.final = seq.final
+        seq.handle._sink(seq.final)
+
+
+@dataclass
+class _Output:
+    """Delivery-thread state of one sequence."""
+
+    stream: TextStream                # UTF-8 hold-back and stop strings
+    n_fed: int = 0                    # generated tokens fed to the stream
+    tokens: list = field(default_factory=list)    # tokens of text not yet sent
+    logprobs: list = field(default_factory=list)  # their log-probabilities
