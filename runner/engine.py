@@ -258,11 +258,10 @@ class Engine:
             if rid in self._by_id:
                 sampler.close()
                 raise BadRequest(f"request id {rid!r} is already in use")
-            running = len(self._by_id) - len(self._waiting)
-            if running >= self.config.parallel and len(self._waiting) >= self.config.max_queue:
+            if len(self._by_id) >= self.config.parallel + self.config.max_queue:
                 sampler.close()
-                raise Busy(f"server busy: {len(self._waiting)} requests queued (max_queue "
-                           f"{self.config.max_queue})")
+                raise Busy(f"server busy: {self.config.parallel} requests running and "
+                           f"{self.config.max_queue} queued (max_queue)")
             self._waiting.append(seq)
             self._by_id[rid] = seq
             self._wake.notify()

@@ -1,0 +1,95 @@
+"""``llama-runner inspect MODEL``: summarise a GGUF file and its memory needs without loading it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from runner.gguf import GGUFError, GGUFFile, read_gguf
+from runner.memory import KV_CACHE_TYPES, LoadOptions, MemoryEstimate, estimate
+
+# Arrays longer than this (vocabularies, merges) are skipped: inspect only needs their lengths.
+_MAX_ARRAY_SIZE = 4096
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``inspect`` arguments to ``parser``."""
+    parser.add_argument("model", metavar="MODEL", help='path to a GGUF file, or "default" for the default model')
+    parser.add_argument("--ctx", type=int, default=0, metavar="N", help="context per sequence (default: the model's)")
+    parser.add_argument("--parallel", type=int, default=1, metavar="N", help="sequences decoded in parallel")
+    parser.add_argument("--kv-type", default="f16", choices=KV_CACHE_TYPES, help="KV cache type")
+    parser.add_argument("--flash-attention", action="store_true", help="estimate with flash attention on")
+    parser.add_argument("--mmproj", metavar="PATH", help="multimodal projector to include in the estimate")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the summary; returns the process exit status."""
+    try:
+        path = args.model
+        if path == "default":
+            from runner.models import default_model_path
+
+            path = str(default_model_path())
+        info = read_gguf(path, max_array_size=_MAX_ARRAY_SIZE)
+        projector = read_gguf(args.mmproj, max_array_size=_MAX_ARRAY_SIZE) if args.mmproj else None
+        options = LoadOptions(
+            n_ctx=args.ctx,
+            parallel=args.parallel,
+            kv_type=args.kv_type,
+            flash_attention=args.flash_attention,
+            projector=projector,
+        )
+        mem = estimate(info, options)
+    except (OSError, GGUFError, ValueError) as exc:
+        print(f"llama-runner inspect: {exc}", file=sys.stderr)
+        return 1
+
+    summary = _summary(info)
+    if args.json:
+        print(json.dumps({**summary, "memory": _memory_json(mem)}, indent=2))
+        return 0
+    width = max(len(k) for k in summary)
+    for key, value in summary.items():
+        print(f"{key.replace('_', ' '):<{width}}  {value}")
+    print()
+    print(mem.table())
+    return 0
+
+
+def _summary(info: GGUFFile) -> dict[str, Any]:
+    return {
+        "path": info.path,
+        "architecture": info.architecture,
+        "name": info.name,
+        "parameters": info.parameter_count,
+        "quantization": info.file_type_name,
+        "context_length": info.context_length,
+        "layers": info.block_count,
+        "tensors": len(info.tensors),
+        "vocab_size": info.vocab_size,
+        "gguf_version": info.version,
+    }
+
+
+def _memory_json(mem: MemoryEstimate) -> dict[str, Any]:
+    kv = mem.kv
+    return {
+        "weights": {"layers": sum(mem.weights.layers), "output": mem.weights.output, "input": mem.weights.input},
+        "kv_cache": {
+            "type_k": kv.type_k,
+            "type_v": kv.type_v,
+            "n_ctx": kv.shape.n_ctx,
+            "total": kv.total,
+            "caches": [
+                {"name": c.name, "cells": c.cells, "streams": c.streams, "layers": len(c.layers), "bytes": c.total}
+                for c in kv.caches
+            ],
+        },
+        "graph": {"full": mem.graph.full, "partial": mem.graph.partial, "formula": mem.graph.formula},
+        "projector": mem.projector and {"weights": mem.projector.weights, "graph": mem.projector.graph},
+        "full_offload": mem.full_offload,
+        "note": mem.kv_note,
+    }
