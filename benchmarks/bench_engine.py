@@ -1,0 +1,155 @@
+"""Engine throughput beside llama.cpp's llama-batched-bench, in one run.
+
+    python benchmarks/bench_engine.py [--threads 2] [--parallel 1,4,8] [--json out.json]
+
+For each B in --parallel: llama-batched-bench (built by scripts/build_peers.sh
+from the same vendor tree) with -npp 128 -ntg 128 -npl B, and the engine with
+B concurrent requests of 128 prompt tokens and 128 generated tokens (greedy,
+end-of-generation ignored).  Same model, threads, n_ctx, n_batch, unified KV.
+Engine aggregate generation rate = tokens generated after every request had
+its first token / the time until the last finished — the same window that
+batched-bench's S_TG measures.  Then the prefix-cache check: time to first
+token of a request sharing a 1,000-token prefix with a finished one, against
+the same request cold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from runner.engine import Engine, EngineConfig  # noqa: E402
+from runner.models import default_model_path  # noqa: E402
+from runner.requests import Chunk, CompletionOptions, CompletionRequest  # noqa: E402
+
+PEER = ROOT / "build" / "peers" / "bin" / "llama-batched-bench"
+
+
+def batched_bench(model: str, threads: int, n_ctx: int, n_batch: int, parallel: list[int],
+                  pp: int, tg: int) -> dict[int, float]:
+    """S_TG (tokens/s) per B from llama-batched-bench."""
+    if not PEER.exists():
+        raise SystemExit(f"{PEER} is missing: run scripts/build_peers.sh first")
+    cmd = [str(PEER), "-m", model, "-c", str(n_ctx), "-b", str(n_batch), "-ub", str(n_batch),
+           "-npp", str(pp), "-ntg", str(tg), "-npl", ",".join(map(str, parallel)),
+           "-t", str(threads), "-tb", str(threads), "-kvu", "-fa", "auto"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    rates = {}
+    for line in out.splitlines():
+        cols = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cols) == 10 and cols[0].isdigit():
+            rates[int(cols[2])] = float(cols[7])
+    return rates
+
+
+def engine_rate(engine: Engine, b: int, pp: int, tg: int) -> dict:
+    """Aggregate generation tokens/s with ``b`` concurrent requests."""
+    rng_base = 1000
+    first_at: dict[int, float] = {}
+    done = threading.Event()
+    finished = []
+    lock = threading.Lock()
+
+    def sink_for(i):
+        def sink(ev):
+            with lock:
+                if isinstance(ev, Chunk):
+                    first_at.setdefault(i, time.perf_counter())
+                else:
+                    finished.append((i, time.perf_counter(), ev))
+                    if len(finished) == b:
+                        done.set()
+        return sink
+
+    opts = CompletionOptions(num_predict=tg, temperature=0.0, repeat_penalty=1.0, ignore_eos=True)
+    t0 = time.perf_counter()
+    for i in range(b):
+        # Distinct prompts so that nothing is shared through the prefix cache.
+        prompt = [rng_base + 7919 * (i + 1) % 40000 + k for k in range(pp)]
+        engine.submit(CompletionRequest(prompt=prompt, options=opts), on_event=sink_for(i))
+    done.wait()
+    t_first = max(first_at.values())
+    t_end = max(t for _, t, _ in finished)
+    # Tokens generated after the last request got its first token.
+    tokens = sum(ev.eval_count for _, _, ev in finished) - b
+    return {"rate": tokens / (t_end - t_first), "total_s": t_end - t0,
+            "eval_count": sum(ev.eval_count for _, _, ev in finished)}
+
+
+def ttft(engine: Engine, prompt: list[int]) -> float:
+    t0 = time.perf_counter()
+    handle = engine.submit(CompletionRequest(prompt=prompt, options=CompletionOptions(
+        num_predict=1, temperature=0.0, ignore_eos=True)))
+    for ev in handle:
+        if isinstance(ev, Chunk):
+            return time.perf_counter() - t0
+    raise RuntimeError("no token")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--parallel", default="1,4,8")
+    ap.add_argument("--n-ctx", type=int, default=4096)
+    ap.add_argument("--n-batch", type=int, default=512)
+    ap.add_argument("--pp", type=int, default=128)
+    ap.add_argument("--tg", type=int, default=128)
+    ap.add_argument("--repeat", type=int, default=3, help="engine runs per B (median reported)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    model = args.model or str(default_model_path())
+    parallel = [int(x) for x in args.parallel.split(",")]
+
+    peer = batched_bench(model, args.threads, args.n_ctx, args.n_batch, parallel, args.pp, args.tg)
+    rows = []
+    for b in parallel:
+        with Engine(EngineConfig(model, n_ctx=args.n_ctx, n_batch=args.n_batch, parallel=b,
+                                 n_threads=args.threads)) as engine:
+            engine_rate(engine, b, 16, 8)  # warm-up
+            runs = [engine_rate(engine, b, args.pp, args.tg)["rate"] for _ in range(args.repeat)]
+            steps = [s for s in engine.timings if s.n_generating == s.n_tokens]
+            overhead = statistics.median(s.idle_gap for s in steps) if steps else 0.0
+            decode = statistics.median(s.decode for s in steps) if steps else 0.0
+        rate = statistics.median(runs)
+        rows.append({"B": b, "engine_tok_s": rate, "batched_bench_S_TG": peer.get(b),
+                     "ratio": rate / peer[b] if peer.get(b) else None, "runs": runs,
+                     "median_decode_ms": decode * 1e3, "median_gap_ms": overhead * 1e3})
+
+    with Engine(EngineConfig(model, n_ctx=args.n_ctx, n_batch=args.n_batch, parallel=2,
+                             n_threads=args.threads)) as engine:
+        prefix = [2000 + (k * 37) % 30000 for k in range(1000)]
+        cold = ttft(engine, prefix + [11, 12, 13])
+        warm = ttft(engine, prefix + [21, 22, 23])
+    cache = {"cold_ttft_s": cold, "warm_ttft_s": warm, "warm_over_cold": warm / cold}
+
+    print(f"model {Path(model).name}, threads {args.threads}, n_ctx {args.n_ctx}, "
+          f"n_batch {args.n_batch}, pp {args.pp}, tg {args.tg}, {platform.processor() or platform.machine()}")
+    print(f"{'B':>3} {'engine tok/s':>13} {'batched-bench S_TG':>19} {'ratio':>6} "
+          f"{'decode ms':>10} {'gap ms':>7}")
+    for r in rows:
+        ratio = f"{r['ratio']:.3f}" if r["ratio"] else "n/a"
+        print(f"{r['B']:>3} {r['engine_tok_s']:>13.1f} {r['batched_bench_S_TG'] or 0:>19.1f} {ratio:>6} "
+              f"{r['median_decode_ms']:>10.2f} {r['median_gap_ms']:>7.3f}")
+    print(f"prefix cache: cold TTFT {cold * 1e3:.1f} ms, warm TTFT {warm * 1e3:.1f} ms "
+          f"({cache['warm_over_cold'] * 100:.1f}% of cold)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": rows, "cache": cache, "date": time.strftime("%F %T"),
+                                               "argv": sys.argv}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
