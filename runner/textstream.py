@@ -75,7 +75,7 @@ class _StopMatcher:
 class TextStream:
     """Turns a sequence of token pieces into streamable text, honouring stop strings.
 
-    One instance per request. Not thread-safe; owned by the engine loop thread.
+    One instance per request. Not thread-safe; owned by the engine's delivery thread.
 
     Byte handling: an incomplete UTF-8 sequence at the tail is held until the
     next piece completes it. Invalid bytes in the middle of the stream become

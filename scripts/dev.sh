@@ -51,7 +51,7 @@ ensure_build() {
   if [ "$(cat "$STAMPS/build" 2>/dev/null)" != "$want" ] || ! "$PY" -c "import runner._llama" 2>/dev/null; then
     say "building the extension (incremental; the first build takes several minutes)"
     export CCACHE_BASEDIR=$ROOT CCACHE_NOHASHDIR=1
-    "$PY" -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e . >&2
+    "$PY" -m pip install -q --disable-pip-version-check --no-build-isolation -e . >&2
     echo "$want" > "$STAMPS/build"
   fi
 }
