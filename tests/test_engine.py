@@ -281,3 +281,17 @@ def test_long_prompt_does_not_stall_a_generating_stream(small_engine):
     # While both ran, no step mixed more than the budget of prompt inputs with generation.
     mixed = [s for s in steps if s.n_generating and s.n_tokens > s.n_generating]
     assert mixed and max(s.n_tokens - s.n_generating for s in mixed) <= 128
+
+
+@pytest.mark.parametrize("mode", ["thread", "inline"])
+def test_delivery_modes(small_engine, mode):
+    engine = small_engine(n_ctx=1024, parallel=2, delivery=mode)
+    assert engine.delivery_mode == mode
+    prompt = engine.tokenize("Count: one, two, three, four,", add_special=True)
+    text, tokens, final = run(engine, prompt, num_predict=12, **GREEDY)
+    stop = engine.model.token_to_piece(tokens[4]).decode()
+    text2, tokens2, final2 = run(engine, prompt, num_predict=12, stop=[stop], **GREEDY)
+    assert final2.done_reason == "stop" and text2 == text[:text.index(stop)]
+    follow = prompt + tokens2 + engine.tokenize(" five")
+    _, _, final3 = run(engine, follow, num_predict=2, **GREEDY)
+    assert final3.cached_count == len(prompt) + len(tokens2)
