@@ -5,7 +5,8 @@
 For each B in --parallel: llama-batched-bench (built by scripts/build_peers.sh
 from the same vendor tree) with -npp 128 -ntg 128 -npl B, and the engine with
 B concurrent requests of 128 prompt tokens and 128 generated tokens (greedy,
-end-of-generation ignored).  Same model, threads, n_ctx, n_batch, unified KV.
+end-of-generation ignored).  Same model, threads, n_ctx, n_batch and KV layout
+(one stream per sequence unless --kv-unified).
 Engine aggregate generation rate = tokens generated after every request had
 its first token / the time until the last finished — the same window that
 batched-bench's S_TG measures.  Then the prefix-cache check: time to first
@@ -38,13 +39,13 @@ PEER = ROOT / "build" / "peers" / "bin" / "llama-batched-bench"
 
 
 def batched_bench(model: str, threads: int, n_ctx: int, n_batch: int, parallel: list[int],
-                  pp: int, tg: int) -> dict[int, float]:
+                  pp: int, tg: int, unified: bool) -> dict[int, float]:
     """S_TG (tokens/s) per B from llama-batched-bench."""
     if not PEER.exists():
         raise SystemExit(f"{PEER} is missing: run scripts/build_peers.sh first")
     cmd = [str(PEER), "-m", model, "-c", str(n_ctx), "-b", str(n_batch), "-ub", str(n_batch),
            "-npp", str(pp), "-ntg", str(tg), "-npl", ",".join(map(str, parallel)),
-           "-t", str(threads), "-tb", str(threads), "-kvu", "-fa", "auto"]
+           "-t", str(threads), "-tb", str(threads), "-kvu" if unified else "-no-kvu", "-fa", "auto"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     rates = {}
     for line in out.splitlines():
@@ -108,16 +109,18 @@ def main() -> int:
     ap.add_argument("--pp", type=int, default=128)
     ap.add_argument("--tg", type=int, default=128)
     ap.add_argument("--repeat", type=int, default=3, help="engine runs per B (median reported)")
+    ap.add_argument("--kv-unified", action="store_true", help="one KV buffer for all sequences")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     model = args.model or str(default_model_path())
     parallel = [int(x) for x in args.parallel.split(",")]
 
-    peer = batched_bench(model, args.threads, args.n_ctx, args.n_batch, parallel, args.pp, args.tg)
+    peer = batched_bench(model, args.threads, args.n_ctx, args.n_batch, parallel, args.pp, args.tg,
+                         args.kv_unified)
     rows = []
     for b in parallel:
         with Engine(EngineConfig(model, n_ctx=args.n_ctx, n_batch=args.n_batch, parallel=b,
-                                 n_threads=args.threads)) as engine:
+                                 n_threads=args.threads, kv_unified=args.kv_unified)) as engine:
             engine_rate(engine, b, 16, 8)  # warm-up
             runs = [engine_rate(engine, b, args.pp, args.tg)["rate"] for _ in range(args.repeat)]
             steps = [s for s in engine.timings if s.n_generating == s.n_tokens]

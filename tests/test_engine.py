@@ -295,3 +295,20 @@ def test_delivery_modes(small_engine, mode):
     follow = prompt + tokens2 + engine.tokenize(" five")
     _, _, final3 = run(engine, follow, num_predict=2, **GREEDY)
     assert final3.cached_count == len(prompt) + len(tokens2)
+
+
+@pytest.mark.parametrize("unified", [False, True])
+def test_multi_policy_forks_a_shared_prefix(small_engine, unified):
+    engine = small_engine(n_ctx=1024, parallel=2, cache_policy="multi", kv_unified=unified)
+    system = engine.tokenize("System: answer briefly and politely. " * 8, add_special=True)
+    a = system + engine.tokenize(" User: name a fruit.")
+    b = system + engine.tokenize(" User: name a colour.")
+    run(engine, a, num_predict=6, **GREEDY)
+    text_b, _, final_b = run(engine, b, num_predict=12, **GREEDY)
+    shared = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+    assert shared >= len(system)
+    assert final_b.cached_count == shared   # forked from the slot that ran a
+    cold = small_engine(n_ctx=1024, parallel=2, kv_unified=unified)
+    text_cold, _, final_cold = run(cold, b, num_predict=12, **GREEDY)
+    assert final_cold.cached_count == 0
+    assert text_b == text_cold
