@@ -99,6 +99,37 @@ def ttft(engine: Engine, prompt: list[int]) -> float:
     raise RuntimeError("no token")
 
 
+def long_prompt_gap(engine: Engine, n_prompt: int = 2000) -> dict:
+    """Largest gap between two tokens of a generating stream while a
+    ``n_prompt``-token prompt arrives and is evaluated."""
+    times: list[float] = []
+    started = threading.Event()
+    done = threading.Event()
+
+    def sink(ev):
+        if isinstance(ev, Chunk):
+            times.extend([time.perf_counter()] * len(ev.tokens))
+            if len(times) >= 10:
+                started.set()
+        else:
+            done.set()
+
+    opts = CompletionOptions(num_predict=150, temperature=0.0, repeat_penalty=1.0, ignore_eos=True)
+    engine.submit(CompletionRequest(prompt=[300 + k for k in range(16)], options=opts), on_event=sink)
+    started.wait()
+    t_long = time.perf_counter()
+    long = engine.submit(CompletionRequest(prompt=[5000 + (k * 13) % 20000 for k in range(n_prompt)],
+                                           options=CompletionOptions(num_predict=1, ignore_eos=True)))
+    long.result()
+    t_long_done = time.perf_counter()
+    done.wait()
+    gaps = [b - a for a, b in zip(times, times[1:]) if b > a]
+    during = [b - a for a, b in zip(times, times[1:]) if b > a and t_long <= b <= t_long_done + 0.5]
+    return {"max_gap_s": max(gaps), "median_gap_s": statistics.median(gaps),
+            "max_gap_during_prefill_s": max(during) if during else 0.0,
+            "prefill_s": t_long_done - t_long}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None)
@@ -138,6 +169,12 @@ def main() -> int:
         warm = ttft(engine, prefix + [21, 22, 23])
     cache = {"cold_ttft_s": cold, "warm_ttft_s": warm, "warm_over_cold": warm / cold}
 
+    gaps = {}
+    for budget in (args.n_batch, 128):
+        with Engine(EngineConfig(model, n_ctx=8192, n_batch=args.n_batch, parallel=2,
+                                 n_threads=args.threads, prefill_budget=budget)) as engine:
+            gaps[budget] = long_prompt_gap(engine)
+
     print(f"model {Path(model).name}, threads {args.threads}, n_ctx {args.n_ctx}, "
           f"n_batch {args.n_batch}, pp {args.pp}, tg {args.tg}, {platform.processor() or platform.machine()}")
     print(f"{'B':>3} {'engine tok/s':>13} {'batched-bench S_TG':>19} {'ratio':>6} "
@@ -148,8 +185,12 @@ def main() -> int:
               f"{r['median_decode_ms']:>10.2f} {r['median_gap_ms']:>7.3f}")
     print(f"prefix cache: cold TTFT {cold * 1e3:.1f} ms, warm TTFT {warm * 1e3:.1f} ms "
           f"({cache['warm_over_cold'] * 100:.1f}% of cold)")
+    for budget, g in gaps.items():
+        print(f"2000-token prompt during generation, prefill_budget {budget}: largest gap "
+              f"{g['max_gap_during_prefill_s'] * 1e3:.0f} ms (median gap {g['median_gap_s'] * 1e3:.1f} ms, "
+              f"prompt evaluated in {g['prefill_s']:.2f} s)")
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows, "cache": cache, "date": time.strftime("%F %T"),
+        Path(args.json).write_text(json.dumps({"rows": rows, "cache": cache, "gaps": gaps, "date": time.strftime("%F %T"),
                                                "argv": sys.argv}, indent=2))
     return 0
 
