@@ -39,6 +39,8 @@ def _add_context_args(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
+    if args.endpoint:
+        return _generate_remote(args)
     from runner import _llama
     from runner.generate import GenerationStats, SamplingOptions, generate
     from runner.models import resolve_model
@@ -71,6 +73,105 @@ def _cmd_generate(args: argparse.Namespace) -> int:
               f"({pe:.1f} tok/s)\n"
               f"generation: {stats.generated_tokens} tokens in {stats.generate_seconds * 1000:.1f} ms "
               f"({ge:.1f} tok/s), done: {stats.done_reason}", file=sys.stderr)
+    return 0
+
+
+def _generate_remote(args: argparse.Namespace) -> int:
+    from runner.client import Runner
+
+    options = {
+        "num_predict": args.n_predict, "temperature": args.temperature, "top_k": args.top_k,
+        "top_p": args.top_p, "min_p": args.min_p, "typical_p": args.typical_p,
+        "repeat_last_n": args.repeat_last_n, "repeat_penalty": args.repeat_penalty,
+        "frequency_penalty": args.frequency_penalty, "presence_penalty": args.presence_penalty,
+        "seed": -1 if args.seed is None else args.seed,
+    }
+    if args.grammar_file:
+        with open(args.grammar_file, encoding="utf-8") as f:
+            options["grammar"] = f.read()
+    with Runner.connect(args.endpoint) as runner:
+        final = None
+        for event in runner.complete(args.prompt, **options):
+            if hasattr(event, "text"):
+                sys.stdout.write(event.text)
+                sys.stdout.flush()
+            else:
+                final = event
+    sys.stdout.write("\n")
+    if args.verbose and final is not None:
+        pe = final.prompt_eval_count / final.prompt_eval_duration if final.prompt_eval_duration else 0.0
+        ge = final.eval_count / final.eval_duration if final.eval_duration else 0.0
+        print(f"prompt: {final.prompt_eval_count} tokens ({final.cached_count} cached) in "
+              f"{final.prompt_eval_duration * 1000:.1f} ms ({pe:.1f} tok/s)\n"
+              f"generation: {final.eval_count} tokens in {final.eval_duration * 1000:.1f} ms "
+              f"({ge:.1f} tok/s), done: {final.done_reason}, slot {final.slot}", file=sys.stderr)
+    return 0
+
+
+def _add_load_args(p: argparse.ArgumentParser) -> None:
+    """The ``load`` request's parameters not covered by _add_context_args."""
+    g = p.add_argument_group("load")
+    g.add_argument("--parallel", type=int, default=1, help="slots decoded together (default 1)")
+    g.add_argument("--main-gpu", type=int, default=0)
+    g.add_argument("--tensor-split", default=None, help="comma-separated share per device")
+    g.add_argument("--devices", default=None, help="comma-separated device names (see discover)")
+    g.add_argument("--type-k", default="f16", help="K cache type (f16, q8_0, q4_0, ...)")
+    g.add_argument("--type-v", default="f16", help="V cache type")
+    g.add_argument("--no-mmap", action="store_true", help="read the model instead of mapping it")
+    g.add_argument("--lora", action="append", default=[], help="LoRA adapter (repeatable)")
+    g.add_argument("--mmproj", default=None, help="multimodal projector file")
+    g.add_argument("--cache-policy", choices=["single", "multi"], default="single")
+    g.add_argument("--max-queue", type=int, default=64, help="requests queued beyond the slots")
+    g.add_argument("--embeddings", action="store_true", help="build the context for embeddings")
+
+
+def _load_params(args: argparse.Namespace) -> dict:
+    def floats(text):
+        return None if not text else [float(x) for x in text.split(",")]
+
+    return {
+        "n_ctx": args.ctx, "n_batch": args.batch, "parallel": args.parallel,
+        "n_threads": args.threads, "n_gpu_layers": args.n_gpu_layers, "main_gpu": args.main_gpu,
+        "tensor_split": floats(args.tensor_split),
+        "devices": args.devices.split(",") if args.devices else None,
+        "flash_attn": args.flash_attn, "type_k": args.type_k, "type_v": args.type_v,
+        "use_mmap": not args.no_mmap, "lora_paths": args.lora, "projector_path": args.mmproj,
+        "cache_policy": args.cache_policy, "max_queue": args.max_queue,
+        "embeddings": args.embeddings,
+    }
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import msgspec
+
+    from runner import protocol as P
+    from runner.server import serve
+
+    load = None
+    if not args.defer_load:
+        try:
+            load = msgspec.convert({"id": 0, **_load_params(args)}, P.Load)
+        except msgspec.ValidationError as exc:
+            raise ValueError(f"invalid load parameters: {exc}") from None
+    parent = os.getppid() if args.parent_pid is None else args.parent_pid
+    return serve(args.model, args.endpoint, load, parent_pid=parent or None,
+                 max_message_bytes=args.max_message_bytes, drain_timeout=args.drain_timeout,
+                 workers=args.workers)
+
+
+def _cmd_embed(args: argparse.Namespace) -> int:
+    from runner.client import Runner
+
+    if args.endpoint:
+        runner = Runner.connect(args.endpoint)
+    else:
+        runner = Runner.spawn(args.model, log_level=args.log_level, **_load_params(args))
+    with runner:
+        for text in args.text:
+            result = runner.embed(text, normalize=args.normalize)
+            values = [round(float(v), 6) for v in result.embedding]
+            print(json.dumps({"text": text, "tokens": result.prompt_eval_count, "embedding": values}
+                             if args.json else values))
     return 0
 
 
@@ -112,6 +213,15 @@ def _cmd_discover(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
+    if args.endpoint:
+        import msgspec
+
+        from runner.client import Runner
+
+        with Runner.connect(args.endpoint) as runner:
+            reply = runner.info(timeout=30)
+        print(json.dumps(msgspec.to_builtins(reply), indent=2, default=str))
+        return 0
     from runner import _llama
     from runner.models import resolve_model
 
@@ -162,9 +272,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--n-predict", type=int, default=128, help="tokens to generate")
     p.add_argument("--verbose", "-v", action="store_true", help="print timings to stderr")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.add_argument("--endpoint", default=None,
+                   help="generate through the runner listening there (--model and context ignored)")
     _add_context_args(p)
     _add_sampling_args(p)
     p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("serve", help="run a runner process (ZeroMQ ROUTER, docs/protocol.md)")
+    _add_model_arg(p)
+    p.add_argument("--endpoint", default=None,
+                   help="ipc://PATH or tcp://HOST:PORT (tcp://127.0.0.1:* picks a port); default: "
+                        "ipc:// in a fresh private directory. The bound endpoint is printed.")
+    p.add_argument("--defer-load", action="store_true",
+                   help="wait for a load request instead of loading at start")
+    p.add_argument("--parent-pid", type=int, default=None,
+                   help="exit when this process dies (default: the parent; 0: never)")
+    p.add_argument("--max-message-bytes", type=int, default=16 << 20,
+                   help="larger requests are refused (default 16 MiB)")
+    p.add_argument("--drain-timeout", type=float, default=60.0,
+                   help="seconds in-flight requests get to finish on SIGTERM (default 60)")
+    p.add_argument("--workers", type=int, default=4,
+                   help="threads for embedding/tokenize/info requests (default 4)")
+    _add_context_args(p)
+    _add_load_args(p)
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("embed", help="print the embedding of each text (JSON, one per line)")
+    _add_model_arg(p)
+    p.add_argument("text", nargs="+")
+    p.add_argument("--endpoint", default=None, help="use the runner listening there")
+    p.add_argument("--normalize", action="store_true", help="scale to unit length")
+    p.add_argument("--json", action="store_true", help="objects with text and token count")
+    _add_context_args(p)
+    _add_load_args(p)
+    p.set_defaults(func=_cmd_embed)
 
     p = sub.add_parser("tokenize", help="print the tokens of a text")
     _add_model_arg(p)
@@ -175,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="build, backends, devices (and a model's metadata)")
     p.add_argument("--model", "-m", default=None)
+    p.add_argument("--endpoint", default=None, help="ask the runner listening there")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_info)
 

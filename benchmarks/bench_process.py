@@ -1,0 +1,203 @@
+"""Runner process throughput and protocol cost (not part of the test suite).
+
+    python benchmarks/bench_process.py                      # parallel 1, 4, 8; default model
+    python benchmarks/bench_process.py --parallel 4 --tokens 256 --threads 2 --json out.json
+
+Two measurements:
+
+1. **Generation through the process.**  ``parallel`` concurrent completions
+   (greedy, ``ignore_eos``, ``--tokens`` each) through one client over ipc,
+   next to the same workload on an in-process :class:`Engine`.  Aggregate
+   tok/s is total generated tokens over wall time, from the first submit to
+   the last final.  The two columns differ by what the process boundary costs
+   under that load.
+2. **Protocol cost per token.**  A runner whose engine is a stand-in that
+   emits chunks as fast as it can.  The time per chunk is then the cost of the
+   path alone: the engine callback, the outbox, the runner's I/O thread,
+   msgpack, ipc, the client's I/O thread, and the caller's iterator.  It is
+   measured for 1 and 8 concurrent streams.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+from runner import protocol as P
+from runner.client import Runner
+from runner.requests import Chunk, Final
+
+PROMPTS = ["Write a long story about a lighthouse keeper.", "List facts about the moon.",
+           "Explain how bread is made.", "Describe a walk through a forest.",
+           "Tell me about the history of clocks.", "Write a letter to a friend.",
+           "Describe the ocean at night.", "Explain what a compiler does."]
+
+
+def _options(tokens: int) -> dict:
+    return {"num_predict": tokens, "ignore_eos": True, "temperature": 0.0, "repeat_penalty": 1.0}
+
+
+def _run_concurrently(n: int, work) -> tuple[float, list]:
+    results: list = [None] * n
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, work(i))) for i in range(n)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - t0, results
+
+
+def bench_client(model: str, parallel: int, tokens: int, threads: int | None) -> dict:
+    with Runner.spawn(model, n_ctx=parallel * 1024, parallel=parallel, n_threads=threads) as runner:
+        runner.complete("Warm up.", **_options(8)).text()
+
+        def one(i):
+            return runner.complete(PROMPTS[i % len(PROMPTS)], **_options(tokens)).text()[1]
+
+        wall, finals = _run_concurrently(parallel, one)
+    generated = sum(f.eval_count for f in finals)
+    return {"wall_s": wall, "tokens": generated, "tok_s": generated / wall,
+            "per_stream_tok_s": sum(f.eval_count / f.eval_duration for f in finals) / len(finals)}
+
+
+def bench_engine(model: str, parallel: int, tokens: int, threads: int | None) -> dict:
+    from runner.engine import Engine, EngineConfig
+    from runner.requests import CompletionOptions, CompletionRequest
+
+    def submit(engine, prompt, n):
+        request = CompletionRequest(prompt=prompt, options=CompletionOptions.from_dict(_options(n)))
+        return engine.submit(request).result()[1]
+
+    with Engine(EngineConfig(model, n_ctx=parallel * 1024, parallel=parallel,
+                             n_threads=threads)) as engine:
+        submit(engine, "Warm up.", 8)
+        wall, finals = _run_concurrently(
+            parallel, lambda i: submit(engine, PROMPTS[i % len(PROMPTS)], tokens))
+    generated = sum(f.eval_count for f in finals)
+    return {"wall_s": wall, "tokens": generated, "tok_s": generated / wall}
+
+
+# -- protocol cost: a runner with a stand-in engine -------------------------------------
+
+class _Handle:
+    def __init__(self, stop: threading.Event) -> None:
+        self._stop = stop
+
+    def cancel(self) -> None:
+        self._stop.set()
+
+
+class _InstantEngine:
+    """Emits ``num_predict`` one-token chunks from a thread, as fast as it can."""
+
+    def submit(self, request, on_event=None):
+        stop = threading.Event()
+
+        def emit():
+            n = request.options.num_predict
+            chunk = Chunk(text=" tok", tokens=[42])
+            t0 = time.perf_counter()
+            for _ in range(n):
+                if stop.is_set():
+                    break
+                on_event(chunk)
+            on_event(Final(done_reason="length", eval_count=n, eval_duration=time.perf_counter() - t0))
+
+        threading.Thread(target=emit, daemon=True).start()
+        return _Handle(stop)
+
+    def close(self, drain: bool = False, timeout: float = 30.0) -> None:
+        pass
+
+
+def _fake_runner(endpoint: str) -> int:
+    from runner.server import Server
+
+    class InstantServer(Server):
+        def _load_model(self, params):
+            with self._state_lock:
+                self.engine = _InstantEngine()
+                self._state, self._progress = "ready", 1.0
+
+    server = InstantServer("stand-in", endpoint, load=P.Load(id=0), parent_pid=os.getppid())
+    print("ready", flush=True)
+    try:
+        return server.run()
+    finally:
+        server.close()
+
+
+def bench_protocol(streams: int, tokens: int) -> dict:
+    endpoint, directory = P.private_ipc_endpoint()
+    proc = subprocess.Popen([sys.executable, __file__, "--fake-runner", endpoint],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        with Runner.connect(endpoint) as runner:
+            runner.wait_ready()
+            runner.complete("warm", num_predict=1000).text()
+
+            def one(i):
+                return sum(1 for _ in runner.complete("x", num_predict=tokens)) - 1  # minus the final
+
+            wall, counts = _run_concurrently(streams, one)
+            runner.shutdown()
+        proc.wait(30)
+    finally:
+        proc.kill()
+        proc.wait()
+        shutil.rmtree(directory, ignore_errors=True)
+    total = sum(counts)
+    return {"streams": streams, "chunks": total, "wall_s": wall, "chunks_per_s": total / wall,
+            "us_per_chunk": wall / total * 1e6}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--parallel", default="1,4,8", help="comma-separated slot counts")
+    ap.add_argument("--tokens", type=int, default=128, help="tokens per completion")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads for decoding")
+    ap.add_argument("--protocol-tokens", type=int, default=20_000,
+                    help="chunks per stream for the protocol-cost measurement")
+    ap.add_argument("--skip-engine", action="store_true", help="no in-process comparison")
+    ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--fake-runner", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.fake_runner:
+        return _fake_runner(args.fake_runner)
+
+    from runner.models import resolve_model
+
+    model = str(resolve_model(args.model))
+    results = {"generation": [], "protocol": []}
+    print(f"{'parallel':>8} {'client tok/s':>13} {'engine tok/s':>13} {'per stream':>11} {'ratio':>6}")
+    for parallel in [int(p) for p in args.parallel.split(",")]:
+        client = bench_client(model, parallel, args.tokens, args.threads)
+        engine = None if args.skip_engine else bench_engine(model, parallel, args.tokens, args.threads)
+        row = {"parallel": parallel, "client": client, "engine": engine}
+        results["generation"].append(row)
+        ratio = f"{client['tok_s'] / engine['tok_s']:.3f}" if engine else "-"
+        print(f"{parallel:>8} {client['tok_s']:>13.1f} "
+              f"{engine['tok_s'] if engine else float('nan'):>13.1f} "
+              f"{client['per_stream_tok_s']:>11.1f} {ratio:>6}")
+    print(f"\n{'streams':>8} {'chunks/s':>10} {'us/chunk':>9}")
+    for streams in (1, 8):
+        row = bench_protocol(streams, args.protocol_tokens // streams)
+        results["protocol"].append(row)
+        print(f"{streams:>8} {row['chunks_per_s']:>10.0f} {row['us_per_chunk']:>9.1f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,734 @@
+"""Client of a runner process (docs/protocol.md): spawn one or connect to one.
+
+Threads: one I/O thread (:class:`_Connection`) owns the DEALER socket and its
+monitor socket.  Callers, from any thread or event loop, hand it encoded
+requests through a locked deque and a wake-up pipe (an inproc PAIR socket
+would need one socket per calling thread, since it is no more thread-safe
+than the DEALER); it routes every reply by
+request id to the caller's sink (``SimpleQueue.put`` for blocking calls,
+``loop.call_soon_threadsafe`` for asyncio).  When a spawned runner exits, the
+I/O thread sees it through a pidfd and fails every pending call at once with
+:class:`RunnerGone`, carrying the exit status and the runner's last stderr
+error line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from runner import protocol as P
+from runner.requests import BadRequest, Busy, Chunk, EmbeddingResult, Final, InternalError
+
+log = logging.getLogger("runner.client")
+
+Sink = Callable[[Any], None]  # receives a reply struct, or an exception to raise
+
+
+class RunnerGone(InternalError):
+    """The runner exited or the connection to it was lost."""
+
+    def __init__(self, message: str, returncode: int | None = None, stderr_line: str | None = None):
+        super().__init__(message)
+        self.returncode = returncode      # exit status (negative: killed by that signal)
+        self.stderr_line = stderr_line    # the runner's last stderr error line
+
+
+def describe_exit(returncode: int, stderr_line: str | None) -> str:
+    """``runner exited with status -9 (SIGKILL): <line>``."""
+    text = f"runner exited with status {returncode}"
+    if returncode < 0:
+        try:
+            text += f" ({signal.Signals(-returncode).name})"
+        except ValueError:
+            pass
+    if stderr_line:
+        text += f": {stderr_line}"
+    return text
+
+
+_FAILURE_WORDS = ("error", "exception", "fail", "fatal", "critical", "abort", "assert",
+                  "out of memory")
+
+
+def pick_error_line(lines: Iterable[str]) -> str | None:
+    """The line of a runner's stderr that best says why it failed: the last
+    one that speaks of a failure (a warning is no explanation for a crash)."""
+    found = None
+    for line in lines:
+        lowered = line.lower()
+        if any(word in lowered for word in _FAILURE_WORDS):
+            found = line.strip()
+    return found
+
+
+class StallTimer:
+    """A load timeout that starts over whenever progress advances."""
+
+    def __init__(self, timeout: float, now: float) -> None:
+        self.timeout = timeout   # seconds allowed without progress
+        self.best = -1.0         # highest progress seen
+        self.since = now         # when it was first seen
+
+    def expired(self, progress: float, now: float) -> bool:
+        if progress > self.best:
+            self.best, self.since = progress, now
+            return False
+        return now - self.since > self.timeout
+
+
+class _StderrTail:
+    """Reads a runner's stderr on a thread: forwards each line to logging and
+    keeps the last ones for error messages."""
+
+    def __init__(self, stream, keep: int = 64) -> None:
+        self.lines: collections.deque[str] = collections.deque(maxlen=keep)  # newest last
+        self._stream = stream
+        self._thread = threading.Thread(target=self._read, name="runner-stderr", daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        for raw in self._stream:
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            self.lines.append(line)
+            log.debug("runner: %s", line)
+        self._stream.close()
+
+    def error_line(self, wait: float = 1.0) -> str | None:
+        """After the runner exited: wait for the end of its stderr, then pick."""
+        self._thread.join(wait)
+        return pick_error_line(list(self.lines))
+
+
+class _Connection:
+    """The DEALER socket and the I/O thread that owns it.
+
+    ``_lock`` guards ``_inbox`` and ``_gone`` together, so that a call made
+    while the runner dies is either failed by the death sweep or refused at
+    submission, never left waiting.  ``_sinks`` belongs to the I/O thread.
+    """
+
+    def __init__(self, endpoint: str, process: subprocess.Popen | None = None,
+                 stderr: _StderrTail | None = None) -> None:
+        self.endpoint = endpoint
+        self._process = process
+        self._stderr = stderr
+        self._zmq = zmq.Context()
+        self._sock = self._zmq.socket(zmq.DEALER)
+        P.configure_dealer(self._sock)
+        self._monitor = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        try:
+            self._sock.connect(endpoint)
+        except zmq.ZMQError as exc:
+            self._sock.disable_monitor()
+            self._monitor.close(0)
+            self._sock.close(0)
+            self._zmq.term()
+            raise ValueError(f"cannot connect to {endpoint!r}: {exc}") from None
+        self._pidfd = None  # readable once the runner exits (Linux 5.3+)
+        if process is not None and hasattr(os, "pidfd_open"):
+            self._pidfd = os.pidfd_open(process.pid)
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._lock = threading.RLock()  # reentrant: a stream dropped on this thread may forget()
+        self._inbox: collections.deque[tuple] = collections.deque()  # work for the I/O thread
+        self._gone: tuple[str, int | None, str | None] | None = None  # why calls now fail
+        self._sinks: dict[Any, Sink] = {}   # I/O thread: request id -> where its replies go
+        self._thread = threading.Thread(target=self._run, name="runner-client-io", daemon=True)
+        self._thread.start()
+
+    # -- any thread --------------------------------------------------------------
+
+    def error(self) -> RunnerGone | None:
+        gone = self._gone
+        return None if gone is None else RunnerGone(*gone)
+
+    def submit(self, request_id: Any, data: bytes, sink: Sink) -> None:
+        with self._lock:
+            if self._gone is not None:
+                raise RunnerGone(*self._gone)
+            self._inbox.append(("send", request_id, data, sink))
+            self._wake()
+
+    def forget(self, request_id: Any, then_send: bytes | None = None) -> None:
+        """Stop routing replies of ``request_id``; optionally send a message after."""
+        with self._lock:
+            if self._gone is None:
+                self._inbox.append(("forget", request_id, then_send))
+                self._wake()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._gone is None:
+                self._inbox.append(("close",))
+                self._wake()
+        self._thread.join()
+        with self._lock:  # _gone is set (the thread ended): nobody writes to the pipe now
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+        self._zmq.term()
+
+    def _wake(self) -> None:
+        """Wake the I/O thread (with ``_lock`` held, while ``_gone`` is None)."""
+        try:
+            os.write(self._wake_w, b"\0")
+        except BlockingIOError:
+            pass  # the pipe is full: the thread is awake anyway
+
+    # -- the I/O thread ----------------------------------------------------------
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        poller.register(self._monitor, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        if self._pidfd is not None:
+            poller.register(self._pidfd, zmq.POLLIN)
+        poll_ms = 100 if self._process is not None and self._pidfd is None else None
+        try:
+            while True:
+                ready = dict(poller.poll(poll_ms))
+                if self._sock in ready:
+                    self._receive()
+                if (self._pidfd in ready if self._pidfd is not None
+                        else poll_ms is not None and self._process.poll() is not None):
+                    self._die(self._exit_reason())
+                    return
+                if self._monitor in ready:
+                    self._disconnected()
+                    if self._gone is not None:
+                        return
+                if self._wake_r in ready and self._work():
+                    self._die(("client closed", None, None))
+                    return
+        except Exception as exc:  # a bug here must not leave callers waiting
+            log.exception("client I/O thread failed")
+            self._die((f"client I/O failed: {exc}", None, None))
+        finally:
+            self._sock.disable_monitor()
+            self._monitor.close(0)
+            self._sock.close()
+
+    def _receive(self) -> None:
+        while True:
+            try:
+                frames = self._sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                reply = P.decode_reply(frames[-1])
+            except Exception as exc:
+                log.warning("undecodable reply from the runner: %s", exc)
+                continue
+            sink = self._sinks.get(reply.id)
+            if sink is None:
+                if type(reply) is P.ErrorReply and reply.id is None:
+                    log.warning("runner refused a message: %s", reply.message)
+                continue  # a forgotten request's late reply
+            if type(reply) is not P.ChunkReply:
+                del self._sinks[reply.id]
+            self._call_sink(reply.id, sink, reply)
+
+    def _call_sink(self, request_id: Any, sink: Sink, item: Any) -> None:
+        try:
+            sink(item)
+        except Exception as exc:  # e.g. the caller's event loop is closed
+            log.debug("dropping replies of %r: %s", request_id, exc)
+            self._sinks.pop(request_id, None)
+
+    def _work(self) -> bool:
+        """Carry out what callers asked; True when asked to close."""
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        while True:
+            with self._lock:
+                if not self._inbox:
+                    return False
+                item = self._inbox.popleft()
+            kind = item[0]
+            if kind == "send":
+                _, request_id, data, sink = item
+                try:
+                    self._sock.send(data, zmq.NOBLOCK)
+                except zmq.Again:
+                    self._call_sink(request_id, sink, Busy(
+                        f"{P.HIGH_WATER_MARK} requests already wait for the runner"))
+                    continue
+                self._sinks[request_id] = sink
+            elif kind == "forget":
+                _, request_id, then_send = item
+                self._sinks.pop(request_id, None)
+                if then_send is not None:
+                    try:
+                        self._sock.send(then_send, zmq.NOBLOCK)
+                    except zmq.Again:
+                        log.warning("could not send a cancel: the runner is not reading")
+            elif kind == "close":
+                return True
+
+    def _exit_reason(self) -> tuple[str, int | None, str | None]:
+        code = self._process.wait()
+        line = self._stderr.error_line() if self._stderr is not None else None
+        return describe_exit(code, line), code, line
+
+    def _disconnected(self) -> None:
+        while True:
+            try:
+                recv_monitor_message(self._monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                break
+        if self._process is not None:
+            # The runner's exit usually closes the connection a moment before
+            # the pidfd reports it: give the exit status a chance to be the reason.
+            try:
+                self._process.wait(1.0)
+            except subprocess.TimeoutExpired:
+                pass
+            if self._process.poll() is not None:
+                self._die(self._exit_reason())
+                return
+        error = ("connection to the runner was lost", None, None)
+        pending, self._sinks = self._sinks, {}
+        for request_id, sink in pending.items():
+            self._call_sink(request_id, sink, RunnerGone(*error))
+
+    def _die(self, reason: tuple[str, int | None, str | None]) -> None:
+        with self._lock:
+            if self._gone is None:
+                self._gone = reason
+            waiting = [item for item in self._inbox if item[0] == "send"]
+            self._inbox.clear()
+        pending, self._sinks = self._sinks, {}
+        for _, request_id, _, sink in waiting:
+            pending[request_id] = sink
+        for request_id, sink in pending.items():
+            self._call_sink(request_id, sink, RunnerGone(*self._gone))
+
+
+def _to_final(reply: P.FinalReply) -> Final:
+    return Final(done_reason=reply.done_reason, prompt_eval_count=reply.prompt_eval_count,
+                 prompt_eval_duration=reply.prompt_eval_duration, eval_count=reply.eval_count,
+                 eval_duration=reply.eval_duration, cached_count=reply.cached_count,
+                 prompt_count=reply.prompt_count, slot=reply.slot, error=reply.error,
+                 error_code=reply.error_code)
+
+
+def _event(reply: Any) -> Chunk | Final:
+    """A completion reply -> its event; raises for errors (the stream is over)."""
+    kind = type(reply)
+    if kind is P.ChunkReply:
+        return Chunk(text=reply.text, tokens=reply.tokens, logprobs=reply.logprobs)
+    if isinstance(reply, BaseException):
+        raise reply
+    if kind is P.FinalReply:
+        if reply.done_reason == "error":
+            raise P.error_from_code(reply.error_code, reply.error or "completion failed")
+        return _to_final(reply)
+    if kind is P.ErrorReply:
+        raise P.error_from_code(reply.code, reply.message)
+    raise InternalError(f"unexpected {kind.__name__} in a completion stream")
+
+
+class CompletionStream:
+    """A completion in flight: iterate for :class:`Chunk` events, then the :class:`Final`.
+
+    ``cancel()`` asks the runner to stop (iteration then ends with a Final
+    whose ``done_reason`` is "cancelled"); ``close()``, or leaving the loop
+    early and dropping the stream, cancels and stops listening.
+    """
+
+    def __init__(self, runner: "Runner", request_id: int) -> None:
+        self.id = request_id      # the request id on the wire
+        self._runner = runner
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._done = False        # the Final (or an error) was returned
+
+    def __iter__(self) -> "CompletionStream":
+        return self
+
+    def __next__(self) -> Chunk | Final:
+        if self._done:
+            raise StopIteration
+        reply = self._queue.get()
+        if type(reply) is not P.ChunkReply:
+            self._done = True
+        return _event(reply)
+
+    def text(self) -> tuple[str, Final]:
+        """Wait for the end; the whole text and the Final."""
+        parts = []
+        for event in self:
+            if type(event) is Chunk:
+                parts.append(event.text)
+            else:
+                return "".join(parts), event
+        raise InternalError("completion ended without a final message")
+
+    def cancel(self) -> None:
+        if not self._done:
+            self._runner._send_cancel(self.id)
+
+    def close(self) -> None:
+        if not self._done:
+            self._done = True
+            self._runner._forget(self.id, cancel=True)
+
+    def __enter__(self) -> "CompletionStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class AsyncCompletionStream:
+    """The asyncio flavour of :class:`CompletionStream`; cancelling the task
+    that awaits it cancels the request."""
+
+    def __init__(self, runner: "Runner", request_id: int, loop: asyncio.AbstractEventLoop) -> None:
+        self.id = request_id
+        self._runner = runner
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._loop = loop
+        self._done = False
+
+    def sink(self) -> Sink:
+        """Where the I/O thread puts replies; it holds no reference to the stream,
+        so that dropping the stream cancels the request."""
+        loop, put = self._loop, self._queue.put_nowait
+        return lambda reply: loop.call_soon_threadsafe(put, reply)
+
+    def __aiter__(self) -> "AsyncCompletionStream":
+        return self
+
+    async def __anext__(self) -> Chunk | Final:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            reply = await self._queue.get()
+        except asyncio.CancelledError:
+            self.close()
+            raise
+        if type(reply) is not P.ChunkReply:
+            self._done = True
+        return _event(reply)
+
+    async def text(self) -> tuple[str, Final]:
+        parts = []
+        async for event in self:
+            if type(event) is Chunk:
+                parts.append(event.text)
+            else:
+                return "".join(parts), event
+        raise InternalError("completion ended without a final message")
+
+    def cancel(self) -> None:
+        if not self._done:
+            self._runner._send_cancel(self.id)
+
+    def close(self) -> None:
+        if not self._done:
+            self._done = True
+            self._runner._forget(self.id, cancel=True)
+
+    async def aclose(self) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def _embedding(reply: P.EmbeddingReply) -> EmbeddingResult:
+    return EmbeddingResult(embedding=np.frombuffer(reply.embedding, dtype="<f4").astype(np.float32),
+                           prompt_eval_count=reply.prompt_eval_count)
+
+
+class Runner:
+    """A connection to a runner process, usable from many threads and tasks at once.
+
+    ``Runner.spawn(...)`` starts a runner and owns it (``close()`` stops it);
+    ``Runner.connect(endpoint)`` talks to one that is already running.
+    Blocking methods have ``a``-prefixed asyncio twins.
+    """
+
+    def __init__(self, endpoint: str, *, process: subprocess.Popen | None = None,
+                 private_dir: str | None = None, stderr: _StderrTail | None = None) -> None:
+        self.endpoint = endpoint            # where the runner listens
+        self.process = process              # the runner we spawned, or None
+        self._private_dir = private_dir     # ipc directory we created, removed on close
+        self._stderr = stderr
+        self._conn = _Connection(endpoint, process, stderr)
+        self._ids = itertools.count(1)      # request ids (next() is atomic)
+        self.max_message_bytes = P.DEFAULT_MAX_MESSAGE_BYTES  # from the last health reply
+        self._closed = False
+
+    # -- construction ------------------------------------------------------------
+
+    @classmethod
+    def connect(cls, endpoint: str) -> "Runner":
+        """Talk to a running runner (nothing is sent until the first call)."""
+        return cls(endpoint)
+
+    @classmethod
+    def spawn(cls, model: str = "default", *, endpoint: str | None = None,
+              progress: Callable[[float], Any] | None = None, load_timeout: float = 300.0,
+              log_level: str = "WARNING", env: dict[str, str] | None = None,
+              max_message_bytes: int | None = None, **load_params: Any) -> "Runner":
+        """Start ``llama-runner serve`` for ``model``, load it and wait until it is ready.
+
+        ``load_params`` are the ``load`` request's fields (n_ctx, parallel, ...).
+        ``progress(fraction)`` is called while loading; the load fails if its
+        progress stalls for ``load_timeout`` seconds.  Any failure, the runner's
+        death included, raises with the runner's last stderr error line.
+        ``max_message_bytes`` sets the runner's request size limit.
+        """
+        private_dir = None
+        if endpoint is None:
+            endpoint, private_dir = P.private_ipc_endpoint()
+        cmd = [sys.executable, "-m", "runner.cli", "--log-level", log_level, "serve",
+               "--model", str(model), "--endpoint", endpoint, "--defer-load",
+               "--parent-pid", str(os.getpid())]
+        if max_message_bytes is not None:
+            cmd += ["--max-message-bytes", str(max_message_bytes)]
+        process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.PIPE, env=env, start_new_session=True)
+        stderr = _StderrTail(process.stderr)
+        runner = cls(endpoint, process=process, private_dir=private_dir, stderr=stderr)
+        try:
+            runner.load(**load_params)
+            runner.wait_ready(progress=progress, load_timeout=load_timeout)
+        except BaseException:
+            runner.close(timeout=2.0)
+            raise
+        return runner
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def load(self, **params: Any) -> None:
+        """Start loading the model (answered at once; see :meth:`wait_ready`)."""
+        self._call({"op": "load", **params})
+
+    def wait_ready(self, progress: Callable[[float], Any] | None = None,
+                   load_timeout: float = 300.0) -> P.HealthReply:
+        """Poll ``health`` until ready; raises the load error, or TimeoutError
+        when progress stalls for ``load_timeout`` seconds."""
+        timer = StallTimer(load_timeout, time.monotonic())
+        delay = 0.01
+        while True:
+            health = self.health(timeout=load_timeout)
+            if progress is not None:
+                progress(health.progress)
+            if health.state == "ready":
+                return health
+            if health.state == "error":
+                raise P.error_from_code(health.error_code, f"load failed: {health.error}")
+            if health.state == "stopping":
+                raise RunnerGone("the runner is shutting down")
+            if timer.expired(health.progress, time.monotonic()):
+                raise TimeoutError(f"model load made no progress for {load_timeout:.0f} s "
+                                   f"(at {health.progress:.0%})")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.1)
+
+    def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Ask the runner to stop (it exits once drained)."""
+        self._call({"op": "shutdown", "drain": drain}, timeout)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop a spawned runner (shutdown, then SIGTERM, then SIGKILL) and
+        release the connection.  Pending calls raise :class:`RunnerGone`."""
+        if self._closed:
+            return
+        self._closed = True
+        process = self.process
+        if process is not None and process.poll() is None:
+            try:
+                self.shutdown(drain=True, timeout=min(timeout, 2.0))
+                process.wait(timeout)
+            except Exception:
+                process.terminate()
+                try:
+                    process.wait(2.0)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+        self._conn.close()
+        if self._stderr is not None:
+            self._stderr.error_line(wait=1.0)
+        if self._private_dir is not None:
+            shutil.rmtree(self._private_dir, ignore_errors=True)
+
+    def __enter__(self) -> "Runner":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self.process is None else self.process.poll()
+
+    # -- calls -------------------------------------------------------------------
+
+    def health(self, timeout: float | None = None) -> P.HealthReply:
+        reply = self._call({"op": "health"}, timeout)
+        self.max_message_bytes = reply.max_message_bytes
+        return reply
+
+    def complete(self, prompt: str | list[int], *, add_special: bool = True,
+                 **options: Any) -> CompletionStream:
+        """Start a completion; iterate the stream for chunks, then the Final."""
+        request_id = next(self._ids)
+        stream = CompletionStream(self, request_id)
+        self._submit(request_id, self._completion(request_id, prompt, add_special, options),
+                     stream._queue.put)
+        return stream
+
+    def embed(self, text: str, *, normalize: bool = False,
+              timeout: float | None = None) -> EmbeddingResult:
+        return _embedding(self._call({"op": "embedding", "text": text, "normalize": normalize}, timeout))
+
+    def tokenize(self, text: str, *, add_special: bool = False, parse_special: bool = False,
+                 timeout: float | None = None) -> list[int]:
+        return self._call({"op": "tokenize", "text": text, "add_special": add_special,
+                           "parse_special": parse_special}, timeout).tokens
+
+    def detokenize(self, tokens: list[int], *, timeout: float | None = None) -> str:
+        return self._call({"op": "detokenize", "tokens": list(tokens)}, timeout).text
+
+    def info(self, timeout: float | None = None) -> P.InfoReply:
+        return self._call({"op": "info"}, timeout)
+
+    def discover(self, timeout: float | None = None) -> list[P.Device]:
+        return self._call({"op": "discover"}, timeout).devices
+
+    def cancel(self, request_id: int, timeout: float | None = None) -> bool:
+        """Cancel one of this client's requests; True if it was still running."""
+        return self._call({"op": "cancel", "target": request_id}, timeout).found
+
+    # -- asyncio twins -------------------------------------------------------------
+
+    async def ahealth(self, timeout: float | None = None) -> P.HealthReply:
+        reply = await self._acall({"op": "health"}, timeout)
+        self.max_message_bytes = reply.max_message_bytes
+        return reply
+
+    def acomplete(self, prompt: str | list[int], *, add_special: bool = True,
+                  **options: Any) -> AsyncCompletionStream:
+        """Start a completion from a coroutine; ``async for`` over the stream."""
+        request_id = next(self._ids)
+        stream = AsyncCompletionStream(self, request_id, asyncio.get_running_loop())
+        self._submit(request_id, self._completion(request_id, prompt, add_special, options),
+                     stream.sink())
+        return stream
+
+    async def aembed(self, text: str, *, normalize: bool = False,
+                     timeout: float | None = None) -> EmbeddingResult:
+        return _embedding(await self._acall({"op": "embedding", "text": text,
+                                             "normalize": normalize}, timeout))
+
+    async def atokenize(self, text: str, *, add_special: bool = False,
+                        parse_special: bool = False, timeout: float | None = None) -> list[int]:
+        return (await self._acall({"op": "tokenize", "text": text, "add_special": add_special,
+                                   "parse_special": parse_special}, timeout)).tokens
+
+    async def adetokenize(self, tokens: list[int], *, timeout: float | None = None) -> str:
+        return (await self._acall({"op": "detokenize", "tokens": list(tokens)}, timeout)).text
+
+    async def ainfo(self, timeout: float | None = None) -> P.InfoReply:
+        return await self._acall({"op": "info"}, timeout)
+
+    async def acancel(self, request_id: int, timeout: float | None = None) -> bool:
+        return (await self._acall({"op": "cancel", "target": request_id}, timeout)).found
+
+    # -- plumbing ------------------------------------------------------------------
+
+    @staticmethod
+    def _completion(request_id: int, prompt: str | list[int], add_special: bool,
+                    options: dict) -> dict:
+        return {"op": "completion", "id": request_id, "prompt": prompt, "options": options,
+                "add_special": add_special}
+
+    def _submit(self, request_id: int, request: dict, sink: Sink) -> None:
+        request["id"] = request_id
+        data = P.encode(request)
+        if len(data) > self.max_message_bytes:
+            raise BadRequest(f"request of {len(data)} bytes exceeds the runner's limit of "
+                             f"{self.max_message_bytes}")
+        self._conn.submit(request_id, data, sink)
+
+    def _call(self, request: dict, timeout: float | None = None) -> Any:
+        request_id = next(self._ids)
+        replies: queue.SimpleQueue = queue.SimpleQueue()
+        self._submit(request_id, request, replies.put)
+        try:
+            reply = replies.get(timeout=timeout)
+        except queue.Empty:
+            self._forget(request_id, cancel=True)
+            raise TimeoutError(f"no reply to {request['op']} within {timeout} s") from None
+        return _result(reply)
+
+    async def _acall(self, request: dict, timeout: float | None = None) -> Any:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+
+        def settle(reply: Any) -> None:
+            if not future.done():
+                future.set_result(reply)
+
+        request_id = next(self._ids)
+        self._submit(request_id, request, lambda reply: loop.call_soon_threadsafe(settle, reply))
+        try:
+            reply = await asyncio.wait_for(future, timeout)
+        except (asyncio.CancelledError, asyncio.TimeoutError):
+            self._forget(request_id, cancel=True)
+            raise
+        return _result(reply)
+
+    def _send_cancel(self, request_id: int) -> None:
+        cancel_id = next(self._ids)
+        self._conn.submit(cancel_id, P.encode({"op": "cancel", "id": cancel_id,
+                                               "target": request_id}), lambda reply: None)
+
+    def _forget(self, request_id: int, cancel: bool) -> None:
+        data = None
+        if cancel:
+            data = P.encode({"op": "cancel", "id": next(self._ids), "target": request_id})
+        self._conn.forget(request_id, data)
+
+
+def _result(reply: Any) -> Any:
+    if isinstance(reply, BaseException):
+        raise reply
+    if type(reply) is P.ErrorReply:
+        raise P.error_from_code(reply.code, reply.message)
+    return reply

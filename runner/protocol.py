@@ -1,0 +1,377 @@
+"""Wire messages between a runner process and its clients (docs/protocol.md).
+
+Every message is one ZeroMQ frame holding one MessagePack map.  Requests are
+tagged by their ``op`` field, replies by their ``type`` field; both are
+msgspec Structs, so a request is typed and validated in the single call that
+decodes it, and nothing untyped reaches the engine.  The bytes on the wire
+stay plain MessagePack: any msgpack library can speak the protocol.
+
+Requests are strict (unknown fields are refused, so a misspelt option is an
+error rather than silently ignored); replies are lenient (a client ignores
+fields it does not know, so adding an optional reply field is compatible).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Annotated, Any, Literal, Union
+
+import msgspec
+
+from runner.requests import (BadRequest, Busy, Cancelled, EngineError, InputTooLong,
+                             InternalError, NotReady)
+
+PROTOCOL_VERSION = 1
+
+# A request larger than this gets a ``bad_request`` reply; one larger than
+# HARD_LIMIT_FACTOR times this is refused by ZeroMQ itself (MAXMSGSIZE), which
+# closes the sender's connection without reading the message into memory.
+DEFAULT_MAX_MESSAGE_BYTES = 16 << 20
+HARD_LIMIT_FACTOR = 4
+
+# Per-peer queue bounds (messages) on both ends; the runner never drops a reply
+# silently when a peer's queue is full (ROUTER_MANDATORY + its own backlog).
+HIGH_WATER_MARK = 10_000
+
+# ZMTP heartbeats: a peer that stops answering is disconnected after
+# HEARTBEAT_TIMEOUT_MS, which cancels its in-flight requests in the runner.
+HEARTBEAT_IVL_MS = 2_000
+HEARTBEAT_TIMEOUT_MS = 10_000
+HEARTBEAT_TTL_MS = 20_000
+
+ERROR_CODES = ("bad_request", "input_too_long", "busy", "not_ready", "cancelled", "internal")
+ErrorCode = Literal["bad_request", "input_too_long", "busy", "not_ready", "cancelled", "internal"]
+State = Literal["launched", "loading", "ready", "error", "stopping"]
+
+RequestId = Union[Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)],
+                  Annotated[str, msgspec.Meta(min_length=1, max_length=128)]]
+TokenId = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
+KVType = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"]
+NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+Positive = Annotated[int, msgspec.Meta(ge=1)]
+
+
+# -- requests ----------------------------------------------------------------
+
+class Request(msgspec.Struct, tag_field="op", forbid_unknown_fields=True, kw_only=True):
+    """Fields every request carries."""
+
+    id: RequestId                        # chosen by the client, echoed in every reply
+    v: Literal[1] = 1                    # protocol version the client speaks
+
+
+class Health(Request, tag="health"):
+    """State and load progress; answered in every state."""
+
+
+class Discover(Request, tag="discover"):
+    """Devices ggml sees, with free/total memory; answered in every state."""
+
+
+class Load(Request, tag="load"):
+    """Load the runner's model with these parameters (EngineConfig's names).
+
+    Answered at once; the load itself is followed through ``health``.
+    """
+
+    n_ctx: NonNegative = 4096            # context tokens, shared by the slots; 0 = the model's
+    n_batch: Positive = 512              # tokens per decode call
+    parallel: Annotated[int, msgspec.Meta(ge=1, le=256)] = 1  # slots decoded together
+    n_threads: Positive | None = None    # CPU threads; None = all cores
+    n_gpu_layers: Annotated[int, msgspec.Meta(ge=-1)] = -1  # layers offloaded; -1 = all
+    main_gpu: NonNegative = 0            # device index for the whole model (split "none")
+    tensor_split: list[Annotated[float, msgspec.Meta(ge=0)]] | None = None  # per-device share
+    devices: list[str] | None = None     # device names to use (as ``discover`` lists them)
+    flash_attn: Literal["auto", "on", "off"] = "auto"
+    type_k: KVType = "f16"               # KV cache type of keys
+    type_v: KVType = "f16"               # KV cache type of values
+    use_mmap: bool = True
+    lora_paths: list[str] = []           # LoRA adapters applied at scale 1
+    projector_path: str | None = None    # multimodal projector (mmproj) file
+    cache_policy: Literal["single", "multi"] = "single"  # slot choice (runner/slots.py)
+    max_queue: Annotated[int, msgspec.Meta(ge=0)] = 64   # requests waiting beyond the slots
+    embeddings: bool = False             # context built for embeddings first
+
+
+class Completion(Request, tag="completion"):
+    """Generate from a prompt; replies are ``chunk``* then ``final``."""
+
+    prompt: str | list[TokenId]          # text (special tokens parsed) or token ids
+    options: dict[str, Any] = {}         # CompletionOptions fields (runner/requests.py)
+    add_special: bool = True             # add BOS etc. as the model asks (text prompts)
+
+
+class Embedding(Request, tag="embedding"):
+    text: str
+    normalize: bool = False              # scale to unit L2 norm
+
+
+class Tokenize(Request, tag="tokenize"):
+    text: str
+    add_special: bool = False            # add BOS etc. as the model asks
+    parse_special: bool = False          # turn special-token text into special tokens
+
+
+class Detokenize(Request, tag="detokenize"):
+    tokens: list[TokenId]
+
+
+class Cancel(Request, tag="cancel"):
+    """Cancel this client's request ``target``; the target still gets its final reply."""
+
+    target: RequestId
+
+
+class Info(Request, tag="info"):
+    """Build, backends, devices, model metadata and slot state."""
+
+
+class Shutdown(Request, tag="shutdown"):
+    """Stop the runner: with ``drain``, in-flight requests finish first."""
+
+    drain: bool = True
+
+
+REQUEST_TYPES = (Health, Discover, Load, Completion, Embedding, Tokenize, Detokenize,
+                 Cancel, Info, Shutdown)
+OPS = tuple(t.__struct_config__.tag for t in REQUEST_TYPES)
+AnyRequest = Union[REQUEST_TYPES]  # type: ignore[valid-type]
+
+
+# -- replies -----------------------------------------------------------------
+
+class Reply(msgspec.Struct, tag_field="type", kw_only=True):
+    """Fields every reply carries."""
+
+    id: RequestId | None                 # the request's id; None when it could not be read
+
+
+class ErrorReply(Reply, tag="error"):
+    """The request failed; terminal."""
+
+    code: ErrorCode
+    message: str                         # for humans
+
+
+class ChunkReply(Reply, tag="chunk", omit_defaults=True):
+    """A piece of a completion's text (never a partial UTF-8 character)."""
+
+    text: str
+    tokens: list[int]                    # tokens that produced the text
+    logprobs: list[dict[str, Any]] | None = None  # when asked: per token {token, text, logprob, top}
+
+
+class FinalReply(Reply, tag="final"):
+    """A completion's last message, with its metrics; terminal."""
+
+    done_reason: str                     # stop | length | cancelled | error
+    prompt_eval_count: int = 0           # prompt inputs evaluated (cached ones not counted)
+    prompt_eval_duration: float = 0.0    # seconds: tokenize + prompt decode
+    eval_count: int = 0                  # tokens generated
+    eval_duration: float = 0.0           # seconds from the first generated token to the end
+    cached_count: int = 0                # prompt inputs reused from the slot's KV cache
+    prompt_count: int = 0                # prompt inputs in total
+    slot: int = -1                       # slot the request ran in
+    error: str | None = None             # message when done_reason is "error"
+    error_code: ErrorCode | None = None  # its code
+
+
+class HealthReply(Reply, tag="health"):
+    state: State
+    progress: float                      # load progress, 0..1
+    error: str | None = None             # why the load failed (state "error")
+    error_code: ErrorCode | None = None
+    protocol: int = PROTOCOL_VERSION
+    pid: int = 0                         # the runner's process id
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # larger requests are refused
+
+
+class LoadReply(Reply, tag="load"):
+    state: State                         # "loading" once accepted
+
+
+class EmbeddingReply(Reply, tag="embedding"):
+    embedding: bytes                     # little-endian float32, n_embd of them
+    prompt_eval_count: int               # tokens evaluated
+
+
+class TokenizeReply(Reply, tag="tokenize"):
+    tokens: list[int]
+
+
+class DetokenizeReply(Reply, tag="detokenize"):
+    text: str
+
+
+class Device(msgspec.Struct, kw_only=True):
+    """One ggml device (runner._llama.devices())."""
+
+    index: int                           # position in ggml's device list
+    name: str                            # e.g. "CPU", "CUDA0"
+    description: str
+    type: str                            # cpu | gpu | igpu | accel
+    backend: str                         # backend registry name
+    device_id: str | None = None         # PCI bus id where known
+    free: int                            # bytes
+    total: int                           # bytes
+
+
+class DiscoverReply(Reply, tag="discover"):
+    devices: list[Device]
+
+
+class InfoReply(Reply, tag="info"):
+    protocol: int                        # PROTOCOL_VERSION
+    version: str                         # runner package version
+    pid: int
+    state: State
+    build: dict[str, Any]                # runner._llama.build_info(): versions, backends, features
+    devices: list[Device]
+    engine: dict[str, Any] | None = None  # Engine.info() once loaded: model, slots, queue, config
+    metadata: dict[str, str] | None = None  # the model's GGUF key/values (arrays left out)
+    in_flight: int = 0                   # requests the runner is working on, all clients
+
+
+class CancelReply(Reply, tag="cancel"):
+    found: bool                          # the target was in flight (it will end "cancelled")
+
+
+class ShutdownReply(Reply, tag="shutdown"):
+    drain: bool
+
+
+REPLY_TYPES = (ErrorReply, ChunkReply, FinalReply, HealthReply, LoadReply, EmbeddingReply,
+               TokenizeReply, DetokenizeReply, DiscoverReply, InfoReply, CancelReply,
+               ShutdownReply)
+AnyReply = Union[REPLY_TYPES]  # type: ignore[valid-type]
+
+
+# -- encoding and decoding ---------------------------------------------------
+
+class ProtocolError(Exception):
+    """A request that could not be accepted; becomes an ``error`` reply."""
+
+    def __init__(self, message: str, request_id: Any = None, code: str = "bad_request"):
+        super().__init__(message)
+        self.request_id = request_id  # the id when it could be read, else None
+        self.code = code
+
+    def reply(self) -> ErrorReply:
+        return ErrorReply(id=self.request_id, code=self.code, message=str(self))
+
+
+class _Envelope(msgspec.Struct):
+    """Just enough of a refused request to answer it (other fields ignored)."""
+
+    id: Any = None
+    op: Any = None
+
+
+_request_decoder = msgspec.msgpack.Decoder(AnyRequest)
+_envelope_decoder = msgspec.msgpack.Decoder(_Envelope)
+_reply_decoder = msgspec.msgpack.Decoder(AnyReply)
+
+encode = msgspec.msgpack.encode
+
+
+def _readable_id(value: Any) -> Any:
+    try:
+        return msgspec.convert(value, RequestId)
+    except msgspec.ValidationError:
+        return None
+
+
+def decode_request(data: bytes | memoryview, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Request:
+    """One frame -> a validated request, or :class:`ProtocolError` naming what is wrong."""
+    if len(data) > max_bytes:
+        raise ProtocolError(f"message of {len(data)} bytes exceeds the limit of {max_bytes}")
+    try:
+        return _request_decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
+        reason = str(exc) if not isinstance(exc, RecursionError) else "nesting too deep"
+    try:
+        envelope = _envelope_decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+        raise ProtocolError(f"not a MessagePack map: {reason}") from None
+    request_id = _readable_id(envelope.id)
+    if isinstance(envelope.op, str) and envelope.op not in OPS:
+        raise ProtocolError(f"unknown op {envelope.op[:64]!r}; known: {', '.join(OPS)}", request_id)
+    what = envelope.op if isinstance(envelope.op, str) else "request"
+    raise ProtocolError(f"invalid {what}: {reason.replace('`$.', '`')}", request_id)
+
+
+def decode_reply(data: bytes | memoryview) -> Reply:
+    """One frame from a runner -> a typed reply (unknown fields are ignored)."""
+    return _reply_decoder.decode(data)
+
+
+# -- errors <-> codes ---------------------------------------------------------
+
+_ERRORS: dict[str, type[EngineError]] = {
+    "bad_request": BadRequest, "input_too_long": InputTooLong, "busy": Busy,
+    "not_ready": NotReady, "cancelled": Cancelled, "internal": InternalError,
+}
+
+
+def error_from_code(code: str | None, message: str) -> EngineError:
+    """The exception a client raises for an ``error`` reply."""
+    return _ERRORS.get(code or "internal", InternalError)(message)
+
+
+def error_reply(request_id: Any, exc: BaseException) -> ErrorReply:
+    """An exception raised while serving a request -> its ``error`` reply."""
+    if isinstance(exc, EngineError):
+        code = exc.code if exc.code in ERROR_CODES else "internal"
+    elif isinstance(exc, (ValueError, TypeError, IndexError, OverflowError)):
+        code = "bad_request"
+    else:
+        code = "internal"
+    message = str(exc) or type(exc).__name__
+    return ErrorReply(id=request_id, code=code, message=message)
+
+
+# -- transport ---------------------------------------------------------------
+
+def configure_router(sock, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+    """Options of the runner's ROUTER socket (set before bind)."""
+    import zmq
+
+    sock.setsockopt(zmq.LINGER, 2_000)
+    sock.setsockopt(zmq.SNDHWM, HIGH_WATER_MARK)
+    sock.setsockopt(zmq.RCVHWM, HIGH_WATER_MARK)
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes * HARD_LIMIT_FACTOR)
+    _heartbeats(sock)
+
+
+def configure_dealer(sock) -> None:
+    """Options of a client's DEALER socket (set before connect)."""
+    import zmq
+
+    sock.setsockopt(zmq.LINGER, 500)
+    sock.setsockopt(zmq.SNDHWM, HIGH_WATER_MARK)
+    sock.setsockopt(zmq.RCVHWM, HIGH_WATER_MARK)
+    sock.setsockopt(zmq.MAXMSGSIZE, 1 << 30)
+    _heartbeats(sock)
+
+
+def _heartbeats(sock) -> None:
+    import zmq
+
+    sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TTL_MS)
+
+
+def private_ipc_endpoint() -> tuple[str, str]:
+    """A fresh ``ipc://`` endpoint inside a new directory only this user can enter.
+
+    Returns ``(endpoint, directory)``; whoever creates it removes the directory.
+    """
+    directory = tempfile.mkdtemp(prefix="llama-runner-")
+    if len(directory) > 90:  # sockaddr_un holds ~107 bytes; a long TMPDIR would not fit
+        os.rmdir(directory)
+        directory = tempfile.mkdtemp(prefix="llama-runner-", dir="/tmp")
+    os.chmod(directory, 0o700)  # mkdtemp already does; stated, not assumed
+    return f"ipc://{os.path.join(directory, 'runner.sock')}", directory

@@ -1,0 +1,698 @@
+"""The runner process: one :class:`~runner.engine.Engine` behind a ZeroMQ ROUTER.
+
+Threads and what they own:
+
+* the **I/O thread** (the main thread, :meth:`Server.run`) owns the ROUTER
+  socket, the in-flight registry (:class:`Job` by ``(peer, id)``) and the
+  per-peer send backlogs.  Nothing else touches them, so none is locked;
+* the engine's delivery thread produces completion events, the **load
+  thread** loads the model, and **worker threads** run the blocking calls
+  (embedding, tokenize, detokenize, info, discover).  They never send: they
+  post replies to the :class:`Outbox`, which wakes the I/O thread.
+
+Every accepted request gets exactly one terminal reply (``final``, ``error``
+or its op's result), preceded for completions by ``chunk`` replies.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import dataclasses
+import logging
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable
+
+import msgspec
+import zmq
+
+from runner import protocol as P
+from runner.requests import (BadRequest, Busy, Chunk, CompletionOptions, CompletionRequest,
+                             Final, NotReady)
+
+log = logging.getLogger("runner.server")
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+class Outbox:
+    """Replies made on other threads, waiting for the I/O thread.
+
+    :meth:`post` may be called from any thread and never blocks; only the I/O
+    thread calls :meth:`drain`.  A pipe wakes the I/O thread's poll; the
+    ``_armed`` flag keeps it to one write per batch of posts.  Signals are
+    routed to the same pipe (``signal.set_wakeup_fd``) so they wake the poll too.
+    """
+
+    def __init__(self) -> None:
+        self._items: collections.deque = collections.deque()  # append/popleft are atomic
+        self._armed = False  # a wake-up byte is in the pipe, or about to be
+        self._read_fd, self.write_fd = os.pipe()
+        os.set_blocking(self._read_fd, False)
+        os.set_blocking(self.write_fd, False)
+
+    def fileno(self) -> int:
+        return self._read_fd
+
+    def post(self, item: Any) -> None:
+        self._items.append(item)
+        if not self._armed:
+            self._armed = True
+            self.wake()
+
+    def wake(self) -> None:
+        try:
+            os.write(self.write_fd, b"\0")
+        except BlockingIOError:
+            pass  # the pipe is full, so the reader is awake anyway
+
+    def drain(self) -> list:
+        # Order matters: empty the pipe, disarm, then take the items.  A post
+        # that lands after the disarm writes a new byte; one before it is taken.
+        try:
+            while os.read(self._read_fd, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        self._armed = False
+        items = []
+        while self._items:
+            items.append(self._items.popleft())
+        return items
+
+    def close(self) -> None:
+        os.close(self._read_fd)
+        os.close(self.write_fd)
+
+
+class PeerSender:
+    """Sends replies to ROUTER peers; never drops one without saying so.
+
+    ROUTER_MANDATORY makes a full peer queue (high-water mark) an ``EAGAIN``
+    and an unknown peer an ``EHOSTUNREACH``.  A full queue parks the peer's
+    replies in a backlog that :meth:`flush` retries; a peer that is gone, or
+    whose backlog passes ``max_backlog`` messages (it stopped reading), is
+    reported to the caller, which cancels its requests.  A dropped peer's
+    later replies are refused too, until it sends a new request
+    (:meth:`forgive`).  Owned by the I/O thread.
+    """
+
+    def __init__(self, sock: zmq.Socket, max_backlog: int = 100_000) -> None:
+        self.sock = sock
+        self.max_backlog = max_backlog  # replies parked per peer before giving up on it
+        self.backlogs: dict[bytes, collections.deque[bytes]] = {}  # peer -> unsent replies, in order
+        self.dropped: set[bytes] = set()  # peers given up on for not reading
+
+    def forgive(self, peer: bytes) -> None:
+        """The peer sent a request: it reads again, or never stopped."""
+        if self.dropped:
+            self.dropped.discard(peer)
+
+    def send(self, peer: bytes, data: bytes) -> bool:
+        """Queue or send one reply; False when the peer is gone (reply dropped)."""
+        backlog = self.backlogs.get(peer)
+        if backlog is not None:
+            if len(backlog) >= self.max_backlog:
+                log.warning("peer %s stopped reading (%d replies unsent); dropping it",
+                            peer.hex(), len(backlog))
+                del self.backlogs[peer]
+                self.dropped.add(peer)
+                return False
+            backlog.append(data)
+            return True
+        if peer in self.dropped:
+            return False
+        sent = self._try(peer, data)
+        if sent is None:
+            self.backlogs[peer] = collections.deque([data])
+            return True
+        return sent
+
+    def _try(self, peer: bytes, data: bytes) -> bool | None:
+        """True: sent; None: peer queue full; False: peer gone."""
+        try:
+            self.sock.send_multipart((peer, data), flags=zmq.NOBLOCK, copy=len(data) < 65536)
+            return True
+        except zmq.Again:
+            return None
+        except zmq.ZMQError as exc:
+            if exc.errno == zmq.EHOSTUNREACH:
+                return False
+            raise
+
+    def flush(self) -> list[bytes]:
+        """Retry the backlogs; returns the peers found gone."""
+        gone = []
+        for peer, backlog in list(self.backlogs.items()):
+            while backlog:
+                sent = self._try(peer, backlog[0])
+                if sent is None:
+                    break
+                if sent is False:
+                    gone.append(peer)
+                    break
+                backlog.popleft()
+            if not backlog or peer in gone:
+                del self.backlogs[peer]
+        return gone
+
+    @property
+    def backlogged(self) -> bool:
+        return bool(self.backlogs)
+
+
+@dataclasses.dataclass(eq=False)
+class Job:
+    """A request the runner is working on.  I/O thread only."""
+
+    peer: bytes                         # ROUTER identity of the client that sent it
+    id: Any                             # the client's request id
+    op: str                             # the request's op
+    handle: Any = None                  # engine Handle (completions)
+    future: Future | None = None        # worker-thread call (other ops)
+    cancelled: bool = False             # a cancel was asked for
+
+
+class ParentWatch:
+    """Notices that the process which started the runner is gone.
+
+    Linux's parent-death signal (``prctl(PR_SET_PDEATHSIG)``) wakes the I/O
+    loop at once, and the loop compares ``os.getppid()`` with the expected pid
+    at every turn (at least every 250 ms).  The signal only prompts that
+    check: it is tied to the *thread* that forked the runner, so it also fires
+    when that thread ends while its process lives on.
+    """
+
+    def __init__(self, pid: int | None) -> None:
+        self.pid = pid or None  # expected parent pid; None: not watched
+
+    def arm(self) -> None:
+        """Install the signal (main thread only)."""
+        if self.pid is None:
+            return
+        signal.signal(signal.SIGUSR1, lambda signum, frame: None)  # wakes the poll, nothing more
+        if sys.platform.startswith("linux"):
+            try:
+                libc = ctypes.CDLL(None, use_errno=True)
+                if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGUSR1), 0, 0, 0) != 0:
+                    log.warning("prctl(PR_SET_PDEATHSIG) failed: %s", os.strerror(ctypes.get_errno()))
+            except (OSError, AttributeError) as exc:
+                log.warning("no parent-death signal: %s", exc)
+
+    def gone(self) -> bool:
+        return self.pid is not None and os.getppid() != self.pid
+
+
+def _final_reply(request_id: Any, final: Final) -> P.FinalReply:
+    code = final.error_code
+    if code is not None and code not in P.ERROR_CODES:
+        code = "internal"
+    return P.FinalReply(
+        id=request_id, done_reason=final.done_reason, prompt_eval_count=final.prompt_eval_count,
+        prompt_eval_duration=final.prompt_eval_duration, eval_count=final.eval_count,
+        eval_duration=final.eval_duration, cached_count=final.cached_count,
+        prompt_count=final.prompt_count, slot=final.slot, error=final.error, error_code=code)
+
+
+def _devices() -> list[P.Device]:
+    from runner import _llama
+
+    return [msgspec.convert(d, P.Device) for d in _llama.devices()]
+
+
+class Server:
+    """The runner: a ROUTER socket, a registry of jobs and (once loaded) an engine.
+
+    Load state (``_state``, ``_progress``, ``_error``, ``_error_code``,
+    ``engine``) is written by the load thread under ``_state_lock`` and read
+    by the I/O thread.  Everything else belongs to the I/O thread; the load
+    thread only reads ``_stopping`` (a bool) to abort a load.
+    """
+
+    def __init__(self, model_path: str, endpoint: str, *, load: P.Load | None = None,
+                 parent_pid: int | None = None,
+                 max_message_bytes: int = P.DEFAULT_MAX_MESSAGE_BYTES,
+                 drain_timeout: float = 60.0, workers: int = 4, max_pending: int = 256) -> None:
+        self.model_path = model_path          # the model this runner serves
+        self.max_message_bytes = max_message_bytes  # larger requests get bad_request
+        self.drain_timeout = drain_timeout    # seconds in-flight requests get on SIGTERM
+        self.max_pending = max_pending        # worker-thread requests before "busy"
+        self._initial_load = load             # load parameters to start with (None: wait)
+        self._parent = ParentWatch(parent_pid)
+
+        self._zmq = zmq.Context()
+        self._sock = self._zmq.socket(zmq.ROUTER)
+        try:
+            P.configure_router(self._sock, max_message_bytes)
+            self._sock.bind(endpoint)
+        except zmq.ZMQError:
+            self._sock.close(0)
+            self._zmq.term()
+            raise
+        self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)  # as bound
+        self._outbox = Outbox()
+        self._sender = PeerSender(self._sock)
+        self._jobs: dict[tuple[bytes, Any], Job] = {}  # in flight, by (peer, request id)
+        self._n_work = 0                      # jobs on worker threads
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="runner-worker")
+
+        self._state_lock = threading.Lock()
+        self._state = "launched"              # launched | loading | ready | error
+        self._progress = 0.0                  # load progress 0..1
+        self._error: str | None = None        # why the load failed
+        self._error_code: str | None = None
+        self.engine = None                    # Engine once loaded
+        self._load_thread: threading.Thread | None = None
+
+        self._signal: int | None = None       # last SIGTERM/SIGINT not yet acted on
+        self._stopping = False                # no new work accepted
+        self._stop_deadline = 0.0             # monotonic time to cancel what still runs
+        self._cancelled_all = False           # that cancel happened
+        self._closer: threading.Thread | None = None  # closes the engine while draining
+        self.abrupt = False                   # ended without draining (parent gone, 2nd ^C)
+
+        self._handlers: dict[type, Callable[[bytes, Any], None]] = {
+            P.Health: self._health, P.Discover: self._discover, P.Load: self._load,
+            P.Completion: self._completion, P.Embedding: self._embedding,
+            P.Tokenize: self._tokenize, P.Detokenize: self._detokenize, P.Cancel: self._cancel,
+            P.Info: self._info, P.Shutdown: self._shutdown,
+        }
+
+    # -- the I/O loop ----------------------------------------------------------
+
+    def run(self) -> int:
+        """Serve until shut down; returns the exit status."""
+        if threading.current_thread() is threading.main_thread():
+            self._install_signals()
+            self._parent.arm()
+        if self._parent.gone():
+            log.error("parent %d exited before the runner started", self._parent.pid)
+            self.abrupt = True
+            return 1
+        if self._initial_load is not None:
+            self._start_load(self._initial_load)
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        outbox = self._outbox.fileno()
+        poller.register(outbox, zmq.POLLIN)
+        while True:
+            ready = dict(poller.poll(5 if self._sender.backlogged else 250))
+            if self._sock in ready:
+                self._receive()
+            if outbox in ready:
+                self._deliver(self._outbox.drain())
+            for peer in self._sender.flush():
+                self._peer_gone(peer)
+            if self._signal is not None:
+                signum, self._signal = self._signal, None
+                if self._stopping and signum == signal.SIGINT:
+                    log.warning("second interrupt: exiting without draining")
+                    return self._abort(130)
+                self._begin_stop(signal.Signals(signum).name, drain=True)
+            if self._parent.gone():
+                log.error("parent process %d is gone; exiting", self._parent.pid)
+                return self._abort(1)
+            if self._stopping and self._stopped():
+                return 0
+
+    def close(self) -> None:
+        """Release the socket and the wake-up pipe, after :meth:`run` returned
+        (by then no thread posts to the outbox, or the process is exiting)."""
+        if threading.current_thread() is threading.main_thread():
+            signal.set_wakeup_fd(-1)
+        self._sock.close(0 if self.abrupt else None)
+        self._zmq.term()
+        self._outbox.close()
+        if self.endpoint.startswith("ipc://"):
+            try:
+                os.unlink(self.endpoint[len("ipc://"):])
+            except FileNotFoundError:
+                pass
+
+    def _install_signals(self) -> None:
+        def on_signal(signum, frame):
+            self._signal = signum  # acted on by the loop, which the wake-up fd wakes
+
+        signal.set_wakeup_fd(self._outbox.write_fd, warn_on_full_buffer=False)
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+
+    def _receive(self) -> None:
+        for _ in range(256):  # then let replies out
+            try:
+                frames = self._sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            peer, body = frames[0], frames[1:]
+            self._sender.forgive(peer)
+            if len(body) != 1:
+                self._send(peer, P.ErrorReply(id=None, code="bad_request",
+                                              message=f"expected 1 frame, got {len(body)}"))
+                continue
+            try:
+                request = P.decode_request(body[0], self.max_message_bytes)
+            except P.ProtocolError as exc:
+                log.debug("refused a message from %s: %s", peer.hex(), exc)
+                self._send(peer, exc.reply())
+                continue
+            try:
+                self._handlers[type(request)](peer, request)
+            except Exception as exc:
+                reply = P.error_reply(request.id, exc)
+                if reply.code == "internal":
+                    log.exception("%s request failed", request.__struct_config__.tag)
+                self._send(peer, reply)
+
+    def _deliver(self, items: list) -> None:
+        """Send replies posted by other threads: (job key, reply, terminal)."""
+        for key, reply, terminal in items:
+            job = self._jobs.get(key)
+            if job is None:
+                continue  # already answered (cancelled before it ran)
+            if terminal:
+                self._finish(key, job)
+                if job.cancelled and job.future is not None:
+                    reply = P.ErrorReply(id=job.id, code="cancelled", message="request cancelled")
+            self._send(job.peer, reply)
+
+    def _send(self, peer: bytes, reply: P.Reply) -> None:
+        try:
+            data = P.encode(reply)
+        except (TypeError, ValueError, OverflowError) as exc:
+            log.exception("could not encode a %s reply", type(reply).__name__)
+            data = P.encode(P.ErrorReply(id=reply.id, code="internal",
+                                         message=f"reply could not be encoded: {exc}"))
+        if not self._sender.send(peer, data):
+            self._peer_gone(peer)
+
+    def _peer_gone(self, peer: bytes) -> None:
+        """The client went away: its requests are cancelled, their replies dropped."""
+        for key, job in list(self._jobs.items()):
+            if job.peer == peer and not job.cancelled:
+                log.info("client %s is gone; cancelling its %s request %r", peer.hex(), job.op, job.id)
+                self._cancel_job(key, job, reply=False)
+
+    def _finish(self, key: tuple, job: Job) -> None:
+        del self._jobs[key]
+        if job.future is not None:
+            self._n_work -= 1
+
+    # -- stopping --------------------------------------------------------------
+
+    def _begin_stop(self, reason: str, drain: bool) -> None:
+        if self._stopping:
+            if not drain:
+                self._stop_deadline = time.monotonic()
+            return
+        log.info("stopping (%s)%s", reason, ", draining" if drain else "")
+        self._stopping = True
+        self._stop_deadline = time.monotonic() + (self.drain_timeout if drain else 0.0)
+        self._closer = threading.Thread(target=self._close_engine, args=(drain,),
+                                        name="runner-closer", daemon=True)
+        self._closer.start()
+
+    def _close_engine(self, drain: bool) -> None:
+        if self._load_thread is not None:
+            self._load_thread.join()  # the progress callback asks the load to stop
+        self._pool.shutdown(wait=True, cancel_futures=not drain)
+        if self.engine is not None:
+            self.engine.close(drain=drain, timeout=self.drain_timeout + 5.0)
+
+    def _stopped(self) -> bool:
+        """Drain progress; True once everything is answered and the engine closed."""
+        now = time.monotonic()
+        if not self._cancelled_all and now >= self._stop_deadline:
+            self._cancelled_all = True
+            if self._jobs:
+                log.warning("cancelling %d requests still running", len(self._jobs))
+            for key, job in list(self._jobs.items()):
+                self._cancel_job(key, job)
+        if not self._jobs and not self._closer.is_alive() and not self._sender.backlogged:
+            return True
+        if now > self._stop_deadline + 10.0:
+            log.error("gave up waiting: %d requests unanswered, engine %s",
+                      len(self._jobs), "still closing" if self._closer.is_alive() else "closed")
+            return True
+        return False
+
+    def _abort(self, code: int) -> int:
+        """Exit without draining: cancel everything, give the engine a second."""
+        self.abrupt = True
+        self._stopping = True
+        for key, job in list(self._jobs.items()):
+            self._cancel_job(key, job, reply=False)
+        engine = self.engine
+        if engine is not None:
+            closer = threading.Thread(target=engine.close, kwargs={"drain": False, "timeout": 1.0},
+                                      daemon=True)
+            closer.start()
+            closer.join(1.5)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        return code
+
+    # -- loading ---------------------------------------------------------------
+
+    def _start_load(self, params: P.Load) -> None:
+        with self._state_lock:
+            self._state, self._progress = "loading", 0.0
+            self._error = self._error_code = None
+        self._load_thread = threading.Thread(target=self._load_model, args=(params,),
+                                             name="runner-load", daemon=True)
+        self._load_thread.start()
+
+    def _on_progress(self, fraction: float) -> bool:
+        with self._state_lock:
+            self._progress = min(max(float(fraction), 0.0), 1.0)
+        return not self._stopping  # False aborts the load
+
+    def _load_model(self, params: P.Load) -> None:
+        from runner import _llama
+        from runner.engine import Engine, EngineConfig
+        from runner.requests import EngineError
+
+        fields = {name: getattr(params, name) for name in params.__struct_fields__
+                  if name not in ("id", "v")}
+        fields["lora_paths"] = tuple(fields["lora_paths"])
+        t0 = time.perf_counter()
+        try:
+            engine = Engine(EngineConfig(model_path=self.model_path, **fields),
+                            progress=self._on_progress)
+        except Exception as exc:
+            message = str(exc) or type(exc).__name__
+            line = _llama.last_error_line()
+            if line and line not in message:
+                message = f"{message} (llama.cpp: {line})"
+            code = exc.code if isinstance(exc, EngineError) else "internal"
+            log.error("loading %s failed: %s", self.model_path, message)
+            with self._state_lock:
+                self._state, self._error, self._error_code = "error", message, code
+            return
+        with self._state_lock:
+            self.engine = engine
+            self._state, self._progress = "ready", 1.0
+        log.info("loaded %s in %.2f s", self.model_path, time.perf_counter() - t0)
+
+    def _ready_engine(self):
+        if self._stopping:
+            raise NotReady("the runner is shutting down")
+        with self._state_lock:
+            engine, state = self.engine, self._state
+        if engine is None:
+            raise NotReady(f"no model loaded (state {state})")
+        return engine
+
+    # -- handlers (I/O thread) ---------------------------------------------------
+
+    def _new_key(self, peer: bytes, request_id: Any) -> tuple:
+        key = (peer, request_id)
+        if key in self._jobs:
+            raise BadRequest(f"request id {request_id!r} is already in flight")
+        return key
+
+    def _health(self, peer: bytes, req: P.Health) -> None:
+        with self._state_lock:
+            state, progress, error, code = self._state, self._progress, self._error, self._error_code
+        self._send(peer, P.HealthReply(
+            id=req.id, state="stopping" if self._stopping else state, progress=progress,
+            error=error, error_code=code, pid=os.getpid(), max_message_bytes=self.max_message_bytes))
+
+    def _load(self, peer: bytes, req: P.Load) -> None:
+        if self._stopping:
+            raise NotReady("the runner is shutting down")
+        with self._state_lock:
+            state = self._state
+        if state == "loading":
+            raise Busy("the model is already loading")
+        if state == "ready":
+            raise BadRequest("the model is already loaded")
+        self._start_load(req)
+        self._send(peer, P.LoadReply(id=req.id, state="loading"))
+
+    def _completion(self, peer: bytes, req: P.Completion) -> None:
+        engine = self._ready_engine()
+        key = self._new_key(peer, req.id)
+        request = CompletionRequest(prompt=req.prompt, options=CompletionOptions.from_dict(req.options),
+                                    add_special=req.add_special)
+        job = Job(peer, req.id, "completion")
+        # Registered first: the engine may post events before submit returns;
+        # they wait in the outbox until this thread drains it.
+        self._jobs[key] = job
+        try:
+            job.handle = engine.submit(request, on_event=self._event_sink(key))
+        except BaseException:
+            del self._jobs[key]
+            raise
+
+    def _event_sink(self, key: tuple) -> Callable[[Any], None]:
+        post = self._outbox.post
+        request_id = key[1]
+
+        def on_event(event) -> None:  # the engine's delivery thread; never blocks
+            if type(event) is Chunk:
+                post((key, P.ChunkReply(id=request_id, text=event.text, tokens=list(event.tokens),
+                                        logprobs=event.logprobs), False))
+            else:
+                post((key, _final_reply(request_id, event), True))
+
+        return on_event
+
+    def _embedding(self, peer: bytes, req: P.Embedding) -> None:
+        import numpy as np
+
+        engine = self._ready_engine()
+
+        def run() -> P.Reply:
+            result = engine.embed(req.text, normalize=req.normalize)
+            vector = np.ascontiguousarray(result.embedding, dtype="<f4")
+            return P.EmbeddingReply(id=req.id, embedding=vector.tobytes(),
+                                    prompt_eval_count=result.prompt_eval_count)
+
+        self._start_work(peer, req, run)
+
+    def _tokenize(self, peer: bytes, req: P.Tokenize) -> None:
+        engine = self._ready_engine()
+        self._start_work(peer, req, lambda: P.TokenizeReply(id=req.id, tokens=engine.tokenize(
+            req.text, add_special=req.add_special, parse_special=req.parse_special)))
+
+    def _detokenize(self, peer: bytes, req: P.Detokenize) -> None:
+        engine = self._ready_engine()
+        self._start_work(peer, req, lambda: P.DetokenizeReply(
+            id=req.id, text=engine.detokenize(req.tokens)))
+
+    def _discover(self, peer: bytes, req: P.Discover) -> None:
+        self._start_work(peer, req, lambda: P.DiscoverReply(id=req.id, devices=_devices()))
+
+    def _info(self, peer: bytes, req: P.Info) -> None:
+        from runner import __version__
+
+        in_flight = len(self._jobs)
+        with self._state_lock:
+            state, engine = self._state, self.engine
+        state = "stopping" if self._stopping else state
+
+        def run() -> P.Reply:
+            from runner import _llama
+
+            return P.InfoReply(id=req.id, protocol=P.PROTOCOL_VERSION, version=__version__,
+                               pid=os.getpid(), state=state, build=_llama.build_info(),
+                               devices=_devices(), engine=engine.info() if engine else None,
+                               metadata=engine.model.metadata() if engine else None,
+                               in_flight=in_flight)
+
+        self._start_work(peer, req, run)
+
+    def _cancel(self, peer: bytes, req: P.Cancel) -> None:
+        key = (peer, req.target)
+        job = self._jobs.get(key)
+        found = job is not None and not job.cancelled
+        if found:
+            self._cancel_job(key, job)
+        self._send(peer, P.CancelReply(id=req.id, found=found))
+
+    def _shutdown(self, peer: bytes, req: P.Shutdown) -> None:
+        self._send(peer, P.ShutdownReply(id=req.id, drain=req.drain))
+        self._begin_stop("shutdown request", drain=req.drain)
+
+    # -- jobs on worker threads --------------------------------------------------
+
+    def _start_work(self, peer: bytes, req: P.Request, fn: Callable[[], P.Reply]) -> None:
+        if self._stopping and not isinstance(req, (P.Info, P.Discover)):
+            raise NotReady("the runner is shutting down")
+        if self._n_work >= self.max_pending:
+            raise Busy(f"server busy: {self._n_work} requests pending")
+        key = self._new_key(peer, req.id)
+        job = Job(peer, req.id, req.__struct_config__.tag)
+        try:
+            job.future = self._pool.submit(self._work, key, req.id, fn)
+        except RuntimeError:  # the pool is shut down: the runner is stopping
+            raise NotReady("the runner is shutting down") from None
+        self._jobs[key] = job
+        self._n_work += 1
+
+    def _work(self, key: tuple, request_id: Any, fn: Callable[[], P.Reply]) -> None:
+        try:
+            reply = fn()
+        except Exception as exc:
+            reply = P.error_reply(request_id, exc)
+            if reply.code == "internal":
+                log.exception("request %r failed", request_id)
+        self._outbox.post((key, reply, True))
+
+    def _cancel_job(self, key: tuple, job: Job, reply: bool = True) -> None:
+        """Ask a job to stop.  A completion ends with a ``cancelled`` final; a
+        worker job that never started is answered here; a running one when it ends."""
+        if job.cancelled:
+            return
+        job.cancelled = True
+        if job.handle is not None:
+            job.handle.cancel()
+        elif job.future is not None and job.future.cancel():
+            self._finish(key, job)
+            if reply:
+                self._send(job.peer, P.ErrorReply(id=job.id, code="cancelled",
+                                                  message="request cancelled"))
+
+
+def serve(model: str, endpoint: str | None = None, load: P.Load | None = None, *,
+          parent_pid: int | None = None, max_message_bytes: int = P.DEFAULT_MAX_MESSAGE_BYTES,
+          drain_timeout: float = 60.0, workers: int = 4) -> int:
+    """Run a runner in this process until it is shut down; returns the exit status.
+
+    ``endpoint`` None binds a fresh private ``ipc://`` endpoint.  The bound
+    endpoint is printed on stdout (``endpoint <address>``), which also tells a
+    harness the port of ``tcp://127.0.0.1:*``.  After an abrupt stop (the
+    parent died) the process exits here, without waiting for other threads.
+    """
+    from runner.models import resolve_model
+
+    path = str(resolve_model(model))
+    private_dir = None
+    if endpoint is None:
+        endpoint, private_dir = P.private_ipc_endpoint()
+    try:
+        server = Server(path, endpoint, load=load, parent_pid=parent_pid,
+                        max_message_bytes=max_message_bytes, drain_timeout=drain_timeout,
+                        workers=workers)
+    except zmq.ZMQError as exc:
+        if private_dir:
+            shutil.rmtree(private_dir, ignore_errors=True)
+        raise RuntimeError(f"cannot bind {endpoint}: {exc}") from None
+    print(f"endpoint {server.endpoint}", flush=True)
+    try:
+        code = server.run()
+    finally:
+        server.close()
+        if private_dir:
+            shutil.rmtree(private_dir, ignore_errors=True)
+    if server.abrupt:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
