@@ -52,3 +52,38 @@ def test_kv_estimate_matches_llama_cpp(llama, model, default_model_path, caplog,
             ctx.decode(batch)
             large = len(ctx.state_seq_get(0))
         assert large - small == 64 * (per_cell + 12)
+
+
+BUFFER = re.compile(r"(model|KV|compute) buffer size =\s+([\d.]+) MiB")
+
+
+@pytest.mark.parametrize("n_ctx", [2048, 8192])
+def test_total_estimate_within_tolerance(llama, model, default_model_path, caplog, n_ctx):
+    """Weights + KV + compute graph against the buffers llama.cpp reports.
+
+    Stated tolerance: the compute-graph estimate within 5% of llama.cpp's
+    compute buffer, the total within -5% / +20% of what llama.cpp allocates
+    (it over-counts the tied output matrix, the safe direction for placement).
+    """
+    from runner.memory import LoadOptions, estimate
+
+    info = read_gguf(default_model_path, max_array_size=0)
+    est = estimate(info, LoadOptions(n_ctx=n_ctx, parallel=1, flash_attention=False))
+    llama.set_log_level(logging.INFO)
+    try:
+        with caplog.at_level(logging.INFO, logger="runner.llama"):
+            ctx = llama.Context(model, n_ctx=n_ctx, n_threads=2, flash_attn="off")
+    finally:
+        llama.set_log_level(logging.WARNING)
+    ctx.close()
+    sizes = {}
+    for r in caplog.records:
+        m = BUFFER.search(r.getMessage())
+        if m:
+            sizes[m.group(1)] = float(m.group(2)) * 2**20
+    weights = model.size  # the model was loaded before caplog: use llama.cpp's own count
+    actual = weights + sizes["KV"] + sizes["compute"]
+    assert abs(est.graph.full - sizes["compute"]) <= 0.05 * sizes["compute"]
+    w = est.weights
+    total = sum(w.layers) + w.output + w.input + est.kv.total + est.graph.full
+    assert 0.95 * actual <= total <= 1.20 * actual, (total, actual)
