@@ -338,8 +338,22 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+# libgomp (ggml's OpenMP build) lets idle worker threads spin for ~300,000
+# iterations after each parallel region.  In the runner process, where every
+# token must also reach the I/O threads of this process and of its client,
+# that spinning starves them when decode threads use every core: one stream
+# through the protocol made 49 tok/s on 2 cores with the default and 122 with
+# 10,000 (benchmarks/bench_process.py).  In-process use keeps the default,
+# which decodes faster when nothing else needs the cores.  libgomp reads the
+# variable when it is loaded, so it is set before runner._llama is imported;
+# an explicit setting in the environment wins.
+SERVE_GOMP_SPINCOUNT = "10000"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        os.environ.setdefault("GOMP_SPINCOUNT", SERVE_GOMP_SPINCOUNT)
     level = getattr(logging, str(args.log_level).upper(), logging.WARNING)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
