@@ -272,13 +272,14 @@ def bare_server():
         return replies[0] if n_replies == 1 else replies
 
     ask.sock = sock
-    yield ask
-    if thread.is_alive():
-        ask({"op": "shutdown", "id": "bye"})
+    try:
+        yield ask
+    finally:
+        sock.send(pack({"op": "shutdown", "id": "bye"}))  # no-op if the test shut it down
         thread.join(30)
-    sock.close(0)
-    server.close()
-    os.rmdir(directory)
+        sock.close(0)
+        server.close()
+        os.rmdir(directory)
     assert not thread.is_alive()
 
 
