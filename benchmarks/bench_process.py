@@ -67,6 +67,30 @@ def bench_client(model: str, parallel: int, tokens: int, threads: int | None) ->
             "per_stream_tok_s": sum(f.eval_count / f.eval_duration for f in finals) / len(finals)}
 
 
+def bench_generation_window(model: str, parallel: int, tokens: int, threads: int | None,
+                            pp: int = 128) -> dict:
+    """Client rate over the window llama-batched-bench's S_TG measures: from
+    the moment every stream has its first token to the last final, with
+    ``pp``-token prompts, ``n_ctx`` 4096 and n_batch 512 like the peer run."""
+    with Runner.spawn(model, n_ctx=4096, n_batch=512, parallel=parallel, n_threads=threads) as runner:
+        runner.complete("Warm up.", **_options(8)).text()
+
+        def one(i):
+            prompt = [1000 + 7919 * (i + 1) % 40000 + k for k in range(pp)]
+            seen = []
+            for event in runner.complete(prompt, **_options(tokens)):
+                if isinstance(event, Chunk):
+                    seen.append((time.perf_counter(), len(event.tokens)))
+                else:
+                    return seen, time.perf_counter()
+
+        _, results = _run_concurrently(parallel, one)
+    start = max(chunks[0][0] for chunks, _ in results)
+    end = max(t for _, t in results)
+    after = sum(n for chunks, _ in results for t, n in chunks if t > start)
+    return {"tok_s": after / (end - start), "window_s": end - start}
+
+
 def bench_engine(model: str, parallel: int, tokens: int, threads: int | None) -> dict:
     from runner.engine import Engine, EngineConfig
     from runner.requests import CompletionOptions, CompletionRequest
@@ -168,6 +192,8 @@ def main() -> int:
     ap.add_argument("--protocol-tokens", type=int, default=20_000,
                     help="chunks per stream for the protocol-cost measurement")
     ap.add_argument("--skip-engine", action="store_true", help="no in-process comparison")
+    ap.add_argument("--peer", action="store_true",
+                    help="also compare with llama-batched-bench (scripts/build_peers.sh)")
     ap.add_argument("--json", default=None, help="also write the results here")
     ap.add_argument("--fake-runner", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -188,6 +214,21 @@ def main() -> int:
         print(f"{parallel:>8} {client['tok_s']:>13.1f} "
               f"{engine['tok_s'] if engine else float('nan'):>13.1f} "
               f"{client['per_stream_tok_s']:>11.1f} {ratio:>6}")
+    if args.peer:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from bench_engine import batched_bench
+
+        levels = [int(p) for p in args.parallel.split(",")]
+        threads = args.threads or os.cpu_count()
+        peer = batched_bench(model, threads, 4096, 512, levels, 128, args.tokens, unified=False)
+        results["peer"] = []
+        print(f"\n{'parallel':>8} {'client tok/s':>13} {'batched-bench S_TG':>19} {'ratio':>6}")
+        for level in levels:
+            client = bench_generation_window(model, level, args.tokens, threads)
+            ratio = client["tok_s"] / peer[level] if peer.get(level) else float("nan")
+            results["peer"].append({"parallel": level, "client": client, "S_TG": peer.get(level),
+                                    "ratio": ratio})
+            print(f"{level:>8} {client['tok_s']:>13.1f} {peer.get(level, float('nan')):>19.1f} {ratio:>6.3f}")
     print(f"\n{'streams':>8} {'chunks/s':>10} {'us/chunk':>9}")
     for streams in (1, 8):
         row = bench_protocol(streams, args.protocol_tokens // streams)
