@@ -43,7 +43,7 @@ import numpy as np
 
 from runner import _llama
 from runner.requests import (
-    BadRequest, Busy, Cancelled, Chunk, CompletionOptions, CompletionRequest, EmbeddingResult,
+    BadRequest, Busy, Chunk, CompletionOptions, CompletionRequest, EmbeddingResult,
     EngineError, Final, InputTooLong, InternalError, NotReady,
 )
 from runner.sampling import logprob_entry, make_sampler

@@ -812,27 +812,13 @@ def plan_layers(
     cpu = next((d for d in devs if d.type == "cpu"), Device("CPU", "CPU", "cpu", 0, 0))
     notes: list[str] = []
 
-    flash = opts.flash_attention
-    if flash and not supports_flash_attention(info):
-        flash = False
+    est = estimate(info, opts)
+    flash = opts.flash_attention and supports_flash_attention(info)
+    if opts.flash_attention and not flash:
         notes.append(f"flash attention off: not supported for {info.architecture or 'this model'}")
-    kv_type, why = effective_kv_type(info, opts.kv_type, flash)
-    if why:
-        notes.append(why)
-    kv = kv_cache_size(
-        info,
-        n_ctx=opts.n_ctx,
-        parallel=opts.parallel,
-        type_k=kv_type,
-        flash_attention=flash,
-        n_batch=opts.n_batch,
-        n_ubatch=opts.n_ubatch,
-        unified=opts.kv_unified,
-        swa_full=opts.swa_full,
-    )
-    graph = graph_size(info, kv_cells=kv.shape.kv_size, n_ubatch=kv.shape.n_ubatch, flash_attention=flash)
-    weights = layer_weights(info)
-    proj = projector_size(opts.projector) if opts.projector is not None else None
+    if est.kv_note:
+        notes.append(est.kv_note)
+    kv, graph, weights, proj = est.kv, est.graph, est.weights, est.projector
 
     n_layer = info.block_count
     # bytes of the n_layer + 1 placeable items: repeating layers with their KV, then the output layer
