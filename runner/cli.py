@@ -38,23 +38,31 @@ def _add_context_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--flash-attn", choices=["auto", "on", "off"], default="auto")
 
 
+def _completion_options(args: argparse.Namespace) -> dict:
+    """The generate command's sampling options, as CompletionOptions fields."""
+    options = {
+        "num_predict": args.n_predict, "temperature": args.temperature, "top_k": args.top_k,
+        "top_p": args.top_p, "min_p": args.min_p, "typical_p": args.typical_p,
+        "repeat_last_n": args.repeat_last_n, "repeat_penalty": args.repeat_penalty,
+        "frequency_penalty": args.frequency_penalty, "presence_penalty": args.presence_penalty,
+        "seed": -1 if args.seed is None else args.seed,
+    }
+    if args.grammar_file:
+        with open(args.grammar_file, encoding="utf-8") as f:
+            options["grammar"] = f.read()
+    return options
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     if args.endpoint:
         return _generate_remote(args)
     from runner import _llama
-    from runner.generate import GenerationStats, SamplingOptions, generate
+    from runner.generate import GenerationStats, generate
     from runner.models import resolve_model
+    from runner.requests import CompletionOptions
 
     path = resolve_model(args.model)
-    grammar = None
-    if args.grammar_file:
-        with open(args.grammar_file, encoding="utf-8") as f:
-            grammar = f.read()
-    options = SamplingOptions(
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-        typical_p=args.typical_p, repeat_last_n=args.repeat_last_n,
-        repeat_penalty=args.repeat_penalty, frequency_penalty=args.frequency_penalty,
-        presence_penalty=args.presence_penalty, seed=args.seed, grammar=grammar)
+    options = CompletionOptions.from_dict(_completion_options(args))
     progress = _progress_bar() if sys.stderr.isatty() and not args.quiet else None
     model = _llama.Model(path, n_gpu_layers=args.n_gpu_layers, progress=progress)
     if progress is not None:
@@ -62,10 +70,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     stats = GenerationStats()
     with model, _llama.Context(model, n_ctx=args.ctx, n_batch=args.batch, n_threads=args.threads,
                                flash_attn=args.flash_attn) as ctx:
-        for piece in generate(model, ctx, args.prompt, args.n_predict, options, stats):
+        for piece in generate(model, ctx, args.prompt, options, stats):
             sys.stdout.write(piece)
             sys.stdout.flush()
     sys.stdout.write("\n")
+    sys.stdout.flush()
     if args.verbose:
         pe = stats.prompt_tokens / stats.prompt_seconds if stats.prompt_seconds else 0.0
         ge = stats.generated_tokens / stats.generate_seconds if stats.generate_seconds else 0.0
@@ -79,16 +88,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _generate_remote(args: argparse.Namespace) -> int:
     from runner.client import Runner
 
-    options = {
-        "num_predict": args.n_predict, "temperature": args.temperature, "top_k": args.top_k,
-        "top_p": args.top_p, "min_p": args.min_p, "typical_p": args.typical_p,
-        "repeat_last_n": args.repeat_last_n, "repeat_penalty": args.repeat_penalty,
-        "frequency_penalty": args.frequency_penalty, "presence_penalty": args.presence_penalty,
-        "seed": -1 if args.seed is None else args.seed,
-    }
-    if args.grammar_file:
-        with open(args.grammar_file, encoding="utf-8") as f:
-            options["grammar"] = f.read()
+    options = _completion_options(args)
     with Runner.connect(args.endpoint) as runner:
         final = None
         for event in runner.complete(args.prompt, **options):
@@ -98,6 +98,7 @@ def _generate_remote(args: argparse.Namespace) -> int:
             else:
                 final = event
     sys.stdout.write("\n")
+    sys.stdout.flush()
     if args.verbose and final is not None:
         pe = final.prompt_eval_count / final.prompt_eval_duration if final.prompt_eval_duration else 0.0
         ge = final.eval_count / final.eval_duration if final.eval_duration else 0.0

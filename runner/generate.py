@@ -14,28 +14,8 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from runner import _llama
-
-
-@dataclass
-class SamplingOptions:
-    temperature: float = 0.8      # <= 0 means greedy
-    top_k: int = 40               # 0 disables
-    top_p: float = 0.9            # 1.0 disables
-    min_p: float = 0.0            # 0.0 disables
-    typical_p: float = 1.0        # 1.0 disables
-    repeat_last_n: int = 64       # tokens the penalties look back over
-    repeat_penalty: float = 1.0   # 1.0 disables
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    seed: int | None = None       # None picks a random seed
-    grammar: str | None = None    # GBNF text constraining the output
-
-    def make_sampler(self, model: _llama.Model) -> _llama.Sampler:
-        return _llama.Sampler(
-            model, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-            min_p=self.min_p, typical_p=self.typical_p, repeat_last_n=self.repeat_last_n,
-            repeat_penalty=self.repeat_penalty, frequency_penalty=self.frequency_penalty,
-            presence_penalty=self.presence_penalty, seed=self.seed, grammar=self.grammar)
+from runner.requests import CompletionOptions
+from runner.sampling import make_sampler
 
 
 @dataclass
@@ -64,10 +44,11 @@ def decode_prompt(ctx: _llama.Context, batch: _llama.Batch, tokens: list[int],
     return last
 
 
-def generate(model: _llama.Model, ctx: _llama.Context, prompt: str, n_predict: int,
-             options: SamplingOptions, stats: GenerationStats | None = None,
+def generate(model: _llama.Model, ctx: _llama.Context, prompt: str,
+             options: CompletionOptions, stats: GenerationStats | None = None,
              add_special: bool = True) -> Iterator[str]:
-    """Yield text pieces (never a partial UTF-8 character) for ``prompt``."""
+    """Yield text pieces (never a partial UTF-8 character) for ``prompt``;
+    ``options.num_predict`` tokens at most (-1: until the context is full)."""
     stats = stats if stats is not None else GenerationStats()
     t0 = time.perf_counter()
     tokens = model.tokenize(prompt, add_special=add_special, parse_special=True)
@@ -77,7 +58,8 @@ def generate(model: _llama.Model, ctx: _llama.Context, prompt: str, n_predict: i
     if len(tokens) >= n_ctx:
         raise ValueError(f"prompt of {len(tokens)} tokens does not fit the context of {n_ctx}")
     ctx.seq_rm(0, -1, -1)
-    with _llama.Batch(ctx.n_batch) as batch, options.make_sampler(model) as sampler:
+    n_predict = options.num_predict if options.num_predict >= 0 else n_ctx
+    with _llama.Batch(ctx.n_batch) as batch, make_sampler(model, options, n_ctx) as sampler:
         idx = decode_prompt(ctx, batch, tokens)
         stats.prompt_tokens = len(tokens)
         stats.prompt_seconds = time.perf_counter() - t0
