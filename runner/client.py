@@ -350,7 +350,38 @@ def _event(reply: Any) -> Chunk | Final:
     raise InternalError(f"unexpected {kind.__name__} in a completion stream")
 
 
-class CompletionStream:
+class _StreamBase:
+    """What the sync and asyncio completion streams share: cancelling, and
+    forgetting the request when closed or dropped."""
+
+    def __init__(self, runner: "Runner", request_id: int) -> None:
+        self.id = request_id      # the request id on the wire
+        self._runner = runner
+        self._done = False        # the Final (or an error) was returned
+
+    def cancel(self) -> None:
+        if not self._done:
+            self._runner._send_cancel(self.id)
+
+    def close(self) -> None:
+        if not self._done:
+            self._done = True
+            self._runner._forget(self.id, cancel=True)
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def _join_text(parts: list[str], final: Final | None) -> tuple[str, Final]:
+    if final is None:
+        raise InternalError("completion ended without a final message")
+    return "".join(parts), final
+
+
+class CompletionStream(_StreamBase):
     """A completion in flight: iterate for :class:`Chunk` events, then the :class:`Final`.
 
     ``cancel()`` asks the runner to stop (iteration then ends with a Final
@@ -359,10 +390,8 @@ class CompletionStream:
     """
 
     def __init__(self, runner: "Runner", request_id: int) -> None:
-        self.id = request_id      # the request id on the wire
-        self._runner = runner
+        super().__init__(runner, request_id)
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._done = False        # the Final (or an error) was returned
 
     def __iter__(self) -> "CompletionStream":
         return self
@@ -377,22 +406,13 @@ class CompletionStream:
 
     def text(self) -> tuple[str, Final]:
         """Wait for the end; the whole text and the Final."""
-        parts = []
+        parts, final = [], None
         for event in self:
             if type(event) is Chunk:
                 parts.append(event.text)
             else:
-                return "".join(parts), event
-        raise InternalError("completion ended without a final message")
-
-    def cancel(self) -> None:
-        if not self._done:
-            self._runner._send_cancel(self.id)
-
-    def close(self) -> None:
-        if not self._done:
-            self._done = True
-            self._runner._forget(self.id, cancel=True)
+                final = event
+        return _join_text(parts, final)
 
     def __enter__(self) -> "CompletionStream":
         return self
@@ -400,23 +420,15 @@ class CompletionStream:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
 
-
-class AsyncCompletionStream:
+class AsyncCompletionStream(_StreamBase):
     """The asyncio flavour of :class:`CompletionStream`; cancelling the task
     that awaits it cancels the request."""
 
     def __init__(self, runner: "Runner", request_id: int, loop: asyncio.AbstractEventLoop) -> None:
-        self.id = request_id
-        self._runner = runner
+        super().__init__(runner, request_id)
         self._queue: asyncio.Queue = asyncio.Queue()
         self._loop = loop
-        self._done = False
 
     def sink(self) -> Sink:
         """Where the I/O thread puts replies; it holds no reference to the stream,
@@ -440,31 +452,16 @@ class AsyncCompletionStream:
         return _event(reply)
 
     async def text(self) -> tuple[str, Final]:
-        parts = []
+        parts, final = [], None
         async for event in self:
             if type(event) is Chunk:
                 parts.append(event.text)
             else:
-                return "".join(parts), event
-        raise InternalError("completion ended without a final message")
-
-    def cancel(self) -> None:
-        if not self._done:
-            self._runner._send_cancel(self.id)
-
-    def close(self) -> None:
-        if not self._done:
-            self._done = True
-            self._runner._forget(self.id, cancel=True)
+                final = event
+        return _join_text(parts, final)
 
     async def aclose(self) -> None:
         self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
 
 
 def _embedding(reply: P.EmbeddingReply) -> EmbeddingResult:
