@@ -24,6 +24,7 @@ from c_ggml cimport *
 from c_llama cimport *
 cimport c_mtmd
 
+import collections
 import logging
 import os
 import threading
@@ -39,3 +40,4 @@ include "batch.pxi"
 include "context.pxi"
 include "sampler.pxi"
 include "lora.pxi"
+include "mtmd.pxi"

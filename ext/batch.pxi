@@ -124,6 +124,26 @@ cdef class Batch:
         memcpy(&self.batch.embd[i * self.embd], &view[0], self.embd * sizeof(float))
         return i
 
+    def add_embeddings(self, rows, llama_pos pos0, llama_seq_id seq_id, bint output_last=False):
+        """Append the rows of a 2-D float32 array at positions pos0, pos0+1,
+        ... of one sequence; returns the index of the last entry (-1 if none)."""
+        self._check()
+        if not self.embd:
+            raise TypeError("this batch holds tokens, not embeddings")
+        cdef const float[:, ::1] view = np.ascontiguousarray(rows, dtype=np.float32)
+        cdef Py_ssize_t n = view.shape[0], k
+        if view.shape[1] != self.embd:
+            raise ValueError(f"embedding rows have {view.shape[1]} floats, batch expects {self.embd}")
+        if self.batch.n_tokens + n > self.capacity:
+            raise IndexError(f"{n} rows do not fit: {self.batch.n_tokens} of {self.capacity} entries used")
+        if n == 0:
+            return -1
+        cdef int i0 = self.batch.n_tokens, i = -1
+        for k in range(n):
+            i = self._push(pos0 + <llama_pos> k, seq_id, output_last and k == n - 1)
+        memcpy(&self.batch.embd[i0 * self.embd], &view[0, 0], n * self.embd * sizeof(float))
+        return i
+
     def set_output(self, int32_t i, bint output):
         self._check()
         if i < 0 or i >= self.batch.n_tokens:

@@ -82,6 +82,20 @@ cdef extern from "mtmd.h" nogil:
 
 
 cdef extern from "mtmd-helper.h" nogil:
+    ctypedef struct mtmd_helper_video
+
+    ctypedef struct mtmd_helper_init_opt:
+        pass
+
+    struct mtmd_helper_bitmap_wrapper:
+        mtmd_bitmap * bitmap
+        mtmd_helper_video * video_ctx
+
+    mtmd_helper_init_opt mtmd_helper_init_opt_default()
+    mtmd_helper_bitmap_wrapper mtmd_helper_bitmap_init_from_buf(
+        const mtmd_context * ctx, const unsigned char * buf, size_t len, bint placeholder,
+        mtmd_helper_init_opt opt)
+    void mtmd_helper_video_free(mtmd_helper_video * ctx)
     void mtmd_helper_log_set(ggml_log_callback log_callback, void * user_data)
     size_t mtmd_helper_get_n_tokens(const mtmd_input_chunks * chunks)
     llama_pos mtmd_helper_get_n_pos(const mtmd_input_chunks * chunks)

@@ -17,6 +17,8 @@ class _LogState:
         self.pending = ""          # text of the line being assembled
         self.pending_level = GGML_LOG_LEVEL_INFO  # ggml level of that line
         self.last_error = ""       # last complete line logged at WARN or ERROR
+        self.n_errors = 0          # lines logged at WARN or ERROR so far
+        self.recent_errors = collections.deque(maxlen=16)  # the last of those lines
         self.lines = 0             # complete lines forwarded to logging
 
 
@@ -35,6 +37,8 @@ cdef void _emit(int level, str line) noexcept:
         _log_state.lines += 1
         if level >= GGML_LOG_LEVEL_WARN:
             _log_state.last_error = line
+            _log_state.n_errors += 1
+            _log_state.recent_errors.append(line)
         _llama_logger.log(_LEVELS.get(level, logging.INFO), "%s", line)
     except BaseException:
         pass
@@ -90,6 +94,22 @@ def set_log_level(level):
 def last_error_line():
     """The last warning or error line llama.cpp logged ('' if none)."""
     return _log_state.last_error
+
+
+def error_mark():
+    """A mark for :func:`errors_since`."""
+    return _log_state.n_errors
+
+
+def errors_since(mark):
+    """Warning and error lines logged after ``mark`` (at most the last 16),
+    joined with '; ' — the reason a C call that returns NULL gives."""
+    n = min(_log_state.n_errors - mark, len(_log_state.recent_errors))
+    if n <= 0:
+        return ""
+    lines = list(_log_state.recent_errors)
+    lines = lines[len(lines) - n:]
+    return "; ".join([line.strip() for line in lines])
 
 
 def _install_log_callback():

@@ -158,6 +158,12 @@ cdef class Model:
         return llama_model_n_embd(self.ptr)
 
     @property
+    def n_embd_inp(self):
+        """Width of an input embedding row (of a media chunk); usually n_embd."""
+        self._check()
+        return llama_model_n_embd_inp(self.ptr)
+
+    @property
     def n_layer(self):
         self._check()
         return llama_model_n_layer(self.ptr)

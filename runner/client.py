@@ -26,6 +26,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -38,6 +39,7 @@ from runner.requests import BadRequest, Busy, Chunk, EmbeddingResult, Final, Int
 log = logging.getLogger("runner.client")
 
 Sink = Callable[[Any], None]  # receives a reply struct, or an exception to raise
+Media = Sequence[bytes] | dict[int, bytes] | None  # media for a completion (see Runner.complete)
 
 
 class RunnerGone(InternalError):
@@ -602,11 +604,15 @@ class Runner:
         return reply
 
     def complete(self, prompt: str | list[int], *, add_special: bool = True,
-                 **options: Any) -> CompletionStream:
-        """Start a completion; iterate the stream for chunks, then the Final."""
+                 media: Media = None, **options: Any) -> CompletionStream:
+        """Start a completion; iterate the stream for chunks, then the Final.
+
+        ``media``: image/audio bytes, a list (ids 0, 1, ...) or a dict by id,
+        placed in the prompt with ``[img-<id>]`` or the projector's marker.
+        """
         request_id = next(self._ids)
         stream = CompletionStream(self, request_id)
-        self._submit(request_id, self._completion(request_id, prompt, add_special, options),
+        self._submit(request_id, self._completion(request_id, prompt, add_special, options, media),
                      stream._queue.put)
         return stream
 
@@ -640,11 +646,11 @@ class Runner:
         return reply
 
     def acomplete(self, prompt: str | list[int], *, add_special: bool = True,
-                  **options: Any) -> AsyncCompletionStream:
+                  media: Media = None, **options: Any) -> AsyncCompletionStream:
         """Start a completion from a coroutine; ``async for`` over the stream."""
         request_id = next(self._ids)
         stream = AsyncCompletionStream(self, request_id, asyncio.get_running_loop())
-        self._submit(request_id, self._completion(request_id, prompt, add_special, options),
+        self._submit(request_id, self._completion(request_id, prompt, add_special, options, media),
                      stream.sink())
         return stream
 
@@ -671,9 +677,13 @@ class Runner:
 
     @staticmethod
     def _completion(request_id: int, prompt: str | list[int], add_special: bool,
-                    options: dict) -> dict:
-        return {"op": "completion", "id": request_id, "prompt": prompt, "options": options,
-                "add_special": add_special}
+                    options: dict, media: Media = None) -> dict:
+        request = {"op": "completion", "id": request_id, "prompt": prompt, "options": options,
+                   "add_special": add_special}
+        if media:
+            items = media.items() if isinstance(media, dict) else enumerate(media)
+            request["media"] = [{"id": i, "data": bytes(data)} for i, data in items]
+        return request
 
     def _submit(self, request_id: int, request: dict, sink: Sink) -> None:
         request["id"] = request_id

@@ -28,6 +28,7 @@ between two tokens of a generating stream to one decode of about
 
 from __future__ import annotations
 
+import bisect
 import collections
 import dataclasses
 import itertools
@@ -46,6 +47,7 @@ from runner.requests import (
     BadRequest, Busy, Chunk, CompletionOptions, CompletionRequest, EmbeddingResult,
     EngineError, Final, InputTooLong, InternalError, NotReady,
 )
+from runner.media import DEFAULT_CACHE_BYTES, MediaCache, MediaSpan, build_prompt
 from runner.sampling import logprob_entry, make_sampler
 from runner.slots import NoFreeSlot, Slot, SlotCache, truncate_prompt
 from runner.textstream import TextStream
@@ -74,7 +76,8 @@ class EngineConfig:
     type_v: str = "f16"               # V cache type
     use_mmap: bool = True             # map the model file instead of reading it
     lora_paths: tuple = ()            # LoRA adapters applied with scale 1
-    projector_path: str | None = None # multimodal projector (not supported yet)
+    projector_path: str | None = None # multimodal projector (mmproj GGUF) for media inputs
+    media_cache_bytes: int = DEFAULT_CACHE_BYTES  # bound on cached media embeddings
     cache_policy: str = "single"      # single | multi (see runner.slots)
     max_queue: int = 64               # requests waiting beyond `parallel` before "busy"
     embeddings: bool = False          # the model is used mainly for embeddings
@@ -139,7 +142,8 @@ class _Seq:
 
     handle: Handle                    # where events go
     options: CompletionOptions        # validated options
-    inputs: list[int]                 # prompt inputs (after truncation)
+    inputs: list                      # prompt inputs: token ids and media SpanInputs
+    spans: list[MediaSpan]            # media chunks of the prompt, in order
     t_tokenize: float                 # seconds spent tokenizing (caller thread)
     t_queued: float                   # perf_counter when queued
     sampler: _llama.Sampler | None = None  # built at admission
@@ -164,13 +168,16 @@ class _Seq:
     def prefilling(self) -> bool:
         return self.n_sched < len(self.inputs)
 
+    def span_from(self, pos: int) -> MediaSpan | None:
+        """The first media span ending after input ``pos`` (None: text to the end)."""
+        i = bisect.bisect_right(self.spans, pos, key=lambda sp: sp.end)
+        return self.spans[i] if i < len(self.spans) else None
+
 
 class Engine:
     """Continuous batching over one llama context with a prefix KV cache."""
 
     def __init__(self, config: EngineConfig, progress: Callable[[float], object] | None = None):
-        if config.projector_path:
-            raise BadRequest("multimodal projectors are not supported yet")
         if config.parallel < 1 or config.n_ctx < config.parallel * 2:
             raise BadRequest("need parallel >= 1 and n_ctx >= 2 * parallel")
         if config.cache_policy not in ("single", "multi"):
@@ -193,6 +200,16 @@ class Engine:
         except BaseException:
             self.model.close()
             raise
+        self.mtmd = None
+        self.media_batch = None
+        if config.projector_path:
+            try:
+                self._load_projector(config)
+            except BaseException:
+                self.ctx.close()
+                self.model.close()
+                raise
+        self.media_cache = MediaCache(config.media_cache_bytes)
         self.n_batch = self.ctx.n_batch
         self.slot_ctx = self.ctx.n_ctx // config.parallel
         kv = self.ctx if config.kv_unified else _StreamKV(self.ctx)
@@ -223,6 +240,17 @@ class Engine:
         else:
             self._out = _InlineDelivery(self)     # the loop thread delivers itself
         self._loop.start()
+
+    def _load_projector(self, config: EngineConfig) -> None:
+        self.mtmd = _llama.MtmdContext(self.model, config.projector_path, n_threads=config.n_threads,
+                                       use_gpu=config.n_gpu_layers != 0)
+        if self.mtmd.uses_mrope:
+            # Positions of M-RoPE media differ from KV indices, which the slot
+            # cache takes to be equal (see runner.slots).
+            self.mtmd.close()
+            raise BadRequest("projectors with M-RoPE positions (Qwen2-VL family) are not supported yet")
+        # Media rows never share a batch with tokens: a batch of their own.
+        self.media_batch = _llama.Batch(self.ctx.n_batch, embd=self.model.n_embd_inp)
 
     @staticmethod
     def _pick_delivery(config: EngineConfig) -> str:
@@ -264,9 +292,12 @@ class Engine:
         """Queue a completion.  Raises Busy, BadRequest or InputTooLong at once."""
         options = request.options.validate()
         t0 = time.perf_counter()
-        inputs = self._prompt_inputs(request)
+        inputs, spans = self._prompt_inputs(request)
         t_tok = time.perf_counter() - t0
         if len(inputs) >= self.slot_ctx:
+            if spans:
+                raise InputTooLong(f"prompt of {len(inputs)} inputs with media does not fit the slot "
+                                   f"context of {self.slot_ctx} (prompts with media are not truncated)")
             if not options.truncate:
                 raise InputTooLong(f"prompt of {len(inputs)} tokens does not fit the slot context "
                                    f"of {self.slot_ctx} tokens (n_ctx {self.ctx.n_ctx} / parallel "
@@ -275,7 +306,7 @@ class Engine:
         sampler = make_sampler(self.model, options, self.slot_ctx)  # grammar errors surface here
         rid = request.id or f"r{next(self._ids)}"
         handle = Handle(self, rid, on_event)
-        seq = _Seq(handle=handle, options=options, inputs=inputs, t_tokenize=t_tok,
+        seq = _Seq(handle=handle, options=options, inputs=inputs, spans=spans, t_tokenize=t_tok,
                    t_queued=time.perf_counter(), sampler=sampler)
         seq.n_predict = options.num_predict if options.num_predict > 0 else 0
         if options.num_predict == 0:
@@ -353,6 +384,10 @@ class Engine:
             "config": {k: v for k, v in dataclasses.asdict(self.config).items()},
             "n_ctx": self.ctx.n_ctx, "n_batch": self.n_batch, "slot_ctx": self.slot_ctx,
             "slots": self.slots.snapshot(), "waiting": waiting, "running": running,
+            "projector": None if self.mtmd is None else {
+                "path": self.mtmd.path, "vision": self.mtmd.supports_vision,
+                "audio": self.mtmd.supports_audio, "marker": self.mtmd.marker},
+            "media_cache": self.media_cache.info(),
         }
 
     def close(self, drain: bool = False, timeout: float = 30.0) -> None:
@@ -379,6 +414,9 @@ class Engine:
             log.error("engine loop did not stop within %.0f s", timeout)
             return
         self.batch.close()
+        if self.mtmd is not None:
+            self.media_batch.close()
+            self.mtmd.close()
         self.ctx.close()
         for a in self._loras:
             a.close()
@@ -394,7 +432,20 @@ class Engine:
     # helpers for callers
     # ------------------------------------------------------------------
 
-    def _prompt_inputs(self, request: CompletionRequest) -> list[int]:
+    def _prompt_inputs(self, request: CompletionRequest) -> tuple[list, list[MediaSpan]]:
+        """The prompt as KV inputs, and its media chunks (caller's thread)."""
+        if request.media or (self.mtmd is not None and isinstance(request.prompt, str)
+                             and self._mentions_media(request.prompt)):
+            if not isinstance(request.prompt, str):
+                raise BadRequest("media need a text prompt with placeholders, not token ids")
+            mp = build_prompt(self.mtmd, request.prompt, list(request.media), request.add_special)
+            if not mp.inputs:
+                raise BadRequest("the prompt is empty")
+            for span in mp.spans:
+                if span.non_causal and span.n_tokens > self.ctx.n_ubatch:
+                    raise BadRequest(f"a {span.chunk.kind} of {span.n_tokens} embeddings needs "
+                                     f"n_batch >= {span.n_tokens} (n_batch is {self.ctx.n_ubatch})")
+            return mp.inputs, mp.spans
         if isinstance(request.prompt, str):
             inputs = self.model.tokenize(request.prompt, add_special=request.add_special,
                                          parse_special=True)
@@ -405,7 +456,10 @@ class Engine:
                 raise BadRequest(f"prompt token ids must be integers in [0, {n_vocab})")
         if not inputs:
             raise BadRequest("the prompt is empty")
-        return inputs
+        return inputs, []
+
+    def _mentions_media(self, text: str) -> bool:
+        return self.mtmd.marker in text or "[img-" in text
 
     # ------------------------------------------------------------------
     # loop thread
@@ -447,6 +501,8 @@ class Engine:
         self._admit()
         if self._embeds:
             self._run_embeddings()
+        if self.mtmd is not None:
+            self._prefill_media()
         plan = self._build_batch()
         if not plan:
             return
@@ -499,6 +555,8 @@ class Engine:
             self._active.remove(seq)
         if seq.sampler is not None:
             seq.sampler.close()
+        for span in seq.spans:
+            span.chunk.close()  # the preprocessed media; the rows stay in the media cache
         now = time.perf_counter()
         final = Final(
             done_reason=reason,
@@ -532,7 +590,8 @@ class Engine:
             # The penalties look at the prompt too.
             if seq.options.repeat_last_n and seq.options.repeat_penalty != 1.0:
                 for tok in seq.inputs[-max(seq.options.repeat_last_n, 0) or None:]:
-                    seq.sampler.accept(tok)
+                    if type(tok) is int:  # media rows are not tokens
+                        seq.sampler.accept(tok)
 
     # -- phase 3: build -------------------------------------------------
 
@@ -559,7 +618,14 @@ class Engine:
             for seq in prefilling[start:] + prefilling[:start]:
                 if budget <= 0:
                     break
-                part = seq.inputs[seq.n_sched:seq.n_sched + budget]
+                stop = seq.n_sched + budget
+                if seq.spans:  # text only: stop before the next media chunk
+                    span = seq.span_from(seq.n_sched)
+                    if span is not None:
+                        if span.start <= seq.n_sched:
+                            continue  # media next: _prefill_media's job
+                        stop = min(stop, span.start)
+                part = seq.inputs[seq.n_sched:stop]
                 last = seq.n_sched + len(part) == len(seq.inputs)
                 idx = batch.add_tokens(part, seq.n_sched, seq.slot.id, output_last=last)
                 plan.append([seq, len(part), idx if last else -1, False])
@@ -583,12 +649,69 @@ class Engine:
             seq.next_token = None
         return True
 
+    # -- phase 2b: media ------------------------------------------------
+
+    def _prefill_media(self) -> None:
+        """Decode the rows of one media chunk (or part of one) for one
+        prefilling sequence whose next input is media, in the media batch.
+
+        The rows come from the media cache, or from the encoder (on this
+        thread; the GIL is released inside).  One sequence per step, and no
+        more than ``prefill_budget`` rows while others generate, as for text;
+        a chunk needing non-causal attention is decoded whole.
+        """
+        waiting = [s for s in self._active if s.prefilling and s.spans]
+        if not waiting:
+            return
+        start = self._rotate % len(waiting)
+        for seq in waiting[start:] + waiting[:start]:
+            span = seq.span_from(seq.n_sched)
+            if span is None or span.start > seq.n_sched:
+                continue  # text next
+            try:
+                rows = self._media_rows(span)
+            except EngineError as exc:
+                self._end(seq, "error", exc)
+                return
+            offset = seq.n_sched - span.start
+            n = span.n_tokens - offset
+            if not span.non_causal:
+                n = min(n, self.n_batch)
+                if any(s.next_token is not None for s in self._active):
+                    n = min(n, self.config.prefill_budget)
+            last = span.start + offset + n == len(seq.inputs)
+            batch = self.media_batch
+            batch.clear()
+            idx = batch.add_embeddings(rows[offset:offset + n], seq.n_sched, seq.slot.id,
+                                       output_last=last)
+            plan = [[seq, n, idx if last else -1, False]]
+            seq.n_sched += n
+            if span.non_causal:
+                self.ctx.set_causal_attn(False)
+            try:
+                ok = self._decode(plan, batch)
+            finally:
+                if span.non_causal:
+                    self.ctx.set_causal_attn(True)
+            if ok and last:
+                self._sample(plan)
+            return
+
+    def _media_rows(self, span: MediaSpan) -> np.ndarray:
+        """The embedding rows of ``span``: cached, or encoded now and cached."""
+        def encode() -> np.ndarray:
+            try:
+                return self.mtmd.encode(span.chunk)
+            except _llama.LlamaError as exc:
+                raise InternalError(f"{span.chunk.kind} encoding failed: {exc}") from None
+        return self.media_cache.get_or_encode(span.key, encode)
+
     # -- phase 4: decode ------------------------------------------------
 
-    def _decode(self, plan: list[list]) -> bool:
+    def _decode(self, plan: list[list], batch: _llama.Batch | None = None) -> bool:
         """Decode the batch, halving it while no KV slot fits, and record what
         was decoded into the slots.  False when nothing was decoded."""
-        batch = self.batch
+        batch = batch or self.batch
         n = len(batch)
         while True:
             try:

@@ -89,9 +89,17 @@ class Load(Request, tag="load"):
     use_mmap: bool = True
     lora_paths: list[str] = []           # LoRA adapters applied at scale 1
     projector_path: str | None = None    # multimodal projector (mmproj) file
+    media_cache_bytes: NonNegative = 256 << 20  # bound on cached media embeddings (0: no cache)
     cache_policy: Literal["single", "multi"] = "single"  # slot choice (runner/slots.py)
     max_queue: Annotated[int, msgspec.Meta(ge=0)] = 64   # requests waiting beyond the slots
     embeddings: bool = False             # context built for embeddings first
+
+
+class Media(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """An image or audio file attached to a completion."""
+
+    id: NonNegative                      # placed in the prompt by [img-<id>]
+    data: bytes                          # the file's bytes (MessagePack bin)
 
 
 class Completion(Request, tag="completion"):
@@ -100,6 +108,7 @@ class Completion(Request, tag="completion"):
     prompt: str | list[TokenId]          # text (special tokens parsed) or token ids
     options: dict[str, Any] = {}         # CompletionOptions fields (runner/requests.py)
     add_special: bool = True             # add BOS etc. as the model asks (text prompts)
+    media: list[Media] = []              # placed by [img-N] or the projector's marker
 
 
 class Embedding(Request, tag="embedding"):

@@ -135,6 +135,7 @@ class CompletionRequest:
     options: CompletionOptions = field(default_factory=CompletionOptions)
     add_special: bool = True                # add BOS as the model asks (text prompts)
     id: str | None = None                   # caller's id (echoed in events)
+    media: list = field(default_factory=list)  # runner.media.MediaItem placed by [img-N] / marker
 
 
 @dataclass

@@ -33,6 +33,7 @@ import msgspec
 import zmq
 
 from runner import protocol as P
+from runner.media import MediaItem
 from runner.requests import (BadRequest, Busy, Chunk, CompletionOptions, CompletionRequest,
                              Final, NotReady)
 
@@ -538,7 +539,8 @@ class Server:
         engine = self._ready_engine()
         key = self._new_key(peer, req.id)
         request = CompletionRequest(prompt=req.prompt, options=CompletionOptions.from_dict(req.options),
-                                    add_special=req.add_special)
+                                    add_special=req.add_special,
+                                    media=[MediaItem(m.id, m.data) for m in req.media])
         job = Job(peer, req.id, "completion")
         # Registered first: the engine may post events before submit returns;
         # they wait in the outbox until this thread drains it.

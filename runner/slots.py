@@ -7,9 +7,9 @@ whose KV already holds the longest useful prefix of the prompt, trims the rest
 and says how many prompt inputs need no evaluation.
 
 An *input* is any hashable item occupying exactly one KV position: an int
-token id, or a media-chunk object compared with ``==``. Media spanning several
-positions must be listed as one item per position (e.g. ``(chunk, i)``) so that
-list indices and KV positions stay equal.
+token id, or a :class:`SpanInput` — one position of a media chunk that spans
+several, listed once per position so that list indices and KV positions stay
+equal. A reusable prefix never ends inside a span (see :func:`reusable_prefix`).
 
 Invariant (the one everything here relies on): for every slot,
 ``slot.inputs[p]`` is the input whose KV entry sits at position ``p`` of
@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Hashable, Sequence
-from typing import Literal, Protocol
+from typing import Literal, NamedTuple, Protocol
 
 __all__ = [
     "KVBackend",
@@ -37,7 +37,9 @@ __all__ = [
     "ShiftResult",
     "Slot",
     "SlotCache",
+    "SpanInput",
     "common_prefix",
+    "reusable_prefix",
     "truncate_prompt",
 ]
 
@@ -82,6 +84,30 @@ def common_prefix(a: Sequence[Hashable], b: Sequence[Hashable]) -> int:
     while i < n and a[i] == b[i]:
         i += 1
     return i
+
+
+class SpanInput(NamedTuple):
+    """One KV position of an item spanning several (a media chunk's embedding
+    rows). Two span inputs are equal when they name the same span and row."""
+
+    key: Hashable  # the whole span, e.g. (sha256 of the media, chunk number)
+    index: int     # row within the span, 0-based
+
+
+def reusable_prefix(cached: Sequence[Hashable], prompt: Sequence[Hashable], limit: int) -> int:
+    """How many leading inputs of ``prompt`` the KV content ``cached`` can serve.
+
+    The common prefix, capped at ``limit``, then moved back to the start of a
+    span it would end inside of: a span is reused whole or not at all (a
+    media chunk decoded halfway, or with non-causal attention over a different
+    set of rows, is not the same KV content).
+    """
+    n = min(common_prefix(cached, prompt), limit)
+    if 0 < n < len(prompt):
+        nxt = prompt[n]
+        if isinstance(nxt, SpanInput) and nxt.index > 0:
+            n = max(0, n - nxt.index)
+    return n
 
 
 def truncate_prompt(inputs: Sequence[Hashable], slot_ctx: int, num_keep: int) -> list:
@@ -331,7 +357,7 @@ class SlotCache:
                       limit: int) -> tuple[Slot, int]:
         """'single' policy: most reusable prefix, then nothing lost, then LRU."""
         def rank(s: Slot) -> tuple[int, bool, int]:
-            n = min(common_prefix(s.inputs, prompt), limit)
+            n = reusable_prefix(s.inputs, prompt, limit)
             return (-n, len(s.inputs) > n, s.last_used)
 
         chosen = min(free, key=rank)
@@ -345,10 +371,10 @@ class SlotCache:
             dst = min(exact, key=lambda s: (-len(s.inputs), s.last_used))
         else:
             dst = min(free, key=lambda s: s.last_used)
-        n_dst = min(common_prefix(dst.inputs, prompt), limit)
+        n_dst = reusable_prefix(dst.inputs, prompt, limit)
         src, n_src = dst, n_dst
         for s in self.slots:
-            n = min(common_prefix(s.inputs, prompt), limit)
+            n = reusable_prefix(s.inputs, prompt, limit)
             if s is not dst and n > n_src:
                 src, n_src = s, n
         if src is dst:
