@@ -1,5 +1,7 @@
 # Backend initialisation, device enumeration and build information.
 
+from c_dlfcn cimport Dl_info, dladdr
+
 cdef bint _backend_ready = False
 _backend_lock = threading.Lock()
 
@@ -73,8 +75,18 @@ cdef list _reg_features(ggml_backend_reg_t reg):
     return out
 
 
+cdef str _reg_library(ggml_backend_reg_t reg):
+    """Path of the shared library that holds a backend's registry (with
+    dynamically loaded backends, the variant ggml picked: libggml-cpu-zen4.so)."""
+    cdef Dl_info info
+    if dladdr(<const void *> reg, &info) == 0 or info.dli_fname == NULL:
+        return ""
+    return os.fsdecode(<bytes> info.dli_fname)
+
+
 def build_info():
-    """llama.cpp/ggml versions, compiled backends and their features."""
+    """llama.cpp/ggml versions, backends (with their features and the library
+    each was loaded from) and llama.cpp's capabilities."""
     backend_init()
     cdef size_t i
     cdef ggml_backend_reg_t reg
@@ -85,6 +97,7 @@ def build_info():
             "name": _str(ggml_backend_reg_name(reg)),
             "devices": ggml_backend_reg_dev_count(reg),
             "features": dict(_reg_features(reg)),
+            "library": _reg_library(reg),
         })
     return {
         "llama_version": _str(llama_version()),

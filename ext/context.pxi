@@ -172,8 +172,8 @@ cdef class Context:
                     raise ValueError(f"batch entry {i}: token id {batch.batch.token[i]} "
                                      f"out of range [0, {n_vocab})")
         elif batch.embd != llama_model_n_embd_inp(self.model.ptr):
-            raise ValueError(f"embedding batch width {batch.embd} != model input width "
-                             f"{llama_model_n_embd_inp(self.model.ptr)}")
+            raise ValueError(f"embedding batch width {batch.embd} != the model's input width "
+                             f"(n_embd_inp) {llama_model_n_embd_inp(self.model.ptr)}")
         for i in range(n):
             for k in range(batch.batch.n_seq_id[i]):
                 if batch.batch.seq_id[i][k] < 0 or <uint32_t> batch.batch.seq_id[i][k] >= n_seq:
