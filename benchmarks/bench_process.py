@@ -39,29 +39,42 @@ PROMPTS = ["Write a long story about a lighthouse keeper.", "List facts about th
            "Describe the ocean at night.", "Explain what a compiler does."]
 
 
-def _options(tokens: int) -> dict:
+def greedy_options(tokens: int) -> dict:
+    """Completion options of every benchmark request: greedy, exactly ``tokens`` tokens."""
     return {"num_predict": tokens, "ignore_eos": True, "temperature": 0.0, "repeat_penalty": 1.0}
 
 
-def _run_concurrently(n: int, work) -> tuple[float, list]:
+def run_concurrently(n: int, work) -> tuple[float, list]:
+    """``work(i)`` for i in range(n), each on its own thread; (wall seconds,
+    results in order).  The first exception is raised after all have ended."""
     results: list = [None] * n
-    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, work(i))) for i in range(n)]
+    errors: list[BaseException] = []
+
+    def one(i):
+        try:
+            results[i] = work(i)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
     t0 = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    if errors:
+        raise errors[0]
     return time.perf_counter() - t0, results
 
 
 def bench_client(model: str, parallel: int, tokens: int, threads: int | None) -> dict:
     with Runner.spawn(model, n_ctx=parallel * 1024, parallel=parallel, n_threads=threads) as runner:
-        runner.complete("Warm up.", **_options(8)).text()
+        runner.complete("Warm up.", **greedy_options(8)).text()
 
         def one(i):
-            return runner.complete(PROMPTS[i % len(PROMPTS)], **_options(tokens)).text()[1]
+            return runner.complete(PROMPTS[i % len(PROMPTS)], **greedy_options(tokens)).text()[1]
 
-        wall, finals = _run_concurrently(parallel, one)
+        wall, finals = run_concurrently(parallel, one)
     generated = sum(f.eval_count for f in finals)
     return {"wall_s": wall, "tokens": generated, "tok_s": generated / wall,
             "per_stream_tok_s": sum(f.eval_count / f.eval_duration for f in finals) / len(finals)}
@@ -73,22 +86,29 @@ def bench_generation_window(model: str, parallel: int, tokens: int, threads: int
     the moment every stream has its first token to the last final, with
     ``pp``-token prompts, ``n_ctx`` 4096 and n_batch 512 like the peer run."""
     with Runner.spawn(model, n_ctx=4096, n_batch=512, parallel=parallel, n_threads=threads) as runner:
-        runner.complete("Warm up.", **_options(8)).text()
+        runner.complete("Warm up.", **greedy_options(8)).text()
 
         def one(i):
             prompt = [1000 + 7919 * (i + 1) % 40000 + k for k in range(pp)]
             seen = []
-            for event in runner.complete(prompt, **_options(tokens)):
+            for event in runner.complete(prompt, **greedy_options(tokens)):
                 if isinstance(event, Chunk):
                     seen.append((time.perf_counter(), len(event.tokens)))
                 else:
                     return seen, time.perf_counter()
 
-        _, results = _run_concurrently(parallel, one)
-    start = max(chunks[0][0] for chunks, _ in results)
-    end = max(t for _, t in results)
-    after = sum(n for chunks, _ in results for t, n in chunks if t > start)
-    return {"tok_s": after / (end - start), "window_s": end - start}
+        _, results = run_concurrently(parallel, one)
+    return window_rate(results)
+
+
+def window_rate(streams: list[tuple[list[tuple[float, int]], float]]) -> dict:
+    """Aggregate rate over S_TG's window, from client timestamps: tokens that
+    arrived after every stream had its first one, over the time from then to
+    the last stream's end.  ``streams``: (arrivals as (time, tokens), end time)."""
+    start = max(arrivals[0][0] for arrivals, _ in streams)
+    end = max(t for _, t in streams)
+    after = sum(n for arrivals, _ in streams for t, n in arrivals if t > start)
+    return {"tok_s": after / (end - start) if end > start else 0.0, "window_s": end - start}
 
 
 def bench_engine(model: str, parallel: int, tokens: int, threads: int | None) -> dict:
@@ -96,13 +116,13 @@ def bench_engine(model: str, parallel: int, tokens: int, threads: int | None) ->
     from runner.requests import CompletionOptions, CompletionRequest
 
     def submit(engine, prompt, n):
-        request = CompletionRequest(prompt=prompt, options=CompletionOptions.from_dict(_options(n)))
+        request = CompletionRequest(prompt=prompt, options=CompletionOptions.from_dict(greedy_options(n)))
         return engine.submit(request).result()[1]
 
     with Engine(EngineConfig(model, n_ctx=parallel * 1024, parallel=parallel,
                              n_threads=threads)) as engine:
         submit(engine, "Warm up.", 8)
-        wall, finals = _run_concurrently(
+        wall, finals = run_concurrently(
             parallel, lambda i: submit(engine, PROMPTS[i % len(PROMPTS)], tokens))
     generated = sum(f.eval_count for f in finals)
     return {"wall_s": wall, "tokens": generated, "tok_s": generated / wall}
@@ -171,7 +191,7 @@ def bench_protocol(streams: int, tokens: int) -> dict:
             def one(i):
                 return sum(1 for _ in runner.complete("x", num_predict=tokens)) - 1  # minus the final
 
-            wall, counts = _run_concurrently(streams, one)
+            wall, counts = run_concurrently(streams, one)
             runner.shutdown()
         proc.wait(30)
     finally:

@@ -223,10 +223,15 @@ def _cmd_info(args: argparse.Namespace) -> int:
             reply = runner.info(timeout=30)
         print(json.dumps(msgspec.to_builtins(reply), indent=2, default=str))
         return 0
-    from runner import _llama
+    from runner import _llama, buildinfo
     from runner.models import resolve_model
 
-    info = {"version": __import__("runner").__version__, "build": _llama.build_info(),
+    build = _llama.build_info()
+    # The CPU backend's library says which CPU variant ggml picked.
+    cpu_library = next((be["library"] for be in build["backends"] if be["name"] == "CPU"), None)
+    variant = {**buildinfo.variant(), "cpu_library": cpu_library,
+               "cpu_variant": buildinfo.cpu_variant(cpu_library) if cpu_library else None}
+    info = {"version": __import__("runner").__version__, "variant": variant, "build": build,
             "devices": _llama.devices()}
     if args.model:
         with _llama.Model(resolve_model(args.model), vocab_only=True) as model:
@@ -241,6 +246,18 @@ def _cmd_info(args: argparse.Namespace) -> int:
         return 0
     b = info["build"]
     print(f"llama-runner {info['version']} (llama.cpp {b['llama_version']}, ggml {b['ggml_version']} {b['ggml_commit']})")
+    if variant["variant"] is None:
+        print("variant: unknown (no build record: a source tree that was never built)")
+    else:
+        how = "loaded from the package folder" if variant["backend_dl"] else "linked in"
+        tuned = ", tuned for the build machine" if variant["native"] else ""
+        print(f"variant: {variant['variant']} ({variant['distribution']}; backends "
+              f"{', '.join(variant['backends'])} {how}{tuned})")
+    if variant["cpu_variant"]:
+        print(f"cpu variant: {variant['cpu_variant']} (picked from {len(variant['cpu_variants'])}: "
+              f"{os.path.basename(cpu_library)})")
+    elif cpu_library is not None:
+        print(f"cpu variant: single build ({os.path.basename(cpu_library)})")
     for be in b["backends"]:
         feats = " ".join(k if v == "1" else f"{k}={v}" for k, v in be["features"].items())
         print(f"backend {be['name']}: {be['devices']} device(s) {feats}")
@@ -336,6 +353,13 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser("inspect", help="GGUF metadata and memory estimate (no load)")
         inspect_cmd.add_arguments(p)
         p.set_defaults(func=inspect_cmd.run)
+
+    from runner import bench
+
+    p = sub.add_parser("bench", help="time completions through a runner: rates, latencies, throughput",
+                       description=bench.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench.add_arguments(p)
+    p.set_defaults(func=bench.run)
     return ap
 
 

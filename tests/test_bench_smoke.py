@@ -1,0 +1,91 @@
+"""Smoke runs of the benchmark tools on the default model with tiny counts, so
+that they do not rot.  Nothing here asserts a speed: only structure, counts,
+and that every rate came out positive."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from runner.client import Runner
+from runner.cli import main
+
+pytestmark = pytest.mark.model
+
+ROOT = Path(__file__).resolve().parent.parent
+PEERS = [ROOT / "build" / "peers" / "bin" / name for name in ("llama-batched-bench", "llama-server")]
+
+
+def test_cli_bench_json_on_a_spawned_runner(default_model_path, capsys):
+    assert main(["bench", "--model", default_model_path, "--requests", "2", "--parallel", "2",
+                 "--prompt-tokens", "16", "--max-tokens", "4", "--epochs", "1", "--warmup", "1",
+                 "--threads", "2", "--num-ctx", "128", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    m = report["model"]
+    assert (m["architecture"], m["quantization"]) == ("llama", "Q4_1")
+    assert m["parameters"] > 1e8 and m["size_bytes"] > 0
+    # The context is read back from the runner, not echoed: llama.cpp rounds
+    # n_ctx up (to a multiple of 256 at this vendor commit: 2 x 128 -> 512).
+    assert m["slots"] == 2 and m["slot_ctx"] >= 128 and m["n_ctx"] == 2 * m["slot_ctx"]
+    assert report["config"]["spawned"] is True
+    assert "--num-ctx 128" in report["command"] and report["machine"]["cores"] >= 1
+    [run] = report["runs"]
+    assert run["requests"] == 2 and len(run["samples"]) == 2
+    for s in run["samples"]:
+        assert s["prompt_count"] == 16            # built to length on the model's tokenizer
+        assert s["cached_count"] == 0             # no prompt shares a prefix with another
+        assert s["eval_count"] == 4 and s["done_reason"] == "length"
+        assert 0 < s["ttft_s"] <= s["total_s"]
+        assert len(s["gaps_s"]) >= 1
+    for key in ("prompt_eval_rate", "eval_rate", "throughput", "requests_per_s"):
+        assert run[key] > 0, key
+    summary = report["summary"]
+    assert summary["requests"] == 2 and summary["generated_tokens"] == 8
+    assert summary["prompt_eval_rate"] > 0 and summary["eval_rate"] > 0
+    for key in ("ttft_s", "total_s", "inter_token_s"):
+        d = summary[key]
+        assert 0 < d["p50"] <= d["p90"] <= d["p99"], key
+
+
+def test_cli_bench_table_against_an_endpoint(default_model_path, capsys):
+    with Runner.spawn(default_model_path, n_ctx=256, parallel=1, n_threads=2) as runner:
+        assert main(["bench", "--endpoint", runner.endpoint, "--requests", "2",
+                     "--prompt-tokens", "8", "--max-tokens", "3", "--epochs", "2",
+                     "--warmup", "0"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "256 tokens per request (1 slots, n_ctx 256" in lines[1]
+    rows = [line.split() for line in lines if line.split()[:1] in (["1"], ["2"], ["all"])]
+    assert [r[0] for r in rows] == ["1", "2", "all"]
+    assert [r[1] for r in rows] == ["2", "2", "4"]
+    assert all(float(r[3]) > 0 for r in rows)     # eval tok/s
+
+
+@pytest.mark.skipif(not all(p.exists() for p in PEERS),
+                    reason="peer binaries not built (scripts/build_peers.sh builds "
+                           "llama-batched-bench and llama-server, ~8 min cold)")
+def test_peers_script_smoke(tmp_path):
+    out = tmp_path / "peers.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_peers.py"), "--smoke",
+                           "--quiet", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    [row] = doc["streams"]
+    assert row["parallel"] == 2 and row["batched_bench_S_TG"] > 0
+    for side in ("llama-server", "runner"):
+        streams = row[side]
+        assert streams["generated"] == 2 * doc["settings"]["tg"]
+        assert streams["window_tok_s"] > 0 and streams["wall_tok_s"] > 0
+        chat = doc["conversations"][side]
+        assert 0 < chat["cache_hit_rate"] <= 1           # later turns reuse the earlier ones
+        assert chat["warm_ttft_s"] > 0 and chat["cold_ttft_s"] > 0
+        long = doc["long_prompt"][side]
+        assert long["max_gap_during_prompt_s"] > 0 and long["prompt_eval_s"] > 0
+        assert doc["embeddings"][side]["embeddings_per_s"] > 0
+    # Same model, same pooling: both sides embed alike.
+    assert doc["embeddings"]["min_cosine"] > 0.99
+    assert "runner/server" in proc.stdout
