@@ -53,9 +53,24 @@ def _completion_options(args: argparse.Namespace) -> dict:
     return options
 
 
+def _media_prompt(args: argparse.Namespace) -> tuple[str, list[bytes]]:
+    """The prompt and the bytes of ``--image`` files; a prompt that places
+    none of them gets ``[img-0] [img-1] ...`` in front."""
+    media = []
+    for path in args.image:
+        with open(path, "rb") as f:
+            media.append(f.read())
+    prompt = args.prompt
+    if media and "[img-" not in prompt and "<__media__>" not in prompt:
+        prompt = " ".join(f"[img-{i}]" for i in range(len(media))) + "\n" + prompt
+    return prompt, media
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     if args.endpoint:
         return _generate_remote(args)
+    if args.image or args.mmproj:
+        return _generate_engine(args)
     from runner import _llama
     from runner.generate import GenerationStats, generate
     from runner.models import resolve_model
@@ -85,13 +100,43 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate_engine(args: argparse.Namespace) -> int:
+    """generate with media: through the in-process engine, which owns the projector."""
+    from runner.engine import Engine, EngineConfig
+    from runner.media import MediaItem
+    from runner.models import resolve_model
+    from runner.requests import CompletionOptions, CompletionRequest, Final
+
+    if args.image and not args.mmproj:
+        raise SystemExit("--image needs --mmproj (the model's multimodal projector)")
+    prompt, media = _media_prompt(args)
+    config = EngineConfig(resolve_model(args.model), n_ctx=args.ctx, n_batch=args.batch,
+                          n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
+                          flash_attn=args.flash_attn, projector_path=args.mmproj)
+    final = None
+    with Engine(config) as engine:
+        request = CompletionRequest(prompt=prompt, options=CompletionOptions.from_dict(_completion_options(args)),
+                                    media=[MediaItem(i, data) for i, data in enumerate(media)])
+        for event in engine.submit(request):
+            if isinstance(event, Final):
+                final = event
+            else:
+                sys.stdout.write(event.text)
+                sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    _print_final(args, final)
+    return 0 if final is not None and final.done_reason != "error" else 1
+
+
 def _generate_remote(args: argparse.Namespace) -> int:
     from runner.client import Runner
 
     options = _completion_options(args)
+    prompt, media = _media_prompt(args)
     with Runner.connect(args.endpoint) as runner:
         final = None
-        for event in runner.complete(args.prompt, **options):
+        for event in runner.complete(prompt, media=media, **options):
             if hasattr(event, "text"):
                 sys.stdout.write(event.text)
                 sys.stdout.flush()
@@ -99,6 +144,11 @@ def _generate_remote(args: argparse.Namespace) -> int:
                 final = event
     sys.stdout.write("\n")
     sys.stdout.flush()
+    _print_final(args, final)
+    return 0
+
+
+def _print_final(args: argparse.Namespace, final) -> None:
     if args.verbose and final is not None:
         pe = final.prompt_eval_count / final.prompt_eval_duration if final.prompt_eval_duration else 0.0
         ge = final.eval_count / final.eval_duration if final.eval_duration else 0.0
@@ -106,7 +156,8 @@ def _generate_remote(args: argparse.Namespace) -> int:
               f"{final.prompt_eval_duration * 1000:.1f} ms ({pe:.1f} tok/s)\n"
               f"generation: {final.eval_count} tokens in {final.eval_duration * 1000:.1f} ms "
               f"({ge:.1f} tok/s), done: {final.done_reason}, slot {final.slot}", file=sys.stderr)
-    return 0
+        if final.error:
+            print(f"error: {final.error}", file=sys.stderr)
 
 
 def _add_load_args(p: argparse.ArgumentParser) -> None:
@@ -121,6 +172,8 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-mmap", action="store_true", help="read the model instead of mapping it")
     g.add_argument("--lora", action="append", default=[], help="LoRA adapter (repeatable)")
     g.add_argument("--mmproj", default=None, help="multimodal projector file")
+    g.add_argument("--media-cache-mb", type=int, default=256,
+                   help="bound on cached media embeddings in MiB (0: no cache)")
     g.add_argument("--cache-policy", choices=["single", "multi"], default="single")
     g.add_argument("--max-queue", type=int, default=64, help="requests queued beyond the slots")
     g.add_argument("--embeddings", action="store_true", help="build the context for embeddings")
@@ -137,7 +190,7 @@ def _load_params(args: argparse.Namespace) -> dict:
         "devices": args.devices.split(",") if args.devices else None,
         "flash_attn": args.flash_attn, "type_k": args.type_k, "type_v": args.type_v,
         "use_mmap": not args.no_mmap, "lora_paths": args.lora, "projector_path": args.mmproj,
-        "cache_policy": args.cache_policy, "max_queue": args.max_queue,
+        "media_cache_bytes": args.media_cache_mb << 20, "cache_policy": args.cache_policy, "max_queue": args.max_queue,
         "embeddings": args.embeddings,
     }
 
@@ -292,6 +345,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.add_argument("--endpoint", default=None,
                    help="generate through the runner listening there (--model and context ignored)")
+    p.add_argument("--mmproj", default=None, help="multimodal projector for --image")
+    p.add_argument("--image", action="append", default=[], metavar="FILE",
+                   help="image or audio file placed by [img-N] in the prompt (repeatable; "
+                        "prepended when the prompt places none)")
     _add_context_args(p)
     _add_sampling_args(p)
     p.set_defaults(func=_cmd_generate)

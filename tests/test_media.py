@@ -299,3 +299,20 @@ def test_media_through_the_runner_process(default_model_path, projectors):
         with pytest.raises(Exception, match="cannot decode"):
             list(r.complete("bad [img-0]", media=[b"garbage bytes"], num_predict=2))
         assert list(r.complete("fine", num_predict=2))[-1].done_reason == "length"
+
+
+def test_generate_command_with_an_image(default_model_path, projectors, tmp_path):
+    import subprocess
+    import sys
+
+    img = tmp_path / "picture.png"
+    img.write_bytes(png_bytes(32, 32, seed=3))
+    cmd = [sys.executable, "-m", "runner.cli", "generate", "--model", default_model_path,
+           "--mmproj", projectors["vision"], "--image", str(img), "-p", "What is this?",
+           "-n", "4", "--temperature", "0", "--threads", "2", "-v", "-q"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "generation: 4 tokens" in done.stderr
+    bad = subprocess.run(cmd[:9] + [projectors["vision"]] + cmd[10:], capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode != 0 and "cannot decode the media" in bad.stderr
