@@ -242,8 +242,10 @@ class Engine:
         self._loop.start()
 
     def _load_projector(self, config: EngineConfig) -> None:
+        # warmup: the first encode's graph setup happens at load, not in the
+        # first request's time to first token.
         self.mtmd = _llama.MtmdContext(self.model, config.projector_path, n_threads=config.n_threads,
-                                       use_gpu=config.n_gpu_layers != 0)
+                                       use_gpu=config.n_gpu_layers != 0, warmup=True)
         if self.mtmd.uses_mrope:
             # Positions of M-RoPE media differ from KV indices, which the slot
             # cache takes to be equal (see runner.slots).
@@ -388,7 +390,24 @@ class Engine:
                 "path": self.mtmd.path, "vision": self.mtmd.supports_vision,
                 "audio": self.mtmd.supports_audio, "marker": self.mtmd.marker},
             "media_cache": self.media_cache.info(),
+            "steps": self.step_summary(),
         }
+
+    def step_summary(self, last: int = 256) -> dict:
+        """Medians over the last ``last`` loop steps, in milliseconds: where
+        the time between two decodes goes (see StepTiming)."""
+        steps = list(self.timings)[-last:]
+        if not steps:
+            return {"n": 0}
+
+        def med(values):
+            return round(float(np.median(values)) * 1000, 3)
+
+        return {"n": len(steps), "decode_ms": med([t.decode for t in steps]),
+                "build_ms": med([t.build for t in steps]), "sample_ms": med([t.sample for t in steps]),
+                "idle_gap_ms": med([t.idle_gap for t in steps]),
+                "n_tokens": round(float(np.mean([t.n_tokens for t in steps])), 2),
+                "n_generating": round(float(np.mean([t.n_generating for t in steps])), 2)}
 
     def close(self, drain: bool = False, timeout: float = 30.0) -> None:
         """Stop the engine.  ``drain`` lets running requests finish first;
