@@ -542,6 +542,9 @@ class Server:
                                     add_special=req.add_special,
                                     media=[MediaItem(m.id, m.data) for m in req.media])
         job = Job(peer, req.id, "completion")
+        if request.media:
+            self._completion_with_media(key, job, engine, request)
+            return
         # Registered first: the engine may post events before submit returns;
         # they wait in the outbox until this thread drains it.
         self._jobs[key] = job
@@ -550,6 +553,36 @@ class Server:
         except BaseException:
             del self._jobs[key]
             raise
+
+    def _completion_with_media(self, key: tuple, job: Job, engine, request: CompletionRequest) -> None:
+        """Submit on a worker thread: decoding and preprocessing images takes
+        milliseconds to tens of milliseconds, which this thread owes to every
+        other stream.  A cancel that arrives meanwhile is applied by whichever
+        of the two threads sees both the handle and the flag."""
+        if self._n_work >= self.max_pending:
+            raise Busy(f"server busy: {self._n_work} requests pending")
+        sink = self._event_sink(key)
+
+        def prepare() -> None:
+            try:
+                handle = engine.submit(request, on_event=sink)
+            except Exception as exc:
+                reply = P.error_reply(key[1], exc)
+                if reply.code == "internal":
+                    log.exception("request %r failed", key[1])
+                self._outbox.post((key, reply, True))
+                return
+            job.handle = handle
+            if job.cancelled:
+                handle.cancel()
+
+        self._jobs[key] = job
+        try:
+            job.future = self._pool.submit(prepare)
+        except RuntimeError:  # the pool is shut down: the runner is stopping
+            del self._jobs[key]
+            raise NotReady("the runner is shutting down") from None
+        self._n_work += 1
 
     def _event_sink(self, key: tuple) -> Callable[[Any], None]:
         post = self._outbox.post
