@@ -293,7 +293,12 @@ def id_prompt(seed: int, n: int, n_vocab: int) -> list[int]:
 # -- scenarios --------------------------------------------------------------------------
 
 def scenario_streams(side, b: int, pp: int, tg: int, n_vocab: int, first_seed: int = 1) -> dict:
-    """``b`` concurrent streams; rates over S_TG's window and over the wall time."""
+    """``b`` concurrent streams; rates over S_TG's window and over the wall time.
+
+    Every slot serves a short request first: a slot's first use pays one-off
+    costs (its KV pages touched, graph buffers sized for b sequences) that
+    llama-batched-bench pays in its prompt phase, outside S_TG."""
+    run_concurrently(b, lambda i: side.stream(id_prompt(900 + i, 16, n_vocab), 4))
     wall, streams = run_concurrently(
         b, lambda i: side.stream(id_prompt(first_seed + i, pp, n_vocab), tg))
     window = window_rate([(s.arrivals, s.t_end) for s in streams])

@@ -86,7 +86,10 @@ def bench_generation_window(model: str, parallel: int, tokens: int, threads: int
     the moment every stream has its first token to the last final, with
     ``pp``-token prompts, ``n_ctx`` 4096 and n_batch 512 like the peer run."""
     with Runner.spawn(model, n_ctx=4096, n_batch=512, parallel=parallel, n_threads=threads) as runner:
-        runner.complete("Warm up.", **greedy_options(8)).text()
+        # Every slot once (as bench_engine.py does): first use of a slot pays
+        # one-off costs that batched-bench pays outside its S_TG window.
+        run_concurrently(parallel, lambda i: runner.complete(
+            [500 + 50 * i + k for k in range(16)], **greedy_options(8)).text())
 
         def one(i):
             prompt = [1000 + 7919 * (i + 1) % 40000 + k for k in range(pp)]
