@@ -54,14 +54,10 @@ import json
 import os
 import re
 import shlex
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -71,11 +67,12 @@ sys.path.insert(0, str(ROOT / "tests"))   # mmproj.py: the projector writer of t
 
 from mmproj import VisionEncoder, png_bytes, write_vision_projector  # noqa: E402
 
+from llama_server import SERVER, LlamaServer  # noqa: E402
+
 from runner.bench import cpu_model, filler_text  # noqa: E402
 from runner.client import Runner  # noqa: E402
 from runner.requests import Chunk  # noqa: E402
 
-SERVER = ROOT / "build" / "peers" / "bin" / "llama-server"
 PLACEHOLDER = "[img-0]"   # where the image goes; the server side swaps in its own marker
 IMAGE_SIZE = (320, 240)   # pixels of the PNGs sent (the projector resizes them)
 
@@ -196,56 +193,26 @@ def count_encodes(lines: list[str]) -> tuple[int, float, int]:
 
 
 class ServerSide:
-    """llama-server with ``--mmproj`` on a free loopback port, logging to a
-    file; stopped by :meth:`close`."""
+    """llama-server with ``--mmproj``, logging verbosely to ``log_path`` (the
+    encoder calls are counted from the log); stopped by :meth:`close`."""
 
     name = "llama-server"
 
     def __init__(self, model: str, projector: str, threads: int, n_ctx: int, n_batch: int,
-                 log_path: Path, start_timeout: float = 120.0) -> None:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        self.cmd = [str(SERVER), "-m", model, "--mmproj", projector, "-c", str(n_ctx),
-                    "-b", str(n_batch), "-ub", str(n_batch), "-t", str(threads), "-tb", str(threads),
-                    "-np", "1", "-no-kvu", "-fa", "auto", "--host", "127.0.0.1", "--port", str(port),
-                    "--no-webui", "-lv", "4"]
-        self.log_path = log_path
-        self._log = open(log_path, "wb")
+                 log_path: Path) -> None:
+        self.server = LlamaServer(
+            ["-m", model, "--mmproj", projector, "-c", str(n_ctx), "-b", str(n_batch),
+             "-ub", str(n_batch), "-t", str(threads), "-tb", str(threads), "-np", "1", "-no-kvu",
+             "-fa", "auto", "-lv", "4"], log_path=log_path)
         self._read_at = 0           # log bytes already looked at
         self._requests = 0          # requests answered, = "stop processing" lines expected
         self._released = 0          # "stop processing" lines seen
-        self.process = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stdout=self._log,
-                                        stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + start_timeout
-        while not self._healthy():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                tail = self._tail()
-                self.close()
-                raise RuntimeError(f"llama-server did not start ({shlex.join(self.cmd)}):\n{tail}")
-            time.sleep(0.05)
-        with urllib.request.urlopen(self.url + "/props", timeout=10) as reply:
-            props = json.loads(reply.read())
-        self.marker = props["media_marker"]   # random per server start
+        self.marker = self.server.get("/props")["media_marker"]   # random per server start
         self._new_lines()                     # skip the start-up log
-
-    def _healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(self.url + "/health", timeout=2) as reply:
-                return reply.status == 200
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            return False
-
-    def _tail(self, lines: int = 15) -> str:
-        text = self.log_path.read_text("utf-8", "replace")
-        return "\n".join(text.splitlines()[-lines:])
 
     def _new_lines(self) -> list[str]:
         """Complete log lines written since the last call."""
-        with open(self.log_path, "rb") as f:
-            f.seek(self._read_at)
-            data = f.read()
+        data = self.server.log_bytes(self._read_at)
         end = data.rfind(b"\n") + 1
         self._read_at += end
         return data[:end].decode("utf-8", "replace").splitlines()
@@ -270,12 +237,10 @@ class ServerSide:
                            "multimodal_data": [base64.b64encode(image).decode()]},
                 "n_predict": n_predict, "stream": True, "temperature": 0.0, "ignore_eos": True,
                 "repeat_penalty": 1.0, "cache_prompt": True}
-        request = urllib.request.Request(self.url + "/completion", data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"})
         t0 = time.perf_counter()
         first = None
         timings: dict = {}
-        with urllib.request.urlopen(request, timeout=600) as reply:
+        with self.server.post("/completion", body) as reply:
             for line in reply:   # server-sent events: "data: {json}" lines
                 if not line.startswith(b"data: "):
                     continue
@@ -300,14 +265,7 @@ class ServerSide:
                     prompt_eval_s=timings.get("prompt_ms", 0.0) / 1e3)
 
     def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._log.close()
+        self.server.close()
 
 
 # -- the run --------------------------------------------------------------------------------------

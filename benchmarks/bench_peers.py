@@ -48,15 +48,10 @@ import argparse
 import json
 import os
 import shlex
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -69,13 +64,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_engine import PEER as BATCHED_BENCH, batched_bench  # noqa: E402
 from bench_process import greedy_options, run_concurrently, window_rate  # noqa: E402
+from llama_server import SERVER, LlamaServer  # noqa: E402
 
 from runner.bench import cpu_model, filler_text  # noqa: E402
 from runner.benchstats import percentile  # noqa: E402
 from runner.client import Runner  # noqa: E402
 from runner.requests import Chunk  # noqa: E402
 
-SERVER = ROOT / "build" / "peers" / "bin" / "llama-server"
 
 
 # -- what a client saw of one streamed completion ------------------------------------
@@ -143,55 +138,23 @@ class RunnerSide:
 
 
 class ServerSide:
-    """llama-server on a free loopback port; stopped by :meth:`close`."""
+    """llama-server with the benchmark's settings; stopped by :meth:`close`."""
 
     name = "llama-server"
 
     def __init__(self, model: str, threads: int, n_ctx: int, n_batch: int, parallel: int,
-                 embedding: bool = False, start_timeout: float = 120.0) -> None:
-        if not SERVER.exists():
-            raise SystemExit(f"{SERVER} is missing: run scripts/build_peers.sh first")
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        cmd = [str(SERVER), "-m", model, "-c", str(n_ctx), "-b", str(n_batch), "-ub", str(n_batch),
-               "-t", str(threads), "-tb", str(threads), "-np", str(parallel),
-               "-fa", "auto", "--host", "127.0.0.1", "--port", str(port), "--no-webui"]
+                 embedding: bool = False) -> None:
+        args = ["-m", model, "-c", str(n_ctx), "-b", str(n_batch), "-ub", str(n_batch),
+                "-t", str(threads), "-tb", str(threads), "-np", str(parallel), "-fa", "auto"]
         if embedding:
             # With one KV stream per slot (-no-kvu), embeddings of requests that
             # llama-server batches together came out wrong at this vendor commit
             # (cosine 0.93-0.95 against the same text embedded alone); the
             # unified buffer gives the same vectors either way.
-            cmd += ["--embedding", "--pooling", "mean", "-kvu"]
+            args += ["--embedding", "--pooling", "mean", "-kvu"]
         else:
-            cmd += ["-no-kvu"]   # one KV stream per slot, like the runner
-        self._log = tempfile.TemporaryFile()
-        self.process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._log,
-                                        stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + start_timeout
-        while not self._healthy():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                tail = self._log_tail()
-                self.close()
-                raise RuntimeError(f"llama-server did not start ({' '.join(cmd)}):\n{tail}")
-            time.sleep(0.05)
-
-    def _healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(self.url + "/health", timeout=2) as reply:
-                return reply.status == 200
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            return False
-
-    def _log_tail(self, lines: int = 15) -> str:
-        self._log.seek(0)
-        return "\n".join(self._log.read().decode("utf-8", "replace").splitlines()[-lines:])
-
-    def _post(self, path: str, body: dict):
-        request = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"})
-        return urllib.request.urlopen(request, timeout=600)
+            args += ["-no-kvu"]   # one KV stream per slot, like the runner
+        self.server = LlamaServer(args)
 
     def stream(self, prompt: str | list[int], n_predict: int,
                on_arrival: OnArrival | None = None) -> Stream:
@@ -199,7 +162,7 @@ class ServerSide:
                 "repeat_penalty": 1.0, "ignore_eos": True}
         s = Stream(t_submit=time.perf_counter())
         parts = []
-        with self._post("/completion", body) as reply:
+        with self.server.post("/completion", body) as reply:
             for line in reply:   # server-sent events: "data: {json}" lines
                 if not line.startswith(b"data: "):
                     continue
@@ -221,7 +184,7 @@ class ServerSide:
         return s
 
     def embed(self, text: str) -> np.ndarray:
-        with self._post("/embedding", {"content": text}) as reply:
+        with self.server.post("/embedding", {"content": text}) as reply:
             result = json.loads(reply.read())
         vector = result[0]["embedding"] if isinstance(result, list) else result["embedding"]
         if vector and isinstance(vector[0], list):   # one vector per pooled sequence
@@ -229,14 +192,7 @@ class ServerSide:
         return np.asarray(vector, dtype=np.float32)
 
     def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._log.close()
+        self.server.close()
 
 
 class Sides:
