@@ -105,7 +105,7 @@ def _generate_engine(args: argparse.Namespace) -> int:
     from runner.engine import Engine, EngineConfig
     from runner.media import MediaItem
     from runner.models import resolve_model
-    from runner.requests import CompletionOptions, CompletionRequest, Final
+    from runner.requests import CompletionOptions, CompletionRequest
 
     if args.image and not args.mmproj:
         raise SystemExit("--image needs --mmproj (the model's multimodal projector)")
@@ -113,19 +113,10 @@ def _generate_engine(args: argparse.Namespace) -> int:
     config = EngineConfig(resolve_model(args.model), n_ctx=args.ctx, n_batch=args.batch,
                           n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
                           flash_attn=args.flash_attn, projector_path=args.mmproj)
-    final = None
     with Engine(config) as engine:
         request = CompletionRequest(prompt=prompt, options=CompletionOptions.from_dict(_completion_options(args)),
                                     media=[MediaItem(i, data) for i, data in enumerate(media)])
-        for event in engine.submit(request):
-            if isinstance(event, Final):
-                final = event
-            else:
-                sys.stdout.write(event.text)
-                sys.stdout.flush()
-    sys.stdout.write("\n")
-    sys.stdout.flush()
-    _print_final(args, final)
+        final = _print_stream(args, engine.submit(request))
     return 0 if final is not None and final.done_reason != "error" else 1
 
 
@@ -135,20 +126,22 @@ def _generate_remote(args: argparse.Namespace) -> int:
     options = _completion_options(args)
     prompt, media = _media_prompt(args)
     with Runner.connect(args.endpoint) as runner:
-        final = None
-        for event in runner.complete(prompt, media=media, **options):
-            if hasattr(event, "text"):
-                sys.stdout.write(event.text)
-                sys.stdout.flush()
-            else:
-                final = event
-    sys.stdout.write("\n")
-    sys.stdout.flush()
-    _print_final(args, final)
+        _print_stream(args, runner.complete(prompt, media=media, **options))
     return 0
 
 
-def _print_final(args: argparse.Namespace, final) -> None:
+def _print_stream(args: argparse.Namespace, events):
+    """Write the text of a completion's chunks to stdout as they come, then
+    (with --verbose) its timings to stderr; returns the Final event."""
+    final = None
+    for event in events:
+        if hasattr(event, "text"):
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+        else:
+            final = event
+    sys.stdout.write("\n")
+    sys.stdout.flush()
     if args.verbose and final is not None:
         pe = final.prompt_eval_count / final.prompt_eval_duration if final.prompt_eval_duration else 0.0
         ge = final.eval_count / final.eval_duration if final.eval_duration else 0.0
@@ -158,6 +151,7 @@ def _print_final(args: argparse.Namespace, final) -> None:
               f"({ge:.1f} tok/s), done: {final.done_reason}, slot {final.slot}", file=sys.stderr)
         if final.error:
             print(f"error: {final.error}", file=sys.stderr)
+    return final
 
 
 def _add_load_args(p: argparse.ArgumentParser) -> None:
