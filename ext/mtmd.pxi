@@ -20,11 +20,6 @@ class EncodeError(LlamaError):
     """The projector failed to encode a chunk."""
 
 
-def default_media_marker():
-    """libmtmd's default media marker ("<__media__>")."""
-    return _str(c_mtmd.mtmd_default_marker())
-
-
 cdef class Bitmap:
     """Decoded media (RGB pixels or PCM samples), ready for tokenizing.
 
@@ -51,17 +46,6 @@ cdef class Bitmap:
     def id(self):
         self._check()
         return _str(c_mtmd.mtmd_bitmap_get_id(self.ptr))
-
-    @property
-    def is_audio(self):
-        self._check()
-        return c_mtmd.mtmd_bitmap_is_audio(self.ptr)
-
-    @property
-    def size(self):
-        """(width, height) for an image; (samples, 1) for audio."""
-        self._check()
-        return (c_mtmd.mtmd_bitmap_get_nx(self.ptr), c_mtmd.mtmd_bitmap_get_ny(self.ptr))
 
 
 cdef class MediaChunk:

@@ -388,7 +388,8 @@ class Engine:
             "slots": self.slots.snapshot(), "waiting": waiting, "running": running,
             "projector": None if self.mtmd is None else {
                 "path": self.mtmd.path, "vision": self.mtmd.supports_vision,
-                "audio": self.mtmd.supports_audio, "marker": self.mtmd.marker},
+                "audio": self.mtmd.supports_audio, "marker": self.mtmd.marker,
+                "audio_sample_rate": self.mtmd.audio_sample_rate},
             "media_cache": self.media_cache.info(),
             "steps": self.step_summary(),
         }

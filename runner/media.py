@@ -65,7 +65,6 @@ class MediaPrompt:
 
     inputs: list                 # token ids and SpanInputs, one per KV position
     spans: list[MediaSpan]       # in prompt order
-    n_media_bytes: int           # bytes of media decoded for it
 
 
 def digest(data: bytes) -> str:
@@ -189,8 +188,7 @@ def build_prompt(mtmd, text: str, items: list[MediaItem], add_special: bool) -> 
         spans.append(MediaSpan(start=len(inputs), key=key, chunk=part,
                                non_causal=mtmd.non_causal(part)))
         inputs.extend(SpanInput(key, i) for i in range(part.n_tokens))
-    return MediaPrompt(inputs=inputs, spans=spans,
-                       n_media_bytes=sum(len(by_id[i].data) for i in keys))
+    return MediaPrompt(inputs=inputs, spans=spans)
 
 
 @dataclass
