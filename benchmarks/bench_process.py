@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import threading
@@ -217,6 +218,10 @@ def main() -> int:
     ap.add_argument("--skip-engine", action="store_true", help="no in-process comparison")
     ap.add_argument("--peer", action="store_true",
                     help="also compare with llama-batched-bench (scripts/build_peers.sh)")
+    ap.add_argument("--peer-only", action="store_true",
+                    help="only the comparison with llama-batched-bench")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="alternating peer/client rounds per level for --peer (median ratio)")
     ap.add_argument("--json", default=None, help="also write the results here")
     ap.add_argument("--fake-runner", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -227,8 +232,10 @@ def main() -> int:
 
     model = str(resolve_model(args.model))
     results = {"generation": [], "protocol": []}
-    print(f"{'parallel':>8} {'client tok/s':>13} {'engine tok/s':>13} {'per stream':>11} {'ratio':>6}")
-    for parallel in [int(p) for p in args.parallel.split(",")]:
+    levels = [] if args.peer_only else [int(p) for p in args.parallel.split(",")]
+    if levels:
+        print(f"{'parallel':>8} {'client tok/s':>13} {'engine tok/s':>13} {'per stream':>11} {'ratio':>6}")
+    for parallel in levels:
         client = bench_client(model, parallel, args.tokens, args.threads)
         engine = None if args.skip_engine else bench_engine(model, parallel, args.tokens, args.threads)
         row = {"parallel": parallel, "client": client, "engine": engine}
@@ -237,23 +244,38 @@ def main() -> int:
         print(f"{parallel:>8} {client['tok_s']:>13.1f} "
               f"{engine['tok_s'] if engine else float('nan'):>13.1f} "
               f"{client['per_stream_tok_s']:>11.1f} {ratio:>6}")
-    if args.peer:
+    if args.peer or args.peer_only:
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         from bench_engine import batched_bench
 
         levels = [int(p) for p in args.parallel.split(",")]
         threads = args.threads or os.cpu_count()
-        peer = batched_bench(model, threads, 4096, 512, levels, 128, args.tokens, unified=False)
+        # Peer and client alternate, level by level and round by round, so
+        # that a slow spell on a shared machine hits both sides of a ratio;
+        # the ratio reported is the median of the per-round ratios.
+        rounds: dict[int, list[tuple[float, float]]] = {level: [] for level in levels}
+        for _ in range(args.rounds):
+            for level in levels:
+                peer = batched_bench(model, threads, 4096, 512, [level], 128, args.tokens,
+                                     unified=False)
+                client = bench_generation_window(model, level, args.tokens, threads)
+                rounds[level].append((client["tok_s"], peer.get(level, float("nan"))))
         results["peer"] = []
-        print(f"\n{'parallel':>8} {'client tok/s':>13} {'batched-bench S_TG':>19} {'ratio':>6}")
+        print(f"\n{'parallel':>8} {'client tok/s':>13} {'batched-bench S_TG':>19} {'ratio':>6}"
+              f"  (medians of {args.rounds} alternating rounds; per-round ratios)")
         for level in levels:
-            client = bench_generation_window(model, level, args.tokens, threads)
-            ratio = client["tok_s"] / peer[level] if peer.get(level) else float("nan")
-            results["peer"].append({"parallel": level, "client": client, "S_TG": peer.get(level),
-                                    "ratio": ratio})
-            print(f"{level:>8} {client['tok_s']:>13.1f} {peer.get(level, float('nan')):>19.1f} {ratio:>6.3f}")
-    print(f"\n{'streams':>8} {'chunks/s':>10} {'us/chunk':>9}")
-    for streams in (1, 8):
+            pairs = rounds[level]
+            ratios = [c / p for c, p in pairs]
+            row = {"parallel": level, "client_tok_s": [c for c, _ in pairs],
+                   "S_TG": [p for _, p in pairs], "ratios": ratios,
+                   "ratio": statistics.median(ratios)}
+            results["peer"].append(row)
+            print(f"{level:>8} {statistics.median(row['client_tok_s']):>13.1f} "
+                  f"{statistics.median(row['S_TG']):>19.1f} {row['ratio']:>6.3f}  "
+                  + " ".join(f"{r:.2f}" for r in ratios))
+    if not args.peer_only:
+        print(f"\n{'streams':>8} {'chunks/s':>10} {'us/chunk':>9}")
+    for streams in () if args.peer_only else (1, 8):
         row = bench_protocol(streams, args.protocol_tokens // streams)
         results["protocol"].append(row)
         print(f"{streams:>8} {row['chunks_per_s']:>10.0f} {row['us_per_chunk']:>9.1f}")

@@ -1,25 +1,45 @@
 # Batch: the reusable input of llama_decode, allocated once.
 
+_NO_POSITIONS = np.zeros((1, 0), dtype=np.int32)
+
+
 cdef class Batch:
     """A llama_batch allocated once and refilled for every decode.
 
     Holds either token ids (``embd == 0``) or embedding rows of width
     ``embd`` — never both.  Each entry has a position, up to ``n_seq_max``
     sequence ids, and an output flag (logits/embeddings wanted).
+
+    An embedding batch for an M-RoPE model (``n_pos == 4``) gives each entry
+    ``n_pos`` positions, stored section-major as llama_decode reads them:
+    ``pos[j * n_tokens + i]`` is section ``j`` of entry ``i``.  The sections
+    are moved whenever ``n_tokens`` changes (append, truncate).
     """
     cdef llama_batch batch      # owned arrays, sized for `capacity` entries
     cdef readonly int32_t capacity  # entries the arrays hold
     cdef readonly int32_t embd      # embedding width, or 0 for a token batch
     cdef readonly int32_t n_seq_max # sequence ids one entry may carry
+    cdef readonly int32_t n_pos     # positions per entry (4 for M-RoPE embeddings)
     cdef bint allocated         # arrays are live (close() clears it)
 
-    def __cinit__(self, int32_t capacity, int32_t embd=0, int32_t n_seq_max=1):
+    def __cinit__(self, int32_t capacity, int32_t embd=0, int32_t n_seq_max=1, int32_t n_pos=1):
         if capacity <= 0:
             raise ValueError(f"batch capacity must be positive, not {capacity}")
         if embd < 0 or n_seq_max <= 0:
             raise ValueError("embd must be >= 0 and n_seq_max > 0")
+        if n_pos < 1 or n_pos > 4 or (n_pos > 1 and not embd):
+            raise ValueError("n_pos must be 1, or up to 4 for an embedding batch")
         self.batch = llama_batch_init(capacity, embd, n_seq_max)
         self.allocated = True
+        if n_pos > 1:
+            # llama_batch_free() frees pos with free(): a realloc'ed block is fine.
+            pos = <llama_pos *> realloc(self.batch.pos, capacity * n_pos * sizeof(llama_pos))
+            if pos == NULL:
+                llama_batch_free(self.batch)
+                self.allocated = False
+                raise MemoryError()
+            self.batch.pos = pos
+        self.n_pos = n_pos
         self.capacity = capacity
         self.embd = embd
         self.n_seq_max = n_seq_max
@@ -117,6 +137,8 @@ cdef class Batch:
         self._check()
         if not self.embd:
             raise TypeError("this batch holds tokens, not embeddings")
+        if self.n_pos > 1:
+            raise TypeError("this batch takes rows with their positions: use add_embeddings")
         cdef const float[::1] view = np.ascontiguousarray(row, dtype=np.float32).reshape(-1)
         if view.shape[0] != self.embd:
             raise ValueError(f"embedding row has {view.shape[0]} floats, batch expects {self.embd}")
@@ -124,23 +146,53 @@ cdef class Batch:
         memcpy(&self.batch.embd[i * self.embd], &view[0], self.embd * sizeof(float))
         return i
 
-    def add_embeddings(self, rows, llama_pos pos0, llama_seq_id seq_id, bint output_last=False):
-        """Append the rows of a 2-D float32 array at positions pos0, pos0+1,
-        ... of one sequence; returns the index of the last entry (-1 if none)."""
+    def add_embeddings(self, rows, llama_pos pos0, llama_seq_id seq_id, bint output_last=False,
+                       positions=None):
+        """Append the rows of a 2-D float32 array to one sequence; returns the
+        index of the last entry (-1 if none).
+
+        Positions are pos0, pos0+1, ... — or, in a batch with ``n_pos > 1``,
+        ``positions``: an int array of shape (n_pos, len(rows)), section by
+        section (see :meth:`MediaChunk.mrope_positions`).
+        """
         self._check()
         if not self.embd:
             raise TypeError("this batch holds tokens, not embeddings")
         cdef const float[:, ::1] view = np.ascontiguousarray(rows, dtype=np.float32)
-        cdef Py_ssize_t n = view.shape[0], k
+        cdef Py_ssize_t n = view.shape[0], k, j
+        cdef const int32_t[:, ::1] pview
         if view.shape[1] != self.embd:
             raise ValueError(f"embedding rows have {view.shape[1]} floats, batch expects {self.embd}")
         if self.batch.n_tokens + n > self.capacity:
             raise IndexError(f"{n} rows do not fit: {self.batch.n_tokens} of {self.capacity} entries used")
+        if self.n_pos > 1:
+            if positions is None:
+                raise ValueError(f"this batch needs {self.n_pos} positions per row")
+            pview = np.ascontiguousarray(positions, dtype=np.int32)
+            if pview.shape[0] != self.n_pos or pview.shape[1] != n:
+                raise ValueError(f"positions must have shape ({self.n_pos}, {n}), "
+                                 f"not {tuple(np.shape(positions))}")
+        elif positions is not None:
+            raise ValueError("this batch has one position per row: use pos0")
+        else:
+            pview = _NO_POSITIONS
         if n == 0:
             return -1
         cdef int i0 = self.batch.n_tokens, i = -1
-        for k in range(n):
-            i = self._push(pos0 + <llama_pos> k, seq_id, output_last and k == n - 1)
+        cdef int32_t n_new = i0 + <int32_t> n
+        if self.n_pos > 1:
+            # Make room at the end of every section, last section first.
+            for j in range(self.n_pos - 1, 0, -1):
+                memmove(&self.batch.pos[j * n_new], &self.batch.pos[j * i0], i0 * sizeof(llama_pos))
+        if self.n_pos == 1:
+            for k in range(n):
+                i = self._push(pos0 + <llama_pos> k, seq_id, output_last and k == n - 1)
+        else:
+            for k in range(n):
+                i = self._push(pview[0, k], seq_id, output_last and k == n - 1)
+            for j in range(1, self.n_pos):
+                for k in range(n):
+                    self.batch.pos[j * n_new + i0 + k] = pview[j, k]
         memcpy(&self.batch.embd[i0 * self.embd], &view[0, 0], n * self.embd * sizeof(float))
         return i
 
@@ -149,6 +201,16 @@ cdef class Batch:
         if i < 0 or i >= self.batch.n_tokens:
             raise IndexError(f"batch index {i} out of range")
         self.batch.logits[i] = output
+
+    def positions(self):
+        """A copy of the entries' positions, shape (n_pos, n_tokens)."""
+        self._check()
+        cdef int32_t n = self.batch.n_tokens
+        out = np.empty((self.n_pos, n), dtype=np.int32)
+        cdef int32_t[:, ::1] view = out
+        if n:
+            memcpy(&view[0, 0], self.batch.pos, self.n_pos * n * sizeof(llama_pos))
+        return out
 
     def token_at(self, int32_t i):
         self._check()
@@ -161,4 +223,7 @@ cdef class Batch:
         self._check()
         if n < 0 or n > self.batch.n_tokens:
             raise ValueError(f"cannot truncate a batch of {self.batch.n_tokens} to {n}")
+        cdef int32_t n_old = self.batch.n_tokens, j
+        for j in range(1, self.n_pos):  # sections move down, first section first
+            memmove(&self.batch.pos[j * n], &self.batch.pos[j * n_old], n * sizeof(llama_pos))
         self.batch.n_tokens = n

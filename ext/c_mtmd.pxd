@@ -70,6 +70,14 @@ cdef extern from "mtmd.h" nogil:
     size_t mtmd_input_chunk_get_n_tokens(const mtmd_input_chunk * chunk)
     const char * mtmd_input_chunk_get_id(const mtmd_input_chunk * chunk)
     llama_pos mtmd_input_chunk_get_n_pos(const mtmd_input_chunk * chunk)
+
+    struct mtmd_decoder_pos:
+        uint32_t t
+        uint32_t x
+        uint32_t y
+        uint32_t z
+    mtmd_decoder_pos mtmd_image_tokens_get_decoder_pos(const mtmd_image_tokens * image_tokens,
+                                                       llama_pos pos_0, size_t i)
     mtmd_input_chunk * mtmd_input_chunk_copy(const mtmd_input_chunk * chunk)
     void mtmd_input_chunk_free(mtmd_input_chunk * chunk)
 
@@ -98,6 +106,10 @@ cdef extern from "mtmd-helper.h" nogil:
     void mtmd_helper_video_free(mtmd_helper_video * ctx)
     void mtmd_helper_log_set(ggml_log_callback log_callback, void * user_data)
     size_t mtmd_helper_get_n_tokens(const mtmd_input_chunks * chunks)
+    int32_t mtmd_helper_eval_chunk_single(mtmd_context * ctx, llama_context * lctx,
+                                          const mtmd_input_chunk * chunk, llama_pos n_past,
+                                          llama_seq_id seq_id, int32_t n_batch, bint logits_last,
+                                          llama_pos * new_n_past)
     llama_pos mtmd_helper_get_n_pos(const mtmd_input_chunks * chunks)
     int32_t mtmd_helper_eval_chunk_single(mtmd_context * ctx, llama_context * lctx,
                                           const mtmd_input_chunk * chunk, llama_pos n_past,

@@ -74,6 +74,38 @@ cdef class MediaChunk:
     def __repr__(self):
         return f"<MediaChunk {self.kind} {self.id[:12]} {self.n_tokens} tokens>"
 
+    def mrope_positions(self, llama_pos pos0):
+        """The four M-RoPE positions of every row when the chunk starts at
+        ``pos0``, as an int32 array of shape (4, n_tokens), section-major like
+        an embedding batch wants them (see :class:`Batch`).
+
+        An image's rows share the temporal position ``pos0`` and take their
+        row and column from ``pos0`` in the next two sections (mtmd's decoder
+        positions); audio rows advance by one in every section.  Only for a
+        projector whose ``uses_mrope`` is true.
+        """
+        if self.ptr == NULL:
+            raise ClosedError("chunk is closed")
+        out = np.empty((4, self.n_tokens), dtype=np.int32)
+        cdef int32_t[:, ::1] view = out
+        cdef const c_mtmd.mtmd_image_tokens * image = NULL
+        cdef c_mtmd.mtmd_decoder_pos dp
+        cdef Py_ssize_t i
+        if c_mtmd.mtmd_input_chunk_get_type(self.ptr) == c_mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE:
+            image = c_mtmd.mtmd_input_chunk_get_tokens_image(self.ptr)
+            if image == NULL:
+                raise MediaError("the image chunk has no image tokens")
+            for i in range(self.n_tokens):
+                dp = c_mtmd.mtmd_image_tokens_get_decoder_pos(image, pos0, <size_t> i)
+                view[0, i] = dp.t
+                view[1, i] = dp.y
+                view[2, i] = dp.x
+                view[3, i] = dp.z
+        else:
+            for i in range(self.n_tokens):
+                view[0, i] = view[1, i] = view[2, i] = view[3, i] = pos0 + <llama_pos> i
+        return out
+
 
 cdef class MtmdContext:
     """A multimodal projector loaded for one text model.
@@ -275,6 +307,28 @@ cdef class MtmdContext:
         finally:
             free(arr)
             c_mtmd.mtmd_input_chunks_free(chunks)
+
+    def eval_chunk(self, Context ctx not None, MediaChunk chunk not None, llama_pos n_past,
+                   llama_seq_id seq_id=0, int32_t n_batch=512, bint logits_last=True):
+        """Encode ``chunk`` and decode it into ``ctx`` at ``n_past`` the way
+        mtmd's own helper does (its positions, its causal-attention switch,
+        n_batch rows at a time); returns the next free position.  A reference
+        path for checks; the engine decodes media itself."""
+        self._check()
+        ctx._check()
+        if chunk.ptr == NULL:
+            raise ClosedError("chunk is closed")
+        cdef llama_pos new_n_past = n_past
+        cdef int32_t rc
+        with self._encode_lock:
+            mark = error_mark()
+            with nogil:
+                rc = c_mtmd.mtmd_helper_eval_chunk_single(self.ptr, ctx.ptr, chunk.ptr, n_past, seq_id,
+                                                          n_batch, logits_last, &new_n_past)
+            if rc != 0:
+                detail = errors_since(mark)
+                raise EncodeError(f"evaluating the {chunk.kind} failed ({rc})" + (f": {detail}" if detail else ""))
+        return new_n_past
 
     def encode(self, MediaChunk chunk not None):
         """Run the encoder on ``chunk`` (GIL released); returns a new float32

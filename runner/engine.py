@@ -49,7 +49,7 @@ from runner.requests import (
 )
 from runner.media import DEFAULT_CACHE_BYTES, MediaCache, MediaSpan, build_prompt
 from runner.sampling import logprob_entry, make_sampler
-from runner.slots import NoFreeSlot, Slot, SlotCache, truncate_prompt
+from runner.slots import NoFreeSlot, PositionedKV, Slot, SlotCache, truncate_prompt
 from runner.textstream import TextStream
 
 log = logging.getLogger("runner.engine")
@@ -163,10 +163,20 @@ class _Seq:
     error: EngineError | None = None  # why the sequence failed, if it did
     final: Final | None = None        # completed by the delivery thread, sent after the release
     n_predict: int = 0                # generation limit in tokens (0: none)
+    shrink_ends: list[int] = field(default_factory=list)  # ends of spans that give positions back
+    shrinks: list[int] = field(default_factory=list)      # positions given back before index i:
+                                                          # shrinks[bisect_right(shrink_ends, i)]
 
     @property
     def prefilling(self) -> bool:
         return self.n_sched < len(self.inputs)
+
+    def position(self, i: int) -> int:
+        """KV position of input index ``i``: ``i`` less the positions the
+        media before it gave back (M-RoPE images; see runner.slots)."""
+        if not self.shrinks:
+            return i
+        return i - self.shrinks[bisect.bisect_right(self.shrink_ends, i)]
 
     def span_from(self, pos: int) -> MediaSpan | None:
         """The first media span ending after input ``pos`` (None: text to the end)."""
@@ -213,7 +223,12 @@ class Engine:
         self.n_batch = self.ctx.n_batch
         self.slot_ctx = self.ctx.n_ctx // config.parallel
         kv = self.ctx if config.kv_unified else _StreamKV(self.ctx)
+        if self.mtmd is not None and self.mtmd.uses_mrope:
+            # KV positions are not input indices after an M-RoPE image.
+            kv = PositionedKV(kv)
         self.slots = SlotCache(kv, config.parallel, self.slot_ctx, config.cache_policy)
+        if isinstance(kv, PositionedKV):
+            kv.inputs_of = lambda seq: self.slots.slots[seq].inputs
         self.batch = _llama.Batch(self.n_batch)
         self.timings: collections.deque[StepTiming] = collections.deque(maxlen=4096)
 
@@ -246,13 +261,10 @@ class Engine:
         # first request's time to first token.
         self.mtmd = _llama.MtmdContext(self.model, config.projector_path, n_threads=config.n_threads,
                                        use_gpu=config.n_gpu_layers != 0, warmup=True)
-        if self.mtmd.uses_mrope:
-            # Positions of M-RoPE media differ from KV indices, which the slot
-            # cache takes to be equal (see runner.slots).
-            self.mtmd.close()
-            raise BadRequest("projectors with M-RoPE positions (Qwen2-VL family) are not supported yet")
-        # Media rows never share a batch with tokens: a batch of their own.
-        self.media_batch = _llama.Batch(self.ctx.n_batch, embd=self.model.n_embd_inp)
+        # Media rows never share a batch with tokens: a batch of their own,
+        # with four positions per row for M-RoPE.
+        self.media_batch = _llama.Batch(self.ctx.n_batch, embd=self.model.n_embd_inp,
+                                        n_pos=4 if self.mtmd.uses_mrope else 1)
 
     @staticmethod
     def _pick_delivery(config: EngineConfig) -> str:
@@ -310,6 +322,12 @@ class Engine:
         handle = Handle(self, rid, on_event)
         seq = _Seq(handle=handle, options=options, inputs=inputs, spans=spans, t_tokenize=t_tok,
                    t_queued=time.perf_counter(), sampler=sampler)
+        for span in spans:
+            if span.shrink:
+                seq.shrink_ends.append(span.end)
+        if seq.shrink_ends:
+            seq.shrinks = list(itertools.accumulate((sp.shrink for sp in spans if sp.shrink),
+                                                    initial=0))
         seq.n_predict = options.num_predict if options.num_predict > 0 else 0
         if options.num_predict == 0:
             seq.n_predict = -1  # nothing to generate: finish right after the prompt
@@ -604,6 +622,9 @@ class Engine:
                 with self._lock:
                     self._waiting.appendleft(seq)
                 return
+            if seq.n_cached and self.model.n_swa > 0 and not self._window_kept(seq):
+                seq.slot.truncate(0)
+                seq.n_cached = 0
             seq.n_sched = seq.n_cached
             seq.t_admitted = time.perf_counter()
             self._active.append(seq)
@@ -612,6 +633,16 @@ class Engine:
                 for tok in seq.inputs[-max(seq.options.repeat_last_n, 0) or None:]:
                     if type(tok) is int:  # media rows are not tokens
                         seq.sampler.accept(tok)
+
+    def _window_kept(self, seq: _Seq) -> bool:
+        """Whether a sliding-window model's KV still holds the window the
+        next input attends to.  The SWA layers keep only the last ``n_swa``
+        positions decoded; cutting a slot back to a shorter prefix leaves
+        them without the positions just before the cut (llama.cpp reports
+        the smallest position the SWA cells hold, or -1 when none)."""
+        start = max(0, seq.position(seq.n_cached) - self.model.n_swa)
+        pos_min = self.ctx.seq_pos_min(seq.slot.id)
+        return 0 <= pos_min <= start
 
     # -- phase 3: build -------------------------------------------------
 
@@ -626,7 +657,7 @@ class Engine:
                 continue
             if seq.next_token is None:  # _make_room turned it into a prompt again
                 continue
-            idx = batch.add(seq.next_token, len(seq.slot.inputs), seq.slot.id, True)
+            idx = batch.add(seq.next_token, seq.position(len(seq.slot.inputs)), seq.slot.id, True)
             plan.append([seq, 1, idx, True])
         budget = self.n_batch - len(batch)
         if plan:
@@ -647,7 +678,7 @@ class Engine:
                         stop = min(stop, span.start)
                 part = seq.inputs[seq.n_sched:stop]
                 last = seq.n_sched + len(part) == len(seq.inputs)
-                idx = batch.add_tokens(part, seq.n_sched, seq.slot.id, output_last=last)
+                idx = batch.add_tokens(part, seq.position(seq.n_sched), seq.slot.id, output_last=last)
                 plan.append([seq, len(part), idx if last else -1, False])
                 seq.n_sched += len(part)
                 budget -= len(part)
@@ -656,6 +687,10 @@ class Engine:
     def _make_room(self, seq: _Seq) -> bool:
         """The slot is full: shift it, or end the sequence with 'length'."""
         if not seq.options.shift:
+            self._end(seq, "length")
+            return False
+        if seq.spans and not self.slots.backend.can_shift():
+            # Evaluating the survivors again would cut media chunks apart.
             self._end(seq, "length")
             return False
         num_keep = min(seq.options.num_keep, self.slot_ctx // 2)
@@ -702,8 +737,12 @@ class Engine:
             last = span.start + offset + n == len(seq.inputs)
             batch = self.media_batch
             batch.clear()
-            idx = batch.add_embeddings(rows[offset:offset + n], seq.n_sched, seq.slot.id,
-                                       output_last=last)
+            pos0 = seq.position(span.start)
+            positions = None
+            if batch.n_pos > 1:
+                positions = span.chunk.mrope_positions(pos0)[:, offset:offset + n]
+            idx = batch.add_embeddings(rows[offset:offset + n], pos0 + offset, seq.slot.id,
+                                       output_last=last, positions=positions)
             plan = [[seq, n, idx if last else -1, False]]
             seq.n_sched += n
             if span.non_causal:

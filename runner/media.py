@@ -58,6 +58,11 @@ class MediaSpan:
     def end(self) -> int:
         return self.start + self.chunk.n_tokens
 
+    @property
+    def shrink(self) -> int:
+        """Rows minus KV positions: nonzero only for M-RoPE images."""
+        return self.chunk.n_tokens - self.chunk.n_pos
+
 
 @dataclass
 class MediaPrompt:
@@ -187,7 +192,11 @@ def build_prompt(mtmd, text: str, items: list[MediaItem], add_special: bool) -> 
         seen[part.id] += 1
         spans.append(MediaSpan(start=len(inputs), key=key, chunk=part,
                                non_causal=mtmd.non_causal(part)))
-        inputs.extend(SpanInput(key, i) for i in range(part.n_tokens))
+        inputs.extend(SpanInput(key, i) for i in range(part.n_tokens - 1))
+        # The last row carries the positions the chunk gives back (M-RoPE
+        # images take fewer KV positions than rows; see runner.slots).
+        if part.n_tokens:
+            inputs.append(SpanInput(key, part.n_tokens - 1, part.n_tokens - part.n_pos))
     return MediaPrompt(inputs=inputs, spans=spans)
 
 

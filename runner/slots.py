@@ -6,15 +6,19 @@ borrows one slot for its whole life: :meth:`SlotCache.acquire` picks the slot
 whose KV already holds the longest useful prefix of the prompt, trims the rest
 and says how many prompt inputs need no evaluation.
 
-An *input* is any hashable item occupying exactly one KV position: an int
-token id, or a :class:`SpanInput` — one position of a media chunk that spans
-several, listed once per position so that list indices and KV positions stay
-equal. A reusable prefix never ends inside a span (see :func:`reusable_prefix`).
+An *input* is any hashable item occupying one KV entry: an int token id, or a
+:class:`SpanInput` — one embedding row of a media chunk, listed once per row.
+A reusable prefix never ends inside a span (see :func:`reusable_prefix`).
+
+Everything here counts in *input indices*.  The KV position of index ``p`` is
+``p`` itself, except after media whose rows share positions (M-RoPE images
+take ``n_pos < n_tokens`` positions): :func:`kv_position` gives it, and
+:class:`PositionedKV` translates a backend's index ranges into positions.
 
 Invariant (the one everything here relies on): for every slot,
-``slot.inputs[p]`` is the input whose KV entry sits at position ``p`` of
+``slot.inputs[p]`` is the input whose KV entry sits at index ``p`` of
 sequence ``slot.id``, for ``p < len(slot.inputs)``, and the sequence holds
-nothing at positions ``>= len(slot.inputs)``. The engine keeps it true by
+nothing at indices ``>= len(slot.inputs)``. The engine keeps it true by
 calling :meth:`SlotCache.record` with exactly the inputs each successful
 decode wrote, and :meth:`Slot.truncate` or :meth:`SlotCache.release` to
 forget inputs (a failed decode: ``release(slot, [])`` clears the slot).
@@ -37,8 +41,10 @@ __all__ = [
     "ShiftResult",
     "Slot",
     "SlotCache",
+    "PositionedKV",
     "SpanInput",
     "common_prefix",
+    "kv_position",
     "reusable_prefix",
     "truncate_prompt",
 ]
@@ -92,6 +98,42 @@ class SpanInput(NamedTuple):
 
     key: Hashable  # the whole span, e.g. (sha256 of the media, chunk number)
     index: int     # row within the span, 0-based
+    shrink: int = 0  # on the last row only: rows minus KV positions of the span (M-RoPE)
+
+
+def kv_position(inputs: Sequence[Hashable], i: int) -> int:
+    """The KV position of input index ``i`` (``i <= len(inputs)``): ``i``
+    less the positions given back by the spans that end before it."""
+    return i - sum(x.shrink for x in inputs[:i] if type(x) is SpanInput and x.shrink)
+
+
+class PositionedKV:
+    """A :class:`KVBackend` over another, for memories whose positions are not
+    input indices (M-RoPE media): it turns the index ranges the slot cache asks
+    for into KV positions, from what the sequence's slot holds at the time of
+    the call (``inputs_of(seq)``; the cache calls the backend before changing
+    a slot's inputs).  It never shifts: positions after a shifted image would
+    no longer be the ones the model was given.
+    """
+
+    def __init__(self, inner: KVBackend) -> None:
+        self.inner = inner
+        self.inputs_of = lambda seq: ()  # set by the owner once the slots exist
+
+    def _pos(self, seq: int, i: int) -> int:
+        return i if i <= 0 else kv_position(self.inputs_of(seq), i)
+
+    def seq_rm(self, seq: int, p0: int, p1: int) -> bool:
+        return self.inner.seq_rm(seq, self._pos(seq, p0), self._pos(seq, p1))
+
+    def seq_cp(self, src: int, dst: int, p0: int, p1: int) -> None:
+        self.inner.seq_cp(src, dst, self._pos(src, p0), self._pos(src, p1))
+
+    def seq_add(self, seq: int, p0: int, p1: int, delta: int) -> None:
+        raise NotImplementedError("positions mapped from input indices cannot be shifted")
+
+    def can_shift(self) -> bool:
+        return False
 
 
 def reusable_prefix(cached: Sequence[Hashable], prompt: Sequence[Hashable], limit: int) -> int:

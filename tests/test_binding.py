@@ -375,6 +375,32 @@ def test_embedding_batch_width(llama, make_ctx):
             batch.add(1, 0, 0)
 
 
+def test_mrope_batch_keeps_sections_in_place(llama):
+    """Four positions per row, section-major for the current n_tokens: rows
+    appended, or a batch cut short, move the sections with them."""
+    with llama.Batch(8, embd=4, n_pos=4) as batch:
+        a = np.array([[10, 10, 10], [20, 21, 22], [30, 31, 32], [0, 0, 0]])
+        b = np.array([[40, 40], [50, 51], [60, 61], [1, 1]])
+        assert batch.add_embeddings(np.zeros((3, 4)), 0, 0, positions=a) == 2
+        assert batch.add_embeddings(np.ones((2, 4)), 0, 0, output_last=True, positions=b) == 4
+        assert batch.positions().tolist() == np.hstack([a, b]).tolist()
+        batch.truncate(4)
+        assert batch.positions().tolist() == np.hstack([a, b])[:, :4].tolist()
+        with pytest.raises(ValueError, match="shape"):
+            batch.add_embeddings(np.zeros((2, 4)), 0, 0, positions=a)
+        with pytest.raises(ValueError, match="4 positions"):
+            batch.add_embeddings(np.zeros((1, 4)), 0, 0)
+        with pytest.raises(TypeError):
+            batch.add_embedding(np.zeros(4), 0, 0)
+    with llama.Batch(4, embd=4) as plain:
+        plain.add_embeddings(np.zeros((2, 4)), 7, 0)
+        assert plain.positions().tolist() == [[7, 8]]
+        with pytest.raises(ValueError, match="one position"):
+            plain.add_embeddings(np.zeros((1, 4)), 0, 0, positions=a[:1, :1])
+    with pytest.raises(ValueError):
+        llama.Batch(4, n_pos=4)  # token batches have one position per token
+
+
 # -- devices, build, logging ---------------------------------------------------
 
 def test_devices_and_build_info(llama):
