@@ -11,7 +11,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runner.slots import NoFreeSlot, ShiftResult, SlotCache, common_prefix, truncate_prompt
+from runner.slots import (
+    NoFreeSlot, PositionedKV, ShiftResult, SlotCache, SpanInput, common_prefix, kv_position,
+    truncate_prompt,
+)
 
 
 class FakeKV:
@@ -448,3 +451,76 @@ def test_random_walk_keeps_kv_in_sync(ops, policy, refuse, shift_ok):
             slot = held[k % len(held)]
             assert slot.truncate(k) <= min(k, len(slot.inputs))
         assert_consistent(cache, kv)
+
+
+# -- inputs whose KV positions are not their indices (M-RoPE media) -----------------
+
+class CellKV:
+    """KV memory double holding cells as (position, input) per sequence, where
+    several cells may share a position, as an M-RoPE image's rows do."""
+
+    def __init__(self) -> None:
+        self.cells: dict[int, list[tuple[int, object]]] = {}
+        self.calls: list[tuple] = []
+
+    def seq_rm(self, seq: int, p0: int, p1: int) -> bool:
+        self.calls.append(("rm", seq, p0, p1))
+        self.cells[seq] = [(p, v) for p, v in self.cells.get(seq, [])
+                           if not (p >= p0 and (p1 < 0 or p < p1))]
+        return True
+
+    def seq_cp(self, src: int, dst: int, p0: int, p1: int) -> None:
+        self.calls.append(("cp", src, dst, p0, p1))
+        self.cells.setdefault(dst, []).extend(
+            (p, v) for p, v in self.cells.get(src, []) if p >= p0 and (p1 < 0 or p < p1))
+
+    def seq_add(self, seq, p0, p1, delta):
+        raise AssertionError("never shifted")
+
+    def can_shift(self) -> bool:
+        return True
+
+    def decode(self, cache: SlotCache, slot, inputs) -> None:
+        """Write cells the way the engine positions them, then record."""
+        for k, v in enumerate(inputs):
+            i = len(slot.inputs) + k
+            pos = kv_position(list(slot.inputs) + list(inputs[:k]), i)
+            if isinstance(v, SpanInput):
+                pos -= v.index  # every row of the image sits at its first row's position
+            self.cells.setdefault(slot.id, []).append((pos, v))
+        cache.record(slot, inputs)
+
+
+def image(key: str, rows: int, n_pos: int) -> list[SpanInput]:
+    return [SpanInput(key, i) for i in range(rows - 1)] + [SpanInput(key, rows - 1, rows - n_pos)]
+
+
+def test_kv_position_subtracts_what_finished_spans_give_back():
+    inputs = [1, 2, *image("a", 6, 3), 3, 4, *image("b", 4, 2), 5]
+    assert [kv_position(inputs, i) for i in range(len(inputs) + 1)] == \
+        [0, 1, 2, 3, 4, 5, 6, 7, 5, 6, 7, 8, 9, 10, 9, 10]
+
+
+@pytest.mark.parametrize("policy", ["single", "multi"])
+def test_positioned_kv_trims_and_forks_by_position(policy):
+    """The slot cache counts inputs; the KV holds 3 positions for a 6-row
+    image.  Cutting after the image removes from position 5 (not index 8),
+    and a fork copies positions [0, 6) for 9 inputs."""
+    kv = CellKV()
+    pkv = PositionedKV(kv)
+    cache = SlotCache(pkv, 2, 64, policy)
+    pkv.inputs_of = lambda seq: cache.slots[seq].inputs
+    first = [1, 2, *image("a", 6, 3), 3, 4, 5]
+    slot, n = cache.acquire(first)
+    assert n == 0
+    kv.decode(cache, slot, first)
+    cache.release(slot)
+    follow = first[:9] + [9, 9]
+    slot, n = cache.acquire(follow)
+    assert n == 9
+    if policy == "single":
+        assert kv.calls[-1] == ("rm", slot.id, 6, -1)  # index 9 is position 6
+    else:  # LRU free slot is the empty one: fork positions [0, 6) of slot 0 into it
+        assert ("cp", 0, slot.id, 0, 6) in kv.calls
+    assert [v for _, v in kv.cells[slot.id]] == follow[:9]
+    assert not pkv.can_shift()
