@@ -42,6 +42,10 @@ Sink = Callable[[Any], None]  # receives a reply struct, or an exception to rais
 Media = Sequence[bytes] | dict[int, bytes] | None  # media for a completion (see Runner.complete)
 
 
+_RECV_NOWAIT = int(zmq.NOBLOCK)  # plain ints: enum arithmetic per reply adds up
+_RCVMORE = int(zmq.RCVMORE)
+
+
 class RunnerGone(InternalError):
     """The runner exited or the connection to it was lost."""
 
@@ -232,11 +236,13 @@ class _Connection:
     def _receive(self) -> None:
         while True:
             try:
-                frames = self._sock.recv_multipart(zmq.NOBLOCK)
+                data = self._sock.recv(_RECV_NOWAIT)
+                while self._sock.get(_RCVMORE):  # never from a runner; keep the last frame
+                    data = self._sock.recv(_RECV_NOWAIT)
             except zmq.Again:
                 return
             try:
-                reply = P.decode_reply(frames[-1])
+                reply = P.decode_reply(data)
             except Exception as exc:
                 log.warning("undecodable reply from the runner: %s", exc)
                 continue

@@ -244,6 +244,9 @@ class Engine:
         self._ready: list[_Seq] = []            # ended, text flushed, slot to release (under _lock)
         self._rotate = 0                        # loop thread: prefill start offset
         self._last_decode_end = 0.0             # loop thread: for the idle-gap timing
+        # Called on the delivering thread after each burst of events (a step's
+        # worth); a sink that buffers its events flushes them here.
+        self.on_delivered: Callable[[], object] | None = None
         self.delivery_mode = self._pick_delivery(config)
         self._loop = threading.Thread(target=self._run_loop, name="runner-loop", daemon=True)
         self._delivery: threading.Thread | None = None
@@ -513,7 +516,11 @@ class Engine:
                     stopping = self._closing and (not self._drain or not self._active)
                 if stopping:
                     break
-                self._step()
+                try:
+                    self._step()
+                finally:
+                    if self.delivery_mode == "inline" and self.on_delivered is not None:
+                        self.on_delivered()
         except BaseException:
             log.exception("engine loop crashed")
             for seq in list(self._active):
@@ -898,6 +905,8 @@ class Engine:
                 return
             try:
                 self._deliver(record, outputs)
+                if self.on_delivered is not None and self._out.empty():
+                    self.on_delivered()
             except BaseException:
                 log.exception("delivery failed")
 

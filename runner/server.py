@@ -67,6 +67,17 @@ class Outbox:
             self._armed = True
             self.wake()
 
+    def post_quiet(self, item: Any) -> None:
+        """Queue without waking the I/O thread: the poster promises a
+        :meth:`wake_pending` soon (the engine calls it after each burst of
+        events), so that one wake-up carries a whole step's chunks."""
+        self._items.append(item)
+
+    def wake_pending(self) -> None:
+        if self._items and not self._armed:
+            self._armed = True
+            self.wake()
+
     def wake(self) -> None:
         try:
             os.write(self.write_fd, b"\0")
@@ -90,6 +101,10 @@ class Outbox:
     def close(self) -> None:
         os.close(self._read_fd)
         os.close(self.write_fd)
+
+
+_SEND_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
+_SEND_LAST = int(zmq.NOBLOCK)
 
 
 class PeerSender:
@@ -138,7 +153,13 @@ class PeerSender:
     def _try(self, peer: bytes, data: bytes) -> bool | None:
         """True: sent; None: peer queue full; False: peer gone."""
         try:
-            self.sock.send_multipart((peer, data), flags=zmq.NOBLOCK, copy=len(data) < 65536)
+            # Two sends with plain-int flags: send_multipart's enum arithmetic
+            # costs more than the sends themselves for a small chunk.  ZeroMQ
+            # queues a multipart message whole or not at all, so an EAGAIN on
+            # the identity frame leaves nothing half sent; the routing frame
+            # is accepted whenever the peer's queue has room.
+            self.sock.send(peer, _SEND_MORE)
+            self.sock.send(data, _SEND_LAST, copy=len(data) < 65536)
             return True
         except zmq.Again:
             return None
@@ -494,6 +515,9 @@ class Server:
             with self._state_lock:
                 self._state, self._error, self._error_code = "error", message, code
             return
+        # Chunks wait in the outbox until the engine has delivered the whole
+        # step: one I/O wake-up per step instead of one per stream.
+        engine.on_delivered = self._outbox.wake_pending
         with self._state_lock:
             self.engine = engine
             self._state, self._progress = "ready", 1.0
@@ -585,12 +609,12 @@ class Server:
         self._n_work += 1
 
     def _event_sink(self, key: tuple) -> Callable[[Any], None]:
-        post = self._outbox.post
+        post, post_quiet = self._outbox.post, self._outbox.post_quiet
         request_id = key[1]
 
         def on_event(event) -> None:  # the engine's delivery thread; never blocks
             if type(event) is Chunk:
-                post((key, P.ChunkReply(id=request_id, text=event.text, tokens=list(event.tokens),
+                post_quiet((key, P.ChunkReply(id=request_id, text=event.text, tokens=list(event.tokens),
                                         logprobs=event.logprobs), False))
             else:
                 post((key, _final_reply(request_id, event), True))

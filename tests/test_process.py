@@ -171,6 +171,9 @@ def test_cancel_mid_stream_frees_the_slot(runner):
     rest = list(stream)
     assert type(rest[-1]) is Final and rest[-1].done_reason == "cancelled"
     assert all(type(e) is Chunk for e in rest[:-1])
+    # Chunks stream as they are made (the runner batches one step's chunks
+    # into one wake-up of its I/O thread, never holds them to the end).
+    assert rest[-1].eval_count < LONG["num_predict"]
     wait_until(lambda: idle(runner))
 
 
