@@ -251,15 +251,27 @@ def main() -> int:
         levels = [int(p) for p in args.parallel.split(",")]
         threads = args.threads or os.cpu_count()
         # Peer and client alternate, level by level and round by round, so
-        # that a slow spell on a shared machine hits both sides of a ratio;
+        # that a slow spell on a shared machine hits both sides of a ratio
+        # alike;
         # the ratio reported is the median of the per-round ratios.
         rounds: dict[int, list[tuple[float, float]]] = {level: [] for level in levels}
-        for _ in range(args.rounds):
+        for r in range(args.rounds):
             for level in levels:
-                peer = batched_bench(model, threads, 4096, 512, [level], 128, args.tokens,
-                                     unified=False)
-                client = bench_generation_window(model, level, args.tokens, threads)
-                rounds[level].append((client["tok_s"], peer.get(level, float("nan"))))
+                def peer_run():
+                    return batched_bench(model, threads, 4096, 512, [level], 128, args.tokens,
+                                         unified=False).get(level, float("nan"))
+
+                def client_run():
+                    return bench_generation_window(model, level, args.tokens, threads)["tok_s"]
+
+                # Who goes first alternates too (ABBA), in case going first pays.
+                if r % 2 == 0:
+                    peer = peer_run()
+                    client = client_run()
+                else:
+                    client = client_run()
+                    peer = peer_run()
+                rounds[level].append((client, peer))
         results["peer"] = []
         print(f"\n{'parallel':>8} {'client tok/s':>13} {'batched-bench S_TG':>19} {'ratio':>6}"
               f"  (medians of {args.rounds} alternating rounds; per-round ratios)")

@@ -52,6 +52,9 @@ class Outbox:
     """
 
     def __init__(self) -> None:
+        from runner import _llama  # imported late: serve sets GOMP_SPINCOUNT first
+
+        self._notify = _llama.notify_fd  # pipe write that keeps the GIL
         self._items: collections.deque = collections.deque()  # append/popleft are atomic
         self._armed = False  # a wake-up byte is in the pipe, or about to be
         self._read_fd, self.write_fd = os.pipe()
@@ -79,10 +82,8 @@ class Outbox:
             self.wake()
 
     def wake(self) -> None:
-        try:
-            os.write(self.write_fd, b"\0")
-        except BlockingIOError:
-            pass  # the pipe is full, so the reader is awake anyway
+        # False when the pipe is full: the reader is awake anyway.
+        self._notify(self.write_fd)
 
     def drain(self) -> list:
         # Order matters: empty the pipe, disarm, then take the items.  A post
