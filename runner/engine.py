@@ -410,7 +410,8 @@ class Engine:
             "projector": None if self.mtmd is None else {
                 "path": self.mtmd.path, "vision": self.mtmd.supports_vision,
                 "audio": self.mtmd.supports_audio, "marker": self.mtmd.marker,
-                "audio_sample_rate": self.mtmd.audio_sample_rate},
+                "audio_sample_rate": self.mtmd.audio_sample_rate,
+                "mrope": self.mtmd.uses_mrope},
             "media_cache": self.media_cache.info(),
             "steps": self.step_summary(),
         }

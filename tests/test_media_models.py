@@ -126,6 +126,7 @@ def test_mrope_image_matches_mtmd(llama, qwen2vl, size):
     prompt = f"Look at this: {MARKER} and say what it shows."
     with make_engine(qwen2vl) as engine:
         got, final = first_top(engine, prompt, [img])
+        assert engine.info()["projector"]["mrope"] is True
         slot = engine.slots.slots[final.slot]
         # The KV ends where the positions say: the image took n_pos positions.
         assert engine.ctx.seq_pos_max(slot.id) == kv_position(slot.inputs, len(slot.inputs)) - 1
