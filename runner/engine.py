@@ -406,6 +406,7 @@ class Engine:
             },
             "config": {k: v for k, v in dataclasses.asdict(self.config).items()},
             "n_ctx": self.ctx.n_ctx, "n_batch": self.n_batch, "slot_ctx": self.slot_ctx,
+            "delivery": self.delivery_mode,
             "slots": self.slots.snapshot(), "waiting": waiting, "running": running,
             "projector": None if self.mtmd is None else {
                 "path": self.mtmd.path, "vision": self.mtmd.supports_vision,

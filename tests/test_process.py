@@ -177,6 +177,19 @@ def test_cancel_mid_stream_frees_the_slot(runner):
     wait_until(lambda: idle(runner))
 
 
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs a core to spare")
+def test_chunks_stream_from_a_delivery_thread(spawn):
+    """With a core to spare the engine delivers on its own thread, which
+    must wake the runner's I/O thread as well as the inline path does."""
+    r = spawn(n_threads=1, parallel=1)
+    assert r.info().engine["delivery"] == "thread"
+    stream = r.complete("Count to a thousand:", **LONG)
+    assert type(next(stream)) is Chunk
+    stream.cancel()
+    final = list(stream)[-1]
+    assert final.done_reason == "cancelled" and final.eval_count < LONG["num_predict"]
+
+
 def test_closing_the_iterator_cancels(runner):
     stream = runner.complete("Count to a thousand:", **LONG)
     assert type(next(stream)) is Chunk
