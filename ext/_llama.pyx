@@ -19,9 +19,6 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy, memmove, strlen
-from libc.errno cimport EAGAIN, errno
-from posix.unistd cimport write
-from cpython.exc cimport PyErr_SetFromErrno
 
 from c_ggml cimport *
 from c_llama cimport *

@@ -117,21 +117,3 @@ def time_us():
     """llama.cpp's monotonic clock in microseconds."""
     return llama_time_us()
 
-
-def notify_fd(int fd):
-    """Write one byte to the non-blocking ``fd`` *without* releasing the GIL.
-
-    ``os.write`` releases the GIL around the call, so a thread woken through
-    the pipe can take the GIL before the writer gets it back, and the writer
-    waits for it.  The runner's loop thread wakes its I/O thread at the end
-    of each step this way, so that the woken thread runs once the loop
-    releases the GIL for the next decode.  Returns False when the pipe is
-    full (its reader is awake anyway).
-    """
-    cdef char byte = 0
-    cdef ssize_t n = write(fd, &byte, 1)
-    if n == 1:
-        return True
-    if errno == EAGAIN:  # EWOULDBLOCK is the same value on Linux and macOS
-        return False
-    PyErr_SetFromErrno(OSError)
