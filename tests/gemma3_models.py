@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from mmproj import _add_block, _matrix, _normal, _ones, _zeros
+from mmproj import _add_block, _matrix, _normal, _ones, _zeros, copy_tokenizer, finish_gguf
 
 TEXT_N_EMBD = 64  # width of the tiny text model, which the projector's output must match
 
@@ -111,7 +111,7 @@ def write_gemma3_text_model(
     # (5 SWA layers, then a global one), which would make both of ours SWA
     w.add_uint32(f"{arch}.attention.sliding_window", t.sliding_window)
     w.add_uint32(f"{arch}.attention.sliding_window_pattern", t.swa_pattern)
-    n_vocab = _copy_tokenizer(w, vocab_from)
+    n_vocab = copy_tokenizer(w, vocab_from)
 
     e, q, kv = t.n_embd, t.n_head * t.head_dim, t.n_head_kv * t.head_dim
     # numpy shapes are ggml's ne reversed: (rows = outputs, cols = inputs); no
@@ -133,7 +133,7 @@ def write_gemma3_text_model(
         w.add_tensor(f"{blk}.ffn_up.weight", _matrix(rng, t.n_ff, e))
         w.add_tensor(f"{blk}.ffn_down.weight", _matrix(rng, e, t.n_ff))
         w.add_tensor(f"{blk}.post_ffw_norm.weight", _ones(e))
-    _finish(w)
+    finish_gguf(w)
     return path
 
 
@@ -181,37 +181,6 @@ def write_gemma3_projector(
     # stored (in, out) = ggml ne [n_embd_out, hidden]: clip.cpp transposes it, and
     # mtmd checks the text model's width against its ne[0]
     w.add_tensor("mm.input_projection.weight", _matrix(rng, v.hidden, n_embd_out))
-    _finish(w)
+    finish_gguf(w)
     return path
 
-
-def _copy_tokenizer(w, src: str | Path | None) -> int:
-    """Copy every ``tokenizer.*`` key of the GGUF at ``src``; return the vocab size."""
-    import gguf
-
-    from runner.gguf import read_gguf
-
-    if src is None:
-        from runner.models import default_model_path
-
-        src = default_model_path()
-    header = read_gguf(src)  # reads the 49k-entry arrays too, in well under a second
-    n_vocab = 0
-    for key, field in header.fields.items():
-        if not key.startswith("tokenizer."):
-            continue
-        # runner.gguf.ValueType and gguf.GGUFValueType both number the types as the spec does
-        sub = None if field.element_type is None else gguf.GGUFValueType(int(field.element_type))
-        w.add_key_value(key, field.value, gguf.GGUFValueType(int(field.type)), sub_type=sub)
-        if key == "tokenizer.ggml.tokens":
-            n_vocab = len(field.value)
-    if not n_vocab:
-        raise ValueError(f"{src} has no tokenizer.ggml.tokens")
-    return n_vocab
-
-
-def _finish(w) -> None:
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()

@@ -110,11 +110,41 @@ def write_projector(
         _add_vision(w, vision, n_embd_out, rng)
     if audio is not None:
         _add_audio(w, audio, n_embd_out, rng)
+    finish_gguf(w)
+    return path
+
+
+def finish_gguf(w) -> None:
+    """Write a GGUFWriter's header, key/values and tensors, then close it."""
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    return path
+
+
+def copy_tokenizer(w, src=None) -> int:
+    """Copy every ``tokenizer.*`` key of the GGUF at ``src`` (default: the
+    default model) into the writer ``w``; returns the vocabulary size."""
+    import gguf
+
+    from runner.gguf import read_gguf  # the project's header reader: 50x faster than GGUFReader
+
+    if src is None:
+        from runner.models import default_model_path
+
+        src = default_model_path()
+    n_vocab = 0
+    for key, field in read_gguf(src).fields.items():
+        if not key.startswith("tokenizer."):
+            continue
+        # runner.gguf and gguf.GGUFValueType number the value types as the spec does
+        sub = None if field.element_type is None else gguf.GGUFValueType(int(field.element_type))
+        w.add_key_value(key, field.value, gguf.GGUFValueType(int(field.type)), sub_type=sub)
+        if key == "tokenizer.ggml.tokens":
+            n_vocab = len(field.value)
+    if not n_vocab:
+        raise ValueError(f"{src} has no tokenizer.ggml.tokens")
+    return n_vocab
 
 
 def write_vision_projector(

@@ -38,14 +38,16 @@ with eps 0), which random non-zero activations do not mind.
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from mmproj import _CLIP_MEAN, _CLIP_STD, _add_block, _add_encoder_hparams, _matrix, _ones, _zeros
+from mmproj import (
+    _CLIP_MEAN, _CLIP_STD, _add_block, _add_encoder_hparams, _matrix, _ones, _zeros, copy_tokenizer,
+    finish_gguf,
+)
 
 ARCH = "qwen2vl"
 
@@ -120,12 +122,6 @@ def write_qwen2vl_text_model(
         raise ValueError(f"inconsistent text model shape {shape}")
     if sum(shape.rope_sections) * 2 != shape.head_dim or len(shape.rope_sections) != 4:
         raise ValueError(f"rope sections {shape.rope_sections} must sum to head_dim / 2")
-    if vocab_from is None:
-        from runner.models import default_model_path
-
-        vocab_from = default_model_path()
-    tokenizer = _tokenizer_kv(str(vocab_from))
-    n_vocab = len(next(val for key, val, *_ in tokenizer if key == "tokenizer.ggml.tokens"))
 
     path = Path(path)
     rng = np.random.default_rng(seed)
@@ -142,8 +138,7 @@ def write_qwen2vl_text_model(
     w.add_float32(f"{ARCH}.attention.layer_norm_rms_epsilon", 1e-6)
     w.add_float32(f"{ARCH}.rope.freq_base", 10000.0)
     w.add_array(f"{ARCH}.rope.dimension_sections", list(shape.rope_sections))  # INT32[4]
-    for key, val, vtype, sub_type in tokenizer:
-        w.add_key_value(key, val, vtype, sub_type)
+    n_vocab = copy_tokenizer(w, vocab_from)
 
     d, d_kv = shape.n_embd, shape.head_dim * shape.n_head_kv
     # numpy shapes are ggml's ne reversed: (outputs, inputs)
@@ -160,7 +155,7 @@ def write_qwen2vl_text_model(
         w.add_tensor(f"{blk}.ffn_gate.weight", _matrix(rng, shape.n_ff, d))
         w.add_tensor(f"{blk}.ffn_up.weight", _matrix(rng, shape.n_ff, d))
         w.add_tensor(f"{blk}.ffn_down.weight", _matrix(rng, d, shape.n_ff))
-    _finish(w)
+    finish_gguf(w)
     return path
 
 
@@ -201,29 +196,6 @@ def write_qwen2vl_projector(
     w.add_tensor("mm.0.bias", _zeros(merged))
     w.add_tensor("mm.2.weight", _matrix(rng, n_embd_out, merged))
     w.add_tensor("mm.2.bias", _zeros(n_embd_out))  # mtmd takes the output width from this one
-    _finish(w)
+    finish_gguf(w)
     return path
 
-
-def _finish(w) -> None:
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-
-
-@functools.lru_cache(maxsize=4)
-def _tokenizer_kv(model_path: str) -> tuple[tuple, ...]:
-    """Every ``tokenizer.*`` key of a GGUF as (key, value, type, array element type)."""
-    import gguf
-
-    from runner.gguf import read_gguf  # the project's header reader: 50x faster than GGUFReader
-
-    out = []
-    for key, f in read_gguf(model_path).fields.items():
-        if key.startswith("tokenizer."):
-            if f.element_type == gguf.GGUFValueType.ARRAY:
-                raise ValueError(f"nested array in {key} is not supported")
-            sub_type = None if f.element_type is None else gguf.GGUFValueType(int(f.element_type))
-            out.append((key, f.value, gguf.GGUFValueType(int(f.type)), sub_type))
-    return tuple(out)
