@@ -2,8 +2,9 @@
 
     python benchmarks/bench_process.py                      # parallel 1, 4, 8; default model
     python benchmarks/bench_process.py --parallel 4 --tokens 256 --threads 2 --json out.json
+    python benchmarks/bench_process.py --threads 2 --peer-only --rounds 9   # the issue-4 check
 
-Two measurements:
+Two measurements, and a third with --peer / --peer-only:
 
 1. **Generation through the process.**  ``parallel`` concurrent completions
    (greedy, ``ignore_eos``, ``--tokens`` each) through one client over ipc,
@@ -16,6 +17,13 @@ Two measurements:
    path alone: the engine callback, the outbox, the runner's I/O thread,
    msgpack, ipc, the client's I/O thread, and the caller's iterator.  It is
    measured for 1 and 8 concurrent streams.
+3. **Beside llama-batched-bench** (scripts/build_peers.sh).  For each level,
+   ``--rounds`` rounds of one batched-bench run (-npp 128 -ntg ``--tokens``)
+   and one client run whose rate is taken over the same window as S_TG (from
+   the moment every stream has its first token to the last final).  Which
+   side goes first alternates round by round; the ratio reported is the
+   median of the per-round ratios, because single runs on a shared machine
+   scatter by 10-20%.
 """
 
 from __future__ import annotations
