@@ -175,6 +175,24 @@ def test_mrope_follow_up_turn_reuses_the_prefix(llama, qwen2vl):
     assert_same_top(got, reference_top(llama, qwen2vl, turn2, [img]))
 
 
+@pytest.mark.parametrize("kv_unified", [False, True])
+def test_mrope_prefix_forked_into_another_slot(llama, qwen2vl, kv_unified):
+    """'multi' policy: a prompt sharing an image prefix with another slot gets
+    that prefix copied (positions [0, kv_position(n)), not [0, n))."""
+    img = png_bytes(100, 30, seed=13)
+    head = f"System: be brief.\nUser: {MARKER} what is it?"
+    with make_engine(qwen2vl, parallel=2, cache_policy="multi", kv_unified=kv_unified) as engine:
+        first_top(engine, head + " Answer in French.", [img])
+        misses = engine.media_cache.info()["misses"]
+        follow = head + " Answer in German, please."
+        got, final = first_top(engine, follow, [img])
+        assert final.slot == 1 and final.cached_count > 12  # the image came from slot 0
+        assert engine.media_cache.info()["misses"] == misses
+        slot = engine.slots.slots[1]
+        assert engine.ctx.seq_pos_max(1) == kv_position(slot.inputs, len(slot.inputs)) - 1
+    assert_same_top(got, reference_top(llama, qwen2vl, follow, [img]))
+
+
 def test_mrope_context_full_ends_with_length(qwen2vl):
     """An M-RoPE sequence cannot be shifted: at the slot's end it stops."""
     with make_engine(qwen2vl, n_ctx=64) as engine:
