@@ -163,9 +163,19 @@ class _Seq:
     error: EngineError | None = None  # why the sequence failed, if it did
     final: Final | None = None        # completed by the delivery thread, sent after the release
     n_predict: int = 0                # generation limit in tokens (0: none)
-    shrink_ends: list[int] = field(default_factory=list)  # ends of spans that give positions back
-    shrinks: list[int] = field(default_factory=list)      # positions given back before index i:
-                                                          # shrinks[bisect_right(shrink_ends, i)]
+    shrink_ends: list[int] = field(init=False)  # ends of the spans that give positions back
+    shrinks: list[int] = field(init=False)      # positions given back before index i:
+                                                # shrinks[bisect_right(shrink_ends, i)]
+
+    def __post_init__(self) -> None:
+        # The per-token form of runner.slots.kv_position: the last row of a
+        # span says how many positions the span gives back (M-RoPE images).
+        self.shrink_ends, self.shrinks = [], [0]
+        for span in self.spans:
+            shrink = self.inputs[span.end - 1].shrink
+            if shrink:
+                self.shrink_ends.append(span.end)
+                self.shrinks.append(self.shrinks[-1] + shrink)
 
     @property
     def prefilling(self) -> bool:
@@ -174,7 +184,7 @@ class _Seq:
     def position(self, i: int) -> int:
         """KV position of input index ``i``: ``i`` less the positions the
         media before it gave back (M-RoPE images; see runner.slots)."""
-        if not self.shrinks:
+        if not self.shrink_ends:
             return i
         return i - self.shrinks[bisect.bisect_right(self.shrink_ends, i)]
 
@@ -325,12 +335,6 @@ class Engine:
         handle = Handle(self, rid, on_event)
         seq = _Seq(handle=handle, options=options, inputs=inputs, spans=spans, t_tokenize=t_tok,
                    t_queued=time.perf_counter(), sampler=sampler)
-        for span in spans:
-            if span.shrink:
-                seq.shrink_ends.append(span.end)
-        if seq.shrink_ends:
-            seq.shrinks = list(itertools.accumulate((sp.shrink for sp in spans if sp.shrink),
-                                                    initial=0))
         seq.n_predict = options.num_predict if options.num_predict > 0 else 0
         if options.num_predict == 0:
             seq.n_predict = -1  # nothing to generate: finish right after the prompt

@@ -58,11 +58,6 @@ class MediaSpan:
     def end(self) -> int:
         return self.start + self.chunk.n_tokens
 
-    @property
-    def shrink(self) -> int:
-        """Rows minus KV positions: nonzero only for M-RoPE images."""
-        return self.chunk.n_tokens - self.chunk.n_pos
-
 
 @dataclass
 class MediaPrompt:
