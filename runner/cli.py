@@ -91,12 +91,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     sys.stdout.write("\n")
     sys.stdout.flush()
     if args.verbose:
-        pe = stats.prompt_tokens / stats.prompt_seconds if stats.prompt_seconds else 0.0
-        ge = stats.generated_tokens / stats.generate_seconds if stats.generate_seconds else 0.0
-        print(f"prompt: {stats.prompt_tokens} tokens in {stats.prompt_seconds * 1000:.1f} ms "
-              f"({pe:.1f} tok/s)\n"
-              f"generation: {stats.generated_tokens} tokens in {stats.generate_seconds * 1000:.1f} ms "
-              f"({ge:.1f} tok/s), done: {stats.done_reason}", file=sys.stderr)
+        _print_timings(stats.prompt_tokens, stats.prompt_seconds, stats.generated_tokens,
+                       stats.generate_seconds, stats.done_reason)
     return 0
 
 
@@ -143,15 +139,26 @@ def _print_stream(args: argparse.Namespace, events):
     sys.stdout.write("\n")
     sys.stdout.flush()
     if args.verbose and final is not None:
-        pe = final.prompt_eval_count / final.prompt_eval_duration if final.prompt_eval_duration else 0.0
-        ge = final.eval_count / final.eval_duration if final.eval_duration else 0.0
-        print(f"prompt: {final.prompt_eval_count} tokens ({final.cached_count} cached) in "
-              f"{final.prompt_eval_duration * 1000:.1f} ms ({pe:.1f} tok/s)\n"
-              f"generation: {final.eval_count} tokens in {final.eval_duration * 1000:.1f} ms "
-              f"({ge:.1f} tok/s), done: {final.done_reason}, slot {final.slot}", file=sys.stderr)
+        _print_timings(final.prompt_eval_count, final.prompt_eval_duration, final.eval_count,
+                       final.eval_duration, final.done_reason, cached=final.cached_count,
+                       slot=final.slot)
         if final.error:
             print(f"error: {final.error}", file=sys.stderr)
     return final
+
+
+def _print_timings(n_prompt: int, prompt_s: float, n_gen: int, gen_s: float, done: str, *,
+                   cached: int | None = None, slot: int | None = None) -> None:
+    """generate --verbose: prompt and generation counts, times and rates, to stderr."""
+    def rate(n: int, seconds: float) -> float:
+        return n / seconds if seconds else 0.0
+
+    cached_text = f" ({cached} cached)" if cached is not None else ""
+    slot_text = f", slot {slot}" if slot is not None else ""
+    print(f"prompt: {n_prompt} tokens{cached_text} in {prompt_s * 1000:.1f} ms "
+          f"({rate(n_prompt, prompt_s):.1f} tok/s)\n"
+          f"generation: {n_gen} tokens in {gen_s * 1000:.1f} ms ({rate(n_gen, gen_s):.1f} tok/s), "
+          f"done: {done}{slot_text}", file=sys.stderr)
 
 
 def _add_load_args(p: argparse.ArgumentParser) -> None:
