@@ -1,6 +1,6 @@
 # Batch: the reusable input of llama_decode, allocated once.
 
-_NO_POSITIONS = np.zeros((1, 0), dtype=np.int32)
+_NO_POSITIONS = np.zeros((1, 0), dtype=np.int32)  # add_embeddings' view when positions are pos0 + k
 
 
 cdef class Batch:

@@ -404,7 +404,10 @@ class Server:
                 continue  # already answered (cancelled before it ran)
             if terminal:
                 self._finish(key, job)
-                if job.cancelled and job.future is not None:
+                # A worker op's result arriving after a cancel becomes the
+                # cancel's error; a completion (media ones run a worker job
+                # too) always ends with its own final.
+                if job.cancelled and job.future is not None and type(reply) is not P.FinalReply:
                     reply = P.ErrorReply(id=job.id, code="cancelled", message="request cancelled")
             self._send(job.peer, reply)
 

@@ -299,6 +299,12 @@ def test_media_through_the_runner_process(default_model_path, projectors):
         with pytest.raises(Exception, match="cannot decode"):
             list(r.complete("bad [img-0]", media=[b"garbage bytes"], num_predict=2))
         assert list(r.complete("fine", num_predict=2))[-1].done_reason == "length"
+        # A cancelled media completion ends with its final, like any completion.
+        stream = r.complete("Describe [img-0] at length.", media=[img], num_predict=2000,
+                            ignore_eos=True)
+        assert type(next(stream)).__name__ == "Chunk"
+        stream.cancel()
+        assert list(stream)[-1].done_reason == "cancelled"
 
 
 def test_generate_command_with_an_image(default_model_path, projectors, tmp_path):
