@@ -40,8 +40,12 @@ HEARTBEAT_IVL_MS = 2_000
 HEARTBEAT_TIMEOUT_MS = 10_000
 HEARTBEAT_TTL_MS = 20_000
 
-ERROR_CODES = ("bad_request", "input_too_long", "busy", "not_ready", "cancelled", "internal")
-ErrorCode = Literal["bad_request", "input_too_long", "busy", "not_ready", "cancelled", "internal"]
+# Every failure's code, and the exception a client raises for it (each
+# exception class carries its code).
+_ERRORS: dict[str, type[EngineError]] = {
+    cls.code: cls for cls in (BadRequest, InputTooLong, Busy, NotReady, Cancelled, InternalError)}
+ERROR_CODES = tuple(_ERRORS)
+ErrorCode = Literal[ERROR_CODES]
 State = Literal["launched", "loading", "ready", "error", "stopping"]
 
 RequestId = Union[Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)],
@@ -317,10 +321,9 @@ def decode_reply(data: bytes | memoryview) -> Reply:
 
 # -- errors <-> codes ---------------------------------------------------------
 
-_ERRORS: dict[str, type[EngineError]] = {
-    "bad_request": BadRequest, "input_too_long": InputTooLong, "busy": Busy,
-    "not_ready": NotReady, "cancelled": Cancelled, "internal": InternalError,
-}
+def known_code(code: str | None) -> str | None:
+    """``code`` if the protocol defines it (or None), else ``internal``."""
+    return code if code is None or code in _ERRORS else "internal"
 
 
 def error_from_code(code: str | None, message: str) -> EngineError:
@@ -331,7 +334,7 @@ def error_from_code(code: str | None, message: str) -> EngineError:
 def error_reply(request_id: Any, exc: BaseException) -> ErrorReply:
     """An exception raised while serving a request -> its ``error`` reply."""
     if isinstance(exc, EngineError):
-        code = exc.code if exc.code in ERROR_CODES else "internal"
+        code = known_code(exc.code)
     elif isinstance(exc, (ValueError, TypeError, IndexError, OverflowError)):
         code = "bad_request"
     else:

@@ -236,10 +236,18 @@ class ParentWatch:
         return self.pid is not None and os.getppid() != self.pid
 
 
+def _failure(request_id: Any, exc: BaseException) -> P.ErrorReply:
+    """The error reply for an exception raised while serving a request.  An
+    unexpected one (code ``internal``) is logged with its traceback, so call
+    this inside the ``except`` block."""
+    reply = P.error_reply(request_id, exc)
+    if reply.code == "internal":
+        log.exception("request %r failed", request_id)
+    return reply
+
+
 def _final_reply(request_id: Any, final: Final) -> P.FinalReply:
-    code = final.error_code
-    if code is not None and code not in P.ERROR_CODES:
-        code = "internal"
+    code = P.known_code(final.error_code)
     return P.FinalReply(
         id=request_id, done_reason=final.done_reason, prompt_eval_count=final.prompt_eval_count,
         prompt_eval_duration=final.prompt_eval_duration, eval_count=final.eval_count,
@@ -391,10 +399,7 @@ class Server:
             try:
                 self._handlers[type(request)](peer, request)
             except Exception as exc:
-                reply = P.error_reply(request.id, exc)
-                if reply.code == "internal":
-                    log.exception("%s request failed", request.__struct_config__.tag)
-                self._send(peer, reply)
+                self._send(peer, _failure(request.id, exc))
 
     def _deliver(self, items: list) -> None:
         """Send replies posted by other threads: (job key, reply, terminal)."""
@@ -518,7 +523,7 @@ class Server:
             line = _llama.last_error_line()
             if line and line not in message:
                 message = f"{message} (llama.cpp: {line})"
-            code = exc.code if isinstance(exc, EngineError) else "internal"
+            code = P.known_code(exc.code) if isinstance(exc, EngineError) else "internal"
             log.error("loading %s failed: %s", self.model_path, message)
             with self._state_lock:
                 self._state, self._error, self._error_code = "error", message, code
@@ -599,10 +604,7 @@ class Server:
             try:
                 handle = engine.submit(request, on_event=sink)
             except Exception as exc:
-                reply = P.error_reply(key[1], exc)
-                if reply.code == "internal":
-                    log.exception("request %r failed", key[1])
-                self._outbox.post((key, reply, True))
+                self._outbox.post((key, _failure(key[1], exc), True))
                 return
             job.handle = handle
             if job.cancelled:
@@ -622,8 +624,9 @@ class Server:
 
         def on_event(event) -> None:  # the engine's delivery thread; never blocks
             if type(event) is Chunk:
-                post_quiet((key, P.ChunkReply(id=request_id, text=event.text, tokens=list(event.tokens),
-                                        logprobs=event.logprobs), False))
+                # Each Chunk owns its token list (the engine starts a new one).
+                post_quiet((key, P.ChunkReply(id=request_id, text=event.text, tokens=event.tokens,
+                                              logprobs=event.logprobs), False))
             else:
                 post((key, _final_reply(request_id, event), True))
 
@@ -706,9 +709,7 @@ class Server:
         try:
             reply = fn()
         except Exception as exc:
-            reply = P.error_reply(request_id, exc)
-            if reply.code == "internal":
-                log.exception("request %r failed", request_id)
+            reply = _failure(request_id, exc)
         self._outbox.post((key, reply, True))
 
     def _cancel_job(self, key: tuple, job: Job, reply: bool = True) -> None:
