@@ -149,9 +149,7 @@ class _Connection:
         self._pidfd = None  # readable once the runner exits (Linux 5.3+)
         if process is not None and hasattr(os, "pidfd_open"):
             self._pidfd = os.pidfd_open(process.pid)
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
+        self._wake_pipe = P.WakePipe()  # callers wake the I/O thread through it
         self._lock = threading.RLock()  # reentrant: a stream dropped on this thread may forget()
         self._inbox: collections.deque[tuple] = collections.deque()  # work for the I/O thread
         self._gone: tuple[str, int | None, str | None] | None = None  # why calls now fail
@@ -186,18 +184,14 @@ class _Connection:
                 self._wake()
         self._thread.join()
         with self._lock:  # _gone is set (the thread ended): nobody writes to the pipe now
-            os.close(self._wake_r)
-            os.close(self._wake_w)
+            self._wake_pipe.close()
         if self._pidfd is not None:
             os.close(self._pidfd)
         self._zmq.term()
 
     def _wake(self) -> None:
         """Wake the I/O thread (with ``_lock`` held, while ``_gone`` is None)."""
-        try:
-            os.write(self._wake_w, b"\0")
-        except BlockingIOError:
-            pass  # the pipe is full: the thread is awake anyway
+        self._wake_pipe.wake()
 
     # -- the I/O thread ----------------------------------------------------------
 
@@ -205,7 +199,7 @@ class _Connection:
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
         poller.register(self._monitor, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
+        poller.register(self._wake_pipe.read_fd, zmq.POLLIN)
         if self._pidfd is not None:
             poller.register(self._pidfd, zmq.POLLIN)
         poll_ms = 100 if self._process is not None and self._pidfd is None else None
@@ -222,7 +216,7 @@ class _Connection:
                     self._disconnected()
                     if self._gone is not None:
                         return
-                if self._wake_r in ready and self._work():
+                if self._wake_pipe.read_fd in ready and self._work():
                     self._die(("client closed", None, None))
                     return
         except Exception as exc:  # a bug here must not leave callers waiting
@@ -264,11 +258,7 @@ class _Connection:
 
     def _work(self) -> bool:
         """Carry out what callers asked; True when asked to close."""
-        try:
-            while os.read(self._wake_r, 4096):
-                pass
-        except BlockingIOError:
-            pass
+        self._wake_pipe.clear()
         while True:
             with self._lock:
                 if not self._inbox:

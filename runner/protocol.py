@@ -345,6 +345,38 @@ def error_reply(request_id: Any, exc: BaseException) -> ErrorReply:
 
 # -- transport ---------------------------------------------------------------
 
+class WakePipe:
+    """A non-blocking pipe whose read end sits in an I/O thread's poll set:
+    another thread writes a byte to wake it.  Both ends of the protocol use
+    one to hand work to the thread that owns their socket."""
+
+    def __init__(self) -> None:
+        self.read_fd, self.write_fd = os.pipe()
+        os.set_blocking(self.read_fd, False)
+        os.set_blocking(self.write_fd, False)
+
+    def fileno(self) -> int:
+        return self.read_fd
+
+    def wake(self) -> None:
+        try:
+            os.write(self.write_fd, b"\0")
+        except BlockingIOError:
+            pass  # the pipe is full, so the reader is awake anyway
+
+    def clear(self) -> None:
+        """Read every pending byte (before looking for the work they announce)."""
+        try:
+            while os.read(self.read_fd, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def close(self) -> None:
+        os.close(self.read_fd)
+        os.close(self.write_fd)
+
+
 def configure_router(sock, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
     """Options of the runner's ROUTER socket (set before bind)."""
     import zmq

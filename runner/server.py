@@ -54,12 +54,11 @@ class Outbox:
     def __init__(self) -> None:
         self._items: collections.deque = collections.deque()  # append/popleft are atomic
         self._armed = False  # a wake-up byte is in the pipe, or about to be
-        self._read_fd, self.write_fd = os.pipe()
-        os.set_blocking(self._read_fd, False)
-        os.set_blocking(self.write_fd, False)
+        self._pipe = P.WakePipe()
+        self.write_fd = self._pipe.write_fd  # also the signal wake-up fd
 
     def fileno(self) -> int:
-        return self._read_fd
+        return self._pipe.read_fd
 
     def post(self, item: Any) -> None:
         self._items.append(item)
@@ -84,19 +83,12 @@ class Outbox:
         # cheaper than the I/O thread running during the decode: writing
         # while keeping the GIL made parallel 1 about 3% slower (median of 8
         # paired rounds), and so did waiting for the send.
-        try:
-            os.write(self.write_fd, b"\0")
-        except BlockingIOError:
-            pass  # the pipe is full, so the reader is awake anyway
+        self._pipe.wake()
 
     def drain(self) -> list:
         # Order matters: empty the pipe, disarm, then take the items.  A post
         # that lands after the disarm writes a new byte; one before it is taken.
-        try:
-            while os.read(self._read_fd, 4096):
-                pass
-        except BlockingIOError:
-            pass
+        self._pipe.clear()
         self._armed = False
         items = []
         while self._items:
@@ -104,8 +96,7 @@ class Outbox:
         return items
 
     def close(self) -> None:
-        os.close(self._read_fd)
-        os.close(self.write_fd)
+        self._pipe.close()
 
 
 _SEND_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
