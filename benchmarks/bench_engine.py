@@ -29,6 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from runner.bench import greedy_options  # noqa: E402
 from runner.engine import Engine, EngineConfig  # noqa: E402
 from runner.models import default_model_path  # noqa: E402
 from runner.requests import Chunk, CompletionOptions, CompletionRequest  # noqa: E402
@@ -72,7 +73,7 @@ def engine_rate(engine: Engine, b: int, pp: int, tg: int) -> dict:
                         done.set()
         return sink
 
-    opts = CompletionOptions(num_predict=tg, temperature=0.0, repeat_penalty=1.0, ignore_eos=True)
+    opts = CompletionOptions.from_dict(greedy_options(tg))
     t0 = time.perf_counter()
     for i in range(b):
         # Distinct prompts so that nothing is shared through the prefix cache.
@@ -112,7 +113,7 @@ def long_prompt_gap(engine: Engine, n_prompt: int = 2000) -> dict:
         else:
             done.set()
 
-    opts = CompletionOptions(num_predict=150, temperature=0.0, repeat_penalty=1.0, ignore_eos=True)
+    opts = CompletionOptions.from_dict(greedy_options(150))
     engine.submit(CompletionRequest(prompt=[300 + k for k in range(16)], options=opts), on_event=sink)
     started.wait()
     t_long = time.perf_counter()

@@ -69,7 +69,7 @@ from mmproj import VisionEncoder, png_bytes, write_vision_projector  # noqa: E40
 
 from llama_server import SERVER, LlamaServer  # noqa: E402
 
-from runner.bench import cpu_model, filler_text  # noqa: E402
+from runner.bench import OPTIONS, cpu_model, filler_text, greedy_options  # noqa: E402
 from runner.client import Runner  # noqa: E402
 from runner.requests import Chunk  # noqa: E402
 
@@ -137,8 +137,7 @@ class RunnerSide:
         t0 = time.perf_counter()
         first = None
         final = None
-        for event in self.runner.complete(prompt, media=[image], num_predict=n_predict,
-                                          temperature=0.0, ignore_eos=True):
+        for event in self.runner.complete(prompt, media=[image], **greedy_options(n_predict)):
             if type(event) is Chunk:
                 if first is None and event.tokens:
                     first = time.perf_counter()
@@ -235,8 +234,7 @@ class ServerSide:
     def turn(self, prompt: str, image: bytes, n_predict: int) -> Turn:
         body = {"prompt": {"prompt_string": prompt.replace(PLACEHOLDER, self.marker),
                            "multimodal_data": [base64.b64encode(image).decode()]},
-                "n_predict": n_predict, "stream": True, "temperature": 0.0, "ignore_eos": True,
-                "repeat_penalty": 1.0, "cache_prompt": True}
+                "n_predict": n_predict, "stream": True, "cache_prompt": True, **OPTIONS}
         t0 = time.perf_counter()
         first = None
         timings: dict = {}

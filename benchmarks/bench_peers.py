@@ -63,7 +63,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_engine import PEER as BATCHED_BENCH, batched_bench  # noqa: E402
-from bench_process import greedy_options, run_concurrently, window_rate  # noqa: E402
+from bench_process import run_concurrently, window_rate  # noqa: E402
+from runner.bench import OPTIONS, greedy_options  # noqa: E402
 from llama_server import SERVER, LlamaServer  # noqa: E402
 
 from runner.bench import cpu_model, filler_text  # noqa: E402
@@ -158,8 +159,7 @@ class ServerSide:
 
     def stream(self, prompt: str | list[int], n_predict: int,
                on_arrival: OnArrival | None = None) -> Stream:
-        body = {"prompt": prompt, "n_predict": n_predict, "stream": True, "temperature": 0.0,
-                "repeat_penalty": 1.0, "ignore_eos": True}
+        body = {"prompt": prompt, "n_predict": n_predict, "stream": True, **OPTIONS}
         s = Stream(t_submit=time.perf_counter())
         parts = []
         with self.server.post("/completion", body) as reply:

@@ -39,6 +39,7 @@ import threading
 import time
 
 from runner import protocol as P
+from runner.bench import greedy_options
 from runner.client import Runner
 from runner.requests import Chunk, Final
 
@@ -46,11 +47,6 @@ PROMPTS = ["Write a long story about a lighthouse keeper.", "List facts about th
            "Explain how bread is made.", "Describe a walk through a forest.",
            "Tell me about the history of clocks.", "Write a letter to a friend.",
            "Describe the ocean at night.", "Explain what a compiler does."]
-
-
-def greedy_options(tokens: int) -> dict:
-    """Completion options of every benchmark request: greedy, exactly ``tokens`` tokens."""
-    return {"num_predict": tokens, "ignore_eos": True, "temperature": 0.0, "repeat_penalty": 1.0}
 
 
 def run_concurrently(n: int, work) -> tuple[float, list]:

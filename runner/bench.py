@@ -32,6 +32,12 @@ from runner.benchstats import (RequestSample, RunSample, build_report, check_plo
 # Sampling of every benchmark request: greedy, no penalties, a fixed length.
 OPTIONS = {"temperature": 0.0, "repeat_penalty": 1.0, "ignore_eos": True}
 
+
+def greedy_options(tokens: int) -> dict:
+    """OPTIONS for exactly ``tokens`` generated tokens (a completion's options;
+    llama-server takes the same keys, with ``n_predict`` for the count)."""
+    return {**OPTIONS, "num_predict": tokens}
+
 # Filler vocabulary of the prompts: plain words, so that any tokenizer splits
 # them like ordinary prose.
 _WORDS = (
@@ -183,7 +189,7 @@ def run_benchmark(runner, *, requests: int, parallel: int, prompt_tokens: int, m
     builder = PromptBuilder(lambda text, special: runner.tokenize(text, add_special=special,
                                                                   timeout=60),
                             lambda tokens: runner.detokenize(tokens, timeout=60))
-    options = {**OPTIONS, "num_predict": max_tokens}
+    options = greedy_options(max_tokens)
     # Seeds run on across the warm-up and the epochs: no two prompts share a prefix.
     seeds = itertools.count(1)
     warm = [builder.build(prompt_tokens, next(seeds))[0] for _ in range(warmup)]
