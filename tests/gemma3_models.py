@@ -36,9 +36,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from mmproj import _add_block, _matrix, _normal, _ones, _zeros, copy_tokenizer, finish_gguf
+from mmproj import _add_block, _matrix, _normal, _ones, _zeros, finish_gguf, text_model_writer
 
-TEXT_N_EMBD = 64  # width of the tiny text model, which the projector's output must match
+GEMMA3_N_EMBD = 64  # width of the tiny text model, which the projector's output must match
 
 # SigLIP's normalisation (what Gemma 3's converter writes)
 _SIGLIP_MEAN = [0.5, 0.5, 0.5]
@@ -49,7 +49,7 @@ _SIGLIP_STD = [0.5, 0.5, 0.5]
 class Gemma3Text:
     """Shape of the tiny Gemma 3 text model (``gemma3.*`` keys)."""
 
-    n_embd: int = TEXT_N_EMBD
+    n_embd: int = GEMMA3_N_EMBD
     n_layer: int = 2
     n_head: int = 4
     n_head_kv: int = 2  # grouped-query attention: 2 query heads per KV head
@@ -85,33 +85,23 @@ def write_gemma3_text_model(
 
     The tokenizer keys come from ``vocab_from`` (default: the default model).
     """
-    import gguf  # test dependency only: keep importing this module cheap
-
     t = Gemma3Text(**shape)
     if t.n_head % t.n_head_kv or t.n_layer < 1:
         raise ValueError(f"inconsistent text model shape {t}")
     path = Path(path)
     rng = np.random.default_rng(seed)
     arch = "gemma3"
-    w = gguf.GGUFWriter(str(path), arch)  # writes general.architecture
-    w.add_string("general.name", "llama-runner test gemma3")
-    w.add_string("general.description", f"random weights, seed {seed}")
-    w.add_uint32(f"{arch}.context_length", t.n_ctx_train)
-    w.add_uint32(f"{arch}.embedding_length", t.n_embd)
-    w.add_uint32(f"{arch}.block_count", t.n_layer)
-    w.add_uint32(f"{arch}.feed_forward_length", t.n_ff)
-    w.add_uint32(f"{arch}.attention.head_count", t.n_head)
-    w.add_uint32(f"{arch}.attention.head_count_kv", t.n_head_kv)
+    w, n_vocab = text_model_writer(
+        path, arch, seed, n_ctx=t.n_ctx_train, n_embd=t.n_embd, n_layer=t.n_layer, n_ff=t.n_ff,
+        n_head=t.n_head, n_head_kv=t.n_head_kv, rope_freq_base=1_000_000.0,  # global layers
+        vocab_from=vocab_from)
     w.add_uint32(f"{arch}.attention.key_length", t.head_dim)
     w.add_uint32(f"{arch}.attention.value_length", t.head_dim)
-    w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)  # required
-    w.add_float32(f"{arch}.rope.freq_base", 1_000_000.0)  # global layers
     w.add_float32(f"{arch}.rope.freq_base_swa", 10_000.0)  # SWA layers
     # without a window > 0 gemma3 has no SWA at all; the pattern defaults to 6
     # (5 SWA layers, then a global one), which would make both of ours SWA
     w.add_uint32(f"{arch}.attention.sliding_window", t.sliding_window)
     w.add_uint32(f"{arch}.attention.sliding_window_pattern", t.swa_pattern)
-    n_vocab = copy_tokenizer(w, vocab_from)
 
     e, q, kv = t.n_embd, t.n_head * t.head_dim, t.n_head_kv * t.head_dim
     # numpy shapes are ggml's ne reversed: (rows = outputs, cols = inputs); no
@@ -138,7 +128,7 @@ def write_gemma3_text_model(
 
 
 def write_gemma3_projector(
-    path: str | Path, n_embd_out: int = TEXT_N_EMBD, seed: int = 0, **shape: int
+    path: str | Path, n_embd_out: int = GEMMA3_N_EMBD, seed: int = 0, **shape: int
 ) -> Path:
     """Write a ``gemma3`` vision projector; ``shape`` overrides fields of Gemma3Vision."""
     import gguf

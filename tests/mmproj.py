@@ -122,6 +122,30 @@ def finish_gguf(w) -> None:
     w.close()
 
 
+def text_model_writer(path, arch: str, seed: int, *, n_ctx: int, n_embd: int, n_layer: int,
+                      n_ff: int, n_head: int, n_head_kv: int, rope_freq_base: float,
+                      vocab_from=None):
+    """A GGUFWriter for a tiny random-weight text model of ``arch``, holding
+    the keys every architecture reads (llama.cpp's get_key: u32 / f32; names
+    from src/llama-arch.cpp) and the tokenizer of ``vocab_from`` (default:
+    the default model).  Returns (writer, vocabulary size); the caller adds
+    its own keys and tensors, then calls :func:`finish_gguf`."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), arch)  # writes general.architecture
+    w.add_string("general.name", f"llama-runner test {arch}")
+    w.add_string("general.description", f"random weights, seed {seed}")
+    w.add_uint32(f"{arch}.context_length", n_ctx)
+    w.add_uint32(f"{arch}.embedding_length", n_embd)
+    w.add_uint32(f"{arch}.block_count", n_layer)
+    w.add_uint32(f"{arch}.feed_forward_length", n_ff)
+    w.add_uint32(f"{arch}.attention.head_count", n_head)
+    w.add_uint32(f"{arch}.attention.head_count_kv", n_head_kv)
+    w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)
+    w.add_float32(f"{arch}.rope.freq_base", rope_freq_base)
+    return w, copy_tokenizer(w, vocab_from)
+
+
 def copy_tokenizer(w, src=None) -> int:
     """Copy every ``tokenizer.*`` key of the GGUF at ``src`` (default: the
     default model) into the writer ``w``; returns the vocabulary size."""

@@ -45,8 +45,8 @@ from pathlib import Path
 import numpy as np
 
 from mmproj import (
-    _CLIP_MEAN, _CLIP_STD, _add_block, _add_encoder_hparams, _matrix, _ones, _zeros, copy_tokenizer,
-    finish_gguf,
+    _CLIP_MEAN, _CLIP_STD, _add_block, _add_encoder_hparams, _matrix, _ones, _zeros, finish_gguf,
+    text_model_writer,
 )
 
 ARCH = "qwen2vl"
@@ -116,8 +116,6 @@ def write_qwen2vl_text_model(
     path: str | Path, seed: int = 0, *, shape: TextShape = TEXT, vocab_from: str | Path | None = None
 ) -> Path:
     """Write the text model; the tokenizer comes from ``vocab_from`` (default: the default model)."""
-    import gguf
-
     if shape.n_embd % shape.n_head or shape.n_head % shape.n_head_kv:
         raise ValueError(f"inconsistent text model shape {shape}")
     if sum(shape.rope_sections) * 2 != shape.head_dim or len(shape.rope_sections) != 4:
@@ -125,20 +123,11 @@ def write_qwen2vl_text_model(
 
     path = Path(path)
     rng = np.random.default_rng(seed)
-    w = gguf.GGUFWriter(str(path), ARCH)  # writes general.architecture
-    w.add_string("general.name", "llama-runner test qwen2vl")
-    w.add_string("general.description", f"random weights, seed {seed}")
-    # llama.cpp reads these with get_key (u32 / f32); key names from src/llama-arch.cpp
-    w.add_uint32(f"{ARCH}.context_length", shape.n_ctx)
-    w.add_uint32(f"{ARCH}.embedding_length", shape.n_embd)
-    w.add_uint32(f"{ARCH}.block_count", shape.n_layer)
-    w.add_uint32(f"{ARCH}.feed_forward_length", shape.n_ff)
-    w.add_uint32(f"{ARCH}.attention.head_count", shape.n_head)
-    w.add_uint32(f"{ARCH}.attention.head_count_kv", shape.n_head_kv)
-    w.add_float32(f"{ARCH}.attention.layer_norm_rms_epsilon", 1e-6)
-    w.add_float32(f"{ARCH}.rope.freq_base", 10000.0)
+    w, n_vocab = text_model_writer(
+        path, ARCH, seed, n_ctx=shape.n_ctx, n_embd=shape.n_embd, n_layer=shape.n_layer,
+        n_ff=shape.n_ff, n_head=shape.n_head, n_head_kv=shape.n_head_kv, rope_freq_base=10000.0,
+        vocab_from=vocab_from)
     w.add_array(f"{ARCH}.rope.dimension_sections", list(shape.rope_sections))  # INT32[4]
-    n_vocab = copy_tokenizer(w, vocab_from)
 
     d, d_kv = shape.n_embd, shape.head_dim * shape.n_head_kv
     # numpy shapes are ggml's ne reversed: (outputs, inputs)
