@@ -211,6 +211,44 @@ def bench_protocol(streams: int, tokens: int) -> dict:
             "us_per_chunk": wall / total * 1e6}
 
 
+def compare_with_peer(model: str, levels: list[int], tokens: int, threads: int,
+                      rounds: int) -> list[dict]:
+    """Client rate over the S_TG window beside llama-batched-bench, per level.
+
+    Peer and client alternate, level by level and round by round, so that a
+    slow spell on a shared machine hits both sides of a ratio alike; which
+    side goes first alternates too (ABBA), in case going first pays.  The
+    ratio reported is the median of the per-round ratios.
+    """
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_engine import batched_bench
+
+    pairs: dict[int, list[tuple[float, float]]] = {level: [] for level in levels}
+    for r in range(rounds):
+        for level in levels:
+            def run_peer() -> float:
+                return batched_bench(model, threads, 4096, 512, [level], 128, tokens,
+                                     unified=False).get(level, float("nan"))
+
+            def run_client() -> float:
+                return bench_generation_window(model, level, tokens, threads)["tok_s"]
+
+            if r % 2 == 0:
+                peer = run_peer()
+                client = run_client()
+            else:
+                client = run_client()
+                peer = run_peer()
+            pairs[level].append((client, peer))
+    out = []
+    for level in levels:
+        ratios = [c / p for c, p in pairs[level]]
+        out.append({"parallel": level, "client_tok_s": [c for c, _ in pairs[level]],
+                    "S_TG": [p for _, p in pairs[level]], "ratios": ratios,
+                    "ratio": statistics.median(ratios)})
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="default")
@@ -236,65 +274,32 @@ def main() -> int:
 
     model = str(resolve_model(args.model))
     results = {"generation": [], "protocol": []}
-    levels = [] if args.peer_only else [int(p) for p in args.parallel.split(",")]
-    if levels:
+    levels = [int(p) for p in args.parallel.split(",")]
+    if not args.peer_only:
         print(f"{'parallel':>8} {'client tok/s':>13} {'engine tok/s':>13} {'per stream':>11} {'ratio':>6}")
-    for parallel in levels:
-        client = bench_client(model, parallel, args.tokens, args.threads)
-        engine = None if args.skip_engine else bench_engine(model, parallel, args.tokens, args.threads)
-        row = {"parallel": parallel, "client": client, "engine": engine}
-        results["generation"].append(row)
-        ratio = f"{client['tok_s'] / engine['tok_s']:.3f}" if engine else "-"
-        print(f"{parallel:>8} {client['tok_s']:>13.1f} "
-              f"{engine['tok_s'] if engine else float('nan'):>13.1f} "
-              f"{client['per_stream_tok_s']:>11.1f} {ratio:>6}")
+        for parallel in levels:
+            client = bench_client(model, parallel, args.tokens, args.threads)
+            engine = None if args.skip_engine else bench_engine(model, parallel, args.tokens, args.threads)
+            results["generation"].append({"parallel": parallel, "client": client, "engine": engine})
+            ratio = f"{client['tok_s'] / engine['tok_s']:.3f}" if engine else "-"
+            print(f"{parallel:>8} {client['tok_s']:>13.1f} "
+                  f"{engine['tok_s'] if engine else float('nan'):>13.1f} "
+                  f"{client['per_stream_tok_s']:>11.1f} {ratio:>6}")
     if args.peer or args.peer_only:
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        from bench_engine import batched_bench
-
-        levels = [int(p) for p in args.parallel.split(",")]
         threads = args.threads or os.cpu_count()
-        # Peer and client alternate, level by level and round by round, so
-        # that a slow spell on a shared machine hits both sides of a ratio
-        # alike;
-        # the ratio reported is the median of the per-round ratios.
-        rounds: dict[int, list[tuple[float, float]]] = {level: [] for level in levels}
-        for r in range(args.rounds):
-            for level in levels:
-                def peer_run():
-                    return batched_bench(model, threads, 4096, 512, [level], 128, args.tokens,
-                                         unified=False).get(level, float("nan"))
-
-                def client_run():
-                    return bench_generation_window(model, level, args.tokens, threads)["tok_s"]
-
-                # Who goes first alternates too (ABBA), in case going first pays.
-                if r % 2 == 0:
-                    peer = peer_run()
-                    client = client_run()
-                else:
-                    client = client_run()
-                    peer = peer_run()
-                rounds[level].append((client, peer))
-        results["peer"] = []
+        results["peer"] = compare_with_peer(model, levels, args.tokens, threads, args.rounds)
         print(f"\n{'parallel':>8} {'client tok/s':>13} {'batched-bench S_TG':>19} {'ratio':>6}"
               f"  (medians of {args.rounds} alternating rounds; per-round ratios)")
-        for level in levels:
-            pairs = rounds[level]
-            ratios = [c / p for c, p in pairs]
-            row = {"parallel": level, "client_tok_s": [c for c, _ in pairs],
-                   "S_TG": [p for _, p in pairs], "ratios": ratios,
-                   "ratio": statistics.median(ratios)}
-            results["peer"].append(row)
-            print(f"{level:>8} {statistics.median(row['client_tok_s']):>13.1f} "
+        for row in results["peer"]:
+            print(f"{row['parallel']:>8} {statistics.median(row['client_tok_s']):>13.1f} "
                   f"{statistics.median(row['S_TG']):>19.1f} {row['ratio']:>6.3f}  "
-                  + " ".join(f"{r:.2f}" for r in ratios))
+                  + " ".join(f"{r:.2f}" for r in row["ratios"]))
     if not args.peer_only:
         print(f"\n{'streams':>8} {'chunks/s':>10} {'us/chunk':>9}")
-    for streams in () if args.peer_only else (1, 8):
-        row = bench_protocol(streams, args.protocol_tokens // streams)
-        results["protocol"].append(row)
-        print(f"{streams:>8} {row['chunks_per_s']:>10.0f} {row['us_per_chunk']:>9.1f}")
+        for streams in (1, 8):
+            row = bench_protocol(streams, args.protocol_tokens // streams)
+            results["protocol"].append(row)
+            print(f"{streams:>8} {row['chunks_per_s']:>10.0f} {row['us_per_chunk']:>9.1f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
