@@ -234,20 +234,15 @@ class ServerSide:
     def turn(self, prompt: str, image: bytes, n_predict: int) -> Turn:
         body = {"prompt": {"prompt_string": prompt.replace(PLACEHOLDER, self.marker),
                            "multimodal_data": [base64.b64encode(image).decode()]},
-                "n_predict": n_predict, "stream": True, "cache_prompt": True, **OPTIONS}
+                "n_predict": n_predict, "cache_prompt": True, **OPTIONS}
         t0 = time.perf_counter()
         first = None
         timings: dict = {}
-        with self.server.post("/completion", body) as reply:
-            for line in reply:   # server-sent events: "data: {json}" lines
-                if not line.startswith(b"data: "):
-                    continue
-                event = json.loads(line[6:])
-                if first is None and event.get("tokens"):
-                    first = time.perf_counter()
-                if event.get("stop"):
-                    timings = event.get("timings", {})
-                    break
+        for now, event in self.server.stream_completion(body):
+            if first is None and event.get("tokens"):
+                first = now
+            if event.get("stop"):
+                timings = event.get("timings", {})
         end = time.perf_counter()
         self._requests += 1
         encodes, encode_s, decoded = count_encodes(self._lines_of_request())

@@ -159,27 +159,21 @@ class ServerSide:
 
     def stream(self, prompt: str | list[int], n_predict: int,
                on_arrival: OnArrival | None = None) -> Stream:
-        body = {"prompt": prompt, "n_predict": n_predict, "stream": True, **OPTIONS}
+        body = {"prompt": prompt, "n_predict": n_predict, **OPTIONS}
         s = Stream(t_submit=time.perf_counter())
         parts = []
-        with self.server.post("/completion", body) as reply:
-            for line in reply:   # server-sent events: "data: {json}" lines
-                if not line.startswith(b"data: "):
-                    continue
-                event = json.loads(line[6:])
-                now = time.perf_counter()
-                n = len(event.get("tokens") or ())
-                if n:
-                    s.arrivals.append((now, n))
-                    parts.append(event.get("content", ""))
-                    if on_arrival is not None:
-                        on_arrival(s.generated)
-                if event.get("stop"):
-                    s.t_end = now
-                    timings = event.get("timings", {})
-                    s.cached_tokens = timings.get("cache_n", 0)
-                    s.prompt_tokens = s.cached_tokens + timings.get("prompt_n", 0)
-                    break
+        for now, event in self.server.stream_completion(body):
+            n = len(event.get("tokens") or ())
+            if n:
+                s.arrivals.append((now, n))
+                parts.append(event.get("content", ""))
+                if on_arrival is not None:
+                    on_arrival(s.generated)
+            if event.get("stop"):
+                s.t_end = now
+                timings = event.get("timings", {})
+                s.cached_tokens = timings.get("cache_n", 0)
+                s.prompt_tokens = s.cached_tokens + timings.get("prompt_n", 0)
         s.text = "".join(parts)
         return s
 

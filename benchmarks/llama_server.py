@@ -66,6 +66,19 @@ class LlamaServer:
                                          headers={"Content-Type": "application/json"})
         return urllib.request.urlopen(request, timeout=600)
 
+    def stream_completion(self, body: dict):
+        """POST a streamed ``/completion``; yields (perf_counter at arrival,
+        event) for each server-sent event, the last one being the ``stop``
+        event (with ``timings``)."""
+        with self.post("/completion", {**body, "stream": True}) as reply:
+            for line in reply:   # server-sent events: "data: {json}" lines
+                if not line.startswith(b"data: "):
+                    continue
+                event = json.loads(line[6:])
+                yield time.perf_counter(), event
+                if event.get("stop"):
+                    return
+
     def log_bytes(self, start: int = 0) -> bytes:
         """The log from byte ``start`` on."""
         with open(self.log_path, "rb") as f:
