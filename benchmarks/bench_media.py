@@ -436,10 +436,9 @@ def main(argv: list[str] | None = None) -> int:
             setattr(args, name, value)
     if args.turns < 1 or args.repeats < 1:
         ap.error("--turns and --repeats must be >= 1")
-    if args.model is None:
-        from runner.models import default_model_path
+    from runner.models import resolve_model
 
-        args.model = str(default_model_path())
+    args.model = str(resolve_model(args.model))
     with tempfile.TemporaryDirectory(prefix="bench-media-") as workdir:
         results = run(args, Path(workdir))
     print(report(results, args))

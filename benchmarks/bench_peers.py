@@ -523,10 +523,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         for name, value in SMOKE.items():
             setattr(args, name, value)
-    if args.model is None:
-        from runner.models import default_model_path
+    from runner.models import resolve_model
 
-        args.model = str(default_model_path())
+    args.model = str(resolve_model(args.model))
     for binary in (BATCHED_BENCH, SERVER):
         if not binary.exists():
             print(f"{binary} is missing: run scripts/build_peers.sh first", file=sys.stderr)
@@ -534,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
     results = run(args)
     print(report(results, args))
     if args.json:
-        doc = {"date": time.strftime("%F %T"), "command": shlex.join([sys.argv[0], *(argv or sys.argv[1:])]),
+        doc = {"date": time.strftime("%F %T"), "command": shlex.join([sys.argv[0], *(sys.argv[1:] if argv is None else argv)]),
                "machine": {"cpu": cpu_model(), "cores": os.cpu_count()},
                "settings": vars(args), **results}
         Path(args.json).write_text(json.dumps(doc, indent=2))
