@@ -396,7 +396,7 @@ def report(doc: dict, args: argparse.Namespace) -> str:
                + (f", llama-server {srv['encodes_total']})" if srv is not None else ")"))
     if srv is not None:
         mismatch = [t + 1 for t in range(args.turns)
-                    if doc["runner"][0][t]["prompt_tokens"] != doc["llama-server"][0][t]["prompt_tokens"]]
+                    if conv0[t]["prompt_tokens"] != doc["llama-server"][0][t]["prompt_tokens"]]
         if mismatch:
             out.append(f"note: the two sides counted different prompt lengths at turn(s) {mismatch}")
     before, after = doc["load_average"]
