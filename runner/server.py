@@ -21,6 +21,7 @@ import ctypes
 import dataclasses
 import logging
 import os
+import select
 import shutil
 import signal
 import sys
@@ -90,6 +91,11 @@ class Outbox:
         # that lands after the disarm writes a new byte; one before it is taken.
         self._pipe.clear()
         self._armed = False
+        return self.take()
+
+    def take(self) -> list:
+        """The items posted so far, without touching the pipe: a byte already
+        written still wakes the I/O thread, which then finds less to do."""
         items = []
         while self._items:
             items.append(self._items.popleft())
@@ -101,6 +107,8 @@ class Outbox:
 
 _SEND_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
 _SEND_LAST = int(zmq.NOBLOCK)
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
 
 
 class PeerSender:
@@ -257,8 +265,11 @@ class Server:
 
     Load state (``_state``, ``_progress``, ``_error``, ``_error_code``,
     ``engine``) is written by the load thread under ``_state_lock`` and read
-    by the I/O thread.  Everything else belongs to the I/O thread; the load
-    thread only reads ``_stopping`` (a bool) to abort a load.
+    by the I/O thread.  The socket, the jobs and the sender are guarded by
+    ``_io``: the I/O thread holds it except while it waits, and the engine's
+    thread takes it, when it is free, to send a step's replies itself
+    (:meth:`_send_from_engine`).  The load thread only reads ``_stopping``
+    (a bool) to abort a load.
     """
 
     def __init__(self, model_path: str, endpoint: str, *, load: P.Load | None = None,
@@ -282,6 +293,8 @@ class Server:
             self._zmq.term()
             raise
         self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)  # as bound
+        self._io = threading.Lock()          # the socket, _jobs, _sender (see the class doc)
+        self._closed = False                  # the socket is closed (under _io)
         self._outbox = Outbox()
         self._sender = PeerSender(self._sock)
         self._jobs: dict[tuple[bytes, Any], Job] = {}  # in flight, by (peer, request id)
@@ -323,36 +336,51 @@ class Server:
             return 1
         if self._initial_load is not None:
             self._start_load(self._initial_load)
-        poller = zmq.Poller()
-        poller.register(self._sock, zmq.POLLIN)
+        # The wait is on the socket's ZMQ_FD rather than zmq_poll, which
+        # would read the socket while the engine's thread may be sending on
+        # it.  ZMQ_FD is edge-triggered: whoever touches the socket then
+        # checks ZMQ_EVENTS, and a request seen there is never left waiting
+        # (this thread does not wait; the engine's thread wakes it).
+        poller = select.poll()
+        poller.register(self._sock.getsockopt(zmq.FD), select.POLLIN)
         outbox = self._outbox.fileno()
-        poller.register(outbox, zmq.POLLIN)
-        while True:
-            ready = dict(poller.poll(5 if self._sender.backlogged else 250))
-            if self._sock in ready:
+        poller.register(outbox, select.POLLIN)
+        ready: list = []
+        with self._io:
+            while True:
                 self._receive()
-            if outbox in ready:
-                self._deliver(self._outbox.drain())
-            for peer in self._sender.flush():
-                self._peer_gone(peer)
-            if self._signal is not None:
-                signum, self._signal = self._signal, None
-                if self._stopping and signum == signal.SIGINT:
-                    log.warning("second interrupt: exiting without draining")
-                    return self._abort(130)
-                self._begin_stop(signal.Signals(signum).name, drain=True)
-            if self._parent.gone():
-                log.error("parent process %d is gone; exiting", self._parent.pid)
-                return self._abort(1)
-            if self._stopping and self._stopped():
-                return 0
+                if any(fd == outbox for fd, _ in ready):
+                    self._deliver(self._outbox.drain())
+                for peer in self._sender.flush():
+                    self._peer_gone(peer)
+                if self._signal is not None:
+                    signum, self._signal = self._signal, None
+                    if self._stopping and signum == signal.SIGINT:
+                        log.warning("second interrupt: exiting without draining")
+                        return self._abort(130)
+                    self._begin_stop(signal.Signals(signum).name, drain=True)
+                if self._parent.gone():
+                    log.error("parent process %d is gone; exiting", self._parent.pid)
+                    return self._abort(1)
+                if self._stopping and self._stopped():
+                    return 0
+                if self._sock.get(_EVENTS) & _POLLIN:
+                    ready = []  # more requests than one turn takes
+                    continue
+                self._io.release()
+                try:
+                    ready = poller.poll(5 if self._sender.backlogged else 250)
+                finally:
+                    self._io.acquire()
 
     def close(self) -> None:
         """Release the socket and the wake-up pipe, after :meth:`run` returned
         (by then no thread posts to the outbox, or the process is exiting)."""
         if threading.current_thread() is threading.main_thread():
             signal.set_wakeup_fd(-1)
-        self._sock.close(0 if self.abrupt else None)
+        with self._io:
+            self._closed = True
+            self._sock.close(0 if self.abrupt else None)
         self._zmq.term()
         self._outbox.close()
         if self.endpoint.startswith("ipc://"):
@@ -371,10 +399,9 @@ class Server:
 
     def _receive(self) -> None:
         for _ in range(256):  # then let replies out
-            try:
-                frames = self._sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
+            if not self._sock.get(_EVENTS) & _POLLIN:
                 return
+            frames = self._sock.recv_multipart(zmq.NOBLOCK)
             peer, body = frames[0], frames[1:]
             self._sender.forgive(peer)
             if len(body) != 1:
@@ -391,6 +418,32 @@ class Server:
                 self._handlers[type(request)](peer, request)
             except Exception as exc:
                 self._send(peer, _failure(request.id, exc))
+
+    def _send_from_engine(self) -> None:
+        """The engine's thread, after each step (``Engine.on_delivered``).
+
+        When the I/O thread is waiting, this thread sends the step's replies
+        itself: at one stream with every core decoding, the I/O thread's
+        wake-up per token is what the runner costs the decode.  When the I/O
+        thread is busy, it is woken to send them after its turn.
+        """
+        if not self._io.acquire(blocking=False):
+            self._outbox.wake_pending()
+            return
+        try:
+            if self._closed:
+                return
+            self._deliver(self._outbox.take())
+            if self._sender.backlogged or self._sock.get(_EVENTS) & _POLLIN:
+                # A backlog needs the I/O thread's short poll; a request may
+                # have arrived while this thread held the socket, and ZMQ_FD
+                # does not signal it twice.
+                self._outbox.wake()
+        except Exception:  # never into the engine's loop
+            log.exception("sending replies from the engine's thread failed")
+            self._outbox.wake()
+        finally:
+            self._io.release()
 
     def _deliver(self, items: list) -> None:
         """Send replies posted by other threads: (job key, reply, terminal)."""
@@ -520,8 +573,8 @@ class Server:
                 self._state, self._error, self._error_code = "error", message, code
             return
         # Chunks wait in the outbox until the engine has delivered the whole
-        # step: one I/O wake-up per step instead of one per stream.
-        engine.on_delivered = self._outbox.wake_pending
+        # step; then that thread sends them, or wakes the I/O thread once.
+        engine.on_delivered = self._send_from_engine
         with self._state_lock:
             self.engine = engine
             self._state, self._progress = "ready", 1.0

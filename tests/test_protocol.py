@@ -6,6 +6,7 @@ without a loaded model is driven over ipc for the refusal paths."""
 from __future__ import annotations
 
 import os
+import select
 import stat
 import threading
 import time
@@ -18,7 +19,7 @@ import zmq
 from runner import protocol as P
 from runner.client import StallTimer, describe_exit, pick_error_line
 from runner.requests import BadRequest, Busy, Cancelled, InputTooLong, InternalError, NotReady
-from runner.server import Outbox, PeerSender, Server
+from runner.server import Job, Outbox, PeerSender, Server
 
 
 def pack(obj) -> bytes:
@@ -220,6 +221,100 @@ def test_sender_reports_unknown_and_stuck_peers(router_dealer):
 
 # -- client policies -----------------------------------------------------------------
 
+def _readable(fd: int) -> bool:
+    return bool(select.select([fd], [], [], 0)[0])
+
+
+def _stream_job(server: Server, peer: bytes, request_id) -> tuple:
+    key = (peer, request_id)
+    server._jobs[key] = Job(peer, request_id, "completion")
+    return key
+
+
+def test_engine_thread_sends_a_step_and_wakes_the_io_thread_for_requests():
+    # The I/O thread is not running: the test is that thread, and the engine's.
+    endpoint, directory = P.private_ipc_endpoint()
+    server = Server("/nonexistent/model.gguf", endpoint)
+    ctx = zmq.Context.instance()
+    client = ctx.socket(zmq.DEALER)
+    client.setsockopt(zmq.ROUTING_ID, b"client")
+    client.connect(endpoint)
+    try:
+        client.send(pack({"op": "health", "id": 0}))  # the router learns the peer
+        assert server._sock.poll(10_000, zmq.POLLIN)
+        server._receive()
+        assert client.poll(10_000) and msgpack.unpackb(client.recv())["type"] == "health"
+        key = _stream_job(server, b"client", 7)
+        box = server._outbox
+        for i in range(3):
+            box.post_quiet((key, P.ChunkReply(id=7, text=str(i), tokens=[i]), False))
+        assert not _readable(box.fileno())  # quiet posts wake nobody
+        server._send_from_engine()
+        for i in range(3):
+            assert client.poll(10_000)
+            assert msgpack.unpackb(client.recv()) == {"type": "chunk", "id": 7, "text": str(i), "tokens": [i]}
+        assert not _readable(box.fileno())  # sent, and nothing came in: no wake-up
+
+        # A request that reaches the socket while the engine's thread holds
+        # it: ZMQ_FD signals once, so that thread must wake the I/O thread.
+        client.send(pack({"op": "health", "id": 1}))
+        assert server._sock.poll(10_000, zmq.POLLIN)
+        box.post_quiet((key, P.ChunkReply(id=7, text="x", tokens=[9]), False))
+        server._send_from_engine()
+        assert client.poll(10_000) and msgpack.unpackb(client.recv())["text"] == "x"
+        assert _readable(box.fileno())
+        assert box.drain() == []
+
+        # While the I/O thread holds the socket, the step is left to it.
+        box.post_quiet((key, P.ChunkReply(id=7, text="y", tokens=[10]), False))
+        with server._io:
+            server._send_from_engine()
+        assert _readable(box.fileno())
+        assert [reply.text for _, reply, _ in box.drain()] == ["y"]
+        assert not client.poll(0)
+    finally:
+        client.close(0)
+        server.close()
+        os.rmdir(directory)
+
+
+def test_engine_thread_sends_while_the_io_thread_serves_requests(bare_server):
+    """Chunks sent from an engine-like thread keep their order and lose
+    nothing while the I/O thread answers requests on the same socket."""
+    server = bare_server.server
+    streamer = zmq.Context.instance().socket(zmq.DEALER)
+    streamer.setsockopt(zmq.ROUTING_ID, b"streamer")
+    streamer.connect(bare_server.endpoint)
+    streamer.send(pack({"op": "health", "id": 0}))  # the router learns the peer
+    assert streamer.poll(10_000) and msgpack.unpackb(streamer.recv())["type"] == "health"
+    n_chunks = 3000
+    with server._io:
+        key = _stream_job(server, b"streamer", "s")
+
+    def engine():
+        for i in range(n_chunks):
+            server._outbox.post_quiet((key, P.ChunkReply(id="s", text="", tokens=[i]), False))
+            if i % 3 == 2:
+                server._send_from_engine()
+        server._send_from_engine()
+
+    thread = threading.Thread(target=engine)
+    thread.start()
+    try:
+        for i in range(300):
+            assert bare_server({"op": "health", "id": i})["id"] == i
+        got = []
+        while len(got) < n_chunks:
+            assert streamer.poll(10_000), f"chunk {len(got)} never came"
+            got.extend(msgpack.unpackb(streamer.recv())["tokens"])
+        assert got == list(range(n_chunks))
+    finally:
+        thread.join()
+        with server._io:
+            del server._jobs[key]
+        streamer.close(0)
+
+
 def test_stall_timer_restarts_on_progress():
     timer = StallTimer(timeout=10.0, now=0.0)
     steps = [(0.0, 0.0, False), (0.0, 9.0, False), (0.1, 15.0, False), (0.1, 24.0, False),
@@ -272,6 +367,8 @@ def bare_server():
         return replies[0] if n_replies == 1 else replies
 
     ask.sock = sock
+    ask.server = server
+    ask.endpoint = endpoint
     try:
         yield ask
     finally:
