@@ -44,6 +44,8 @@ Media = Sequence[bytes] | dict[int, bytes] | None  # media for a completion (see
 
 _RECV_NOWAIT = int(zmq.NOBLOCK)  # plain ints: enum arithmetic per reply adds up
 _RCVMORE = int(zmq.RCVMORE)
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
 
 
 class RunnerGone(InternalError):
@@ -228,13 +230,15 @@ class _Connection:
             self._sock.close()
 
     def _receive(self) -> None:
-        while True:
-            try:
-                data = self._sock.recv(_RECV_NOWAIT)
-                while self._sock.get(_RCVMORE):  # never from a runner; keep the last frame
-                    data = self._sock.recv(_RECV_NOWAIT)
-            except zmq.Again:
-                return
+        # Replies are handed over after the socket is drained, just before
+        # this thread goes back to its poll: a caller woken earlier would
+        # only wait for the GIL this thread still holds.
+        handed = []
+        sock = self._sock
+        while len(handed) < 64 and sock.get(_EVENTS) & _POLLIN:  # zmq_poll sees the rest
+            data = sock.recv(_RECV_NOWAIT)
+            while sock.get(_RCVMORE):  # never from a runner; keep the last frame
+                data = sock.recv(_RECV_NOWAIT)
             try:
                 reply = P.decode_reply(data)
             except Exception as exc:
@@ -247,7 +251,9 @@ class _Connection:
                 continue  # a forgotten request's late reply
             if type(reply) is not P.ChunkReply:
                 del self._sinks[reply.id]
-            self._call_sink(reply.id, sink, reply)
+            handed.append((reply.id, sink, reply))
+        for request_id, sink, reply in handed:
+            self._call_sink(request_id, sink, reply)
 
     def _call_sink(self, request_id: Any, sink: Sink, item: Any) -> None:
         try:
