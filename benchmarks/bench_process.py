@@ -147,7 +147,10 @@ class _Handle:
 
 
 class _InstantEngine:
-    """Emits ``num_predict`` one-token chunks from a thread, as fast as it can."""
+    """Emits ``num_predict`` one-token chunks from a thread, as fast as it
+    can, calling ``on_delivered`` after each as the engine does after a step."""
+
+    on_delivered = None
 
     def submit(self, request, on_event=None):
         stop = threading.Event()
@@ -160,6 +163,7 @@ class _InstantEngine:
                 if stop.is_set():
                     break
                 on_event(chunk)
+                self.on_delivered()
             on_event(Final(done_reason="length", eval_count=n, eval_duration=time.perf_counter() - t0))
 
         threading.Thread(target=emit, daemon=True).start()
@@ -174,8 +178,10 @@ def _fake_runner(endpoint: str) -> int:
 
     class InstantServer(Server):
         def _load_model(self, params):
+            engine = _InstantEngine()
+            engine.on_delivered = self._send_from_engine
             with self._state_lock:
-                self.engine = _InstantEngine()
+                self.engine = engine
                 self._state, self._progress = "ready", 1.0
 
     server = InstantServer("stand-in", endpoint, load=P.Load(id=0), parent_pid=os.getppid())
