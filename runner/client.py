@@ -1,12 +1,14 @@
 """Client of a runner process (docs/protocol.md): spawn one or connect to one.
 
-Threads: one I/O thread (:class:`_Connection`) owns the DEALER socket and its
-monitor socket.  Callers, from any thread or event loop, hand it encoded
-requests through a locked deque and a wake-up pipe (an inproc PAIR socket
-would need one socket per calling thread, since it is no more thread-safe
-than the DEALER); it routes every reply by
-request id to the caller's sink (``SimpleQueue.put`` for blocking calls,
-``loop.call_soon_threadsafe`` for asyncio).  When a spawned runner exits, the
+Threads: one I/O thread (:class:`_Connection`) serves the DEALER socket and
+owns its monitor socket.  Callers, from any thread or event loop, hand it
+encoded requests through a locked deque and a wake-up pipe (an inproc PAIR
+socket would need one socket per calling thread, since it is no more
+thread-safe than the DEALER); it routes every reply by request id to the
+caller's sink (``SimpleQueue.put`` for blocking calls,
+``loop.call_soon_threadsafe`` for asyncio).  A blocking completion that is
+the only request in flight receives on its caller's thread instead, under
+the lock that guards the socket (:meth:`_Connection.receive_here`).  When a spawned runner exits, the
 I/O thread sees it through a pidfd and fails every pending call at once with
 :class:`RunnerGone`, carrying the exit status and the runner's last stderr
 error line.
@@ -20,6 +22,7 @@ import itertools
 import logging
 import os
 import queue
+import select
 import shutil
 import signal
 import subprocess
@@ -124,11 +127,20 @@ class _StderrTail:
 
 
 class _Connection:
-    """The DEALER socket and the I/O thread that owns it.
+    """The DEALER socket and the I/O thread that serves it.
 
     ``_lock`` guards ``_inbox`` and ``_gone`` together, so that a call made
     while the runner dies is either failed by the death sweep or refused at
-    submission, never left waiting.  ``_sinks`` belongs to the I/O thread.
+    submission, never left waiting.
+
+    ``_io`` guards the socket, ``_sinks`` and ``_direct``.  The I/O thread
+    holds it except while it waits.  One more thread may use the socket
+    under it: the caller of a blocking completion that is the only request
+    in flight (:meth:`receive_here`).  That caller then waits on the socket
+    itself and the I/O thread leaves the socket alone, so a token costs one
+    thread wake-up in this process instead of two plus a GIL hand-over.  Any
+    other request, a forget, or the runner's death ends that mode (the I/O
+    thread clears ``_direct`` and wakes the caller through ``_direct_wake``).
     """
 
     def __init__(self, endpoint: str, process: subprocess.Popen | None = None,
@@ -155,7 +167,13 @@ class _Connection:
         self._lock = threading.RLock()  # reentrant: a stream dropped on this thread may forget()
         self._inbox: collections.deque[tuple] = collections.deque()  # work for the I/O thread
         self._gone: tuple[str, int | None, str | None] | None = None  # why calls now fail
-        self._sinks: dict[Any, Sink] = {}   # I/O thread: request id -> where its replies go
+        self._io = threading.Lock()     # the socket, _sinks, _direct (see the class doc)
+        self._sinks: dict[Any, Sink] = {}   # request id -> where its replies go
+        self._sock_fd = self._sock.getsockopt(zmq.FD)  # edge-triggered: check ZMQ_EVENTS after use
+        self._direct: Any = None        # id of the request whose caller receives on its own thread
+        self._direct_wake = P.WakePipe()  # ends a direct caller's wait
+        self._direct_polls = 0          # direct callers inside poll() (the pipe stays open for them)
+        self._local = threading.local()  # a direct caller's poll object, per thread
         self._thread = threading.Thread(target=self._run, name="runner-client-io", daemon=True)
         self._thread.start()
 
@@ -187,6 +205,12 @@ class _Connection:
         self._thread.join()
         with self._lock:  # _gone is set (the thread ended): nobody writes to the pipe now
             self._wake_pipe.close()
+        for _ in range(1000):  # a direct caller was woken by the death sweep; let it leave poll()
+            with self._io:
+                if not self._direct_polls:
+                    self._direct_wake.close()
+                    break
+            time.sleep(0.001)
         if self._pidfd is not None:
             os.close(self._pidfd)
         self._zmq.term()
@@ -198,17 +222,20 @@ class _Connection:
     # -- the I/O thread ----------------------------------------------------------
 
     def _run(self) -> None:
+        # The socket is watched through its ZMQ_FD (a plain fd to zmq_poll),
+        # since a direct caller may use it while this thread waits.
         poller = zmq.Poller()
-        poller.register(self._sock, zmq.POLLIN)
         poller.register(self._monitor, zmq.POLLIN)
         poller.register(self._wake_pipe.read_fd, zmq.POLLIN)
         if self._pidfd is not None:
             poller.register(self._pidfd, zmq.POLLIN)
         poll_ms = 100 if self._process is not None and self._pidfd is None else None
+        watching = False
+        ready: dict = {}
+        self._io.acquire()
         try:
             while True:
-                ready = dict(poller.poll(poll_ms))
-                if self._sock in ready:
+                if self._direct is None:
                     self._receive()
                 if (self._pidfd in ready if self._pidfd is not None
                         else poll_ms is not None and self._process.poll() is not None):
@@ -221,6 +248,27 @@ class _Connection:
                 if self._wake_pipe.read_fd in ready and self._work():
                     self._die(("client closed", None, None))
                     return
+                pending = self._sock.get(_EVENTS) & _POLLIN
+                if self._direct is not None:
+                    if len(self._sinks) != 1 or self._direct not in self._sinks:
+                        self._end_direct()
+                    elif pending:
+                        self._direct_wake.wake()  # this thread's read of ZMQ_EVENTS took the edge
+                        pending = False
+                if pending:
+                    ready = {}
+                    continue
+                if watching != (self._direct is None):
+                    watching = not watching
+                    if watching:
+                        poller.register(self._sock_fd, zmq.POLLIN)
+                    else:
+                        poller.unregister(self._sock_fd)
+                self._io.release()
+                try:
+                    ready = dict(poller.poll(poll_ms))
+                finally:
+                    self._io.acquire()
         except Exception as exc:  # a bug here must not leave callers waiting
             log.exception("client I/O thread failed")
             self._die((f"client I/O failed: {exc}", None, None))
@@ -228,6 +276,48 @@ class _Connection:
             self._sock.disable_monitor()
             self._monitor.close(0)
             self._sock.close()
+            self._io.release()
+
+    def _end_direct(self) -> None:
+        """Take the socket back from a direct caller (with ``_io`` held)."""
+        if self._direct is not None:
+            self._direct = None
+            self._direct_wake.wake()
+
+    # -- a blocking caller receiving on its own thread -----------------------------
+
+    def receive_here(self, request_id: Any, replies: queue.SimpleQueue) -> None:
+        """Receive on the calling thread until ``replies`` has an item, while
+        ``request_id`` is the only request in flight; otherwise return at once
+        and let the caller wait on ``replies`` as usual."""
+        poller = getattr(self._local, "poller", None)
+        if poller is None:  # one per thread: both fds belong to this connection
+            poller = self._local.poller = select.poll()
+            poller.register(self._sock_fd, select.POLLIN)
+            poller.register(self._direct_wake.read_fd, select.POLLIN)
+        wake_fd = self._direct_wake.read_fd
+        io = self._io
+        with io:
+            if (self._gone is not None or self._inbox or len(self._sinks) != 1
+                    or request_id not in self._sinks):
+                return
+            self._direct = request_id
+            while True:
+                self._receive()
+                if not replies.empty():
+                    return
+                self._direct_polls += 1
+                io.release()
+                try:
+                    ready = poller.poll()
+                finally:
+                    io.acquire()
+                    self._direct_polls -= 1
+                for fd, _ in ready:
+                    if fd == wake_fd:
+                        self._direct_wake.clear()
+                if self._direct != request_id:
+                    return  # the I/O thread took the socket back
 
     def _receive(self) -> None:
         # Replies are handed over after the socket is drained, just before
@@ -313,11 +403,13 @@ class _Connection:
                 self._die(self._exit_reason())
                 return
         error = ("connection to the runner was lost", None, None)
+        self._end_direct()
         pending, self._sinks = self._sinks, {}
         for request_id, sink in pending.items():
             self._call_sink(request_id, sink, RunnerGone(*error))
 
     def _die(self, reason: tuple[str, int | None, str | None]) -> None:
+        self._end_direct()
         with self._lock:
             if self._gone is None:
                 self._gone = reason
@@ -403,6 +495,8 @@ class CompletionStream(_StreamBase):
     def __next__(self) -> Chunk | Final:
         if self._done:
             raise StopIteration
+        if self._queue.empty():
+            self._runner._conn.receive_here(self.id, self._queue)
         reply = self._queue.get()
         if type(reply) is not P.ChunkReply:
             self._done = True

@@ -190,6 +190,76 @@ def test_chunks_stream_from_a_delivery_thread(spawn):
     assert final.done_reason == "cancelled" and final.eval_count < LONG["num_predict"]
 
 
+# -- a lone blocking stream receives on its caller's thread ------------------------
+
+def drain_in_thread(stream, timeout: float = 30.0) -> BaseException | None:
+    """Iterate ``stream`` to its end on another thread; the exception that
+    ended it.  Fails, instead of hanging the suite, if the stream never ends."""
+    outcome: list = []
+
+    def run():
+        try:
+            list(stream)
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert outcome, f"the stream did not end within {timeout} s"
+    return outcome[0]
+
+
+def test_a_lone_stream_receives_on_its_own_thread_and_gives_way_to_other_calls(runner):
+    wait_until(lambda: idle(runner))
+    stream = runner.complete("Count to a thousand:", **{**LONG, "num_predict": 300})
+    events = [next(stream) for _ in range(3)]
+    assert runner._conn._direct == stream.id  # the caller waits on the socket itself
+    answers = []
+
+    def other_calls():
+        for i in range(20):
+            answers.append(runner.tokenize(f"word {i}", timeout=10))
+
+    thread = threading.Thread(target=other_calls, daemon=True)
+    thread.start()
+    events += list(stream)
+    thread.join(60)
+    assert len(answers) == 20 and all(answers)
+    final = events[-1]
+    assert type(final) is Final and final.done_reason == "length" and final.eval_count == 300
+    assert sum(len(e.tokens) for e in events[:-1]) == 300
+    # The I/O thread serves the socket again once the stream is over.
+    assert runner.tokenize("after the stream", timeout=10)
+    assert runner._conn._direct is None
+
+
+def test_runner_death_reaches_a_lone_stream(spawn):
+    r = spawn(parallel=1)
+    stream = r.complete("Count to a thousand:", **LONG)
+    assert type(next(stream)) is Chunk and type(next(stream)) is Chunk
+    assert r._conn._direct == stream.id
+    os.kill(r.process.pid, signal.SIGKILL)
+    error = drain_in_thread(stream)
+    assert isinstance(error, RunnerGone) and error.returncode == -signal.SIGKILL
+
+
+def test_closing_the_client_ends_a_lone_stream(runner):
+    wait_until(lambda: idle(runner))
+    other = Runner.connect(runner.endpoint)
+    stream = other.complete("Count to a thousand:", **LONG)
+    assert type(next(stream)) is Chunk and type(next(stream)) is Chunk
+    assert other._conn._direct == stream.id
+    closer = threading.Timer(0.2, other.close)
+    closer.start()
+    error = drain_in_thread(stream)
+    assert isinstance(error, RunnerGone) and "client closed" in str(error)
+    closer.join(30)
+    assert not closer.is_alive()
+    wait_until(lambda: idle(runner))  # the runner cancelled the vanished client's request
+
+
 def test_closing_the_iterator_cancels(runner):
     stream = runner.complete("Count to a thousand:", **LONG)
     assert type(next(stream)) is Chunk
