@@ -297,9 +297,21 @@ class _Connection:
             poller.register(self._direct_wake.read_fd, select.POLLIN)
         wake_fd = self._direct_wake.read_fd
         io = self._io
-        with io:
+        if self._direct == request_id:
+            io.acquire()  # only the I/O thread's turn can hold it up: it is not watching the socket
+        elif len(self._sinks) != 1 or not io.acquire(blocking=False):
+            # Several requests in flight, or the I/O thread is in a turn (it
+            # watches the socket, since _direct is not ours): use the queue.
+            return
+        try:
             if (self._gone is not None or self._inbox or len(self._sinks) != 1
                     or request_id not in self._sinks):
+                if self._direct == request_id:
+                    # Give the socket back: the I/O thread may not be watching it.
+                    self._direct = None
+                    with self._lock:
+                        if self._gone is None:
+                            self._wake()
                 return
             self._direct = request_id
             while True:
@@ -318,6 +330,8 @@ class _Connection:
                         self._direct_wake.clear()
                 if self._direct != request_id:
                     return  # the I/O thread took the socket back
+        finally:
+            io.release()
 
     def _receive(self) -> None:
         # Replies are handed over after the socket is drained, just before
