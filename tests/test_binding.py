@@ -109,6 +109,60 @@ def test_greedy_is_deterministic_and_chunking_invariant(llama, model, make_ctx):
         assert greedy(llama, model, ctx, prompt, 32, chunk) == first, f"chunk={chunk}"
 
 
+def test_greedy_sample_is_the_first_largest_logit(llama, model, make_ctx):
+    from runner.generate import decode_prompt
+
+    ctx = make_ctx()
+    prompt = model.tokenize("Water boils at", add_special=True)
+    with llama.Batch(512) as batch, llama.Sampler(model, temperature=0) as sampler:
+        idx = decode_prompt(ctx, batch, prompt, chunk=512)
+        pos = len(prompt)
+        for _ in range(8):
+            tok = sampler.sample(ctx, idx)
+            assert tok == int(np.argmax(ctx.logits(idx)))
+            batch.clear()
+            idx = batch.add(tok, pos, 0, True)
+            ctx.decode(batch)
+            pos += 1
+
+
+def reference_argmax(x):
+    """First index of the largest non-NaN value; 0 when x[0] is NaN."""
+    if np.isnan(x[0]):
+        return 0
+    return int(np.nanargmax(x))
+
+
+@pytest.mark.parametrize("n", [1, 2, 15, 255, 256, 257, 511, 4096, 49152, 49153])
+def test_argmax_matches_numpy_on_every_layout(llama, n):
+    rng = np.random.default_rng(n)
+    for trial in range(40):
+        x = rng.standard_normal(n).astype(np.float32)
+        where = rng.integers(0, n, size=3)
+        if trial % 4 == 1:
+            x[where] = x.max() + 1  # ties: the first one wins
+        elif trial % 4 == 2:
+            x[where] = np.nan
+        elif trial % 4 == 3:
+            x[:] = np.float32(-np.inf)
+            x[where[0]] = 0.0
+        assert llama.argmax(x) == reference_argmax(x), (n, trial)
+
+
+def test_argmax_edge_values(llama):
+    assert llama.argmax(np.array([np.nan, 5, 7], np.float32)) == 0
+    assert llama.argmax(np.array([3, np.nan, 7, 7], np.float32)) == 2
+    assert llama.argmax(np.full(300, -np.inf, np.float32)) == 0
+    big = np.zeros(1000, np.float32)
+    big[256:272] = np.nan  # a block whose first lanes are NaN keeps its maximum
+    big[300] = 9
+    assert llama.argmax(big) == 300
+    big[999] = np.inf  # the tail after the last whole block
+    assert llama.argmax(big) == 999
+    with pytest.raises(ValueError):
+        llama.argmax(np.zeros(0, np.float32))
+
+
 def test_two_sequences_in_one_batch_match_alone(llama, model, make_ctx):
     # Logits of the same tokens computed inside a larger batch differ only by
     # float rounding of a differently shaped matmul: atol 2e-2 on logits of
