@@ -47,6 +47,7 @@ from runner.requests import (
     BadRequest, Busy, Chunk, CompletionOptions, CompletionRequest, EmbeddingResult,
     EngineError, Final, InputTooLong, InternalError, NotReady,
 )
+from runner.load_checks import check_model_file
 from runner.media import DEFAULT_CACHE_BYTES, MediaCache, MediaSpan, build_prompt
 from runner.sampling import logprob_entry, make_sampler
 from runner.slots import NoFreeSlot, PositionedKV, Slot, SlotCache, truncate_prompt
@@ -204,6 +205,7 @@ class Engine:
             raise BadRequest("cache_policy must be 'single' or 'multi'")
         self.config = config
         _llama.backend_init()
+        check_model_file(config.model_path)  # refuse what llama.cpp would abort on
         self.model = _llama.Model(config.model_path, n_gpu_layers=config.n_gpu_layers,
                                   main_gpu=config.main_gpu, tensor_split=config.tensor_split,
                                   devices=config.devices, use_mmap=config.use_mmap,
