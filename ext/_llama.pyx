@@ -23,6 +23,7 @@ from libc.string cimport memcpy, memmove, strlen
 
 from c_ggml cimport *
 from c_llama cimport *
+from c_guard cimport *
 cimport c_mtmd
 
 import collections

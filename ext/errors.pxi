@@ -37,6 +37,15 @@ class GrammarError(ValueError):
     """The GBNF grammar could not be parsed."""
 
 
+class SamplerError(LlamaError):
+    """Sampling failed inside llama.cpp (an exception caught by ext/guard.cpp)."""
+
+
+class NoTokenError(SamplerError):
+    """The request's grammar allows no token at this point: it cannot be
+    satisfied (or the model gives every allowed token zero probability)."""
+
+
 cdef inline str _with_last_error(str message):
     last = _log_state.last_error
     if last:

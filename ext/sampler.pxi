@@ -50,16 +50,29 @@ def argmax(const float[::1] x not None):
 cdef class Sampler:
     """A sampler chain built from per-request options.
 
-    Order: grammar, logit bias, penalties, top_k, typical_p, top_p, min_p,
+    Order: logit bias, penalties, top_k, typical_p, top_p, min_p,
     temperature, then dist (seeded) — or greedy when ``temperature <= 0``.
-    The grammar comes first so that every later stage only sees tokens the
-    grammar allows.
+
+    A grammar is kept out of the chain, as llama.cpp's common sampler keeps
+    it: :meth:`sample` lets the chain pick from the whole vocabulary, checks
+    that one token against the grammar, and only when the grammar rejects it
+    applies the grammar to every token and runs the chain again (the chosen
+    token then follows the chain's distribution restricted to what the
+    grammar allows, except that a first pick the grammar accepts is kept).
+    Prompt tokens fed through :meth:`accept` reach the penalties, never the
+    grammar, which constrains generated text only.  Every call that can throw
+    inside llama.cpp goes through ext/guard.cpp: a grammar that allows no
+    token raises :class:`NoTokenError`, anything else :class:`SamplerError`;
+    the process never aborts.
     """
-    cdef llama_sampler * chain   # owned; NULL after close
-    cdef readonly Model model    # the vocabulary the chain was built for
-    cdef readonly uint32_t seed  # seed of the dist stage (0 for greedy)
-    cdef readonly bint greedy    # temperature <= 0
-    cdef bint argmax_only        # greedy with no stateful stage: sample() is a plain argmax
+    cdef llama_sampler * chain     # owned; NULL after close
+    cdef llama_sampler * grammar   # owned; NULL when the request has no grammar
+    cdef llama_token_data * cur    # scratch candidates, n_vocab entries (allocated on first use)
+    cdef readonly Model model      # the vocabulary the chain was built for
+    cdef readonly uint32_t seed    # seed of the dist stage (0 for greedy)
+    cdef readonly bint greedy      # temperature <= 0
+    cdef bint argmax_only          # greedy with no stateful stage: sample() is a plain argmax
+    cdef char err[512]             # message of the last guarded call that failed
 
     def __cinit__(self, Model model not None, *, float temperature=0.8, int32_t top_k=40,
                   float top_p=0.9, float min_p=0.0, float typical_p=1.0,
@@ -68,19 +81,25 @@ cdef class Sampler:
                   seed=None, grammar=None, str grammar_root="root", logit_bias=None):
         model._check()
         self.model = model
-        self.chain = llama_sampler_chain_init(llama_sampler_chain_default_params())
-        cdef llama_sampler * grammar_smpl = NULL
+        self.err[0] = 0
         cdef bytes bgrammar, broot
+        cdef const char * cgrammar
+        cdef const char * croot
         cdef llama_logit_bias * biases = NULL
         cdef Py_ssize_t nb
         if grammar:
             bgrammar = grammar.encode() if isinstance(grammar, str) else bytes(grammar)
             broot = grammar_root.encode()
-            _log_state.last_error = ""
-            grammar_smpl = llama_sampler_init_grammar(model.vocab, bgrammar, broot)
-            if grammar_smpl == NULL:
-                raise GrammarError(_with_last_error("invalid GBNF grammar"))
-            llama_sampler_chain_add(self.chain, grammar_smpl)
+            if b"\0" in bgrammar:
+                raise GrammarError("invalid GBNF grammar: it contains a NUL character")
+            n_errors = _log_state.n_errors
+            cgrammar = bgrammar
+            croot = broot
+            with nogil:  # a large grammar takes a while to parse
+                self.grammar = runner_grammar_init(model.vocab, cgrammar, croot, self.err, sizeof(self.err))
+            if self.grammar == NULL:
+                raise GrammarError("invalid GBNF grammar: " + self._grammar_failure(n_errors))
+        self.chain = llama_sampler_chain_init(llama_sampler_chain_default_params())
         if logit_bias:
             nb = len(logit_bias)
             biases = <llama_logit_bias *> malloc(nb * sizeof(llama_logit_bias))
@@ -102,7 +121,7 @@ cdef class Sampler:
             self.seed = 0
             # Nothing before the greedy stage changes the logits or keeps
             # state: sample() can skip building the n_vocab candidate array.
-            self.argmax_only = llama_sampler_chain_n(self.chain) == 0
+            self.argmax_only = llama_sampler_chain_n(self.chain) == 0 and self.grammar == NULL
             llama_sampler_chain_add(self.chain, llama_sampler_init_greedy())
             return
         if top_k > 0:
@@ -119,19 +138,30 @@ cdef class Sampler:
         self.seed = <uint32_t> (seed & 0xFFFFFFFF)
         llama_sampler_chain_add(self.chain, llama_sampler_init_dist(self.seed))
 
-    def __dealloc__(self):
+    cdef void _free(self) noexcept:
         if self.chain != NULL:
             llama_sampler_free(self.chain)
             self.chain = NULL
+        if self.grammar != NULL:
+            llama_sampler_free(self.grammar)
+            self.grammar = NULL
+        if self.cur != NULL:
+            free(self.cur)
+            self.cur = NULL
+
+    def __dealloc__(self):
+        self._free()
 
     def close(self):
-        if self.chain != NULL:
-            llama_sampler_free(self.chain)
-            self.chain = NULL
+        self._free()
 
     @property
     def closed(self):
         return self.chain == NULL
+
+    @property
+    def has_grammar(self):
+        return self.grammar != NULL
 
     def __enter__(self):
         return self
@@ -144,37 +174,84 @@ cdef class Sampler:
             raise ClosedError("sampler is closed")
         return 0
 
+    cdef str _grammar_failure(self, int n_errors_before):
+        """Why llama.cpp refused the grammar: the exception the shim caught,
+        or the error lines it logged meanwhile (the parser's reason first;
+        patches/0002 routes it to the log)."""
+        reason = self.err.decode("utf-8", "replace")
+        if reason:
+            return reason
+        n_new = min(_log_state.n_errors - n_errors_before, len(_log_state.recent_errors))
+        lines = list(_log_state.recent_errors)[len(_log_state.recent_errors) - n_new:] if n_new > 0 else []
+        for line in lines:
+            if "error parsing grammar:" in line:
+                return line.split("error parsing grammar:", 1)[1].strip()
+        parts = []
+        for line in lines:
+            parts.append(line.split(": ", 1)[len(line.split(": ", 1)) - 1])
+        return "; ".join(parts) or "refused by llama.cpp"
+
+    cdef inline str _last_err(self):
+        return self.err.decode("utf-8", "replace") or "unknown error"
+
     def sample(self, Context ctx not None, int32_t idx=-1):
         """Sample a token from the logits of batch entry ``idx`` and accept it
-        into the chain's state (penalties, grammar).  Releases the GIL."""
+        into the chain's state (penalties, grammar).  Releases the GIL.
+        Raises NoTokenError when the grammar allows no token, SamplerError
+        when llama.cpp fails otherwise; the sampler is still usable."""
         self._check()
         ctx._check()
         if ctx.model is not self.model:
             raise ValueError("sampler and context belong to different models")
         if llama_get_logits_ith(ctx.ptr, idx) == NULL:
             raise IndexError(f"no logits for batch index {idx}")
-        cdef llama_token tok
+        cdef llama_token tok = -1
         cdef float * logits
+        cdef int rc
         if self.argmax_only:
             logits = llama_get_logits_ith(ctx.ptr, idx)
             with nogil:
                 tok = _argmax(logits, self.model.n_vocab)
             return tok
+        if self.cur == NULL:
+            self.cur = <llama_token_data *> malloc(self.model.n_vocab * sizeof(llama_token_data))
+            if self.cur == NULL:
+                raise MemoryError()
         with nogil:
-            tok = llama_sampler_sample(self.chain, ctx.ptr, idx)
+            rc = runner_sample(self.chain, self.grammar, ctx.ptr, idx, self.model.n_vocab,
+                               self.cur, &tok, self.err, sizeof(self.err))
+        if rc == RUNNER_SAMPLE_NO_TOKEN:
+            raise NoTokenError("the grammar allows no token here (it cannot be satisfied)")
+        if rc != RUNNER_SAMPLE_OK:
+            raise SamplerError(f"sampling failed: {self._last_err()}")
         return tok
 
     def accept(self, llama_token token):
         """Feed a token into the chain's state without sampling (e.g. prompt
-        tokens for repeat penalties)."""
+        tokens for repeat penalties).  The grammar never sees it."""
         self._check()
         self.model._check_token(token)
-        llama_sampler_accept(self.chain, token)
+        if runner_sampler_accept(self.chain, token, self.err, sizeof(self.err)) != 0:
+            raise SamplerError(f"accepting token {token} failed: {self._last_err()}")
+
+    def allows(self, llama_token token):
+        """Whether the grammar allows ``token`` next (always True without one)."""
+        self._check()
+        self.model._check_token(token)
+        if self.grammar == NULL:
+            return True
+        cdef int rc = runner_grammar_allows(self.grammar, token, self.err, sizeof(self.err))
+        if rc < 0:
+            raise SamplerError(f"grammar check failed: {self._last_err()}")
+        return rc == 1
 
     def reset(self):
         self._check()
         llama_sampler_reset(self.chain)
+        if self.grammar != NULL:
+            llama_sampler_reset(self.grammar)
 
     def __len__(self):
+        """Stages in the chain (the grammar, kept apart, counts as one)."""
         self._check()
-        return llama_sampler_chain_n(self.chain)
+        return llama_sampler_chain_n(self.chain) + (1 if self.grammar != NULL else 0)

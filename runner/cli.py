@@ -117,13 +117,35 @@ def _generate_engine(args: argparse.Namespace) -> int:
 
 
 def _generate_remote(args: argparse.Namespace) -> int:
-    from runner.client import Runner
-
     options = _completion_options(args)
     prompt, media = _media_prompt(args)
-    with Runner.connect(args.endpoint) as runner:
+    with _connect(args) as runner:
         _print_stream(args, runner.complete(prompt, media=media, **options))
     return 0
+
+
+def _add_connect_args(p: argparse.ArgumentParser, endpoint_help: str) -> None:
+    """--endpoint of a running runner, and the CURVE keys to reach it with."""
+    p.add_argument("--endpoint", default=None, help=endpoint_help)
+    p.add_argument("--server-key", default=None, metavar="FILE",
+                   help="the runner's public key (server.key from 'llama-runner keys'): connect "
+                        "with CURVE security, as a runner on a non-loopback address requires")
+    p.add_argument("--client-key", default=None, metavar="FILE",
+                   help="this client's NAME.key_secret (its public key must be among the "
+                        "runner's authorized clients); with --server-key")
+
+
+def _connect(args: argparse.Namespace):
+    """A Runner connected to ``--endpoint``, with CURVE keys when given."""
+    from runner.client import Runner
+    from runner.security import ClientKeys
+
+    keys = None
+    if args.server_key or args.client_key:
+        if not (args.server_key and args.client_key):
+            raise ValueError("--server-key and --client-key go together")
+        keys = ClientKeys.load(args.server_key, args.client_key)
+    return Runner.connect(args.endpoint, keys=keys)
 
 
 def _print_stream(args: argparse.Namespace, events):
@@ -200,6 +222,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import msgspec
 
     from runner import protocol as P
+    from runner.security import ServerKeys
     from runner.server import serve
 
     load = None
@@ -209,16 +232,25 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         except msgspec.ValidationError as exc:
             raise ValueError(f"invalid load parameters: {exc}") from None
     parent = os.getppid() if args.parent_pid is None else args.parent_pid
+    curve = None if args.curve_dir is None else ServerKeys.load(args.curve_dir)
     return serve(args.model, args.endpoint, load, parent_pid=parent or None,
                  max_message_bytes=args.max_message_bytes, drain_timeout=args.drain_timeout,
-                 workers=args.workers)
+                 workers=args.workers, curve=curve, allow_abstract_ipc=args.allow_abstract_ipc)
+
+
+def _cmd_keys(args: argparse.Namespace) -> int:
+    from runner.security import create_keys
+
+    for path in create_keys(args.directory, args.client):
+        print(path)
+    return 0
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:
     from runner.client import Runner
 
     if args.endpoint:
-        runner = Runner.connect(args.endpoint)
+        runner = _connect(args)
     else:
         runner = Runner.spawn(args.model, log_level=args.log_level, **_load_params(args))
     with runner:
@@ -271,9 +303,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     if args.endpoint:
         import msgspec
 
-        from runner.client import Runner
-
-        with Runner.connect(args.endpoint) as runner:
+        with _connect(args) as runner:
             reply = runner.info(timeout=30)
         print(json.dumps(msgspec.to_builtins(reply), indent=2, default=str))
         return 0
@@ -344,8 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--n-predict", type=int, default=128, help="tokens to generate")
     p.add_argument("--verbose", "-v", action="store_true", help="print timings to stderr")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
-    p.add_argument("--endpoint", default=None,
-                   help="generate through the runner listening there (--model and context ignored)")
+    _add_connect_args(p, "generate through the runner listening there (--model and context "
+                         "ignored)")
     p.add_argument("--mmproj", default=None, help="multimodal projector for --image")
     p.add_argument("--image", action="append", default=[], metavar="FILE",
                    help="image or audio file placed by [img-N] in the prompt (repeatable; "
@@ -358,7 +388,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arg(p)
     p.add_argument("--endpoint", default=None,
                    help="ipc://PATH or tcp://HOST:PORT (tcp://127.0.0.1:* picks a port); default: "
-                        "ipc:// in a fresh private directory. The bound endpoint is printed.")
+                        "ipc:// in a fresh private directory. The bound endpoint is printed. "
+                        "Any tcp address but loopback needs --curve-dir.")
+    p.add_argument("--curve-dir", default=None, metavar="DIR",
+                   help="serve with CURVE security: DIR/server.key_secret is the runner's key, "
+                        "DIR/authorized_clients/*.key the clients it admits (made by "
+                        "'llama-runner keys DIR --client NAME'; read at start)")
+    p.add_argument("--allow-abstract-ipc", action="store_true",
+                   help="serve an abstract ipc://@NAME endpoint without --curve-dir: such a "
+                        "socket has no file permissions, so any local user can connect")
     p.add_argument("--defer-load", action="store_true",
                    help="wait for a load request instead of loading at start")
     p.add_argument("--parent-pid", type=int, default=None,
@@ -376,7 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("embed", help="print the embedding of each text (JSON, one per line)")
     _add_model_arg(p)
     p.add_argument("text", nargs="+")
-    p.add_argument("--endpoint", default=None, help="use the runner listening there")
+    _add_connect_args(p, "use the runner listening there")
     p.add_argument("--normalize", action="store_true", help="scale to unit length")
     p.add_argument("--json", action="store_true", help="objects with text and token count")
     _add_context_args(p)
@@ -392,13 +430,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="build, backends, devices (and a model's metadata)")
     p.add_argument("--model", "-m", default=None)
-    p.add_argument("--endpoint", default=None, help="ask the runner listening there")
+    _add_connect_args(p, "ask the runner listening there")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_info)
 
     p = sub.add_parser("discover", help="devices ggml sees, with free/total memory")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_discover)
+
+    p = sub.add_parser("keys", help="create CURVE key pairs for serve --curve-dir",
+                       description="Create the runner's key pair in DIR (unless it has one) and "
+                       "one per --client NAME, whose public key is also put in "
+                       "DIR/authorized_clients. A client needs DIR/server.key and its "
+                       "DIR/NAME.key_secret. Prints the files written.")
+    p.add_argument("directory", metavar="DIR")
+    p.add_argument("--client", action="append", default=[], metavar="NAME",
+                   help="create and authorize a client key pair (repeatable)")
+    p.set_defaults(func=_cmd_keys)
 
     p = sub.add_parser("fetch-model", help="download the default model into the cache")
     p.set_defaults(func=_cmd_fetch_model)
@@ -434,6 +482,8 @@ SERVE_GOMP_SPINCOUNT = "10000"
 
 
 def main(argv: list[str] | None = None) -> int:
+    from runner.requests import EngineError
+
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         os.environ.setdefault("GOMP_SPINCOUNT", SERVE_GOMP_SPINCOUNT)
@@ -450,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
-    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+    except (FileNotFoundError, ValueError, RuntimeError, EngineError) as exc:
         print(f"llama-runner: error: {exc}", file=sys.stderr)
         return 1
 

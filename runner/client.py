@@ -37,6 +37,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from runner import protocol as P
+from runner import security
 from runner.requests import BadRequest, Busy, Chunk, EmbeddingResult, Final, InternalError
 
 log = logging.getLogger("runner.client")
@@ -58,6 +59,18 @@ class RunnerGone(InternalError):
         super().__init__(message)
         self.returncode = returncode      # exit status (negative: killed by that signal)
         self.stderr_line = stderr_line    # the runner's last stderr error line
+
+
+class AccessDenied(RunnerGone):
+    """The runner refused this client at the security handshake: no CURVE
+    keys where the runner requires them (or the reverse), or a client key
+    the runner does not admit."""
+
+
+# Monitor events the I/O thread acts on: a lost connection, and a refused
+# handshake (which libzmq follows with EVENT_DISCONNECTED).
+_MONITORED = (zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+              | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 
 
 def describe_exit(returncode: int, stderr_line: str | None) -> str:
@@ -129,7 +142,7 @@ class _StderrTail:
 class _Connection:
     """The DEALER socket and the I/O thread that serves it.
 
-    ``_lock`` guards ``_inbox`` and ``_gone`` together, so that a call made
+    ``_lock`` guards ``_inbox`` and ``_gone`` (with ``_gone_type``) together, so that a call made
     while the runner dies is either failed by the death sweep or refused at
     submission, never left waiting.
 
@@ -144,14 +157,20 @@ class _Connection:
     """
 
     def __init__(self, endpoint: str, process: subprocess.Popen | None = None,
-                 stderr: _StderrTail | None = None) -> None:
+                 stderr: _StderrTail | None = None, keys: security.ClientKeys | None = None,
+                 private_dir: str | None = None) -> None:
         self.endpoint = endpoint
         self._process = process
         self._stderr = stderr
+        self._keys = keys                 # CURVE keys, or None for a plain connection
+        self._private_dir = private_dir   # the spawned runner's ipc directory, removed once it exits
+        self._handshake: str | None = None  # why the last handshake failed, until the disconnect
         self._zmq = zmq.Context()
         self._sock = self._zmq.socket(zmq.DEALER)
         P.configure_dealer(self._sock)
-        self._monitor = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        if keys is not None:
+            keys.apply(self._sock)
+        self._monitor = self._sock.get_monitor_socket(_MONITORED)
         try:
             self._sock.connect(endpoint)
         except zmq.ZMQError as exc:
@@ -167,6 +186,7 @@ class _Connection:
         self._lock = threading.RLock()  # reentrant: a stream dropped on this thread may forget()
         self._inbox: collections.deque[tuple] = collections.deque()  # work for the I/O thread
         self._gone: tuple[str, int | None, str | None] | None = None  # why calls now fail
+        self._gone_type: type[RunnerGone] = RunnerGone  # what they raise (set with _gone)
         self._io = threading.Lock()     # the socket, _sinks, _direct (see the class doc)
         self._sinks: dict[Any, Sink] = {}   # request id -> where its replies go
         self._sock_fd = self._sock.getsockopt(zmq.FD)  # edge-triggered: check ZMQ_EVENTS after use
@@ -180,13 +200,13 @@ class _Connection:
     # -- any thread --------------------------------------------------------------
 
     def error(self) -> RunnerGone | None:
-        gone = self._gone
-        return None if gone is None else RunnerGone(*gone)
+        with self._lock:
+            return None if self._gone is None else self._gone_type(*self._gone)
 
     def submit(self, request_id: Any, data: bytes, sink: Sink) -> None:
         with self._lock:
             if self._gone is not None:
-                raise RunnerGone(*self._gone)
+                raise self._gone_type(*self._gone)
             self._inbox.append(("send", request_id, data, sink))
             self._wake()
 
@@ -239,10 +259,10 @@ class _Connection:
                     self._receive()
                 if (self._pidfd in ready if self._pidfd is not None
                         else poll_ms is not None and self._process.poll() is not None):
-                    self._die(self._exit_reason())
+                    self._runner_exited()
                     return
                 if self._monitor in ready:
-                    self._disconnected()
+                    self._on_monitor()
                     if self._gone is not None:
                         return
                 if self._wake_pipe.read_fd in ready and self._work():
@@ -400,12 +420,28 @@ class _Connection:
         line = self._stderr.error_line() if self._stderr is not None else None
         return describe_exit(code, line), code, line
 
-    def _disconnected(self) -> None:
+    def _runner_exited(self) -> None:
+        """The spawned runner is gone: remove its ipc directory, fail every call."""
+        if self._private_dir is not None:
+            shutil.rmtree(self._private_dir, ignore_errors=True)
+        self._die(self._exit_reason())
+
+    def _on_monitor(self) -> None:
+        lost = False
         while True:
             try:
-                recv_monitor_message(self._monitor, zmq.NOBLOCK)
+                event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
             except zmq.Again:
                 break
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                lost = True
+                continue
+            self._handshake, final = self._handshake_failure(event["event"], event["value"])
+            if final:  # libzmq gives up on the connection: so does every call
+                self._die((self._handshake, None, None), AccessDenied)
+                return
+        if not lost:
+            return
         if self._process is not None:
             # The runner's exit usually closes the connection a moment before
             # the pidfd reports it: give the exit status a chance to be the reason.
@@ -414,26 +450,49 @@ class _Connection:
             except subprocess.TimeoutExpired:
                 pass
             if self._process.poll() is not None:
-                self._die(self._exit_reason())
+                self._runner_exited()
                 return
-        error = ("connection to the runner was lost", None, None)
+        kind, why = RunnerGone, "connection to the runner was lost"
+        if self._handshake is not None:
+            kind, why, self._handshake = AccessDenied, self._handshake, None
         self._end_direct()
         pending, self._sinks = self._sinks, {}
         for request_id, sink in pending.items():
-            self._call_sink(request_id, sink, RunnerGone(*error))
+            self._call_sink(request_id, sink, kind(why))
 
-    def _die(self, reason: tuple[str, int | None, str | None]) -> None:
+    def _handshake_failure(self, event: int, value: int) -> tuple[str, bool]:
+        """What a failed handshake means, and whether libzmq stops retrying
+        (it does after a refused key or a protocol error, not after a
+        connection dropped mid-handshake, as a wrong server key looks)."""
+        if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            return (f"the runner refused this client's key (ZAP status {value}): its public key "
+                    "is not among the runner's authorized clients", True)
+        if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+            if value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH and self._keys is None:
+                return ("the runner requires CURVE security: pass its public key and an "
+                        "authorized client key (Runner.connect(endpoint, keys=ClientKeys.load("
+                        "SERVER_KEY, CLIENT_KEY_SECRET)); --server-key and --client-key)", True)
+            if value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
+                return "this client has CURVE keys but the runner serves without security", True
+            return f"the handshake with the runner failed (ZMTP protocol error {value:#x})", True
+        if self._keys is not None:
+            return ("the CURVE handshake with the runner failed: is the server key the "
+                    "runner's public key?", False)
+        return "the handshake with the runner failed", False
+
+    def _die(self, reason: tuple[str, int | None, str | None],
+             kind: type[RunnerGone] = RunnerGone) -> None:
         self._end_direct()
         with self._lock:
             if self._gone is None:
-                self._gone = reason
+                self._gone, self._gone_type = reason, kind
             waiting = [item for item in self._inbox if item[0] == "send"]
             self._inbox.clear()
         pending, self._sinks = self._sinks, {}
         for _, request_id, _, sink in waiting:
             pending[request_id] = sink
         for request_id, sink in pending.items():
-            self._call_sink(request_id, sink, RunnerGone(*self._gone))
+            self._call_sink(request_id, sink, self._gone_type(*self._gone))
 
 
 def _to_final(reply: P.FinalReply) -> Final:
@@ -590,12 +649,13 @@ class Runner:
     """
 
     def __init__(self, endpoint: str, *, process: subprocess.Popen | None = None,
-                 private_dir: str | None = None, stderr: _StderrTail | None = None) -> None:
+                 private_dir: str | None = None, stderr: _StderrTail | None = None,
+                 keys: security.ClientKeys | None = None) -> None:
         self.endpoint = endpoint            # where the runner listens
         self.process = process              # the runner we spawned, or None
         self._private_dir = private_dir     # ipc directory we created, removed on close
         self._stderr = stderr
-        self._conn = _Connection(endpoint, process, stderr)
+        self._conn = _Connection(endpoint, process, stderr, keys, private_dir)
         self._ids = itertools.count(1)      # request ids (next() is atomic)
         self.max_message_bytes = P.DEFAULT_MAX_MESSAGE_BYTES  # from the last health reply
         self._closed = False
@@ -603,9 +663,14 @@ class Runner:
     # -- construction ------------------------------------------------------------
 
     @classmethod
-    def connect(cls, endpoint: str) -> "Runner":
-        """Talk to a running runner (nothing is sent until the first call)."""
-        return cls(endpoint)
+    def connect(cls, endpoint: str, *, keys: security.ClientKeys | None = None) -> "Runner":
+        """Talk to a running runner (nothing is sent until the first call).
+
+        ``keys`` (``security.ClientKeys.load(server_key, client_key_secret)``)
+        connect with CURVE security, which a runner on a non-loopback address
+        requires; a runner that refuses them fails calls with :class:`AccessDenied`.
+        """
+        return cls(endpoint, keys=keys)
 
     @classmethod
     def spawn(cls, model: str = "default", *, endpoint: str | None = None,
@@ -619,10 +684,14 @@ class Runner:
         progress stalls for ``load_timeout`` seconds.  Any failure, the runner's
         death included, raises with the runner's last stderr error line.
         ``max_message_bytes`` sets the runner's request size limit.
+        Without ``endpoint`` the runner listens in a private ipc directory,
+        removed once the runner exits; directories that killed clients left
+        behind are removed first.
         """
         private_dir = None
         if endpoint is None:
-            endpoint, private_dir = P.private_ipc_endpoint()
+            security.remove_stale_private_dirs()
+            endpoint, private_dir = security.private_ipc_endpoint()
         cmd = [sys.executable, "-m", "runner.cli", "--log-level", log_level, "serve",
                "--model", str(model), "--endpoint", endpoint, "--defer-load",
                "--parent-pid", str(os.getpid())]
@@ -630,6 +699,8 @@ class Runner:
             cmd += ["--max-message-bytes", str(max_message_bytes)]
         process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                    stderr=subprocess.PIPE, env=env, start_new_session=True)
+        if private_dir is not None:
+            security.record_runner(private_dir, process.pid)
         stderr = _StderrTail(process.stderr)
         runner = cls(endpoint, process=process, private_dir=private_dir, stderr=stderr)
         try:

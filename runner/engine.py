@@ -643,9 +643,12 @@ class Engine:
             seq.n_sched = seq.n_cached
             seq.t_admitted = time.perf_counter()
             self._active.append(seq)
-            # The penalties look at the prompt too.
-            if seq.options.repeat_last_n and seq.options.repeat_penalty != 1.0:
-                for tok in seq.inputs[-max(seq.options.repeat_last_n, 0) or None:]:
+            # The penalties look at the prompt too (the grammar does not: it
+            # constrains the generated text only; see _llama.Sampler).
+            o = seq.options
+            if o.repeat_last_n and (o.repeat_penalty != 1.0 or o.frequency_penalty != 0.0
+                                    or o.presence_penalty != 0.0):
+                for tok in seq.inputs[-max(o.repeat_last_n, 0) or None:]:
                     if type(tok) is int:  # media rows are not tokens
                         seq.sampler.accept(tok)
 
@@ -848,12 +851,24 @@ class Engine:
                 continue
             want_lp = seq.options.logprobs or seq.options.top_logprobs > 0
             logits = self.ctx.logits(idx) if want_lp else None
-            token = seq.sampler.sample(self.ctx, idx)
+            try:
+                token = seq.sampler.sample(self.ctx, idx)
+            except _llama.NoTokenError as exc:
+                self._end(seq, "error", BadRequest(f"grammar cannot be satisfied: {exc}"))
+                continue
+            except Exception as exc:  # this request fails; the others go on
+                log.exception("sampling failed for request %s", seq.handle.id)
+                self._end(seq, "error", InternalError(f"sampling failed: {exc}"))
+                continue
             if not seq.t_first:
                 seq.t_first = time.perf_counter()
                 seq.prompt_duration = seq.t_tokenize + (seq.t_first - seq.t_admitted)
-            if self.model.is_eog(token) and not seq.options.ignore_eos:
-                self._end(seq, "stop")  # the EOG token is neither returned nor cached
+            if self.model.is_eog(token) and (not seq.options.ignore_eos or seq.sampler.has_grammar):
+                # The EOG token is neither returned nor cached.  A grammar
+                # offers it only once its text is complete: that ends the
+                # request even with ignore_eos, which would otherwise go on
+                # generating end tokens with no text forever.
+                self._end(seq, "stop")
                 continue
             lp = logprob_entry(self.model, logits, token, seq.options.top_logprobs) if want_lp else None
             seq.generated.append(token)

@@ -34,6 +34,7 @@ import msgspec
 import zmq
 
 from runner import protocol as P
+from runner import security
 from runner.media import MediaItem
 from runner.requests import (BadRequest, Busy, Chunk, CompletionOptions, CompletionRequest,
                              Final, NotReady)
@@ -275,7 +276,8 @@ class Server:
     def __init__(self, model_path: str, endpoint: str, *, load: P.Load | None = None,
                  parent_pid: int | None = None,
                  max_message_bytes: int = P.DEFAULT_MAX_MESSAGE_BYTES,
-                 drain_timeout: float = 60.0, workers: int = 4, max_pending: int = 256) -> None:
+                 drain_timeout: float = 60.0, workers: int = 4, max_pending: int = 256,
+                 curve: security.ServerKeys | None = None, allow_abstract_ipc: bool = False) -> None:
         self.model_path = model_path          # the model this runner serves
         self.max_message_bytes = max_message_bytes  # larger requests get bad_request
         self.drain_timeout = drain_timeout    # seconds in-flight requests get on SIGTERM
@@ -283,16 +285,22 @@ class Server:
         self._initial_load = load             # load parameters to start with (None: wait)
         self._parent = ParentWatch(parent_pid)
 
+        security.check_endpoint(endpoint, curve=curve is not None,
+                                allow_abstract_ipc=allow_abstract_ipc)
         self._zmq = zmq.Context()
         self._sock = self._zmq.socket(zmq.ROUTER)
+        self._auth = None                     # the ZAP handler admitting CURVE clients
         try:
             P.configure_router(self._sock, max_message_bytes)
-            self._sock.bind(endpoint)
-        except zmq.ZMQError:
+            if curve is not None:
+                self._auth = curve.serve(self._zmq, self._sock)
+            self.endpoint = security.bind(self._sock, endpoint)  # as bound
+        except BaseException:
             self._sock.close(0)
+            if self._auth is not None:
+                self._auth.stop()
             self._zmq.term()
             raise
-        self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)  # as bound
         self._io = threading.Lock()          # the socket, _jobs, _sender (see the class doc)
         self._closed = False                  # the socket is closed (under _io)
         self._outbox = Outbox()
@@ -381,11 +389,14 @@ class Server:
         with self._io:
             self._closed = True
             self._sock.close(0 if self.abrupt else None)
+        if self._auth is not None:
+            self._auth.stop()
         self._zmq.term()
         self._outbox.close()
-        if self.endpoint.startswith("ipc://"):
+        path = security.ipc_path(self.endpoint)
+        if path is not None:
             try:
-                os.unlink(self.endpoint[len("ipc://"):])
+                os.unlink(path)
             except FileNotFoundError:
                 pass
 
@@ -773,28 +784,34 @@ class Server:
 
 def serve(model: str, endpoint: str | None = None, load: P.Load | None = None, *,
           parent_pid: int | None = None, max_message_bytes: int = P.DEFAULT_MAX_MESSAGE_BYTES,
-          drain_timeout: float = 60.0, workers: int = 4) -> int:
+          drain_timeout: float = 60.0, workers: int = 4,
+          curve: security.ServerKeys | None = None, allow_abstract_ipc: bool = False) -> int:
     """Run a runner in this process until it is shut down; returns the exit status.
 
     ``endpoint`` None binds a fresh private ``ipc://`` endpoint.  The bound
     endpoint is printed on stdout (``endpoint <address>``), which also tells a
     harness the port of ``tcp://127.0.0.1:*``.  After an abrupt stop (the
     parent died) the process exits here, without waiting for other threads.
+    ``curve`` serves CURVE security (required on non-loopback tcp; see
+    :mod:`runner.security`).
     """
     from runner.models import resolve_model
 
     path = str(resolve_model(model))
     private_dir = None
     if endpoint is None:
-        endpoint, private_dir = P.private_ipc_endpoint()
+        security.remove_stale_private_dirs()
+        endpoint, private_dir = security.private_ipc_endpoint()
     try:
         server = Server(path, endpoint, load=load, parent_pid=parent_pid,
                         max_message_bytes=max_message_bytes, drain_timeout=drain_timeout,
-                        workers=workers)
-    except zmq.ZMQError as exc:
+                        workers=workers, curve=curve, allow_abstract_ipc=allow_abstract_ipc)
+    except BaseException as exc:
         if private_dir:
             shutil.rmtree(private_dir, ignore_errors=True)
-        raise RuntimeError(f"cannot bind {endpoint}: {exc}") from None
+        if isinstance(exc, zmq.ZMQError):
+            raise RuntimeError(f"cannot bind {endpoint}: {exc}") from None
+        raise
     print(f"endpoint {server.endpoint}", flush=True)
     try:
         code = server.run()

@@ -47,7 +47,7 @@ ensure_vendor() {
 }
 
 ensure_build() {
-  local want; want=$(digest CMakeLists.txt pyproject.toml build_backend/*.py vendor/.sync-state.json ext/*.pyx ext/*.pxd ext/*.pxi)
+  local want; want=$(digest CMakeLists.txt pyproject.toml build_backend/*.py vendor/.sync-state.json ext/*.pyx ext/*.pxd ext/*.pxi ext/*.h ext/*.cpp)
   if [ "$(cat "$STAMPS/build" 2>/dev/null)" != "$want" ] || ! "$PY" -c "import runner._llama" 2>/dev/null; then
     say "building the extension (incremental; the first build takes several minutes)"
     export CCACHE_BASEDIR=$ROOT CCACHE_NOHASHDIR=1

@@ -1,0 +1,141 @@
+// See guard.h.  Nothing here decides policy: it keeps C++ exceptions and the
+// aborts that follow from an empty candidate set inside the request that
+// caused them.
+#include "guard.h"
+
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <exception>
+
+namespace {
+
+void set_error(char * err, size_t err_len, const char * what) {
+    if (err != nullptr && err_len > 0) {
+        std::snprintf(err, err_len, "%s", what);
+    }
+}
+
+// Any entry that is neither -inf nor NaN.  A grammar marks a token it rejects
+// with -inf; when it rejects them all, a greedy stage would still pick entry
+// 0 and a dist stage would divide by zero, and accepting that token into the
+// grammar throws or aborts.
+bool any_finite(const llama_token_data_array & arr) {
+    for (size_t i = 0; i < arr.size; ++i) {
+        if (std::isfinite(arr.data[i].logit)) {
+            return true;
+        }
+    }
+    return false;
+}
+
+void fill(llama_token_data * cur, const float * logits, int32_t n_vocab) {
+    for (int32_t i = 0; i < n_vocab; ++i) {
+        cur[i].id = i;
+        cur[i].logit = logits[i];
+        cur[i].p = 0.0f;
+    }
+}
+
+// Runs the chain over `arr`; the selected token, or -1 when the chain chose
+// nothing valid (llama_sampler_sample would assert there).
+llama_token run_chain(llama_sampler * chain, llama_token_data_array & arr) {
+    arr.selected = -1;
+    arr.sorted = false;
+    llama_sampler_apply(chain, &arr);
+    if (arr.selected < 0 || arr.selected >= (int64_t) arr.size) {
+        return -1;
+    }
+    return arr.data[arr.selected].id;
+}
+
+bool grammar_allows(llama_sampler * grammar, llama_token token) {
+    llama_token_data single = {token, 1.0f, 0.0f};
+    llama_token_data_array arr = {&single, 1, -1, false};
+    llama_sampler_apply(grammar, &arr);
+    return std::isfinite(single.logit);
+}
+
+}  // namespace
+
+extern "C" int runner_sample(llama_sampler * chain, llama_sampler * grammar, llama_context * ctx,
+                             int32_t idx, int32_t n_vocab, llama_token_data * cur,
+                             llama_token * token, char * err, size_t err_len) {
+    try {
+        const float * logits = llama_get_logits_ith(ctx, idx);
+        if (logits == nullptr) {
+            set_error(err, err_len, "no logits for this batch index");
+            return RUNNER_SAMPLE_ERROR;
+        }
+        fill(cur, logits, n_vocab);
+        llama_token_data_array arr = {cur, (size_t) n_vocab, -1, false};
+        llama_token tok = -1;
+        if (grammar == nullptr || any_finite(arr)) {
+            tok = run_chain(chain, arr);
+        }
+        if (grammar != nullptr && (tok < 0 || !grammar_allows(grammar, tok))) {
+            // The chain's choice breaks the grammar: constrain the whole
+            // vocabulary first, then sample again.
+            fill(cur, logits, n_vocab);
+            arr = {cur, (size_t) n_vocab, -1, false};
+            llama_sampler_apply(grammar, &arr);
+            if (!any_finite(arr)) {
+                return RUNNER_SAMPLE_NO_TOKEN;
+            }
+            tok = run_chain(chain, arr);
+            if (tok >= 0 && !std::isfinite(arr.data[arr.selected].logit)) {
+                tok = -1;
+            }
+        }
+        if (tok < 0) {
+            set_error(err, err_len, "the sampler chain selected no token (are the logits finite?)");
+            return RUNNER_SAMPLE_ERROR;
+        }
+        if (grammar != nullptr) {
+            llama_sampler_accept(grammar, tok);
+        }
+        llama_sampler_accept(chain, tok);
+        *token = tok;
+        return RUNNER_SAMPLE_OK;
+    } catch (const std::exception & e) {
+        set_error(err, err_len, e.what());
+    } catch (...) {
+        set_error(err, err_len, "unknown C++ exception");
+    }
+    return RUNNER_SAMPLE_ERROR;
+}
+
+extern "C" int runner_sampler_accept(llama_sampler * smpl, llama_token token, char * err, size_t err_len) {
+    try {
+        llama_sampler_accept(smpl, token);
+        return 0;
+    } catch (const std::exception & e) {
+        set_error(err, err_len, e.what());
+    } catch (...) {
+        set_error(err, err_len, "unknown C++ exception");
+    }
+    return -1;
+}
+
+extern "C" int runner_grammar_allows(llama_sampler * grammar, llama_token token, char * err, size_t err_len) {
+    try {
+        return grammar_allows(grammar, token) ? 1 : 0;
+    } catch (const std::exception & e) {
+        set_error(err, err_len, e.what());
+    } catch (...) {
+        set_error(err, err_len, "unknown C++ exception");
+    }
+    return -1;
+}
+
+extern "C" llama_sampler * runner_grammar_init(const llama_vocab * vocab, const char * grammar,
+                                               const char * root, char * err, size_t err_len) {
+    try {
+        return llama_sampler_init_grammar(vocab, grammar, root);
+    } catch (const std::exception & e) {
+        set_error(err, err_len, e.what());
+    } catch (...) {
+        set_error(err, err_len, "unknown C++ exception");
+    }
+    return nullptr;
+}

@@ -1,0 +1,48 @@
+/* C entry points that call the parts of llama.cpp's C API which can throw a
+ * C++ exception or reach an abort for input a request controls (grammars,
+ * sampler chains).  Each one catches what it can and reports it as a return
+ * code plus a message, so that one request fails instead of the process.
+ * Implemented in guard.cpp; declared to Cython in c_guard.pxd. */
+#ifndef RUNNER_GUARD_H
+#define RUNNER_GUARD_H
+
+#include <stddef.h>
+#include "llama.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Return codes of runner_sample. */
+#define RUNNER_SAMPLE_OK 0        /* *token holds the sampled token */
+#define RUNNER_SAMPLE_NO_TOKEN 1  /* the grammar allows no token at all */
+#define RUNNER_SAMPLE_ERROR -1    /* llama.cpp threw; err holds its message */
+
+/* Sample one token from the logits of output row `idx` of `ctx`.
+ *
+ * `chain` holds every stage but the grammar; `grammar` (may be NULL) is kept
+ * apart, as llama.cpp's common sampler does: the chain samples from the full
+ * vocabulary first, and only when the grammar rejects that token is the
+ * grammar applied to the whole vocabulary and the chain run again.  The
+ * chosen token is accepted into both.  `cur` is scratch space of `n_vocab`
+ * entries owned by the caller. */
+int runner_sample(struct llama_sampler * chain, struct llama_sampler * grammar,
+                  struct llama_context * ctx, int32_t idx, int32_t n_vocab,
+                  llama_token_data * cur, llama_token * token, char * err, size_t err_len);
+
+/* llama_sampler_accept with exceptions caught: 0, or -1 with err set. */
+int runner_sampler_accept(struct llama_sampler * smpl, llama_token token, char * err, size_t err_len);
+
+/* Whether `grammar` would allow `token` next (1), not (0), or threw (-1). */
+int runner_grammar_allows(struct llama_sampler * grammar, llama_token token, char * err, size_t err_len);
+
+/* llama_sampler_init_grammar with exceptions caught: NULL on any failure,
+ * with err set when the failure was an exception. */
+struct llama_sampler * runner_grammar_init(const struct llama_vocab * vocab, const char * grammar,
+                                           const char * root, char * err, size_t err_len);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

@@ -1,0 +1,140 @@
+"""Constrained output with the options users send: default sampling options,
+grammars that can never match, grammars that finish under ``ignore_eos``.
+
+Each of these used to end the whole process (a C++ exception or a ggml abort
+inside llama.cpp's grammar sampler).  The engine cases run in-process — a
+regression would kill the test run, which is the point — and the process case
+checks that the other streams of a runner carry on.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from runner.client import Runner
+from runner.engine import Engine, EngineConfig
+from runner.requests import BadRequest, Chunk, CompletionOptions, CompletionRequest, Final
+
+pytestmark = pytest.mark.model
+
+# Grammars whose first character can never match.
+UNSATISFIABLE = [
+    "root ::= [z-a]",             # an empty range
+    'root ::= [^\\x00-\\U0010FFFF]',  # the complement of everything
+    'root ::= "a" [z-a]',         # satisfiable for one character only
+]
+
+
+@pytest.fixture(scope="module")
+def engine(default_model_path):
+    e = Engine(EngineConfig(default_model_path, n_ctx=2048, parallel=4, n_threads=2))
+    yield e
+    e.close()
+
+
+def run(engine, prompt, **options):
+    handle = engine.submit(CompletionRequest(prompt=prompt, options=CompletionOptions.from_dict(options)))
+    events = list(handle)
+    assert isinstance(events[-1], Final) and not any(isinstance(e, Final) for e in events[:-1])
+    return "".join(e.text for e in events if isinstance(e, Chunk)), events[-1]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_json_schema_with_default_options(engine, temperature):
+    # Default repeat_penalty (1.1) and repeat_last_n (64): the prompt goes
+    # into the penalties, not into the grammar.
+    text, final = run(engine, "Give JSON:", json_schema={"type": "object"}, num_predict=80,
+                      temperature=temperature, seed=3)
+    assert final.done_reason in ("stop", "length"), final
+    if final.done_reason == "stop":
+        assert isinstance(json.loads(text), dict)
+    else:
+        assert text.lstrip().startswith("{")
+
+
+def test_grammar_with_every_penalty(engine):
+    grammar = 'root ::= "yes" | "no" | "maybe"'
+    text, final = run(engine, "Is the sky blue? Answer:", grammar=grammar, repeat_penalty=1.5,
+                      frequency_penalty=0.5, presence_penalty=0.5, repeat_last_n=-1, num_predict=10)
+    assert final.done_reason == "stop" and text in ("yes", "no", "maybe")
+
+
+@pytest.mark.parametrize("grammar", UNSATISFIABLE)
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_unsatisfiable_grammar_fails_that_request_only(engine, grammar, temperature):
+    other = engine.submit(CompletionRequest(prompt="Count: one, two,", options=CompletionOptions.from_dict(
+        {"num_predict": 24, "temperature": 0.0})))
+    text, final = run(engine, "Say something:", grammar=grammar, num_predict=8, temperature=temperature)
+    assert final.done_reason == "error" and final.error_code == "bad_request"
+    assert "grammar" in final.error
+    assert len(text) <= 1  # at most the "a" of the third grammar
+    _, other_final = other.result()
+    assert other_final.done_reason in ("stop", "length") and other_final.eval_count > 0
+
+
+def test_finished_grammar_ends_under_ignore_eos(engine):
+    # Unlimited num_predict: once "done" is generated only end tokens are
+    # allowed; with ignore_eos they used to be generated forever.
+    text, final = run(engine, "Say done:", grammar='root ::= "done"', ignore_eos=True,
+                      temperature=0.0)
+    assert text == "done" and final.done_reason == "stop"
+
+
+def test_grammar_with_logprobs_stops_and_seed(engine):
+    grammar = 'root ::= [0-9]+ ","'
+    text, final = run(engine, "Numbers:", grammar=grammar, logprobs=True, top_logprobs=2,
+                      stop=["7"], seed=11, temperature=1.0, num_predict=12)
+    assert final.done_reason in ("stop", "length")
+    assert "7" not in text and all(c.isdigit() or c == "," for c in text)
+
+
+def test_engine_serves_after_failures(engine):
+    text, final = run(engine, "The capital of France is", num_predict=4, temperature=0.0)
+    assert final.eval_count == 4 and text
+
+
+def test_bad_grammar_reason_is_reported(engine):
+    with pytest.raises(BadRequest) as info:
+        engine.submit(CompletionRequest(prompt="x", options=CompletionOptions.from_dict(
+            {"grammar": 'root ::= undefined-rule'})))
+    assert "undefined-rule" in str(info.value)  # llama.cpp's reason, not only "failed to parse"
+    with pytest.raises(BadRequest) as info:
+        engine.submit(CompletionRequest(prompt="x", options=CompletionOptions.from_dict(
+            {"grammar": 'root ::= "a" )'})))
+    assert "expecting" in str(info.value)
+
+
+def test_sampler_guards_directly(llama, model, make_ctx):
+    ctx = make_ctx(n_ctx=256)
+    batch = llama.Batch(16)
+    try:
+        batch.add_tokens(model.tokenize("Hello", add_special=True), 0, 0, output_last=True)
+        ctx.decode(batch)
+        for temp in (0.0, 1.0):
+            with llama.Sampler(model, temperature=temp, grammar="root ::= [z-a]") as s:
+                assert s.has_grammar
+                with pytest.raises(llama.NoTokenError):
+                    s.sample(ctx, len(batch) - 1)
+        with llama.Sampler(model, temperature=0.0, grammar='root ::= "ab"') as s:
+            eos = model.eos_token if hasattr(model, "eos_token") else None
+            # Prompt tokens go to the penalties only: any token is accepted.
+            for tok in model.tokenize("}}}]]] not json", add_special=False):
+                s.accept(tok)
+            tok = s.sample(ctx, len(batch) - 1)
+            assert model.token_to_piece(tok).decode() in ("a", "ab")
+            if eos is not None:
+                assert not s.allows(eos)
+    finally:
+        batch.close()
+
+
+def test_runner_survives_constrained_requests(default_model_path):
+    with Runner.spawn(default_model_path, n_ctx=1024, parallel=2, n_threads=2) as r:
+        # The client raises the error that ends a completion.
+        with pytest.raises(BadRequest, match="grammar cannot be satisfied"):
+            list(r.complete("Say:", grammar="root ::= [z-a]", num_predict=4))
+        events = list(r.complete("Give JSON:", json_schema={"type": "object"}, num_predict=40))
+        assert events[-1].done_reason in ("stop", "length")
+        assert r.health(timeout=10).state == "ready"
