@@ -39,6 +39,7 @@ import threading
 import time
 
 from runner import protocol as P
+from runner import security
 from runner.bench import greedy_options
 from runner.client import Runner
 from runner.requests import Chunk, Final
@@ -193,7 +194,7 @@ def _fake_runner(endpoint: str) -> int:
 
 
 def bench_protocol(streams: int, tokens: int) -> dict:
-    endpoint, directory = P.private_ipc_endpoint()
+    endpoint, directory = security.private_ipc_endpoint()
     proc = subprocess.Popen([sys.executable, __file__, "--fake-runner", endpoint],
                             stdout=subprocess.PIPE, text=True)
     try:

@@ -14,7 +14,6 @@ fields it does not know, so adding an optional reply field is compatible).
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Annotated, Any, Literal, Union
 
 import msgspec
@@ -406,16 +405,3 @@ def _heartbeats(sock) -> None:
     sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
     sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
     sock.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TTL_MS)
-
-
-def private_ipc_endpoint() -> tuple[str, str]:
-    """A fresh ``ipc://`` endpoint inside a new directory only this user can enter.
-
-    Returns ``(endpoint, directory)``; whoever creates it removes the directory.
-    """
-    directory = tempfile.mkdtemp(prefix="llama-runner-")
-    if len(directory) > 90:  # sockaddr_un holds ~107 bytes; a long TMPDIR would not fit
-        os.rmdir(directory)
-        directory = tempfile.mkdtemp(prefix="llama-runner-", dir="/tmp")
-    os.chmod(directory, 0o700)  # mkdtemp already does; stated, not assumed
-    return f"ipc://{os.path.join(directory, 'runner.sock')}", directory

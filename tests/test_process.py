@@ -20,6 +20,7 @@ import pytest
 import zmq
 
 from runner import protocol as P
+from runner import security
 from runner.client import Runner, RunnerGone
 from runner.requests import BadRequest, Chunk, Final, InputTooLong, InternalError
 
@@ -499,7 +500,7 @@ def test_bad_load_parameters(default_model_path, params, fragment):
 
 
 def test_discover_and_load_on_a_runner_started_by_hand(default_model_path):
-    endpoint, directory = P.private_ipc_endpoint()
+    endpoint, directory = security.private_ipc_endpoint()
     proc = subprocess.Popen([sys.executable, "-m", "runner.cli", "serve", "--model",
                              default_model_path, "--endpoint", endpoint, "--defer-load"],
                             stdout=subprocess.PIPE, text=True)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import select
-import stat
 import threading
 import time
 
@@ -17,6 +16,7 @@ import pytest
 import zmq
 
 from runner import protocol as P
+from runner import security
 from runner.client import StallTimer, describe_exit, pick_error_line
 from runner.requests import BadRequest, Busy, Cancelled, InputTooLong, InternalError, NotReady
 from runner.server import Job, Outbox, PeerSender, Server
@@ -139,15 +139,6 @@ def test_exceptions_map_to_error_codes(exc, code):
     assert P.error_reply(3, exc).code == code
 
 
-def test_private_ipc_endpoint_is_0700():
-    endpoint, directory = P.private_ipc_endpoint()
-    try:
-        assert endpoint == f"ipc://{directory}/runner.sock"
-        assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700
-    finally:
-        os.rmdir(directory)
-
-
 # -- outbox and per-peer sender ----------------------------------------------------
 
 def test_outbox_keeps_order_per_thread_and_loses_nothing():
@@ -233,7 +224,7 @@ def _stream_job(server: Server, peer: bytes, request_id) -> tuple:
 
 def test_engine_thread_sends_a_step_and_wakes_the_io_thread_for_requests():
     # The I/O thread is not running: the test is that thread, and the engine's.
-    endpoint, directory = P.private_ipc_endpoint()
+    endpoint, directory = security.private_ipc_endpoint()
     server = Server("/nonexistent/model.gguf", endpoint)
     ctx = zmq.Context.instance()
     client = ctx.socket(zmq.DEALER)
@@ -350,7 +341,7 @@ def test_describe_exit_names_the_signal():
 @pytest.fixture
 def bare_server():
     """A Server that never loads, run on a thread (no signals, no parent watch)."""
-    endpoint, directory = P.private_ipc_endpoint()
+    endpoint, directory = security.private_ipc_endpoint()
     server = Server("/nonexistent/model.gguf", endpoint, max_message_bytes=4096)
     thread = threading.Thread(target=server.run)
     thread.start()
