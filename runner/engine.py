@@ -199,8 +199,11 @@ class Engine:
     """Continuous batching over one llama context with a prefix KV cache."""
 
     def __init__(self, config: EngineConfig, progress: Callable[[float], object] | None = None):
-        if config.parallel < 1 or config.n_ctx < config.parallel * 2:
-            raise BadRequest("need parallel >= 1 and n_ctx >= 2 * parallel")
+        if config.parallel < 1:
+            raise BadRequest(f"parallel must be at least 1, got {config.parallel}")
+        if config.n_ctx and config.n_ctx < config.parallel * 2:
+            raise BadRequest(f"n_ctx {config.n_ctx} is too small for parallel {config.parallel}: "
+                             f"each slot needs at least 2 tokens")
         if config.cache_policy not in ("single", "multi"):
             raise BadRequest("cache_policy must be 'single' or 'multi'")
         self.config = config
@@ -212,10 +215,7 @@ class Engine:
                                   progress=progress)
         try:
             pooling = None if self.model.meta(f"{self._arch}.pooling_type") else "mean"
-            self.ctx = _llama.Context(
-                self.model, n_ctx=config.n_ctx, n_batch=config.n_batch, n_seq_max=config.parallel,
-                n_threads=config.n_threads, flash_attn=config.flash_attn, type_k=config.type_k,
-                type_v=config.type_v, pooling=pooling, kv_unified=config.kv_unified)
+            self.ctx = self._make_context(config, pooling)
             self._loras = [_llama.LoraAdapter(self.model, p) for p in config.lora_paths]
             if self._loras:
                 self.ctx.set_loras([(a, 1.0) for a in self._loras])
@@ -270,6 +270,47 @@ class Engine:
         else:
             self._out = _InlineDelivery(self)     # the loop thread delivers itself
         self._loop.start()
+
+    def _make_context(self, config: EngineConfig, pooling: str | None) -> _llama.Context:
+        """The llama context; ``n_ctx`` 0 takes the model's trained context,
+        and a failure says how large that was."""
+        n_ctx = config.n_ctx or self.model.n_ctx_train
+        trained = "" if config.n_ctx else (
+            f"n_ctx 0 asks for the model's trained context of {n_ctx} tokens")
+        if n_ctx < config.parallel * 2:
+            raise BadRequest(f"{trained or f'n_ctx {n_ctx}'} is too small for parallel "
+                             f"{config.parallel}: each slot needs at least 2 tokens")
+        if trained:
+            self._check_trained_context_fits(config, n_ctx, trained)
+        try:
+            return _llama.Context(
+                self.model, n_ctx=n_ctx, n_batch=config.n_batch, n_seq_max=config.parallel,
+                n_threads=config.n_threads, flash_attn=config.flash_attn, type_k=config.type_k,
+                type_v=config.type_v, pooling=pooling, kv_unified=config.kv_unified)
+        except _llama.ContextError as exc:
+            if not trained:
+                raise
+            raise type(exc)(f"{exc} ({trained}; give a smaller n_ctx)") from exc
+
+    def _check_trained_context_fits(self, config: EngineConfig, n_ctx: int, trained: str) -> None:
+        """Refuse a trained context whose KV cache exceeds the memory of every
+        device together, before llama.cpp tries (and touches gigabytes first:
+        a 2**30-token context took 21 GB of RSS and 78 s to fail)."""
+        from runner import memory
+        from runner.gguf import read_gguf
+
+        try:
+            kv = memory.kv_cache_size(read_gguf(config.model_path), n_ctx=n_ctx,
+                                      parallel=config.parallel, type_k=config.type_k,
+                                      type_v=config.type_v, flash_attention=config.flash_attn == "on",
+                                      n_batch=config.n_batch, unified=config.kv_unified).total
+        except Exception:  # an architecture the estimate does not know: let llama.cpp judge
+            log.debug("no KV estimate for %s", config.model_path, exc_info=True)
+            return
+        free = sum(d["free"] for d in _llama.devices())
+        if kv > free:
+            raise BadRequest(f"{trained}, whose KV cache needs {kv / 2**30:.1f} GiB, more than the "
+                             f"{free / 2**30:.1f} GiB free on all devices; give a smaller n_ctx")
 
     def _load_projector(self, config: EngineConfig) -> None:
         # warmup: the first encode's graph setup happens at load, not in the

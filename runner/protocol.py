@@ -51,8 +51,11 @@ RequestId = Union[Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)],
                   Annotated[str, msgspec.Meta(min_length=1, max_length=128)]]
 TokenId = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
 KVType = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"]
-NonNegative = Annotated[int, msgspec.Meta(ge=0)]
-Positive = Annotated[int, msgspec.Meta(ge=1)]
+NonNegative = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+Positive = Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)]
+# Load parameters that reach llama.cpp as 32-bit integers.
+Count32 = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
+Positive32 = Annotated[int, msgspec.Meta(ge=1, le=2**31 - 1)]
 
 
 # -- requests ----------------------------------------------------------------
@@ -78,13 +81,13 @@ class Load(Request, tag="load"):
     Answered at once; the load itself is followed through ``health``.
     """
 
-    n_ctx: NonNegative = 4096            # context tokens, shared by the slots; 0 = the model's
-    n_batch: Positive = 512              # tokens per decode call
+    n_ctx: Count32 = 4096                # context tokens, shared by the slots; 0 = the model's
+    n_batch: Positive32 = 512            # tokens per decode call
     parallel: Annotated[int, msgspec.Meta(ge=1, le=256)] = 1  # slots decoded together
-    n_threads: Positive | None = None    # CPU threads; None = all cores
-    n_gpu_layers: Annotated[int, msgspec.Meta(ge=-1)] = -1  # layers offloaded; -1 = all
-    main_gpu: NonNegative = 0            # device index for the whole model (split "none")
-    tensor_split: list[Annotated[float, msgspec.Meta(ge=0)]] | None = None  # per-device share
+    n_threads: Positive32 | None = None  # CPU threads; None = all cores
+    n_gpu_layers: Annotated[int, msgspec.Meta(ge=-1, le=2**31 - 1)] = -1  # layers offloaded; -1 = all
+    main_gpu: Count32 = 0                # device index for the whole model (split "none")
+    tensor_split: list[Annotated[float, msgspec.Meta(ge=0, le=1e30)]] | None = None  # per-device share
     devices: list[str] | None = None     # device names to use (as ``discover`` lists them)
     flash_attn: Literal["auto", "on", "off"] = "auto"
     type_k: KVType = "f16"               # KV cache type of keys
@@ -94,7 +97,7 @@ class Load(Request, tag="load"):
     projector_path: str | None = None    # multimodal projector (mmproj) file
     media_cache_bytes: NonNegative = 256 << 20  # bound on cached media embeddings (0: no cache)
     cache_policy: Literal["single", "multi"] = "single"  # slot choice (runner/slots.py)
-    max_queue: Annotated[int, msgspec.Meta(ge=0)] = 64   # requests waiting beyond the slots
+    max_queue: Count32 = 64              # requests waiting beyond the slots
     embeddings: bool = False             # context built for embeddings first
 
 
@@ -338,17 +341,19 @@ def error_reply(request_id: Any, exc: BaseException) -> ErrorReply:
         code = "bad_request"
     else:
         code = "internal"
-    message = str(exc) or type(exc).__name__
     return ErrorReply(id=request_id, code=code, message=message)
 
 
 # -- transport ---------------------------------------------------------------
 
 class WakePipe:
+    message = str(exc) or type(exc).__name__
     """A non-blocking pipe whose read end sits in an I/O thread's poll set:
     another thread writes a byte to wake it.  Both ends of the protocol use
     one to hand work to the thread that owns their socket."""
 
+    elif isinstance(exc, RecursionError):  # only input nests this deep
+        code, message = "bad_request", f"request nested too deeply to process ({message})"
     def __init__(self) -> None:
         self.read_fd, self.write_fd = os.pipe()
         os.set_blocking(self.read_fd, False)

@@ -9,6 +9,9 @@ messages into these dataclasses (``CompletionOptions.validate`` raises
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,10 +50,134 @@ class InternalError(EngineError):
 
 # -- options ---------------------------------------------------------------
 
+INT32_MAX = 2**31 - 1
+FLOAT32_MAX = 3.4028234663852886e38   # floats reach llama.cpp as float32
+MAX_STOP_STRINGS = 64                 # stop strings per request
+MAX_STOP_CHARS = 1024                 # characters per stop string
+MAX_SCHEMA_DEPTH = 64                 # nesting of a json_schema (objects and arrays)
+MAX_TOP_LOGPROBS = 20                 # alternatives reported per token
+MAX_GRAMMAR_NESTING = 256             # parentheses open at once in a grammar
+
+
+@dataclass(frozen=True)
+class _Number:
+    """The type and range an integer or float option takes."""
+
+    kind: type                       # int or float
+    lo: float                        # smallest accepted value
+    hi: float                        # largest accepted value
+    lo_open: bool = False            # lo itself is refused (repeat_penalty > 0)
+
+    def check(self, name: str, value: Any) -> None:
+        if self.kind is int:
+            if type(value) is not int:
+                raise _bad(name, f"must be an integer, got {_show(value)}")
+        elif type(value) is not float:
+            raise _bad(name, f"must be a number, got {_show(value)}")
+        elif value != value or value in (math.inf, -math.inf):
+            raise _bad(name, f"must be a finite number, got {value}")
+        if value < self.lo or (self.lo_open and value == self.lo) or value > self.hi:
+            low = "(" if self.lo_open else "["
+            raise _bad(name, f"must be within {low}{_num(self.lo)}, {_num(self.hi)}], "
+                             f"got {_show(value)}")
+
+
+# Every number option's type and range.  Floats are bounded so that they stay
+# finite as float32; counts by what llama.cpp takes (int32).
+_NUMBERS: dict[str, _Number] = {
+    "num_predict": _Number(int, -1, INT32_MAX),
+    "temperature": _Number(float, 0.0, FLOAT32_MAX),
+    "top_k": _Number(int, 0, INT32_MAX),
+    "top_p": _Number(float, 0.0, 1.0),
+    "min_p": _Number(float, 0.0, 1.0),
+    "typical_p": _Number(float, 0.0, 1.0),
+    "repeat_last_n": _Number(int, -1, INT32_MAX),
+    "repeat_penalty": _Number(float, 0.0, FLOAT32_MAX, lo_open=True),
+    "presence_penalty": _Number(float, -FLOAT32_MAX, FLOAT32_MAX),
+    "frequency_penalty": _Number(float, -FLOAT32_MAX, FLOAT32_MAX),
+    "seed": _Number(int, -2**63, 2**64 - 1),
+    "top_logprobs": _Number(int, 0, MAX_TOP_LOGPROBS),
+    "num_keep": _Number(int, 0, INT32_MAX),
+}
+_FLAGS = ("logprobs", "truncate", "shift", "ignore_eos")
+
+
+def _bad(name: str, problem: str) -> BadRequest:
+    return BadRequest(f"invalid option {name}: {problem}")
+
+
+def _num(x: float) -> str:
+    """A bound as people write it (2147483647, 3.4e+38, 0.0)."""
+    return str(x) if isinstance(x, int) or abs(x) < 1e16 else f"{x:.2g}"
+
+
+def _show(value: Any) -> str:
+    """A short description of a refused value (never its whole repr)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"an integer of {value.bit_length()} bits"  # str() of a huge int may itself fail
+    if isinstance(value, (bool, int, float)) or value is None:
+        return repr(value)
+    text = repr(value)
+    text = text if len(text) <= 40 else text[:37] + "..."
+    return f"{type(value).__name__} {text}"
+
+
+def _check_schema(schema: Any) -> None:
+    """A json_schema is JSON data: an object at the top, string keys, finite
+    numbers, at most MAX_SCHEMA_DEPTH levels (walked without recursion, so a
+    deep one is refused here rather than as a RecursionError later)."""
+    if type(schema) is not dict:
+        raise _bad("json_schema", f"must be a JSON schema object ({{}} for any JSON object), "
+                                  f"got {_show(schema)}")
+    stack: list[tuple[Any, int, str]] = [(schema, 1, "")]
+    while stack:
+        value, depth, where = stack.pop()
+        kind = type(value)
+        if kind is dict or kind is list:
+            if depth > MAX_SCHEMA_DEPTH:
+                raise _bad("json_schema", f"nested deeper than {MAX_SCHEMA_DEPTH} levels")
+            if kind is dict:
+                for key, item in value.items():
+                    if type(key) is not str:
+                        raise _bad("json_schema", f"at '{where or '/'}': key {_show(key)} is not a string")
+                    stack.append((item, depth + 1, f"{where}/{key[:40]}"))
+            else:
+                stack.extend((item, depth + 1, f"{where}/{i}") for i, item in enumerate(value))
+        elif kind is float:
+            if value != value or value in (math.inf, -math.inf):
+                raise _bad("json_schema", f"at '{where}': {value} is not a JSON number")
+        elif not (value is None or kind is str or kind is bool or kind is int):
+            raise _bad("json_schema", f"at '{where}': {_show(value)} is not JSON data")
+
+
+# The parts of a GBNF text that can hold a parenthesis without opening a group:
+# comments, string literals and character classes (an unterminated one runs
+# to the end); then the parentheses themselves.
+_GBNF_SCAN = re.compile(r'#[^\n]*|"(?:\\.|[^"\\])*"?|\[(?:\\.|[^\]\\])*\]?|[()]', re.S)
+
+
+def _grammar_nesting(grammar: str) -> int:
+    """How deeply a GBNF text nests its groups.  llama.cpp's parser recurses
+    once per level, so a deep enough one overflows the thread's stack
+    (20,000 levels did on an 8 MiB stack)."""
+    depth = deepest = 0
+    for m in _GBNF_SCAN.finditer(grammar):
+        token = m.group()
+        if token == "(":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif token == ")":
+            depth -= 1
+    return deepest
+
 
 @dataclass
 class CompletionOptions:
-    """Per-request sampling and stopping options (Ollama's option names)."""
+    """Per-request sampling and stopping options (Ollama's option names).
+
+    :meth:`validate` checks every field's type and range; the ranges are in
+    ``_NUMBERS`` and documented in docs/protocol.md.
+    """
 
     num_predict: int = -1            # tokens to generate; -1 = until the slot is full / stop
     temperature: float = 0.8         # <= 0: greedy
@@ -60,11 +187,11 @@ class CompletionOptions:
     typical_p: float = 1.0           # 1.0 disables
     repeat_last_n: int = 64          # penalty window; 0 disables penalties, -1 = slot size
     repeat_penalty: float = 1.1      # 1.0 disables
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    seed: int = -1                   # -1: random
+    presence_penalty: float = 0.0    # subtracted from the logit of every token seen in the window
+    frequency_penalty: float = 0.0   # subtracted once per occurrence in the window
+    seed: int = -1                   # negative: random; else taken modulo 2**32
     stop: list[str] = field(default_factory=list)  # stop strings (not returned)
-    grammar: str | None = None       # GBNF grammar
+    grammar: str | None = None       # GBNF grammar; None or "" = none
     json_schema: dict | None = None  # JSON schema (converted to a grammar); {} = any JSON object
     logprobs: bool = False           # return the sampled token's log-probability
     top_logprobs: int = 0            # and this many alternatives (0..20)
@@ -74,57 +201,68 @@ class CompletionOptions:
     ignore_eos: bool = False         # keep generating past end-of-generation tokens (benchmarks)
 
     def validate(self) -> "CompletionOptions":
-        def bad(msg: str) -> BadRequest:
-            return BadRequest(f"invalid option: {msg}")
-
-        if not isinstance(self.num_predict, int) or self.num_predict < -1:
-            raise bad("num_predict must be an integer >= -1")
-        if self.temperature < 0 or self.temperature != self.temperature:
-            raise bad("temperature must be >= 0")
-        if self.top_k < 0:
-            raise bad("top_k must be >= 0")
-        for name in ("top_p", "min_p", "typical_p"):
-            v = getattr(self, name)
-            if not 0.0 <= v <= 1.0:
-                raise bad(f"{name} must be within [0, 1]")
-        if self.repeat_last_n < -1:
-            raise bad("repeat_last_n must be >= -1")
-        if self.repeat_penalty <= 0:
-            raise bad("repeat_penalty must be > 0")
-        if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
-            raise bad("stop must be a list of non-empty strings")
-        if not 0 <= self.top_logprobs <= 20:
-            raise bad("top_logprobs must be within [0, 20]")
-        if self.num_keep < 0:
-            raise bad("num_keep must be >= 0")
-        if self.grammar is not None and self.json_schema is not None:
-            raise bad("give either grammar or json_schema, not both")
+        """Check every field; raises :class:`BadRequest` naming the first bad one."""
+        for name, spec in _NUMBERS.items():
+            spec.check(name, getattr(self, name))
+        for name in _FLAGS:
+            if type(getattr(self, name)) is not bool:
+                raise _bad(name, f"must be a boolean, got {_show(getattr(self, name))}")
+        stop = self.stop
+        if type(stop) is not list:
+            raise _bad("stop", f"must be a list of strings, got {_show(stop)}")
+        if len(stop) > MAX_STOP_STRINGS:
+            raise _bad("stop", f"at most {MAX_STOP_STRINGS} strings, got {len(stop)}")
+        for i, s in enumerate(stop):
+            if type(s) is not str or not s:
+                raise _bad("stop", f"item {i} must be a non-empty string, got {_show(s)}")
+            if len(s) > MAX_STOP_CHARS:
+                raise _bad("stop", f"item {i} has {len(s)} characters; at most {MAX_STOP_CHARS}")
+        if self.grammar is not None and type(self.grammar) is not str:
+            raise _bad("grammar", f"must be a GBNF grammar string, got {_show(self.grammar)}")
+        if self.grammar and _grammar_nesting(self.grammar) > MAX_GRAMMAR_NESTING:
+            raise _bad("grammar", f"groups nested deeper than {MAX_GRAMMAR_NESTING} levels")
+        if self.json_schema is not None:
+            _check_schema(self.json_schema)
+            if self.grammar:
+                raise BadRequest("invalid options: give either grammar or json_schema, not both")
         return self
 
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None) -> "CompletionOptions":
-        """Build from a plain mapping, rejecting unknown names and wrong types."""
-        values = dict(values or {})
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - set(known))
+        """Build from a plain mapping (a request's ``options``): unknown names
+        are refused, integers become floats where a float is expected, a lone
+        stop string becomes a list, None means the default; then validated."""
+        if values is None:
+            values = {}
+        if not isinstance(values, dict):
+            raise BadRequest(f"options must be a map of option names to values, got {_show(values)}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(str(k)[:64] for k in values if k not in known)
         if unknown:
             raise BadRequest(f"unknown option(s): {', '.join(unknown)}")
         out = cls()
         for name, value in values.items():
-            default = getattr(out, name)
-            if value is None and default is None:
-                continue
-            if isinstance(default, bool) and not isinstance(value, bool):
-                raise BadRequest(f"option {name} must be a boolean")
-            if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            expected = type(default) if default is not None else None
-            if expected in (int, float) and (not isinstance(value, expected) or isinstance(value, bool)):
-                raise BadRequest(f"option {name} must be a number ({expected.__name__})")
+            if value is None:
+                continue  # the default
+            spec = _NUMBERS.get(name)
+            if spec is not None and not isinstance(value, bool):
+                if spec.kind is float and isinstance(value, numbers.Real) and not isinstance(value, float):
+                    value = _to_float(name, value)
+                elif spec.kind is int and isinstance(value, numbers.Integral) and type(value) is not int:
+                    value = int(value)  # numpy integers
+                elif spec.kind is float and type(value) is not float and isinstance(value, float):
+                    value = float(value)  # numpy float64
             if name == "stop" and isinstance(value, str):
                 value = [value]
             setattr(out, name, value)
         return out.validate()
+
+
+def _to_float(name: str, value: numbers.Real) -> float:
+    try:
+        return float(value)
+    except OverflowError:
+        raise _bad(name, f"must be within the float32 range, got {_show(value)}") from None
 
 
 @dataclass

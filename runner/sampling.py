@@ -21,12 +21,16 @@ def grammar_for(options: CompletionOptions) -> str | None:
     try:
         return json_schema_to_gbnf(options.json_schema)
     except ValueError as exc:
-        raise BadRequest(f"unsupported JSON schema: {exc}") from exc
+        raise BadRequest(f"invalid option json_schema: unsupported schema: {exc}") from exc
+    except RecursionError:  # a long $ref chain: the depth check in validate() cannot see it
+        raise BadRequest("invalid option json_schema: references or nesting too deep") from None
 
 
 def make_sampler(model: _llama.Model, options: CompletionOptions, slot_ctx: int) -> _llama.Sampler:
     """Build the llama.cpp sampler chain for one request."""
-    last_n = slot_ctx if options.repeat_last_n == -1 else options.repeat_last_n
+    # A window longer than the slot sees nothing more, and llama.cpp allocates
+    # (and zeroes) the whole window up front: 2**31 tokens took 8 GiB.
+    last_n = slot_ctx if options.repeat_last_n == -1 else min(options.repeat_last_n, slot_ctx)
     try:
         return _llama.Sampler(
             model, temperature=options.temperature, top_k=options.top_k, top_p=options.top_p,
@@ -35,7 +39,7 @@ def make_sampler(model: _llama.Model, options: CompletionOptions, slot_ctx: int)
             presence_penalty=options.presence_penalty,
             seed=None if options.seed < 0 else options.seed, grammar=grammar_for(options))
     except _llama.GrammarError as exc:
-        raise BadRequest(f"invalid grammar: {exc}") from exc
+        raise BadRequest(f"invalid option grammar: {exc}") from exc
 
 
 def logprob_entry(model: _llama.Model, logits: np.ndarray, token: int, top_n: int) -> dict:
