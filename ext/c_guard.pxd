@@ -1,6 +1,6 @@
 # ext/guard.h: the C++ shim that keeps llama.cpp's exceptions inside one request.
 
-from libc.stdint cimport int32_t
+from libc.stdint cimport int32_t, uint64_t
 
 from c_llama cimport llama_context, llama_sampler, llama_token, llama_token_data, llama_vocab
 
@@ -17,3 +17,19 @@ cdef extern from "guard.h" nogil:
     int runner_grammar_allows(llama_sampler * grammar, llama_token token, char * err, size_t err_len)
     llama_sampler * runner_grammar_init(const llama_vocab * vocab, const char * grammar,
                                         const char * root, char * err, size_t err_len)
+
+# ext/fastsample.h: the native sampler for the common chain.
+cdef extern from "fastsample.h" nogil:
+    ctypedef struct runner_fast_sampler:
+        pass
+    enum:
+        RUNNER_FAST_MAX_TOP_K
+    runner_fast_sampler * runner_fast_new(int32_t n_vocab, float temperature, int32_t top_k, float top_p,
+                                          float min_p, int32_t repeat_last_n, float repeat_penalty,
+                                          float frequency_penalty, float presence_penalty, uint64_t seed)
+    void runner_fast_free(runner_fast_sampler * s)
+    void runner_fast_accept(runner_fast_sampler * s, int32_t token)
+    void runner_fast_reset(runner_fast_sampler * s)
+    int32_t runner_fast_sample(runner_fast_sampler * s, const float * logits)
+    int32_t runner_fast_distribution(runner_fast_sampler * s, const float * logits, int32_t * tokens,
+                                     float * probs, int32_t cap)

@@ -47,6 +47,23 @@ def argmax(const float[::1] x not None):
     return tok
 
 
+def fast_sample_once(const float[::1] logits not None, *, float temperature=0.0, int32_t top_k=40,
+                     float top_p=1.0, float min_p=0.0, uint64_t seed=0):
+    """One draw of the native chain (no penalties) over a float32 array of
+    logits, for tests: the token index, or -1 when no logit is a number."""
+    if logits.shape[0] == 0:
+        raise ValueError("no logits")
+    cdef runner_fast_sampler * fs = runner_fast_new(<int32_t> logits.shape[0], temperature, top_k,
+                                                    top_p, min_p, 0, 1.0, 0.0, 0.0, seed)
+    if fs == NULL:
+        raise ValueError("parameters outside the native sampler's range")
+    cdef int32_t tok
+    with nogil:
+        tok = runner_fast_sample(fs, &logits[0])
+    runner_fast_free(fs)
+    return tok
+
+
 cdef class Sampler:
     """A sampler chain built from per-request options.
 
@@ -64,6 +81,14 @@ cdef class Sampler:
     inside llama.cpp goes through ext/guard.cpp: a grammar that allows no
     token raises :class:`NoTokenError`, anything else :class:`SamplerError`;
     the process never aborts.
+
+    Without a grammar, logit bias or typical-p, and with ``top_k`` in
+    1..1024 (or greedy), the chain runs natively (ext/fastsample.cpp) with
+    the same stages and the same distribution, but in one pass over the
+    logits instead of a sort of n_vocab candidates: the default options
+    (penalties, top-k 40) cost about what greedy costs.  Its draw uses its
+    own seeded generator, so a seed gives other tokens than llama.cpp's dist
+    stage would.  ``native=False`` forces llama.cpp's chain.
     """
     cdef llama_sampler * chain     # owned; NULL after close
     cdef llama_sampler * grammar   # owned; NULL when the request has no grammar
@@ -72,13 +97,15 @@ cdef class Sampler:
     cdef readonly uint32_t seed    # seed of the dist stage (0 for greedy)
     cdef readonly bint greedy      # temperature <= 0
     cdef bint argmax_only          # greedy with no stateful stage: sample() is a plain argmax
+    cdef runner_fast_sampler * fast  # owned; the native chain, or NULL when llama.cpp's runs
     cdef char err[512]             # message of the last guarded call that failed
 
     def __cinit__(self, Model model not None, *, float temperature=0.8, int32_t top_k=40,
                   float top_p=0.9, float min_p=0.0, float typical_p=1.0,
                   int32_t repeat_last_n=64, float repeat_penalty=1.0,
                   float frequency_penalty=0.0, float presence_penalty=0.0,
-                  seed=None, grammar=None, str grammar_root="root", logit_bias=None):
+                  seed=None, grammar=None, str grammar_root="root", logit_bias=None,
+                  bint native=True):
         model._check()
         self.model = model
         self.err[0] = 0
@@ -116,6 +143,7 @@ cdef class Sampler:
                 raise ValueError("repeat_penalty must be > 0")
             llama_sampler_chain_add(self.chain, llama_sampler_init_penalties(
                 model.n_vocab, repeat_last_n, repeat_penalty, frequency_penalty, presence_penalty))
+        cdef bint plain = native and self.grammar == NULL and not logit_bias and not (0.0 < typical_p < 1.0)
         if temperature <= 0:
             self.greedy = True
             self.seed = 0
@@ -123,6 +151,9 @@ cdef class Sampler:
             # state: sample() can skip building the n_vocab candidate array.
             self.argmax_only = llama_sampler_chain_n(self.chain) == 0 and self.grammar == NULL
             llama_sampler_chain_add(self.chain, llama_sampler_init_greedy())
+            if plain and not self.argmax_only:
+                self.fast = runner_fast_new(model.n_vocab, 0.0, 0, 1.0, 0.0, repeat_last_n,
+                                            repeat_penalty, frequency_penalty, presence_penalty, 0)
             return
         if top_k > 0:
             llama_sampler_chain_add(self.chain, llama_sampler_init_top_k(top_k))
@@ -137,6 +168,9 @@ cdef class Sampler:
             seed = int.from_bytes(os.urandom(4), "little")
         self.seed = <uint32_t> (seed & 0xFFFFFFFF)
         llama_sampler_chain_add(self.chain, llama_sampler_init_dist(self.seed))
+        if plain:  # NULL (llama.cpp's chain) when top_k is out of its range
+            self.fast = runner_fast_new(model.n_vocab, temperature, top_k, top_p, min_p, repeat_last_n,
+                                        repeat_penalty, frequency_penalty, presence_penalty, self.seed)
 
     cdef void _free(self) noexcept:
         if self.chain != NULL:
@@ -148,6 +182,9 @@ cdef class Sampler:
         if self.cur != NULL:
             free(self.cur)
             self.cur = NULL
+        if self.fast != NULL:
+            runner_fast_free(self.fast)
+            self.fast = NULL
 
     def __dealloc__(self):
         self._free()
@@ -162,6 +199,11 @@ cdef class Sampler:
     @property
     def has_grammar(self):
         return self.grammar != NULL
+
+    @property
+    def native(self):
+        """Whether the chain runs natively (ext/fastsample.cpp)."""
+        return self.fast != NULL or self.argmax_only
 
     def __enter__(self):
         return self
@@ -213,6 +255,13 @@ cdef class Sampler:
             with nogil:
                 tok = _argmax(logits, self.model.n_vocab)
             return tok
+        if self.fast != NULL:
+            logits = llama_get_logits_ith(ctx.ptr, idx)
+            with nogil:
+                tok = runner_fast_sample(self.fast, logits)
+            if tok < 0:
+                raise SamplerError("sampling failed: no logit is a number")
+            return tok
         if self.cur == NULL:
             self.cur = <llama_token_data *> malloc(self.model.n_vocab * sizeof(llama_token_data))
             if self.cur == NULL:
@@ -231,6 +280,9 @@ cdef class Sampler:
         tokens for repeat penalties).  The grammar never sees it."""
         self._check()
         self.model._check_token(token)
+        if self.fast != NULL:
+            runner_fast_accept(self.fast, token)
+            return
         if runner_sampler_accept(self.chain, token, self.err, sizeof(self.err)) != 0:
             raise SamplerError(f"accepting token {token} failed: {self._last_err()}")
 
@@ -245,8 +297,30 @@ cdef class Sampler:
             raise SamplerError(f"grammar check failed: {self._last_err()}")
         return rc == 1
 
+    def distribution(self, Context ctx not None, int32_t idx=-1, int32_t cap=RUNNER_FAST_MAX_TOP_K):
+        """What the native chain would draw from for batch entry ``idx``:
+        (token ids, probabilities) in descending order, after every stage.
+        Nothing is drawn or accepted.  Only for a native sampler."""
+        self._check()
+        ctx._check()
+        if self.fast == NULL:
+            raise ValueError("only a native sampler exposes its distribution")
+        cdef float * logits = llama_get_logits_ith(ctx.ptr, idx)
+        if logits == NULL:
+            raise IndexError(f"no logits for batch index {idx}")
+        tokens = np.empty(max(cap, 1), dtype=np.int32)
+        probs = np.empty(max(cap, 1), dtype=np.float32)
+        cdef int32_t[::1] tv = tokens
+        cdef float[::1] pv = probs
+        cdef int32_t n
+        with nogil:
+            n = runner_fast_distribution(self.fast, logits, &tv[0], &pv[0], cap)
+        return tokens[:n], probs[:n]
+
     def reset(self):
         self._check()
+        if self.fast != NULL:
+            runner_fast_reset(self.fast)
         llama_sampler_reset(self.chain)
         if self.grammar != NULL:
             llama_sampler_reset(self.grammar)

@@ -1,0 +1,311 @@
+// See fastsample.h.  The stages follow llama.cpp's samplers of the same name
+// (llama-sampler.cpp at the pinned commit); only the data layout differs.
+#include "fastsample.h"
+
+#include <algorithm>
+#include <cmath>
+#include <deque>
+#include <new>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+namespace {
+
+struct Cand {
+    float logit;
+    int32_t id;
+};
+
+// Descending by logit; ties by id so the order never depends on the scan.
+inline bool better(const Cand & a, const Cand & b) {
+    return a.logit > b.logit || (a.logit == b.logit && a.id < b.id);
+}
+
+// splitmix64, to spread a 32-bit seed over xoshiro's state.
+inline uint64_t splitmix(uint64_t & x) {
+    uint64_t z = (x += 0x9e3779b97f4a7c15ULL);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    return z ^ (z >> 31);
+}
+
+inline uint64_t rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
+
+}  // namespace
+
+struct runner_fast_sampler {
+    int32_t n_vocab;          // logits per row
+    float temperature;        // <= 0: greedy
+    int32_t top_k;            // candidates kept before top-p (sampling only)
+    float top_p;              // nucleus mass; >= 1 disables
+    float min_p;              // relative probability floor; <= 0 disables
+    int32_t last_n;           // penalty window in tokens; 0 disables penalties
+    float repeat;             // repeat penalty (1: none)
+    float freq;               // frequency penalty per occurrence
+    float present;            // presence penalty
+    bool penalise;            // any penalty is active
+    uint64_t rng[4];          // xoshiro256** state
+    std::deque<int32_t> window;                   // the last last_n accepted tokens
+    std::unordered_map<int32_t, int32_t> counts;  // token -> occurrences in window
+    std::vector<Cand> heap;   // scratch: min-heap of the best raw logits
+    std::vector<Cand> cands;  // scratch: candidates through the stages
+    std::vector<float> probs; // scratch: their probabilities
+};
+
+namespace {
+
+double uniform01(runner_fast_sampler * s) {
+    uint64_t * st = s->rng;
+    const uint64_t result = rotl(st[1] * 5, 7) * 9;
+    const uint64_t t = st[1] << 17;
+    st[2] ^= st[0];
+    st[3] ^= st[1];
+    st[1] ^= st[2];
+    st[0] ^= st[3];
+    st[2] ^= t;
+    st[3] = rotl(st[3], 45);
+    return (double) (result >> 11) * 0x1.0p-53;
+}
+
+float penalised(const runner_fast_sampler * s, float logit, int32_t count) {
+    logit = logit <= 0 ? logit * s->repeat : logit / s->repeat;
+    return logit - float(count) * s->freq - (count > 0 ? s->present : 0.0f);
+}
+
+// The `m` largest of logits[0:n] (NaN never enters), into s->heap sorted by
+// `better`.  Blocks of 16 whose maximum cannot enter the heap are skipped
+// after one vectorisable pass.
+void top_raw(runner_fast_sampler * s, const float * logits, int32_t n, int32_t m) {
+    auto & heap = s->heap;
+    heap.clear();
+    auto worse = [](const Cand & a, const Cand & b) { return better(a, b); };  // min-heap on top
+    float floor = -INFINITY;
+    int32_t i = 0;
+    auto consider = [&](int32_t j) {
+        const float x = logits[j];
+        if (!(x >= floor)) {  // also drops NaN
+            return;
+        }
+        const Cand c{x, j};
+        if ((int32_t) heap.size() < m) {
+            heap.push_back(c);
+            std::push_heap(heap.begin(), heap.end(), worse);
+            if ((int32_t) heap.size() == m) {
+                floor = heap.front().logit;
+            }
+        } else if (better(c, heap.front())) {
+            std::pop_heap(heap.begin(), heap.end(), worse);
+            heap.back() = c;
+            std::push_heap(heap.begin(), heap.end(), worse);
+            floor = heap.front().logit;
+        }
+    };
+    for (; i + 16 <= n; i += 16) {
+        float mx = logits[i];
+        for (int j = 1; j < 16; ++j) {
+            mx = logits[i + j] > mx ? logits[i + j] : mx;
+        }
+        if (!(mx >= floor)) {
+            // NaN in the block makes mx unreliable only if logits[i] is NaN;
+            // then check every entry.
+            if (!std::isnan(logits[i])) {
+                continue;
+            }
+        }
+        for (int j = 0; j < 16; ++j) {
+            consider(i + j);
+        }
+    }
+    for (; i < n; ++i) {
+        consider(i);
+    }
+    std::sort(heap.begin(), heap.end(), better);
+}
+
+// s->cands := the candidates after penalties and top-k (sorted by `better`):
+// the k best of (raw logits of unpenalised tokens) and (penalised logits).
+// The k best unpenalised tokens are among the k + |penalised| best raw ones.
+void candidates(runner_fast_sampler * s, const float * logits, int32_t k) {
+    const int32_t n_pen = s->penalise ? (int32_t) s->counts.size() : 0;
+    top_raw(s, logits, s->n_vocab, std::min(s->n_vocab, k + n_pen));
+    auto & out = s->cands;
+    out.clear();
+    for (const Cand & c : s->heap) {
+        if (n_pen == 0 || s->counts.find(c.id) == s->counts.end()) {
+            out.push_back(c);
+        }
+    }
+    if (n_pen > 0) {
+        for (const auto & kv : s->counts) {
+            const float x = logits[kv.first];
+            if (!std::isnan(x)) {
+                out.push_back(Cand{penalised(s, x, kv.second), kv.first});
+            }
+        }
+        std::sort(out.begin(), out.end(), better);
+    }
+    if ((int32_t) out.size() > k) {
+        out.resize(k);
+    }
+}
+
+// top-p, min-p and temperature over s->cands (sorted, non-empty); fills
+// s->probs with the normalised probabilities of what is kept.
+void stages(runner_fast_sampler * s) {
+    auto & c = s->cands;
+    auto & p = s->probs;
+    const size_t n = c.size();
+    p.resize(n);
+    // top-p on the softmax of the untempered logits (llama.cpp: top_p runs
+    // before temp in this chain).
+    if (s->top_p < 1.0f && n > 1) {
+        double sum = 0.0;
+        for (size_t i = 0; i < n; ++i) {
+            p[i] = expf(c[i].logit - c[0].logit);
+            sum += p[i];
+        }
+        double cum = 0.0;
+        size_t keep = n;
+        for (size_t i = 0; i < n; ++i) {
+            cum += p[i] / sum;
+            if (cum >= s->top_p) {
+                keep = i + 1;
+                break;
+            }
+        }
+        c.resize(keep);
+    }
+    if (s->min_p > 0.0f && c.size() > 1) {
+        const float min_logit = c[0].logit + logf(s->min_p);
+        size_t keep = 1;
+        while (keep < c.size() && c[keep].logit >= min_logit) {
+            ++keep;
+        }
+        c.resize(keep);
+    }
+    const size_t m = c.size();
+    p.resize(m);
+    double sum = 0.0;
+    for (size_t i = 0; i < m; ++i) {
+        p[i] = expf((c[i].logit - c[0].logit) / s->temperature);
+        sum += p[i];
+    }
+    for (size_t i = 0; i < m; ++i) {
+        p[i] = (float) (p[i] / sum);
+    }
+}
+
+int32_t greedy(runner_fast_sampler * s, const float * logits) {
+    candidates(s, logits, 1);
+    return s->cands.empty() ? -1 : s->cands[0].id;
+}
+
+}  // namespace
+
+extern "C" runner_fast_sampler * runner_fast_new(int32_t n_vocab, float temperature, int32_t top_k,
+                                                 float top_p, float min_p, int32_t repeat_last_n,
+                                                 float repeat_penalty, float frequency_penalty,
+                                                 float presence_penalty, uint64_t seed) {
+    if (n_vocab <= 0 || repeat_penalty <= 0.0f) {
+        return nullptr;
+    }
+    if (temperature > 0.0f && (top_k < 1 || top_k > RUNNER_FAST_MAX_TOP_K)) {
+        return nullptr;
+    }
+    auto * s = new (std::nothrow) runner_fast_sampler();
+    if (s == nullptr) {
+        return nullptr;
+    }
+    s->n_vocab = n_vocab;
+    s->temperature = temperature;
+    s->top_k = std::min(top_k, n_vocab);
+    s->top_p = top_p;
+    s->min_p = min_p;
+    s->last_n = std::max(repeat_last_n, 0);
+    s->repeat = repeat_penalty;
+    s->freq = frequency_penalty;
+    s->present = presence_penalty;
+    s->penalise = s->last_n > 0 && (repeat_penalty != 1.0f || frequency_penalty != 0.0f ||
+                                    presence_penalty != 0.0f);
+    uint64_t x = seed;
+    for (auto & w : s->rng) {
+        w = splitmix(x);
+    }
+    return s;
+}
+
+extern "C" void runner_fast_free(runner_fast_sampler * s) { delete s; }
+
+extern "C" void runner_fast_accept(runner_fast_sampler * s, int32_t token) {
+    if (!s->penalise) {
+        return;
+    }
+    if ((int32_t) s->window.size() >= s->last_n) {
+        const int32_t old = s->window.front();
+        s->window.pop_front();
+        auto it = s->counts.find(old);
+        if (it != s->counts.end() && --it->second <= 0) {
+            s->counts.erase(it);
+        }
+    }
+    s->window.push_back(token);
+    s->counts[token] += 1;
+}
+
+extern "C" void runner_fast_reset(runner_fast_sampler * s) {
+    s->window.clear();
+    s->counts.clear();
+}
+
+extern "C" int32_t runner_fast_sample(runner_fast_sampler * s, const float * logits) {
+    int32_t tok;
+    if (s->temperature <= 0.0f) {
+        tok = greedy(s, logits);
+    } else {
+        candidates(s, logits, s->top_k);
+        if (s->cands.empty()) {
+            return -1;
+        }
+        stages(s);
+        const double r = uniform01(s);
+        double cum = 0.0;
+        size_t pick = s->cands.size() - 1;
+        for (size_t i = 0; i < s->cands.size(); ++i) {
+            cum += s->probs[i];
+            if (r < cum) {
+                pick = i;
+                break;
+            }
+        }
+        tok = s->cands[pick].id;
+    }
+    if (tok >= 0) {
+        runner_fast_accept(s, tok);
+    }
+    return tok;
+}
+
+extern "C" int32_t runner_fast_distribution(runner_fast_sampler * s, const float * logits,
+                                            int32_t * tokens, float * probs, int32_t cap) {
+    if (s->temperature <= 0.0f) {
+        const int32_t tok = greedy(s, logits);
+        if (tok < 0 || cap < 1) {
+            return 0;
+        }
+        tokens[0] = tok;
+        probs[0] = 1.0f;
+        return 1;
+    }
+    candidates(s, logits, s->top_k);
+    if (s->cands.empty()) {
+        return 0;
+    }
+    stages(s);
+    const int32_t n = std::min<int32_t>(cap, (int32_t) s->cands.size());
+    for (int32_t i = 0; i < n; ++i) {
+        tokens[i] = s->cands[i].id;
+        probs[i] = s->probs[i];
+    }
+    return n;
+}

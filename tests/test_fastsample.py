@@ -1,0 +1,131 @@
+"""The native sampler chain (ext/fastsample.cpp) against llama.cpp's chain of
+the same stages and against a numpy statement of those stages, on the real
+default model's logits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.model
+
+PROMPT = "The quick brown fox jumps over the lazy dog. The quick brown"
+
+
+@pytest.fixture
+def decoded(llama, model, make_ctx):
+    """A context whose last batch row holds the logits after PROMPT."""
+    ctx = make_ctx(n_ctx=512)
+    batch = llama.Batch(128)
+    tokens = model.tokenize(PROMPT, add_special=True)
+    batch.add_tokens(tokens, 0, 0, output_last=True)
+    ctx.decode(batch)
+    yield ctx, len(batch) - 1, tokens
+    batch.close()
+
+
+def reference(logits, window, *, temperature, top_k, top_p, min_p, repeat, freq, present):
+    """llama.cpp's stages, in its order: penalties, top-k, top-p, min-p, temperature."""
+    x = logits.astype(np.float64).copy()
+    counts: dict[int, int] = {}
+    for t in window:
+        counts[t] = counts.get(t, 0) + 1
+    for t, c in counts.items():
+        x[t] = x[t] * repeat if x[t] <= 0 else x[t] / repeat
+        x[t] -= c * freq + present
+    order = np.lexsort((np.arange(len(x)), -x))[:top_k]
+    cand, lg = order, x[order]
+    p = np.exp(lg - lg[0])
+    p /= p.sum()
+    keep = int(np.searchsorted(np.cumsum(p), top_p) + 1) if top_p < 1 else len(cand)
+    cand, lg = cand[:keep], lg[:keep]
+    if min_p > 0:
+        keep = max(1, int((lg >= lg[0] + np.log(min_p)).sum()))
+        cand, lg = cand[:keep], lg[:keep]
+    p = np.exp((lg - lg[0]) / temperature)
+    return cand, p / p.sum()
+
+
+CASES = [
+    dict(temperature=0.8, top_k=40, top_p=0.9, min_p=0.0, repeat=1.1, freq=0.0, present=0.0),  # defaults
+    dict(temperature=1.5, top_k=200, top_p=1.0, min_p=0.05, repeat=1.3, freq=0.2, present=0.4),
+    dict(temperature=0.3, top_k=1, top_p=0.5, min_p=0.0, repeat=1.0, freq=0.0, present=0.0),
+    dict(temperature=1.0, top_k=1024, top_p=0.99, min_p=0.0, repeat=0.8, freq=-0.5, present=0.0),
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_distribution_matches_the_stages(llama, model, decoded, case):
+    ctx, idx, tokens = decoded
+    window = tokens[-64:]
+    s = llama.Sampler(model, temperature=case["temperature"], top_k=case["top_k"], top_p=case["top_p"],
+                      min_p=case["min_p"], repeat_last_n=64, repeat_penalty=case["repeat"],
+                      frequency_penalty=case["freq"], presence_penalty=case["present"], seed=1)
+    assert s.native
+    for t in tokens:
+        s.accept(t)
+    got_tokens, got_probs = s.distribution(ctx, idx)
+    want_tokens, want_probs = reference(ctx.logits(idx), window, **case)
+    assert list(got_tokens) == list(want_tokens)
+    np.testing.assert_allclose(got_probs, want_probs, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("penalties", [(1.1, 0.0, 0.0), (1.5, 0.3, 0.2), (0.9, 0.0, 1.0)])
+def test_greedy_with_penalties_equals_llama_cpp(llama, model, make_ctx, penalties):
+    """Token-identical to llama.cpp's [penalties, greedy] chain over a run of
+    generated tokens (each fed back into the context)."""
+    repeat, freq, present = penalties
+    outs = []
+    for native in (True, False):
+        ctx = make_ctx(n_ctx=512)
+        s = llama.Sampler(model, temperature=0.0, repeat_last_n=16, repeat_penalty=repeat,
+                          frequency_penalty=freq, presence_penalty=present, native=native)
+        assert s.native == native
+        batch = llama.Batch(128)
+        tokens = model.tokenize(PROMPT, add_special=True)
+        for t in tokens:
+            s.accept(t)
+        batch.add_tokens(tokens, 0, 0, output_last=True)
+        pos, out = len(tokens), []
+        for _ in range(40):
+            ctx.decode(batch)
+            tok = s.sample(ctx, len(batch) - 1)
+            out.append(tok)
+            batch.clear()
+            batch.add(tok, pos, 0, True)
+            pos += 1
+        batch.close()
+        outs.append(out)
+    assert outs[0] == outs[1]
+
+
+def test_seeded_draws_repeat_and_follow_the_distribution(llama, model, decoded):
+    ctx, idx, _ = decoded
+    draws = []
+    for _ in range(2):
+        s = llama.Sampler(model, temperature=1.0, top_k=5, top_p=1.0, seed=1234)
+        draws.append([s.sample(ctx, idx) for _ in range(400)])
+    assert draws[0] == draws[1]
+    s = llama.Sampler(model, temperature=1.0, top_k=5, top_p=1.0, seed=1)
+    tokens, probs = s.distribution(ctx, idx)
+    freq = np.array([draws[0].count(int(t)) for t in tokens]) / 400
+    assert set(draws[0]) <= set(int(t) for t in tokens)
+    # 400 draws: each frequency within 5 standard deviations of its probability.
+    assert np.all(np.abs(freq - probs) <= 5 * np.sqrt(probs * (1 - probs) / 400) + 1e-9)
+
+
+def test_nan_logits_are_never_chosen(llama):
+    logits = np.array([np.nan, 1.0, np.nan, 3.0, 2.0] + [np.nan] * 40, dtype=np.float32)
+    assert llama.fast_sample_once(logits, temperature=0.0) == 3
+    assert llama.fast_sample_once(logits, temperature=1.0, top_k=2) in (3, 4)
+    assert llama.fast_sample_once(np.full(33, np.nan, dtype=np.float32), temperature=0.0) == -1
+
+
+def test_what_stays_on_llama_cpp_chain(llama, model):
+    assert not llama.Sampler(model, grammar='root ::= "a"').native
+    assert not llama.Sampler(model, typical_p=0.5).native
+    assert not llama.Sampler(model, top_k=0).native          # the whole vocabulary
+    assert not llama.Sampler(model, top_k=5000).native
+    assert not llama.Sampler(model, logit_bias={1: -1.0}).native
+    assert llama.Sampler(model, temperature=0.0).native       # plain argmax
+    assert llama.Sampler(model, temperature=0.0, repeat_penalty=1.1).native
