@@ -54,9 +54,10 @@ def batched_bench(model: str, threads: int, n_ctx: int, n_batch: int, parallel: 
     return rates
 
 
-def engine_rate(engine: Engine, b: int, pp: int, tg: int) -> dict:
-    """Aggregate generation tokens/s with ``b`` concurrent requests."""
-    rng_base = 1000
+def engine_rate(engine: Engine, b: int, pp: int, tg: int, *, rng_base: int = 1000,
+                options: dict | None = None) -> dict:
+    """Aggregate generation tokens/s with ``b`` concurrent requests
+    (``options``: the requests' options, default greedy; ``tg`` tokens each)."""
     first_at: dict[int, float] = {}
     done = threading.Event()
     finished = []
@@ -73,7 +74,7 @@ def engine_rate(engine: Engine, b: int, pp: int, tg: int) -> dict:
                         done.set()
         return sink
 
-    opts = CompletionOptions.from_dict(greedy_options(tg))
+    opts = CompletionOptions.from_dict({**(options or greedy_options(tg)), "num_predict": tg})
     t0 = time.perf_counter()
     for i in range(b):
         # Distinct prompts so that nothing is shared through the prefix cache.

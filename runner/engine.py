@@ -85,6 +85,7 @@ class EngineConfig:
     prefill_budget: int = 256         # prompt inputs per step while others generate
     kv_unified: bool = False          # one KV buffer shared by all slots (see _StreamKV)
     delivery: str = "auto"            # thread | inline | auto (see Engine.delivery_mode)
+    native_sampler: bool = True       # False: llama.cpp's CPU chain for every request (see _llama.Sampler)
 
 
 @dataclass
@@ -373,7 +374,8 @@ class Engine:
                                    f"of {self.slot_ctx} tokens (n_ctx {self.ctx.n_ctx} / parallel "
                                    f"{self.config.parallel})")
             inputs = truncate_prompt(inputs, self.slot_ctx, options.num_keep)
-        sampler = make_sampler(self.model, options, self.slot_ctx)  # grammar errors surface here
+        sampler = make_sampler(self.model, options, self.slot_ctx,  # grammar errors surface here
+                               self.config.native_sampler)
         rid = request.id or f"r{next(self._ids)}"
         handle = Handle(self, rid, on_event)
         seq = _Seq(handle=handle, options=options, inputs=inputs, spans=spans, t_tokenize=t_tok,

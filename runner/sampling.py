@@ -26,8 +26,10 @@ def grammar_for(options: CompletionOptions) -> str | None:
         raise BadRequest("invalid option json_schema: references or nesting too deep") from None
 
 
-def make_sampler(model: _llama.Model, options: CompletionOptions, slot_ctx: int) -> _llama.Sampler:
-    """Build the llama.cpp sampler chain for one request."""
+def make_sampler(model: _llama.Model, options: CompletionOptions, slot_ctx: int,
+                 native: bool = True) -> _llama.Sampler:
+    """Build the sampler chain for one request (``native``: the binding's
+    one-pass chain where the options allow it; see _llama.Sampler)."""
     # A window longer than the slot sees nothing more, and llama.cpp allocates
     # (and zeroes) the whole window up front: 2**31 tokens took 8 GiB.
     last_n = slot_ctx if options.repeat_last_n == -1 else min(options.repeat_last_n, slot_ctx)
@@ -37,7 +39,8 @@ def make_sampler(model: _llama.Model, options: CompletionOptions, slot_ctx: int)
             min_p=options.min_p, typical_p=options.typical_p, repeat_last_n=last_n,
             repeat_penalty=options.repeat_penalty, frequency_penalty=options.frequency_penalty,
             presence_penalty=options.presence_penalty,
-            seed=None if options.seed < 0 else options.seed, grammar=grammar_for(options))
+            seed=None if options.seed < 0 else options.seed, grammar=grammar_for(options),
+            native=native)
     except _llama.GrammarError as exc:
         raise BadRequest(f"invalid option grammar: {exc}") from exc
 
