@@ -35,6 +35,7 @@ DEFAULT_ALIGNMENT = 32
 MAX_ARRAY_DEPTH = 8  # arrays of arrays deeper than this are rejected
 MAX_TENSOR_DIMS = 4  # GGML_MAX_DIMS
 MAX_TENSOR_NAME = 63  # GGML_MAX_NAME - 1 (the C buffer keeps a NUL)
+MAX_LAYERS = 512  # LLAMA_MAX_LAYERS (src/llama-hparams.h): the most repeating layers llama.cpp loads
 _INT64_MAX = (1 << 63) - 1
 _HEADER_SIZE = 24  # magic, version, tensor count, key/value count
 
@@ -318,6 +319,10 @@ class GGUFFile:
     data_offset: int  # file offset of the tensor data section
     file_size: int  # size of the file in bytes
     _groups: dict[str, tuple[TensorInfo, ...]] = field(default_factory=dict, init=False, repr=False, compare=False)
+    # get_int_or_array results by (key, n_layer, default): per-layer lookups cost O(1) after the first
+    _per_layer: dict[tuple[str, int, int], tuple[int, ...]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     # -- raw metadata -------------------------------------------------------
 
@@ -354,7 +359,19 @@ class GGUFFile:
         return f.value
 
     def get_int_or_array(self, key: str, n_layer: int, default: int) -> tuple[int, ...]:
-        """A per-layer integer that may be stored as one value or as an array (llama.cpp get_key_or_arr)."""
+        """A per-layer integer that may be stored as one value or as an array (llama.cpp get_key_or_arr).
+
+        ``n_layer`` above MAX_LAYERS raises GGUFError (llama.cpp refuses such
+        a file; building the tuple could exhaust memory).
+        """
+        cached = self._per_layer.get((key, n_layer, default))
+        if cached is None:
+            cached = self._per_layer[(key, n_layer, default)] = self._int_or_array(key, n_layer, default)
+        return cached
+
+    def _int_or_array(self, key: str, n_layer: int, default: int) -> tuple[int, ...]:
+        if not 0 <= n_layer <= MAX_LAYERS:
+            raise self._block_count_error(n_layer)
         f = self.fields.get(key)
         if f is None:
             return (default,) * n_layer
@@ -382,6 +399,16 @@ class GGUFFile:
     def block_count(self) -> int:
         return self.get_int(self.arch_key("block_count"), 0) or 0
 
+    def checked_block_count(self) -> int:
+        """``block_count``, or GGUFError when it is outside 0..MAX_LAYERS (llama.cpp refuses the file)."""
+        n = self.block_count
+        if not 0 <= n <= MAX_LAYERS:
+            raise self._block_count_error(n)
+        return n
+
+    def _block_count_error(self, n: int) -> GGUFError:
+        return GGUFError(f"{self.arch_key('block_count')} = {n} is out of range: llama.cpp loads 1 to {MAX_LAYERS} layers")
+
     @property
     def embedding_length(self) -> int:
         return self.get_int(self.arch_key("embedding_length"), 0) or 0
@@ -404,8 +431,11 @@ class GGUFFile:
     @property
     def head_count(self) -> int:
         """Attention heads of the first layer (llama.cpp's n_head())."""
-        heads = self.head_counts()
-        return heads[0] if heads else (self.get_int(self.arch_key("attention.head_count"), 0) or 0)
+        key = self.arch_key("attention.head_count")
+        f = self.fields.get(key)
+        if f is None or f.type in _INTEGER_TYPES or not self.block_count:
+            return self.get_int(key, 0) or 0
+        return self.head_counts()[0]
 
     def head_counts_kv(self) -> tuple[int, ...]:
         """KV heads per layer; defaults to the head count (no GQA). 0 marks a layer without attention."""

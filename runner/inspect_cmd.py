@@ -28,6 +28,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Print the summary; returns the process exit status."""
     try:
+        if args.ctx < 0:
+            raise ValueError(f"--ctx must be >= 0 (0: the model's context), not {args.ctx}")
+        if args.parallel < 1:
+            raise ValueError(f"--parallel must be >= 1, not {args.parallel}")
         path = args.model
         if path == "default":
             from runner.models import default_model_path

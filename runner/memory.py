@@ -143,7 +143,7 @@ def attention_layout(info: GGUFFile) -> AttentionLayout:
     hybrid/recurrent models is not modelled.
     """
     arch = info.architecture
-    n_layer = info.block_count
+    n_layer = info.checked_block_count()
     heads_kv = info.head_counts_kv() if n_layer else ()
     n_nextn = info.get_int(info.arch_key("nextn_predict_layers"), 0) or 0
     n_main = n_layer - n_nextn if 0 < n_nextn < n_layer else n_layer
@@ -164,8 +164,10 @@ def attention_layout(info: GGUFFile) -> AttentionLayout:
             kv[il] = False
 
     is_mla = info.is_mla
-    dk = [info.key_length_swa if s else info.key_length for s in swa]
-    dv = [info.value_length_swa if s else info.value_length for s in swa]
+    # each accessor once: they are not free, and a per-layer call made this quadratic
+    k_full, k_swa, v_full, v_swa = info.key_length, info.key_length_swa, info.value_length, info.value_length_swa
+    dk = [k_swa if s else k_full for s in swa]
+    dv = [v_swa if s else v_full for s in swa]
     cross: tuple[int, ...] = ()
     if arch == "mllama":
         raw = info.get_arch("attention.cross_attention_layers", [])
@@ -353,10 +355,11 @@ def kv_cache_size(
         swa_size = _pad(min(shape.kv_size, lay.n_swa * seqs + shape.n_ubatch), CONTEXT_PAD)
 
     placed = []  # (cache name, cells, streams, layer, K bytes, V bytes) per layer with cells
+    cross_layers = frozenset(lay.cross_layers)
     for il in range(lay.n_layer):
         if not lay.kv_layers[il]:
             continue
-        if il in lay.cross_layers:
+        if il in cross_layers:
             name, cells, streams = "cross", MLLAMA_VISION_TOKENS * shape.n_seq_max, 1
         elif lay.swa_layers[il]:
             name, cells, streams = "swa", swa_size, shape.n_stream
@@ -650,12 +653,13 @@ def layer_weights(info: GGUFFile) -> LayerWeights:
     matrix is tied to token_embd it creates a duplicate on the output device,
     which is counted in ``output`` (the file itself holds one copy).
     """
+    n_layer = info.checked_block_count()
     groups = info.layer_bytes()
-    layers = tuple(groups.get(f"blk.{il}", 0) for il in range(info.block_count))
+    layers = tuple(groups.get(f"blk.{il}", 0) for il in range(n_layer))
     output = groups.get("output", 0) + groups.get("output_norm", 0)
     if info.tensor("output.weight") is None:
         output += _output_matrix_bytes(info)
-    counted = {f"blk.{il}" for il in range(info.block_count)} | {"output", "output_norm"}
+    counted = {f"blk.{il}" for il in range(n_layer)} | {"output", "output_norm"}
     cpu = sum(size for name, size in groups.items() if name not in counted)
     return LayerWeights(layers, output, cpu)
 
