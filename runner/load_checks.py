@@ -24,6 +24,8 @@ the reason, every file the pinned llama.cpp would abort on for these causes:
   when the context is created, still inside the runner's load.
 * Grouped-query attention broadcasts K/V heads over the query heads: ggml
   asserts ``head_count % head_count_kv == 0`` in every layer that has KV heads.
+* ggml's CPU norm, RMS-norm and group-norm kernels assert ``eps >= 0`` (a
+  NaN fails too) when the first prompt runs.
 
 Keys are checked only when llama.cpp would read them as this module does
 (a UINT32 scalar, or an integer array for the per-layer keys). A key of
@@ -55,6 +57,8 @@ SAME_HEAD_AND_ROPE = frozenset(
 # Architectures for which load_hparams resets expert_count <= 1 to "no experts".
 _EXPERTS_RESET = frozenset({"hunyuan_vl", "hunyuan-dense"})
 _PER_LAYER_ELEMENTS = frozenset({ValueType.UINT32, ValueType.INT32, ValueType.BOOL})  # llama.cpp get_arr
+# epsilon keys (FLOAT32) the norm kernels assert non-negative
+_EPSILON_KEYS = ("attention.layer_norm_epsilon", "attention.layer_norm_rms_epsilon", "attention.group_norm_epsilon")
 _NO_VOCAB = frozenset({"no_vocab", "none"})  # tokenizer.ggml.model values that skip the token list
 # tokenizer.ggml.model -> default (BOS, EOS) ids (llama_vocab::impl::load); None: no such token
 _DEFAULT_BOS_EOS: dict[str, tuple[int | None, int | None]] = {
@@ -92,10 +96,17 @@ def check_model_file(path: str | os.PathLike[str]) -> GGUFFile | None:
 
 
 def model_problems(info: GGUFFile) -> list[str]:
-    """Why llama.cpp would abort loading ``info`` (empty when it would not)."""
-    if info.architecture in ("", "clip"):
-        return []  # llama.cpp throws for a missing architecture and reads no hparams for clip
-    return list(_hparam_problems(info)) + list(_vocab_problems(info))
+    """Why llama.cpp would abort loading ``info`` (empty when it would not).
+
+    A key the checks need that has an unusable type (llama.cpp throws for it)
+    is reported as the problem.
+    """
+    try:
+        if info.architecture in ("", "clip"):
+            return []  # llama.cpp throws for a missing architecture and reads no hparams for clip
+        return list(_hparam_problems(info)) + list(_vocab_problems(info))
+    except GGUFError as exc:
+        return [str(exc)]
 
 
 class _Reader:
@@ -155,6 +166,7 @@ def _hparam_problems(info: GGUFFile) -> Iterator[str]:
                 yield f"{info.arch_key(name)} = {value} is more than block_count {n_layer}"
     yield from _expert_problems(info, r, n_layer)
     yield from _rope_scaling_problems(info)
+    yield from _epsilon_problems(info)
     yield from _attention_problems(info, r, n_layer)
     yield from r.problems
 
@@ -193,6 +205,13 @@ def _rope_scaling_problems(info: GGUFFile) -> Iterator[str]:
     f = info.fields.get(key)
     if f is not None and f.type is ValueType.STRING and f.value not in ROPE_SCALING_TYPES:
         yield f"{key} = {f.value!r} is not one of {', '.join(ROPE_SCALING_TYPES)}"
+
+
+def _epsilon_problems(info: GGUFFile) -> Iterator[str]:
+    for name in _EPSILON_KEYS:
+        f = info.fields.get(info.arch_key(name))
+        if f is not None and f.type is ValueType.FLOAT32 and not f.value >= 0.0:
+            yield f"{info.arch_key(name)} = {f.value} must be >= 0"
 
 
 def _attention_problems(info: GGUFFile, r: _Reader, n_layer: int) -> Iterator[str]:

@@ -22,7 +22,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from gguf_bytes import (  # noqa: E402
-    I32, KV, STRING, TINY, GGUFSpec, TinyShape, encode, tiny_llama_spec, tiny_vocab, write_tiny_llama,
+    I32, KV, STRING, TINY, U32, GGUFSpec, TinyShape, encode, tiny_llama_spec, tiny_vocab, write_tiny_llama,
 )
 
 from runner import load_checks  # noqa: E402
@@ -59,6 +59,8 @@ CASES = [
     ("odd_rope_dims", {"shape": TinyShape(n_embd=36, n_head=4, n_head_kv=2)}, "rope dimension count 9 is odd"),
     ("duplicate_token", {"tokens": tiny_vocab()[:-1] + ["\u2581the"]}, "token 269 '\u2581the' repeats token 259"),
     ("bos_missing", {"tokens": []}, "add_bos_token is true but the 0-token vocabulary has no BOS token"),
+    ("negative_rms_eps", {"hparams": {"attention.layer_norm_rms_epsilon": -1e-5}}, "must be >= 0"),
+    ("nan_rms_eps", {"hparams": {"attention.layer_norm_rms_epsilon": float("nan")}}, "= nan must be >= 0"),
 ]
 # Refused by the checks, but llama.cpp refuses them cleanly too (a thrown error, not an abort).
 CLEAN_CASES = [
@@ -105,6 +107,13 @@ def test_valid_files_pass(tmp_path):
     renamed = [KV("general.architecture", STRING, "hunyuan_vl")]
     renamed += [KV(k.key.replace("llama.", "hunyuan_vl."), k.type, k.value, k.element_type) for k in spec.kvs[1:]]
     assert model_problems(parse_gguf(encode(GGUFSpec(tuple(renamed), spec.tensors))[0])) == []
+
+
+def test_mistyped_architecture_is_a_problem():
+    spec = tiny_llama_spec()
+    kvs = (KV("general.architecture", U32, 5),) + spec.kvs[1:]
+    problems = model_problems(parse_gguf(encode(GGUFSpec(kvs, spec.tensors))[0]))
+    assert problems == ["general.architecture: expected a string, file has UINT32"]
 
 
 def test_all_problems_are_listed_and_the_file_named(tmp_path):
