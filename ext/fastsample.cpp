@@ -48,6 +48,7 @@ struct runner_fast_sampler {
     uint64_t rng[4];          // xoshiro256** state
     std::deque<int32_t> window;                   // the last last_n accepted tokens
     std::unordered_map<int32_t, int32_t> counts;  // token -> occurrences in window
+    std::vector<uint8_t> penalised_mask;          // n_vocab flags: token is a key of counts
     std::vector<Cand> heap;   // scratch: min-heap of the best raw logits
     std::vector<Cand> cands;  // scratch: candidates through the stages
     std::vector<float> probs; // scratch: their probabilities
@@ -73,10 +74,12 @@ float penalised(const runner_fast_sampler * s, float logit, int32_t count) {
     return logit - float(count) * s->freq - (count > 0 ? s->present : 0.0f);
 }
 
-// The `m` largest of logits[0:n] (NaN never enters), into s->heap sorted by
-// `better`.  Blocks of 16 whose maximum cannot enter the heap are skipped
-// after one vectorisable pass.
+// The `m` largest of logits[0:n] (NaN never enters) among the tokens that
+// are not penalised, into s->heap sorted by `better`.  Blocks of 16 whose
+// maximum cannot enter the heap are skipped after one vectorisable pass; the
+// penalised flag is read only for a value that could enter.
 void top_raw(runner_fast_sampler * s, const float * logits, int32_t n, int32_t m) {
+    const uint8_t * skip = s->penalise && !s->counts.empty() ? s->penalised_mask.data() : nullptr;
     auto & heap = s->heap;
     heap.clear();
     auto worse = [](const Cand & a, const Cand & b) { return better(a, b); };  // min-heap on top
@@ -84,7 +87,7 @@ void top_raw(runner_fast_sampler * s, const float * logits, int32_t n, int32_t m
     int32_t i = 0;
     auto consider = [&](int32_t j) {
         const float x = logits[j];
-        if (!(x >= floor)) {  // also drops NaN
+        if (!(x >= floor) || (skip != nullptr && skip[j])) {  // also drops NaN
             return;
         }
         const Cand c{x, j};
@@ -125,17 +128,11 @@ void top_raw(runner_fast_sampler * s, const float * logits, int32_t n, int32_t m
 
 // s->cands := the candidates after penalties and top-k (sorted by `better`):
 // the k best of (raw logits of unpenalised tokens) and (penalised logits).
-// The k best unpenalised tokens are among the k + |penalised| best raw ones.
 void candidates(runner_fast_sampler * s, const float * logits, int32_t k) {
     const int32_t n_pen = s->penalise ? (int32_t) s->counts.size() : 0;
-    top_raw(s, logits, s->n_vocab, std::min(s->n_vocab, k + n_pen));
+    top_raw(s, logits, s->n_vocab, std::min(s->n_vocab, k));
     auto & out = s->cands;
-    out.clear();
-    for (const Cand & c : s->heap) {
-        if (n_pen == 0 || s->counts.find(c.id) == s->counts.end()) {
-            out.push_back(c);
-        }
-    }
+    out.assign(s->heap.begin(), s->heap.end());
     if (n_pen > 0) {
         for (const auto & kv : s->counts) {
             const float x = logits[kv.first];
@@ -228,6 +225,14 @@ extern "C" runner_fast_sampler * runner_fast_new(int32_t n_vocab, float temperat
     s->present = presence_penalty;
     s->penalise = s->last_n > 0 && (repeat_penalty != 1.0f || frequency_penalty != 0.0f ||
                                     presence_penalty != 0.0f);
+    if (s->penalise) {
+        try {
+            s->penalised_mask.assign((size_t) n_vocab, 0);
+        } catch (...) {
+            delete s;
+            return nullptr;
+        }
+    }
     uint64_t x = seed;
     for (auto & w : s->rng) {
         w = splitmix(x);
@@ -247,13 +252,18 @@ extern "C" void runner_fast_accept(runner_fast_sampler * s, int32_t token) {
         auto it = s->counts.find(old);
         if (it != s->counts.end() && --it->second <= 0) {
             s->counts.erase(it);
+            s->penalised_mask[(size_t) old] = 0;
         }
     }
     s->window.push_back(token);
     s->counts[token] += 1;
+    s->penalised_mask[(size_t) token] = 1;
 }
 
 extern "C" void runner_fast_reset(runner_fast_sampler * s) {
+    for (const auto & kv : s->counts) {
+        s->penalised_mask[(size_t) kv.first] = 0;
+    }
     s->window.clear();
     s->counts.clear();
 }
