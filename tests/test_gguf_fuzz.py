@@ -14,8 +14,9 @@ status 1, one line); the pre-load check returns a list; and loading the file
 in a worker process that runs the engine (capped with RLIMIT_AS) ends in a
 loaded model or a typed refusal: the worker never dies and never hangs.
 
-CI runs FUZZ_EXAMPLES examples per test (50); set LLAMA_RUNNER_FUZZ_EXAMPLES
-to run more. Examples that once broke an invariant stay as ``@example``.
+CI runs FUZZ_EXAMPLES examples per test (50); RUNNER_FUZZ_SCALE multiplies
+that, as for the other fuzz suites (``RUNNER_FUZZ_SCALE=100`` for 5,000).
+Examples that once broke an invariant stay as ``@example``.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from runner.load_checks import model_problems  # noqa: E402
 from runner.memory import LoadOptions, estimate  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-FUZZ_EXAMPLES = int(os.environ.get("LLAMA_RUNNER_FUZZ_EXAMPLES", "50"))
+FUZZ_EXAMPLES = max(1, round(50 * float(os.environ.get("RUNNER_FUZZ_SCALE") or 1)))
 fuzz_settings = settings(
     max_examples=FUZZ_EXAMPLES,
     deadline=None,
