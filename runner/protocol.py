@@ -335,10 +335,13 @@ def error_from_code(code: str | None, message: str) -> EngineError:
 
 def error_reply(request_id: Any, exc: BaseException) -> ErrorReply:
     """An exception raised while serving a request -> its ``error`` reply."""
+    message = str(exc) or type(exc).__name__
     if isinstance(exc, EngineError):
         code = known_code(exc.code)
     elif isinstance(exc, (ValueError, TypeError, IndexError, OverflowError)):
         code = "bad_request"
+    elif isinstance(exc, RecursionError):  # only input nests this deep
+        code, message = "bad_request", f"request nested too deeply to process ({message})"
     else:
         code = "internal"
     return ErrorReply(id=request_id, code=code, message=message)
@@ -347,13 +350,10 @@ def error_reply(request_id: Any, exc: BaseException) -> ErrorReply:
 # -- transport ---------------------------------------------------------------
 
 class WakePipe:
-    message = str(exc) or type(exc).__name__
     """A non-blocking pipe whose read end sits in an I/O thread's poll set:
     another thread writes a byte to wake it.  Both ends of the protocol use
     one to hand work to the thread that owns their socket."""
 
-    elif isinstance(exc, RecursionError):  # only input nests this deep
-        code, message = "bad_request", f"request nested too deeply to process ({message})"
     def __init__(self) -> None:
         self.read_fd, self.write_fd = os.pipe()
         os.set_blocking(self.read_fd, False)
