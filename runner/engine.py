@@ -42,11 +42,12 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from runner import _llama
+from runner import _llama, limits
 from runner.requests import (
     BadRequest, Busy, Chunk, CompletionOptions, CompletionRequest, EmbeddingResult,
     EngineError, Final, InputTooLong, InternalError, NotReady,
 )
+from runner.hostcache import HostCache
 from runner.load_checks import check_model_file
 from runner.media import DEFAULT_CACHE_BYTES, MediaCache, MediaSpan, build_prompt
 from runner.sampling import logprob_entry, make_sampler
@@ -351,9 +352,11 @@ class Engine:
     # ------------------------------------------------------------------
 
     def tokenize(self, text: str, add_special: bool = False, parse_special: bool = False) -> list[int]:
-        return self.model.tokenize(text, add_special=add_special, parse_special=parse_special)
+        data = limits.text_bytes("text", text)
+        return self.model.tokenize(data, add_special=add_special, parse_special=parse_special)
 
     def detokenize(self, tokens: list[int]) -> str:
+        limits.check_tokens("tokens", len(tokens))
         try:
             return self.model.detokenize(tokens)
         except ValueError as exc:
@@ -416,7 +419,8 @@ class Engine:
 
     def embed(self, text: str, normalize: bool = False, timeout: float | None = None) -> EmbeddingResult:
         """Embedding of ``text`` with the model's pooling (mean for plain LMs)."""
-        tokens = self.model.tokenize(text, add_special=True, parse_special=False)
+        data = limits.text_bytes("text", text, InputTooLong)
+        tokens = self.model.tokenize(data, add_special=True, parse_special=False)
         if not tokens:
             raise BadRequest("cannot embed empty text")
         if len(tokens) > min(self.n_batch, self.slot_ctx):
@@ -525,7 +529,12 @@ class Engine:
     # ------------------------------------------------------------------
 
     def _prompt_inputs(self, request: CompletionRequest) -> tuple[list, list[MediaSpan]]:
-        """The prompt as KV inputs, and its media chunks (caller's thread)."""
+        """The prompt as KV inputs, and its media chunks (caller's thread).
+        A prompt over runner.limits is refused before any work on it."""
+        if isinstance(request.prompt, str):
+            data = limits.text_bytes("prompt", request.prompt, InputTooLong)
+        else:
+            limits.check_tokens("prompt", len(request.prompt), InputTooLong)
         if request.media or (self.mtmd is not None and isinstance(request.prompt, str)
                              and self._mentions_media(request.prompt)):
             if not isinstance(request.prompt, str):
@@ -539,12 +548,13 @@ class Engine:
                                      f"n_batch >= {span.n_tokens} (n_batch is {self.ctx.n_ubatch})")
             return mp.inputs, mp.spans
         if isinstance(request.prompt, str):
-            inputs = self.model.tokenize(request.prompt, add_special=request.add_special,
-                                         parse_special=True)
+            inputs = self.model.tokenize(data, add_special=request.add_special, parse_special=True)
         else:
             inputs = list(request.prompt)
             n_vocab = self.model.n_vocab
-            if not all(isinstance(t, int) and 0 <= t < n_vocab for t in inputs):
+            ids = np.asarray(inputs)  # one pass in C, not one Python comparison per id
+            if inputs and (ids.ndim != 1 or ids.dtype.kind not in "iu" or ids.min() < 0
+                           or ids.max() >= n_vocab):
                 raise BadRequest(f"prompt token ids must be integers in [0, {n_vocab})")
         if not inputs:
             raise BadRequest("the prompt is empty")
