@@ -329,3 +329,64 @@ cdef class Sampler:
         """Stages in the chain (the grammar, kept apart, counts as one)."""
         self._check()
         return llama_sampler_chain_n(self.chain) + (1 if self.grammar != NULL else 0)
+
+
+def sample_batch(Context ctx not None, list samplers not None, list rows not None):
+    """Sample one token for each (sampler, batch row) pair: a list holding,
+    per pair, the token or the exception that sampler raised.
+
+    Native samplers (plain argmax or the one-pass chain) are all served in one
+    loop without the GIL, so a step pays one GIL release for its whole batch
+    instead of one per sequence (each release lets another Python thread in);
+    the others go through :meth:`Sampler.sample` one by one."""
+    ctx._check()
+    cdef Py_ssize_t n = len(samplers), i, m = 0
+    if len(rows) != n:
+        raise ValueError("samplers and rows differ in length")
+    out = [None] * n
+    if n == 0:
+        return out
+    cdef runner_fast_sampler ** fasts = <runner_fast_sampler **> malloc(n * sizeof(void *))
+    cdef const float ** logits = <const float **> malloc(n * sizeof(void *))
+    cdef int32_t * toks = <int32_t *> malloc(n * sizeof(int32_t))
+    cdef Py_ssize_t * where = <Py_ssize_t *> malloc(n * sizeof(Py_ssize_t))
+    cdef int32_t n_vocab = ctx.model.n_vocab
+    cdef Sampler s
+    cdef const float * row
+    if fasts == NULL or logits == NULL or toks == NULL or where == NULL:
+        free(fasts); free(logits); free(toks); free(where)
+        raise MemoryError()
+    try:
+        for i in range(n):
+            s = <Sampler?> samplers[i]
+            if s.chain == NULL:
+                out[i] = ClosedError("sampler is closed")
+                continue
+            if s.model is not ctx.model:
+                out[i] = ValueError("sampler and context belong to different models")
+                continue
+            if not (s.argmax_only or s.fast != NULL):
+                try:
+                    out[i] = s.sample(ctx, rows[i])
+                except Exception as exc:
+                    out[i] = exc
+                continue
+            row = llama_get_logits_ith(ctx.ptr, <int32_t> rows[i])
+            if row == NULL:
+                out[i] = IndexError(f"no logits for batch index {rows[i]}")
+                continue
+            fasts[m] = s.fast  # NULL: plain argmax
+            logits[m] = row
+            where[m] = i
+            m += 1
+        with nogil:
+            for i in range(m):
+                if fasts[i] == NULL:
+                    toks[i] = _argmax(logits[i], n_vocab)
+                else:
+                    toks[i] = runner_fast_sample(fasts[i], logits[i])
+        for i in range(m):
+            out[where[i]] = toks[i] if toks[i] >= 0 else SamplerError("sampling failed: no logit is a number")
+    finally:
+        free(fasts); free(logits); free(toks); free(where)
+    return out

@@ -42,12 +42,11 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from runner import _llama, limits
+from runner import _llama
 from runner.requests import (
     BadRequest, Busy, Chunk, CompletionOptions, CompletionRequest, EmbeddingResult,
     EngineError, Final, InputTooLong, InternalError, NotReady,
 )
-from runner.hostcache import HostCache
 from runner.load_checks import check_model_file
 from runner.media import DEFAULT_CACHE_BYTES, MediaCache, MediaSpan, build_prompt
 from runner.sampling import logprob_entry, make_sampler
@@ -352,11 +351,9 @@ class Engine:
     # ------------------------------------------------------------------
 
     def tokenize(self, text: str, add_special: bool = False, parse_special: bool = False) -> list[int]:
-        data = limits.text_bytes("text", text)
-        return self.model.tokenize(data, add_special=add_special, parse_special=parse_special)
+        return self.model.tokenize(text, add_special=add_special, parse_special=parse_special)
 
     def detokenize(self, tokens: list[int]) -> str:
-        limits.check_tokens("tokens", len(tokens))
         try:
             return self.model.detokenize(tokens)
         except ValueError as exc:
@@ -419,8 +416,7 @@ class Engine:
 
     def embed(self, text: str, normalize: bool = False, timeout: float | None = None) -> EmbeddingResult:
         """Embedding of ``text`` with the model's pooling (mean for plain LMs)."""
-        data = limits.text_bytes("text", text, InputTooLong)
-        tokens = self.model.tokenize(data, add_special=True, parse_special=False)
+        tokens = self.model.tokenize(text, add_special=True, parse_special=False)
         if not tokens:
             raise BadRequest("cannot embed empty text")
         if len(tokens) > min(self.n_batch, self.slot_ctx):
@@ -529,12 +525,7 @@ class Engine:
     # ------------------------------------------------------------------
 
     def _prompt_inputs(self, request: CompletionRequest) -> tuple[list, list[MediaSpan]]:
-        """The prompt as KV inputs, and its media chunks (caller's thread).
-        A prompt over runner.limits is refused before any work on it."""
-        if isinstance(request.prompt, str):
-            data = limits.text_bytes("prompt", request.prompt, InputTooLong)
-        else:
-            limits.check_tokens("prompt", len(request.prompt), InputTooLong)
+        """The prompt as KV inputs, and its media chunks (caller's thread)."""
         if request.media or (self.mtmd is not None and isinstance(request.prompt, str)
                              and self._mentions_media(request.prompt)):
             if not isinstance(request.prompt, str):
@@ -548,13 +539,12 @@ class Engine:
                                      f"n_batch >= {span.n_tokens} (n_batch is {self.ctx.n_ubatch})")
             return mp.inputs, mp.spans
         if isinstance(request.prompt, str):
-            inputs = self.model.tokenize(data, add_special=request.add_special, parse_special=True)
+            inputs = self.model.tokenize(request.prompt, add_special=request.add_special,
+                                         parse_special=True)
         else:
             inputs = list(request.prompt)
             n_vocab = self.model.n_vocab
-            ids = np.asarray(inputs)  # one pass in C, not one Python comparison per id
-            if inputs and (ids.ndim != 1 or ids.dtype.kind not in "iu" or ids.min() < 0
-                           or ids.max() >= n_vocab):
+            if not all(isinstance(t, int) and 0 <= t < n_vocab for t in inputs):
                 raise BadRequest(f"prompt token ids must be integers in [0, {n_vocab})")
         if not inputs:
             raise BadRequest("the prompt is empty")
@@ -1001,11 +991,6 @@ class Engine:
         out = outputs.get(id(seq))
         if out is None:
             out = outputs[id(seq)] = _Output(TextStream(seq.options.stop))
-        if kind == "tok":
-            if out.stream.stopped:
-                return  # decoded after the stop string was complete: not returned
-            self._deliver_token(seq, out, record[2], record[3])
-            return
         # kind == "end": flush the held-back text, then let the loop release the slot.
         del outputs[id(seq)]
         final: Final = record[2]
