@@ -42,11 +42,12 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from runner import _llama
+from runner import _llama, limits
 from runner.requests import (
     BadRequest, Busy, Chunk, CompletionOptions, CompletionRequest, EmbeddingResult,
     EngineError, Final, InputTooLong, InternalError, NotReady,
 )
+from runner.hostcache import HostCache
 from runner.load_checks import check_model_file
 from runner.media import DEFAULT_CACHE_BYTES, MediaCache, MediaSpan, build_prompt
 from runner.sampling import logprob_entry, make_sampler
@@ -351,9 +352,11 @@ class Engine:
     # ------------------------------------------------------------------
 
     def tokenize(self, text: str, add_special: bool = False, parse_special: bool = False) -> list[int]:
-        return self.model.tokenize(text, add_special=add_special, parse_special=parse_special)
+        data = limits.text_bytes("text", text)
+        return self.model.tokenize(data, add_special=add_special, parse_special=parse_special)
 
     def detokenize(self, tokens: list[int]) -> str:
+        limits.check_tokens("tokens", len(tokens))
         try:
             return self.model.detokenize(tokens)
         except ValueError as exc:
@@ -416,7 +419,8 @@ class Engine:
 
     def embed(self, text: str, normalize: bool = False, timeout: float | None = None) -> EmbeddingResult:
         """Embedding of ``text`` with the model's pooling (mean for plain LMs)."""
-        tokens = self.model.tokenize(text, add_special=True, parse_special=False)
+        data = limits.text_bytes("text", text, InputTooLong)
+        tokens = self.model.tokenize(data, add_special=True, parse_special=False)
         if not tokens:
             raise BadRequest("cannot embed empty text")
         if len(tokens) > min(self.n_batch, self.slot_ctx):
@@ -525,7 +529,12 @@ class Engine:
     # ------------------------------------------------------------------
 
     def _prompt_inputs(self, request: CompletionRequest) -> tuple[list, list[MediaSpan]]:
-        """The prompt as KV inputs, and its media chunks (caller's thread)."""
+        """The prompt as KV inputs, and its media chunks (caller's thread).
+        A prompt over runner.limits is refused before any work on it."""
+        if isinstance(request.prompt, str):
+            data = limits.text_bytes("prompt", request.prompt, InputTooLong)
+        else:
+            limits.check_tokens("prompt", len(request.prompt), InputTooLong)
         if request.media or (self.mtmd is not None and isinstance(request.prompt, str)
                              and self._mentions_media(request.prompt)):
             if not isinstance(request.prompt, str):
@@ -539,12 +548,13 @@ class Engine:
                                      f"n_batch >= {span.n_tokens} (n_batch is {self.ctx.n_ubatch})")
             return mp.inputs, mp.spans
         if isinstance(request.prompt, str):
-            inputs = self.model.tokenize(request.prompt, add_special=request.add_special,
-                                         parse_special=True)
+            inputs = self.model.tokenize(data, add_special=request.add_special, parse_special=True)
         else:
             inputs = list(request.prompt)
             n_vocab = self.model.n_vocab
-            if not all(isinstance(t, int) and 0 <= t < n_vocab for t in inputs):
+            ids = np.asarray(inputs)  # one pass in C, not one Python comparison per id
+            if inputs and (ids.ndim != 1 or ids.dtype.kind not in "iu" or ids.min() < 0
+                           or ids.max() >= n_vocab):
                 raise BadRequest(f"prompt token ids must be integers in [0, {n_vocab})")
         if not inputs:
             raise BadRequest("the prompt is empty")
@@ -883,8 +893,10 @@ class Engine:
 
     def _sample(self, plan: list[list]) -> int:
         """Sample the next token of every sequence with an output row; returns
-        how many tokens were generated."""
-        n_gen = 0
+        how many tokens were generated.  One binding call samples the whole
+        step (the GIL released once), and the step's tokens go to delivery as
+        one record; ends follow their sequence's last token."""
+        seqs, rows = [], []
         for seq, _, idx, _ in plan:
             if idx < 0 or seq.ended:
                 continue
@@ -892,36 +904,50 @@ class Engine:
                 seq.prompt_duration = seq.t_tokenize + (time.perf_counter() - seq.t_admitted)
                 self._end(seq, "length")
                 continue
-            want_lp = seq.options.logprobs or seq.options.top_logprobs > 0
-            logits = self.ctx.logits(idx) if want_lp else None
-            try:
-                token = seq.sampler.sample(self.ctx, idx)
-            except _llama.NoTokenError as exc:
-                self._end(seq, "error", BadRequest(f"grammar cannot be satisfied: {exc}"))
-                continue
-            except Exception as exc:  # this request fails; the others go on
-                log.exception("sampling failed for request %s", seq.handle.id)
-                self._end(seq, "error", InternalError(f"sampling failed: {exc}"))
+            seqs.append(seq)
+            rows.append(idx)
+        if not seqs:
+            return 0
+        # Logits for log-probabilities are read before sampling: the rows stay
+        # valid until the next decode, and no stage writes into them.
+        lps = [self.ctx.logits(idx) if seq.options.logprobs or seq.options.top_logprobs > 0 else None
+               for seq, idx in zip(seqs, rows)]
+        sampled = _llama.sample_batch(self.ctx, [seq.sampler for seq in seqs], rows)
+        now = time.perf_counter()
+        toks: list[tuple] = []  # (seq, token, logprob entry or None), for delivery
+        ends: list[tuple] = []  # (seq, reason, error), after the tokens
+        is_eog = self.model.is_eog
+        for seq, token, logits in zip(seqs, sampled, lps):
+            if type(token) is not int:
+                if isinstance(token, _llama.NoTokenError):
+                    ends.append((seq, "error", BadRequest(f"grammar cannot be satisfied: {token}")))
+                else:  # this request fails; the others go on
+                    log.error("sampling failed for request %s: %s", seq.handle.id, token)
+                    ends.append((seq, "error", InternalError(f"sampling failed: {token}")))
                 continue
             if not seq.t_first:
-                seq.t_first = time.perf_counter()
-                seq.prompt_duration = seq.t_tokenize + (seq.t_first - seq.t_admitted)
-            if self.model.is_eog(token) and (not seq.options.ignore_eos or seq.sampler.has_grammar):
+                seq.t_first = now
+                seq.prompt_duration = seq.t_tokenize + (now - seq.t_admitted)
+            if is_eog(token) and (not seq.options.ignore_eos or seq.sampler.has_grammar):
                 # The EOG token is neither returned nor cached.  A grammar
                 # offers it only once its text is complete: that ends the
                 # request even with ignore_eos, which would otherwise go on
                 # generating end tokens with no text forever.
-                self._end(seq, "stop")
+                ends.append((seq, "stop", None))
                 continue
-            lp = logprob_entry(self.model, logits, token, seq.options.top_logprobs) if want_lp else None
+            lp = None if logits is None else logprob_entry(self.model, logits, token,
+                                                           seq.options.top_logprobs)
             seq.generated.append(token)
-            n_gen += 1
-            self._out.put(("tok", seq, token, lp))
+            toks.append((seq, token, lp))
             if seq.n_predict and len(seq.generated) >= seq.n_predict:
-                self._end(seq, "length")  # the last token is returned, never decoded
+                ends.append((seq, "length", None))  # the last token is returned, never decoded
             else:
                 seq.next_token = token
-        return n_gen
+        if toks:
+            self._out.put(("toks", toks))
+        for seq, reason, error in ends:
+            self._end(seq, reason, error)
+        return len(toks)
 
     # -- embeddings -----------------------------------------------------
 
@@ -983,6 +1009,14 @@ class Engine:
                 ready, self._ready = self._ready, []
             for seq in ready:
                 self._send_final(seq)
+            return
+        if kind == "toks":  # one step's tokens, in batch order
+            for seq, token, logprob in record[1]:
+                out = outputs.get(id(seq))
+                if out is None:
+                    out = outputs[id(seq)] = _Output(TextStream(seq.options.stop))
+                if not out.stream.stopped:  # else decoded after its stop string: not returned
+                    self._deliver_token(seq, out, token, logprob)
             return
         seq: _Seq = record[1]
         if kind == "final":

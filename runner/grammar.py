@@ -43,6 +43,8 @@ import json
 import re
 from typing import Any
 
+from runner import limits
+
 __all__ = ["JSON_GBNF", "JSON_VALUE_GBNF", "json_schema_to_gbnf"]
 
 # Primitive rules: name -> (body, rules the body refers to). Emitted after the
@@ -76,9 +78,17 @@ def json_schema_to_gbnf(schema: dict[str, Any] | bool) -> str:
     """Return a GBNF grammar (``root`` rule first) accepting instances of ``schema``.
 
     Raises ValueError naming the offending location for a malformed or
-    unsupported schema.
+    unsupported schema, or one over :mod:`runner.limits` (MAX_SCHEMA_BYTES,
+    MAX_SCHEMA_ALTERNATIVES, and MAX_GRAMMAR_BYTES for the grammar it makes).
     """
-    return _Builder(schema).build()
+    try:
+        text = json.dumps(schema, ensure_ascii=False, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"the schema is not JSON: {exc}") from None
+    limits.utf8("the schema as compact JSON", text, limits.MAX_SCHEMA_BYTES, ValueError)
+    grammar = _Builder(schema).build()
+    limits.utf8("the grammar made from it", grammar, limits.MAX_GRAMMAR_BYTES, ValueError)
+    return grammar
 
 
 def _literal(text: str) -> str:
@@ -225,6 +235,7 @@ class _Builder:
             values = schema["enum"]
             if not isinstance(values, list) or not values:
                 raise ValueError(f"{where}/enum: must be a non-empty array")
+            self._check_alternatives(len(values), f"{where}/enum")
             self._check_values(values, types, f"{where}/enum")
             alts = dict.fromkeys(_json_literal(v, f"{where}/enum") for v in values)
             return " | ".join(alts)
@@ -233,6 +244,7 @@ class _Builder:
                 subs = schema[key]
                 if not isinstance(subs, list) or not subs:
                     raise ValueError(f"{where}/{key}: must be a non-empty array")
+                self._check_alternatives(len(subs), f"{where}/{key}")
                 alts = dict.fromkeys(self._rule(s, _sub(hint, str(i) if hint else f"alt-{i}"),
                                                 f"{where}/{key}/{i}")
                                      for i, s in enumerate(subs))
@@ -267,6 +279,12 @@ class _Builder:
             if t not in _TYPES:
                 raise ValueError(f"{where}/type: unknown type {t!r}; expected one of {', '.join(_TYPES)}")
         return list(dict.fromkeys(types))
+
+    @staticmethod
+    def _check_alternatives(n: int, where: str) -> None:
+        if n > limits.MAX_SCHEMA_ALTERNATIVES:
+            raise ValueError(f"{where}: {n} alternatives exceed the limit of "
+                             f"{limits.MAX_SCHEMA_ALTERNATIVES}")
 
     def _check_values(self, values: list, types: list[str] | None, where: str) -> None:
         if types is None:

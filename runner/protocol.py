@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal, Union
 
 import msgspec
 
+from runner import limits
 from runner.requests import (BadRequest, Busy, Cancelled, EngineError, InputTooLong,
                              InternalError, NotReady)
 
@@ -27,11 +28,22 @@ PROTOCOL_VERSION = 1
 # HARD_LIMIT_FACTOR times this is refused by ZeroMQ itself (MAXMSGSIZE), which
 # closes the sender's connection without reading the message into memory.
 DEFAULT_MAX_MESSAGE_BYTES = 16 << 20
-HARD_LIMIT_FACTOR = 4
+HARD_LIMIT_FACTOR = 2
 
 # Per-peer queue bounds (messages) on both ends; the runner never drops a reply
 # silently when a peer's queue is full (ROUTER_MANDATORY + its own backlog).
 HIGH_WATER_MARK = 10_000
+
+# What the runner's ROUTER queues from one connection before it stops reading
+# from it (the sender then waits): a bound in messages, so in bytes at most
+# (RECEIVE_HIGH_WATER_MARK + 1) * HARD_LIMIT_FACTOR * max_message_bytes per
+# connection, whatever the I/O thread is doing.  Small, because a request is
+# answered only after the I/O thread takes it; clients keep their own queue.
+RECEIVE_HIGH_WATER_MARK = 4
+
+# Requests accepted and waiting for (or running on) a worker thread are bounded
+# by this many times max_message_bytes, as received; more get ``busy``.
+PENDING_BYTES_FACTOR = 4
 
 # ZMTP heartbeats: a peer that stops answering is disconnected after
 # HEARTBEAT_TIMEOUT_MS, which cancels its in-flight requests in the runner.
@@ -50,6 +62,7 @@ State = Literal["launched", "loading", "ready", "error", "stopping"]
 RequestId = Union[Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)],
                   Annotated[str, msgspec.Meta(min_length=1, max_length=128)]]
 TokenId = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
+TokenList = Annotated[list[TokenId], msgspec.Meta(max_length=limits.MAX_TOKENS)]
 KVType = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"]
 NonNegative = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 Positive = Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)]
@@ -111,7 +124,7 @@ class Media(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 class Completion(Request, tag="completion"):
     """Generate from a prompt; replies are ``chunk``* then ``final``."""
 
-    prompt: str | list[TokenId]          # text (special tokens parsed) or token ids
+    prompt: str | TokenList              # text (special tokens parsed) or token ids
     options: dict[str, Any] = {}         # CompletionOptions fields (runner/requests.py)
     add_special: bool = True             # add BOS etc. as the model asks (text prompts)
     media: list[Media] = []              # placed by [img-N] or the projector's marker
@@ -129,7 +142,7 @@ class Tokenize(Request, tag="tokenize"):
 
 
 class Detokenize(Request, tag="detokenize"):
-    tokens: list[TokenId]
+    tokens: TokenList
 
 
 class Cancel(Request, tag="cancel"):
@@ -335,10 +348,13 @@ def error_from_code(code: str | None, message: str) -> EngineError:
 
 def error_reply(request_id: Any, exc: BaseException) -> ErrorReply:
     """An exception raised while serving a request -> its ``error`` reply."""
+    message = str(exc) or type(exc).__name__
     if isinstance(exc, EngineError):
         code = known_code(exc.code)
     elif isinstance(exc, (ValueError, TypeError, IndexError, OverflowError)):
         code = "bad_request"
+    elif isinstance(exc, RecursionError):  # only input nests this deep
+        code, message = "bad_request", f"request nested too deeply to process ({message})"
     else:
         code = "internal"
     return ErrorReply(id=request_id, code=code, message=message)
@@ -347,13 +363,10 @@ def error_reply(request_id: Any, exc: BaseException) -> ErrorReply:
 # -- transport ---------------------------------------------------------------
 
 class WakePipe:
-    message = str(exc) or type(exc).__name__
     """A non-blocking pipe whose read end sits in an I/O thread's poll set:
     another thread writes a byte to wake it.  Both ends of the protocol use
     one to hand work to the thread that owns their socket."""
 
-    elif isinstance(exc, RecursionError):  # only input nests this deep
-        code, message = "bad_request", f"request nested too deeply to process ({message})"
     def __init__(self) -> None:
         self.read_fd, self.write_fd = os.pipe()
         os.set_blocking(self.read_fd, False)
@@ -387,7 +400,7 @@ def configure_router(sock, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -
 
     sock.setsockopt(zmq.LINGER, 2_000)
     sock.setsockopt(zmq.SNDHWM, HIGH_WATER_MARK)
-    sock.setsockopt(zmq.RCVHWM, HIGH_WATER_MARK)
+    sock.setsockopt(zmq.RCVHWM, RECEIVE_HIGH_WATER_MARK)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
     sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes * HARD_LIMIT_FACTOR)
     _heartbeats(sock)

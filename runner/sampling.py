@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from runner import _llama
+from runner import _llama, limits
 from runner.grammar import JSON_GBNF, json_schema_to_gbnf
 from runner.requests import BadRequest, CompletionOptions
 
@@ -13,6 +13,7 @@ def grammar_for(options: CompletionOptions) -> str | None:
     """The GBNF grammar a request asks for: explicit, from a JSON schema, or none.
     An empty schema ({}) means "any JSON object", like Ollama's format: json."""
     if options.grammar:
+        limits.utf8("invalid option grammar: the grammar", options.grammar, limits.MAX_GRAMMAR_BYTES)
         return options.grammar
     if options.json_schema is None:
         return None

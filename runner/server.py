@@ -6,9 +6,12 @@ Threads and what they own:
   socket, the in-flight registry (:class:`Job` by ``(peer, id)``) and the
   per-peer send backlogs.  Nothing else touches them, so none is locked;
 * the engine's delivery thread produces completion events, the **load
-  thread** loads the model, and **worker threads** run the blocking calls
-  (embedding, tokenize, detokenize, info, discover).  They never send: they
-  post replies to the :class:`Outbox`, which wakes the I/O thread.
+  thread** loads the model, and **worker threads** run every call whose cost
+  grows with the request (preparing a completion: options, tokenizing,
+  grammar, media; embedding, tokenize, detokenize, info, discover), so that
+  the I/O thread only decodes, routes and sends.  They never send: they
+  post replies to the :class:`Outbox`, which wakes the I/O thread.  What
+  waits for them is bounded by a :class:`WorkBudget`.
 
 Every accepted request gets exactly one terminal reply (``final``, ``error``
 or its op's result), preceded for completions by ``chunk`` replies.
@@ -196,14 +199,77 @@ class PeerSender:
 
 @dataclasses.dataclass(eq=False)
 class Job:
-    """A request the runner is working on.  I/O thread only."""
+    """A request the runner is working on.  The I/O thread owns it; the worker
+    preparing a completion reads ``cancelled`` and sets ``handle``."""
 
     peer: bytes                         # ROUTER identity of the client that sent it
     id: Any                             # the client's request id
     op: str                             # the request's op
-    handle: Any = None                  # engine Handle (completions)
-    future: Future | None = None        # worker-thread call (other ops)
+    size: int = 0                       # bytes of the request message (its WorkBudget share)
+    handle: Any = None                  # engine Handle (completions, once prepared)
+    future: Future | None = None        # the worker-thread call (every op but completions' generation)
     cancelled: bool = False             # a cancel was asked for
+
+
+class WorkBudget:
+    """Requests handed to the worker threads and not yet done there: how many,
+    and their size as received.  Bounds what the runner holds for requests it
+    has accepted but not started, in messages and in bytes.
+
+    :meth:`reserve` (I/O thread) raises :class:`Busy` past either bound, except
+    when nothing is reserved, so that one request of the largest accepted size
+    always gets through.  :meth:`release` may be called from any thread, once
+    per reservation: by the worker when the call ends, or by the I/O thread
+    when it cancels a call that never started.
+    """
+
+    def __init__(self, max_requests: int, max_bytes: int) -> None:
+        self.max_requests = max_requests  # reservations at once
+        self.max_bytes = max_bytes        # their bytes at once
+        self._lock = threading.Lock()     # guards the two counts below
+        self.requests = 0                 # reservations held
+        self.bytes = 0                    # bytes they hold
+
+    def reserve(self, size: int) -> None:
+        with self._lock:
+            if self.requests and (self.requests >= self.max_requests
+                                  or self.bytes + size > self.max_bytes):
+                raise Busy(f"server busy: {self.requests} requests of {self.bytes} bytes wait "
+                           f"for a worker (limits {self.max_requests} requests, "
+                           f"{self.max_bytes} bytes)")
+            self.requests += 1
+            self.bytes += size
+
+    def release(self, size: int) -> None:
+        with self._lock:
+            self.requests -= 1
+            self.bytes -= size
+
+
+# Requests larger than this (as received) are prepared on their own, smaller
+# pool of worker threads, which run at a lower CPU priority: tokenizing megabytes
+# of text then delays other large requests, not every other request, and yields
+# the cores to the decode threads.
+HEAVY_REQUEST_BYTES = 64 << 10
+HEAVY_NICE = 10  # added to the heavy workers' nice value (Linux: per thread)
+
+
+def _lower_priority() -> None:
+    """Initializer of the heavy pool's threads."""
+    if sys.platform.startswith("linux"):
+        try:
+            tid = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + HEAVY_NICE)
+        except OSError as exc:
+            log.debug("could not lower a worker's priority: %s", exc)
+
+
+def _cancelled_reply(job: Job) -> P.Reply:
+    """The terminal reply of a job cancelled before it produced one: a
+    completion ends with its final, like one cancelled while generating."""
+    if job.op == "completion":
+        return P.FinalReply(id=job.id, done_reason="cancelled")
+    return P.ErrorReply(id=job.id, code="cancelled", message="request cancelled")
 
 
 class ParentWatch:
@@ -277,11 +343,15 @@ class Server:
                  parent_pid: int | None = None,
                  max_message_bytes: int = P.DEFAULT_MAX_MESSAGE_BYTES,
                  drain_timeout: float = 60.0, workers: int = 4, max_pending: int = 256,
+                 max_pending_bytes: int | None = None,
                  curve: security.ServerKeys | None = None, allow_abstract_ipc: bool = False) -> None:
         self.model_path = model_path          # the model this runner serves
         self.max_message_bytes = max_message_bytes  # larger requests get bad_request
         self.drain_timeout = drain_timeout    # seconds in-flight requests get on SIGTERM
-        self.max_pending = max_pending        # worker-thread requests before "busy"
+        # Requests waiting for or running on worker threads before "busy", in
+        # number and in bytes (default: PENDING_BYTES_FACTOR times max_message_bytes).
+        self._budget = WorkBudget(max_pending, max_pending_bytes
+                                  or P.PENDING_BYTES_FACTOR * max_message_bytes)
         self._initial_load = load             # load parameters to start with (None: wait)
         self._parent = ParentWatch(parent_pid)
 
@@ -306,8 +376,9 @@ class Server:
         self._outbox = Outbox()
         self._sender = PeerSender(self._sock)
         self._jobs: dict[tuple[bytes, Any], Job] = {}  # in flight, by (peer, request id)
-        self._n_work = 0                      # jobs on worker threads
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="runner-worker")
+        self._heavy_pool = ThreadPoolExecutor(  # requests over HEAVY_REQUEST_BYTES
+            max(1, workers // 2), thread_name_prefix="runner-heavy", initializer=_lower_priority)
 
         self._state_lock = threading.Lock()
         self._state = "launched"              # launched | loading | ready | error
@@ -324,7 +395,8 @@ class Server:
         self._closer: threading.Thread | None = None  # closes the engine while draining
         self.abrupt = False                   # ended without draining (parent gone, 2nd ^C)
 
-        self._handlers: dict[type, Callable[[bytes, Any], None]] = {
+        # op -> handler(peer, request, size of the message in bytes)
+        self._handlers: dict[type, Callable[[bytes, Any, int], None]] = {
             P.Health: self._health, P.Discover: self._discover, P.Load: self._load,
             P.Completion: self._completion, P.Embedding: self._embedding,
             P.Tokenize: self._tokenize, P.Detokenize: self._detokenize, P.Cancel: self._cancel,
@@ -426,7 +498,7 @@ class Server:
                 self._send(peer, exc.reply())
                 continue
             try:
-                self._handlers[type(request)](peer, request)
+                self._handlers[type(request)](peer, request, len(body[0]))
             except Exception as exc:
                 self._send(peer, _failure(request.id, exc))
 
@@ -465,10 +537,10 @@ class Server:
             if terminal:
                 self._finish(key, job)
                 # A worker op's result arriving after a cancel becomes the
-                # cancel's error; a completion (media ones run a worker job
-                # too) always ends with its own final.
+                # cancel's error; a completion (prepared by a worker job)
+                # ends with a final, its own or a cancelled one.
                 if job.cancelled and job.future is not None and type(reply) is not P.FinalReply:
-                    reply = P.ErrorReply(id=job.id, code="cancelled", message="request cancelled")
+                    reply = _cancelled_reply(job)
             self._send(job.peer, reply)
 
     def _send(self, peer: bytes, reply: P.Reply) -> None:
@@ -490,8 +562,6 @@ class Server:
 
     def _finish(self, key: tuple, job: Job) -> None:
         del self._jobs[key]
-        if job.future is not None:
-            self._n_work -= 1
 
     # -- stopping --------------------------------------------------------------
 
@@ -510,6 +580,7 @@ class Server:
     def _close_engine(self, drain: bool) -> None:
         if self._load_thread is not None:
             self._load_thread.join()  # the progress callback asks the load to stop
+        self._heavy_pool.shutdown(wait=True, cancel_futures=not drain)
         self._pool.shutdown(wait=True, cancel_futures=not drain)
         if self.engine is not None:
             self.engine.close(drain=drain, timeout=self.drain_timeout + 5.0)
@@ -543,6 +614,7 @@ class Server:
                                       daemon=True)
             closer.start()
             closer.join(1.5)
+        self._heavy_pool.shutdown(wait=False, cancel_futures=True)
         self._pool.shutdown(wait=False, cancel_futures=True)
         return code
 
@@ -608,14 +680,14 @@ class Server:
             raise BadRequest(f"request id {request_id!r} is already in flight")
         return key
 
-    def _health(self, peer: bytes, req: P.Health) -> None:
+    def _health(self, peer: bytes, req: P.Health, size: int) -> None:
         with self._state_lock:
             state, progress, error, code = self._state, self._progress, self._error, self._error_code
         self._send(peer, P.HealthReply(
             id=req.id, state="stopping" if self._stopping else state, progress=progress,
             error=error, error_code=code, pid=os.getpid(), max_message_bytes=self.max_message_bytes))
 
-    def _load(self, peer: bytes, req: P.Load) -> None:
+    def _load(self, peer: bytes, req: P.Load, size: int) -> None:
         if self._stopping:
             raise NotReady("the runner is shutting down")
         with self._state_lock:
@@ -627,51 +699,28 @@ class Server:
         self._start_load(req)
         self._send(peer, P.LoadReply(id=req.id, state="loading"))
 
-    def _completion(self, peer: bytes, req: P.Completion) -> None:
+    def _completion(self, peer: bytes, req: P.Completion, size: int) -> None:
+        """Prepared on a worker thread, like every op whose cost grows with the
+        request: options, tokenizing, grammar and schema conversion, media
+        decoding.  This thread owes its time to every other stream.  A cancel
+        that arrives meanwhile is applied by whichever of the two threads sees
+        both the handle and the flag."""
         engine = self._ready_engine()
-        key = self._new_key(peer, req.id)
-        request = CompletionRequest(prompt=req.prompt, options=CompletionOptions.from_dict(req.options),
-                                    add_special=req.add_special,
-                                    media=[MediaItem(m.id, m.data) for m in req.media])
-        job = Job(peer, req.id, "completion")
-        if request.media:
-            self._completion_with_media(key, job, engine, request)
-            return
-        # Registered first: the engine may post events before submit returns;
-        # they wait in the outbox until this thread drains it.
-        self._jobs[key] = job
-        try:
-            job.handle = engine.submit(request, on_event=self._event_sink(key))
-        except BaseException:
-            del self._jobs[key]
-            raise
 
-    def _completion_with_media(self, key: tuple, job: Job, engine, request: CompletionRequest) -> None:
-        """Submit on a worker thread: decoding and preprocessing images takes
-        milliseconds to tens of milliseconds, which this thread owes to every
-        other stream.  A cancel that arrives meanwhile is applied by whichever
-        of the two threads sees both the handle and the flag."""
-        if self._n_work >= self.max_pending:
-            raise Busy(f"server busy: {self._n_work} requests pending")
-        sink = self._event_sink(key)
-
-        def prepare() -> None:
-            try:
-                handle = engine.submit(request, on_event=sink)
-            except Exception as exc:
-                self._outbox.post((key, _failure(key[1], exc), True))
-                return
-            job.handle = handle
+        def prepare(job: Job) -> P.Reply | None:
+            request = CompletionRequest(
+                prompt=req.prompt, options=CompletionOptions.from_dict(req.options),
+                add_special=req.add_special, media=[MediaItem(m.id, m.data) for m in req.media])
             if job.cancelled:
-                handle.cancel()
+                return _cancelled_reply(job)
+            # The engine's events may reach the outbox before submit returns;
+            # they wait there for the I/O thread, which knows the job already.
+            job.handle = engine.submit(request, on_event=self._event_sink((job.peer, job.id)))
+            if job.cancelled:
+                job.handle.cancel()
+            return None  # the engine's final ends it
 
-        self._jobs[key] = job
-        try:
-            job.future = self._pool.submit(prepare)
-        except RuntimeError:  # the pool is shut down: the runner is stopping
-            del self._jobs[key]
-            raise NotReady("the runner is shutting down") from None
-        self._n_work += 1
+        self._start_work(peer, req, size, prepare)
 
     def _event_sink(self, key: tuple) -> Callable[[Any], None]:
         post, post_quiet = self._outbox.post, self._outbox.post_quiet
@@ -687,33 +736,33 @@ class Server:
 
         return on_event
 
-    def _embedding(self, peer: bytes, req: P.Embedding) -> None:
+    def _embedding(self, peer: bytes, req: P.Embedding, size: int) -> None:
         import numpy as np
 
         engine = self._ready_engine()
 
-        def run() -> P.Reply:
+        def run(job: Job) -> P.Reply:
             result = engine.embed(req.text, normalize=req.normalize)
             vector = np.ascontiguousarray(result.embedding, dtype="<f4")
             return P.EmbeddingReply(id=req.id, embedding=vector.tobytes(),
                                     prompt_eval_count=result.prompt_eval_count)
 
-        self._start_work(peer, req, run)
+        self._start_work(peer, req, size, run)
 
-    def _tokenize(self, peer: bytes, req: P.Tokenize) -> None:
+    def _tokenize(self, peer: bytes, req: P.Tokenize, size: int) -> None:
         engine = self._ready_engine()
-        self._start_work(peer, req, lambda: P.TokenizeReply(id=req.id, tokens=engine.tokenize(
+        self._start_work(peer, req, size, lambda job: P.TokenizeReply(id=req.id, tokens=engine.tokenize(
             req.text, add_special=req.add_special, parse_special=req.parse_special)))
 
-    def _detokenize(self, peer: bytes, req: P.Detokenize) -> None:
+    def _detokenize(self, peer: bytes, req: P.Detokenize, size: int) -> None:
         engine = self._ready_engine()
-        self._start_work(peer, req, lambda: P.DetokenizeReply(
+        self._start_work(peer, req, size, lambda job: P.DetokenizeReply(
             id=req.id, text=engine.detokenize(req.tokens)))
 
-    def _discover(self, peer: bytes, req: P.Discover) -> None:
-        self._start_work(peer, req, lambda: P.DiscoverReply(id=req.id, devices=_devices()))
+    def _discover(self, peer: bytes, req: P.Discover, size: int) -> None:
+        self._start_work(peer, req, size, lambda job: P.DiscoverReply(id=req.id, devices=_devices()))
 
-    def _info(self, peer: bytes, req: P.Info) -> None:
+    def _info(self, peer: bytes, req: P.Info, size: int) -> None:
         from runner import __version__
 
         in_flight = len(self._jobs)
@@ -721,7 +770,7 @@ class Server:
             state, engine = self._state, self.engine
         state = "stopping" if self._stopping else state
 
-        def run() -> P.Reply:
+        def run(job: Job) -> P.Reply:
             from runner import _llama
 
             return P.InfoReply(id=req.id, protocol=P.PROTOCOL_VERSION, version=__version__,
@@ -730,9 +779,9 @@ class Server:
                                metadata=engine.model.metadata() if engine else None,
                                in_flight=in_flight)
 
-        self._start_work(peer, req, run)
+        self._start_work(peer, req, size, run)
 
-    def _cancel(self, peer: bytes, req: P.Cancel) -> None:
+    def _cancel(self, peer: bytes, req: P.Cancel, size: int) -> None:
         key = (peer, req.target)
         job = self._jobs.get(key)
         found = job is not None and not job.cancelled
@@ -740,32 +789,40 @@ class Server:
             self._cancel_job(key, job)
         self._send(peer, P.CancelReply(id=req.id, found=found))
 
-    def _shutdown(self, peer: bytes, req: P.Shutdown) -> None:
+    def _shutdown(self, peer: bytes, req: P.Shutdown, size: int) -> None:
         self._send(peer, P.ShutdownReply(id=req.id, drain=req.drain))
         self._begin_stop("shutdown request", drain=req.drain)
 
     # -- jobs on worker threads --------------------------------------------------
 
-    def _start_work(self, peer: bytes, req: P.Request, fn: Callable[[], P.Reply]) -> None:
+    def _start_work(self, peer: bytes, req: P.Request, size: int,
+                    fn: Callable[[Job], P.Reply | None]) -> None:
+        """Run ``fn(job)`` on a worker thread; its reply (None: the job goes on,
+        answered by other means) or its exception is the job's terminal reply.
+        Refused with ``busy`` past the :class:`WorkBudget`."""
         if self._stopping and not isinstance(req, (P.Info, P.Discover)):
             raise NotReady("the runner is shutting down")
-        if self._n_work >= self.max_pending:
-            raise Busy(f"server busy: {self._n_work} requests pending")
         key = self._new_key(peer, req.id)
-        job = Job(peer, req.id, req.__struct_config__.tag)
+        job = Job(peer, req.id, req.__struct_config__.tag, size)
+        pool = self._heavy_pool if size > HEAVY_REQUEST_BYTES else self._pool
+        self._budget.reserve(size)
+        self._jobs[key] = job  # before the call starts: it may post replies at once
         try:
-            job.future = self._pool.submit(self._work, key, req.id, fn)
+            job.future = pool.submit(self._work, key, job, fn)
         except RuntimeError:  # the pool is shut down: the runner is stopping
+            del self._jobs[key]
+            self._budget.release(size)
             raise NotReady("the runner is shutting down") from None
-        self._jobs[key] = job
-        self._n_work += 1
 
-    def _work(self, key: tuple, request_id: Any, fn: Callable[[], P.Reply]) -> None:
+    def _work(self, key: tuple, job: Job, fn: Callable[[Job], P.Reply | None]) -> None:
         try:
-            reply = fn()
+            reply = fn(job)
         except Exception as exc:
-            reply = _failure(request_id, exc)
-        self._outbox.post((key, reply, True))
+            reply = _failure(job.id, exc)
+        finally:
+            self._budget.release(job.size)
+        if reply is not None:
+            self._outbox.post((key, reply, True))
 
     def _cancel_job(self, key: tuple, job: Job, reply: bool = True) -> None:
         """Ask a job to stop.  A completion ends with a ``cancelled`` final; a
@@ -775,11 +832,11 @@ class Server:
         job.cancelled = True
         if job.handle is not None:
             job.handle.cancel()
-        elif job.future is not None and job.future.cancel():
+        elif job.future is not None and job.future.cancel():  # it never started
+            self._budget.release(job.size)
             self._finish(key, job)
             if reply:
-                self._send(job.peer, P.ErrorReply(id=job.id, code="cancelled",
-                                                  message="request cancelled"))
+                self._send(job.peer, _cancelled_reply(job))
 
 
 def serve(model: str, endpoint: str | None = None, load: P.Load | None = None, *,

@@ -362,7 +362,7 @@ def test_foreign_msgpack_client(raw):
     ({"op": "tokenize", "id": 1, "text": 12}, "`text`"),
     ({"op": "teleport", "id": 1}, "unknown op"),
     ({"op": "tokenize", "id": 1, "text": "x" * (1 << 20)}, "exceeds the limit"),
-    (b"\x83\xa2op\xaadetokenize\xa2id\x01\xa6tokens\xdd\x7f\xff\xff\xff", "truncated"),
+    (b"\x83\xa2op\xaadetokenize\xa2id\x01\xa6tokens\xdd\x00\x0f\xff\xff", "truncated"),
 ])
 def test_bad_messages_get_error_replies_and_do_not_disturb_others(runner, raw, message, fragment):
     stream = runner.complete("Tell me a story.", num_predict=12, **GREEDY)

@@ -69,8 +69,8 @@ def test_plain_msgpack_requests_decode_typed(message, expected):
     (pack({"op": "load", "id": 1, "type_k": "q3"}), 1, "`type_k`"),
     (pack({"op": "load", "id": 1, "flash_attn": True}), 1, "`flash_attn`"),
     (pack({"op": "embedding", "id": 1, "text": b"bytes"}), 1, "`text`"),
-    # A header announcing 4 billion elements with nothing after it.
-    (b"\x83\xa2op\xaadetokenize\xa2id\x01\xa6tokens\xdd\xff\xff\xff\xff", None, "truncated"),
+    # A header announcing a million elements (within MAX_TOKENS) with nothing after it.
+    (b"\x83\xa2op\xaadetokenize\xa2id\x01\xa6tokens\xdd\x00\x0f\xff\xff", None, "truncated"),
     (b"\xdf\xff\xff\xff\xff", None, "truncated"),
     # Nesting deep enough to exhaust the decoder's recursion.
     (b"\x84\xa2op\xaacompletion\xa2id\x01\xa6prompt\xa1x\xa7options\x81\xa1x"
