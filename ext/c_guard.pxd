@@ -17,6 +17,15 @@ cdef extern from "guard.h" nogil:
     int runner_grammar_allows(llama_sampler * grammar, llama_token token, char * err, size_t err_len)
     llama_sampler * runner_grammar_init(const llama_vocab * vocab, const char * grammar,
                                         const char * root, char * err, size_t err_len)
+    int32_t RUNNER_THREW
+    int32_t runner_tokenize(const llama_vocab * vocab, const char * text, int32_t text_len,
+                            llama_token * tokens, int32_t n_tokens_max, bint add_special,
+                            bint parse_special, char * err, size_t err_len)
+    int32_t runner_token_to_piece(const llama_vocab * vocab, llama_token token, char * buf,
+                                  int32_t length, int32_t lstrip, bint special, char * err, size_t err_len)
+    int32_t runner_detokenize(const llama_vocab * vocab, const llama_token * tokens, int32_t n_tokens,
+                              char * text, int32_t text_len_max, bint remove_special,
+                              bint unparse_special, char * err, size_t err_len)
 
 # ext/fastsample.h: the native sampler for the common chain.
 cdef extern from "fastsample.h" nogil:

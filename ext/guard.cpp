@@ -139,3 +139,33 @@ extern "C" llama_sampler * runner_grammar_init(const llama_vocab * vocab, const 
     }
     return nullptr;
 }
+
+#define RUNNER_GUARD_VOCAB(call)                       \
+    try {                                              \
+        return call;                                   \
+    } catch (const std::exception & e) {               \
+        set_error(err, err_len, e.what());             \
+    } catch (...) {                                    \
+        set_error(err, err_len, "unknown C++ exception"); \
+    }                                                  \
+    return RUNNER_THREW;
+
+extern "C" int32_t runner_tokenize(const llama_vocab * vocab, const char * text, int32_t text_len,
+                                   llama_token * tokens, int32_t n_tokens_max, bool add_special,
+                                   bool parse_special, char * err, size_t err_len) {
+    RUNNER_GUARD_VOCAB(llama_tokenize(vocab, text, text_len, tokens, n_tokens_max, add_special, parse_special))
+}
+
+extern "C" int32_t runner_token_to_piece(const llama_vocab * vocab, llama_token token, char * buf,
+                                         int32_t length, int32_t lstrip, bool special, char * err,
+                                         size_t err_len) {
+    RUNNER_GUARD_VOCAB(llama_token_to_piece(vocab, token, buf, length, lstrip, special))
+}
+
+extern "C" int32_t runner_detokenize(const llama_vocab * vocab, const llama_token * tokens,
+                                     int32_t n_tokens, char * text, int32_t text_len_max,
+                                     bool remove_special, bool unparse_special, char * err,
+                                     size_t err_len) {
+    RUNNER_GUARD_VOCAB(llama_detokenize(vocab, tokens, n_tokens, text, text_len_max, remove_special,
+                                        unparse_special))
+}

@@ -6,7 +6,9 @@
 #ifndef RUNNER_GUARD_H
 #define RUNNER_GUARD_H
 
+#include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
 #include "llama.h"
 
 #ifdef __cplusplus
@@ -40,6 +42,19 @@ int runner_grammar_allows(struct llama_sampler * grammar, llama_token token, cha
  * with err set when the failure was an exception. */
 struct llama_sampler * runner_grammar_init(const struct llama_vocab * vocab, const char * grammar,
                                            const char * root, char * err, size_t err_len);
+
+/* The vocabulary calls with exceptions caught: llama.cpp's own return value
+ * (see llama.h), or INT32_MIN with err set when it threw (a vocabulary that
+ * lacks byte tokens makes tokenize throw std::out_of_range, for example). */
+#define RUNNER_THREW INT32_MIN
+int32_t runner_tokenize(const struct llama_vocab * vocab, const char * text, int32_t text_len,
+                        llama_token * tokens, int32_t n_tokens_max, bool add_special,
+                        bool parse_special, char * err, size_t err_len);
+int32_t runner_token_to_piece(const struct llama_vocab * vocab, llama_token token, char * buf,
+                              int32_t length, int32_t lstrip, bool special, char * err, size_t err_len);
+int32_t runner_detokenize(const struct llama_vocab * vocab, const llama_token * tokens,
+                          int32_t n_tokens, char * text, int32_t text_len_max, bool remove_special,
+                          bool unparse_special, char * err, size_t err_len);
 
 #ifdef __cplusplus
 }

@@ -99,6 +99,7 @@ cdef class Model:
                 params.progress_callback = _progress_trampoline
                 params.progress_callback_user_data = <void *> state
             _log_state.last_error = ""
+            mark = error_mark()
             with nogil:
                 model = llama_model_load_from_file(cpath, params)
         finally:
@@ -111,7 +112,11 @@ cdef class Model:
         if model == NULL:
             if state.aborted:
                 raise ModelLoadError(f"model load aborted by the progress callback: {path}")
-            raise ModelLoadError(_with_last_error(f"failed to load model {path}"))
+            # Every line llama.cpp logged meanwhile: the reason comes before
+            # the generic "failed to load model" line.
+            reason = errors_since(mark)
+            raise ModelLoadError(f"failed to load model {path}: {reason}" if reason
+                                 else f"failed to load model {path}")
         self.ptr = model
         self.vocab = llama_model_get_vocab(model)
         self.n_vocab = llama_vocab_n_tokens(self.vocab)
@@ -342,24 +347,32 @@ cdef class Model:
         cdef int32_t cap = <int32_t> n_bytes + 8
         cdef int32_t n
         cdef llama_token * toks = <llama_token *> malloc(cap * sizeof(llama_token))
+        cdef char err[256]
+        err[0] = 0
         if toks == NULL:
             raise MemoryError()
         try:
             if n_bytes > 4096:
                 with nogil:
-                    n = llama_tokenize(self.vocab, src, <int32_t> n_bytes, toks, cap, add_special, parse_special)
+                    n = runner_tokenize(self.vocab, src, <int32_t> n_bytes, toks, cap, add_special,
+                                        parse_special, err, sizeof(err))
             else:
-                n = llama_tokenize(self.vocab, src, <int32_t> n_bytes, toks, cap, add_special, parse_special)
-            if n < 0:
+                n = runner_tokenize(self.vocab, src, <int32_t> n_bytes, toks, cap, add_special,
+                                    parse_special, err, sizeof(err))
+            if n < 0 and n != RUNNER_THREW:
                 # Cannot happen with cap > n_bytes + specials, but never trust it.
                 cap = -n
                 free(toks)
                 toks = <llama_token *> malloc(cap * sizeof(llama_token))
                 if toks == NULL:
                     raise MemoryError()
-                n = llama_tokenize(self.vocab, src, <int32_t> n_bytes, toks, cap, add_special, parse_special)
-                if n < 0:
-                    raise LlamaError("tokenization failed")
+                with nogil:
+                    n = runner_tokenize(self.vocab, src, <int32_t> n_bytes, toks, cap, add_special,
+                                        parse_special, err, sizeof(err))
+            if n == RUNNER_THREW:
+                raise LlamaError(f"tokenization failed in llama.cpp: {err.decode('utf-8', 'replace')}")
+            if n < 0:
+                raise LlamaError("tokenization failed")
             return [toks[i] for i in range(n)]
         finally:
             free(toks)
@@ -370,11 +383,14 @@ cdef class Model:
         self._check()
         self._check_token(token)
         cdef char buf[128]
-        cdef int32_t n = llama_token_to_piece(self.vocab, token, buf, sizeof(buf), 0, special)
+        cdef char err[256]
+        cdef int32_t n = runner_token_to_piece(self.vocab, token, buf, sizeof(buf), 0, special, err, sizeof(err))
         if n >= 0:
             return buf[:n]
+        if n == RUNNER_THREW:
+            raise LlamaError(f"token_to_piece failed for token {token}: {err.decode('utf-8', 'replace')}")
         cdef bytearray big = bytearray(-n)
-        n = llama_token_to_piece(self.vocab, token, <char *> big, len(big), 0, special)
+        n = runner_token_to_piece(self.vocab, token, <char *> big, len(big), 0, special, err, sizeof(err))
         if n < 0:
             raise LlamaError(f"token_to_piece failed for token {token}")
         return bytes(big[:n])
@@ -389,6 +405,7 @@ cdef class Model:
         cdef int32_t cap = <int32_t> (count * 8 + 16)
         cdef char * out = NULL
         cdef int32_t n
+        cdef char err[256]
         if toks == NULL:
             raise MemoryError()
         try:
@@ -399,9 +416,12 @@ cdef class Model:
                 out = <char *> malloc(cap)
                 if out == NULL:
                     raise MemoryError()
-                n = llama_detokenize(self.vocab, toks, <int32_t> count, out, cap, remove_special, unparse_special)
+                n = runner_detokenize(self.vocab, toks, <int32_t> count, out, cap, remove_special,
+                                      unparse_special, err, sizeof(err))
                 if n >= 0:
                     return out[:n]
+                if n == RUNNER_THREW:
+                    raise LlamaError(f"detokenize failed in llama.cpp: {err.decode('utf-8', 'replace')}")
                 free(out)
                 out = NULL
                 cap = -n

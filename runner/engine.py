@@ -548,7 +548,10 @@ class Engine:
                                      f"n_batch >= {span.n_tokens} (n_batch is {self.ctx.n_ubatch})")
             return mp.inputs, mp.spans
         if isinstance(request.prompt, str):
-            inputs = self.model.tokenize(data, add_special=request.add_special, parse_special=True)
+            try:
+                inputs = self.model.tokenize(data, add_special=request.add_special, parse_special=True)
+            except _llama.LlamaError as exc:  # the model's vocabulary, not the request, is at fault
+                raise InternalError(str(exc)) from None
         else:
             inputs = list(request.prompt)
             n_vocab = self.model.n_vocab

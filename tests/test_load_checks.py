@@ -251,8 +251,6 @@ def test_runner_process_reports_the_reason(tmp_path):
 
 
 @pytest.mark.model
-@pytest.mark.xfail(strict=True, reason="ext/model.pxi reports only llama.cpp's last log line "
-                   "('failed to load model'), not the line with the reason before it (issue 15)")
 def test_llama_cpp_refusal_says_why(tmp_path):
     path = write_tiny_llama(tmp_path / "three_layers.gguf", hparams={"block_count": 3})  # tensors for 2
     assert check_model_file(path) is not None  # nothing the checks know: llama.cpp refuses it
@@ -260,3 +258,19 @@ def test_llama_cpp_refusal_says_why(tmp_path):
     result = json.loads(proc.stdout.splitlines()[-1])
     assert result["type"] == "ModelLoadError"
     assert "blk.2.attn_norm.weight" in result["error"], result["error"]
+
+
+def test_vocabulary_without_byte_tokens_fails_the_request_not_the_process(tmp_path):
+    """llama.cpp's tokenizer throws std::out_of_range for a SentencePiece
+    vocabulary with no <0xNN> tokens; ext/guard.cpp turns it into an error."""
+    from runner.engine import Engine, EngineConfig
+    from runner.requests import EngineError
+
+    path = write_tiny_llama(tmp_path / "no_bytes.gguf", tokens=["<unk>", "<s>", "</s>", "a"])
+    with Engine(EngineConfig(str(path), n_ctx=64, n_threads=1)) as engine:
+        with pytest.raises(EngineError) as info:
+            engine.complete("the cat sat", num_predict=2)
+        assert "tokeniz" in str(info.value) and info.value.code == "internal"
+        # Token-id prompts need no tokenizer: the engine still serves them.
+        text, final = engine.complete([1, 3], num_predict=2, temperature=0.0)
+        assert final.done_reason in ("stop", "length")
