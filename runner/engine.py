@@ -81,6 +81,7 @@ class EngineConfig:
     projector_path: str | None = None # multimodal projector (mmproj GGUF) for media inputs
     media_cache_bytes: int = DEFAULT_CACHE_BYTES  # bound on cached media embeddings
     cache_policy: str = "single"      # single | multi (see runner.slots)
+    cache_ram_mb: int = 256           # host-memory tier of the prefix cache, MiB (0: off; runner.hostcache)
     max_queue: int = 64               # requests waiting beyond `parallel` before "busy"
     embeddings: bool = False          # the model is used mainly for embeddings
     prefill_budget: int = 256         # prompt inputs per step while others generate
@@ -208,6 +209,8 @@ class Engine:
                              f"each slot needs at least 2 tokens")
         if config.cache_policy not in ("single", "multi"):
             raise BadRequest("cache_policy must be 'single' or 'multi'")
+        if config.cache_ram_mb < 0:
+            raise BadRequest(f"cache_ram_mb must be >= 0 (0: off), got {config.cache_ram_mb}")
         self.config = config
         _llama.backend_init()
         check_model_file(config.model_path)  # refuse what llama.cpp would abort on
@@ -240,7 +243,11 @@ class Engine:
         if self.mtmd is not None and self.mtmd.uses_mrope:
             # KV positions are not input indices after an M-RoPE image.
             kv = PositionedKV(kv)
-        self.slots = SlotCache(kv, config.parallel, self.slot_ctx, config.cache_policy)
+        # Slots about to be reused are saved to host memory, and restored
+        # when a prompt returns (runner.hostcache).
+        self.host_cache = HostCache(_StateKV(self.ctx, self.model), config.cache_ram_mb << 20)
+        self.slots = SlotCache(kv, config.parallel, self.slot_ctx, config.cache_policy,
+                               host=self.host_cache if self.host_cache.enabled else None)
         if isinstance(kv, PositionedKV):
             kv.inputs_of = lambda seq: self.slots.slots[seq].inputs
         self.batch = _llama.Batch(self.n_batch)
@@ -467,6 +474,7 @@ class Engine:
                 "audio_sample_rate": self.mtmd.audio_sample_rate,
                 "mrope": self.mtmd.uses_mrope},
             "media_cache": self.media_cache.info(),
+            "host_cache": self.host_cache.info(),
             "steps": self.step_summary(),
         }
 
@@ -623,6 +631,8 @@ class Engine:
             return
         t2 = time.perf_counter()
         self._last_decode_end = t2
+        if sum(e[1] for e in plan if not e[3]) >= 32:  # mostly prompt: the tier's evaluation rate
+            self.host_cache.note_eval(n_tokens, t2 - t1)
         n_gen = self._sample(plan)
         t3 = time.perf_counter()
         self.timings.append(StepTiming(build=t1 - t0, decode=t2 - t1, sample=t3 - t2,
@@ -1100,6 +1110,43 @@ class _StreamKV:
 
     def can_shift(self) -> bool:
         return self._ctx.can_shift()
+
+
+class _StateKV:
+    """State backend of the host tier (runner.hostcache.StateBackend) over
+    the context's per-sequence state calls."""
+
+    def __init__(self, ctx: _llama.Context, model: _llama.Model):
+        self._ctx = ctx  # the context whose sequences are saved (loop thread only)
+        self._recurrent = model.is_recurrent  # recurrent or hybrid: states cannot be cut back
+        self._n_swa = model.n_swa  # sliding window of the SWA layers (0: none)
+
+    def state_get(self, seq: int) -> bytes:
+        return self._ctx.state_seq_get(seq)
+
+    def state_set(self, seq: int, data: bytes) -> bool:
+        try:
+            self._ctx.state_seq_set(data, seq)
+            return True
+        except _llama.LlamaError as exc:
+            log.warning("restoring a saved sequence state failed: %s", exc)
+            self._ctx.seq_rm(seq, 0, -1)
+            return False
+
+    def min_keep(self, seq: int, inputs) -> int:
+        """Recurrent and hybrid memories: only the whole state.  Sliding-window
+        caches hold only the last ``n_swa`` positions, and llama.cpp saves
+        only those (cells the window masks are left out): a cut at ``n``
+        keeps the window the next input attends to when ``n - n_swa`` is at
+        or after the smallest position saved (as Engine._window_kept checks
+        after every acquire).  Counted in input indices, which equal
+        positions without M-RoPE media; the check after the acquire is exact."""
+        if self._recurrent:
+            return len(inputs)
+        if self._n_swa > 0:
+            pos_min = max(self._ctx.seq_pos_min(seq), self._ctx.seq_pos_max(seq) - self._n_swa + 1)
+            return 0 if pos_min <= 0 else min(len(inputs), pos_min + self._n_swa)
+        return 0
 
 
 class _InlineDelivery:

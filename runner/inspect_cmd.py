@@ -22,6 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-type", default="f16", choices=KV_CACHE_TYPES, help="KV cache type")
     parser.add_argument("--flash-attention", action="store_true", help="estimate with flash attention on")
     parser.add_argument("--mmproj", metavar="PATH", help="multimodal projector to include in the estimate")
+    parser.add_argument("--cache-ram-mb", type=int, default=256, metavar="MIB",
+                        help="host tier of the prefix cache, as serve --cache-ram-mb (0: off)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
 
@@ -32,6 +34,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--ctx must be >= 0 (0: the model's context), not {args.ctx}")
         if args.parallel < 1:
             raise ValueError(f"--parallel must be >= 1, not {args.parallel}")
+        if args.cache_ram_mb < 0:
+            raise ValueError(f"--cache-ram-mb must be >= 0 (0: off), not {args.cache_ram_mb}")
         path = args.model
         if path == "default":
             from runner.models import default_model_path
@@ -45,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
             kv_type=args.kv_type,
             flash_attention=args.flash_attention,
             projector=projector,
+            cache_ram=args.cache_ram_mb << 20,
         )
         mem = estimate(info, options)
     except (OSError, GGUFError, ValueError) as exc:
@@ -95,5 +100,6 @@ def _memory_json(mem: MemoryEstimate) -> dict[str, Any]:
         "graph": {"full": mem.graph.full, "partial": mem.graph.partial, "formula": mem.graph.formula},
         "projector": mem.projector and {"weights": mem.projector.weights, "graph": mem.projector.graph},
         "full_offload": mem.full_offload,
+        "host_cache": mem.host_cache,
         "note": mem.kv_note,
     }

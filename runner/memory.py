@@ -706,6 +706,7 @@ class LoadOptions:
     swa_full: bool = False  # give sliding-window layers a full-size cache
     projector: GGUFFile | None = None  # multimodal projector loaded on the first GPU
     gpu_reserve: int | None = None  # safety margin per GPU in bytes; None = gpu_reserve(device)
+    cache_ram: int = 0  # bound of the prefix cache's host tier in bytes (cache_ram_mb << 20); host RAM
 
 
 def gpu_reserve(device: Device) -> int:
@@ -725,10 +726,11 @@ class DeviceUsage:
     graph: int  # compute buffer bytes
     projector: int  # projector weights + graph bytes
     reserve: int  # safety margin held back (GPUs only)
+    host_cache: int = 0  # the prefix cache's host tier at its bound (the CPU entry only)
 
     @property
     def used(self) -> int:
-        return self.weights + self.kv + self.graph + self.projector
+        return self.weights + self.kv + self.graph + self.projector + self.host_cache
 
     @property
     def fits(self) -> bool:
@@ -982,6 +984,7 @@ def _usage(
             graph=graph.cpu if cpu_layers or cpu_output else F32 * b * e,
             projector=proj.total if proj is not None and not gpus else 0,
             reserve=0,
+            host_cache=opts.cache_ram,
         )
     )
     return out
@@ -1000,6 +1003,7 @@ class MemoryEstimate:
     graph: GraphEstimate  # compute buffers
     projector: ProjectorEstimate | None  # projector, when one was given
     kv_note: str | None  # why the requested KV type was replaced, if it was
+    host_cache: int = 0  # the prefix cache's host tier at its bound: host RAM, on no GPU
 
     @property
     def full_offload(self) -> int:
@@ -1030,6 +1034,9 @@ class MemoryEstimate:
             rows.append(("projector weights", format_bytes(self.projector.weights), ""))
             rows.append(("projector graph", format_bytes(self.projector.graph), ""))
         rows.append(("total, full offload", format_bytes(self.full_offload), "GPU memory, before safety margin"))
+        if self.host_cache:
+            rows.append(("prefix cache, host tier", format_bytes(self.host_cache),
+                         "host RAM at most (cache_ram_mb), beyond the weights"))
         lines = _format_rows(rows)
         if self.kv_note:
             lines.append(f"note: {self.kv_note}")
@@ -1054,7 +1061,7 @@ def estimate(info: GGUFFile, options: LoadOptions | None = None) -> MemoryEstima
     )
     graph = graph_size(info, kv_cells=kv.shape.kv_size, n_ubatch=kv.shape.n_ubatch, flash_attention=flash)
     proj = projector_size(opts.projector) if opts.projector is not None else None
-    return MemoryEstimate(layer_weights(info), kv, graph, proj, note)
+    return MemoryEstimate(layer_weights(info), kv, graph, proj, note, opts.cache_ram)
 
 
 # ---------------------------------------------------------------------------

@@ -110,6 +110,7 @@ class Load(Request, tag="load"):
     projector_path: str | None = None    # multimodal projector (mmproj) file
     media_cache_bytes: NonNegative = 256 << 20  # bound on cached media embeddings (0: no cache)
     cache_policy: Literal["single", "multi"] = "single"  # slot choice (runner/slots.py)
+    cache_ram_mb: Count32 = 256          # host-memory tier of the prefix cache, MiB (0: off)
     max_queue: Count32 = 64              # requests waiting beyond the slots
     embeddings: bool = False             # context built for embeddings first
 
@@ -213,6 +214,7 @@ class HealthReply(Reply, tag="health"):
     protocol: int = PROTOCOL_VERSION
     pid: int = 0                         # the runner's process id
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # larger requests are refused
+    host_cache: dict[str, Any] | None = None  # once loaded: the prefix cache's host tier (info's)
 
 
 class LoadReply(Reply, tag="load"):

@@ -683,9 +683,11 @@ class Server:
     def _health(self, peer: bytes, req: P.Health, size: int) -> None:
         with self._state_lock:
             state, progress, error, code = self._state, self._progress, self._error, self._error_code
+            engine = self.engine
         self._send(peer, P.HealthReply(
             id=req.id, state="stopping" if self._stopping else state, progress=progress,
-            error=error, error_code=code, pid=os.getpid(), max_message_bytes=self.max_message_bytes))
+            error=error, error_code=code, pid=os.getpid(), max_message_bytes=self.max_message_bytes,
+            host_cache=engine.host_cache.info() if engine is not None else None))
 
     def _load(self, peer: bytes, req: P.Load, size: int) -> None:
         if self._stopping:

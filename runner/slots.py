@@ -27,13 +27,21 @@ something to remove.
 
 Nothing here touches llama.cpp directly: every KV operation goes through a
 :class:`KVBackend`, so the policy is tested with a fake that records calls.
+
+With a host tier (:class:`runner.hostcache.HostCache`), a slot about to lose
+inputs to another prompt is saved there first, and :meth:`SlotCache.acquire`
+restores a saved state when it serves a longer prefix than any slot (and the
+copy costs less than evaluating the difference).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Hashable, Sequence
-from typing import Literal, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol
+
+if TYPE_CHECKING:
+    from runner.hostcache import HostCache
 
 __all__ = [
     "KVBackend",
@@ -256,13 +264,20 @@ class SlotCache:
       a memory that copies partial ranges (a unified KV cache); use
       ``'single'`` for recurrent models.
 
+    With a host tier (``host``), whichever the policy: a slot about to lose
+    inputs is saved to the tier first; and when a saved state serves a longer
+    prefix than the slot chosen above, and the tier judges the copy worth it
+    (:meth:`HostCache.worth`), it is restored into the free slot that loses
+    nothing (empty, or holding a prefix of what is restored), else into the
+    least recently used one, and cut back to the shared prefix.
+
     Not thread-safe; owned by the engine loop thread. Calls into the backend
     happen synchronously, so an acquire never runs between a ``record()`` and
     the decode that writes those inputs.
     """
 
     def __init__(self, backend: KVBackend, n_slots: int, slot_ctx: int,
-                 policy: Policy = "single") -> None:
+                 policy: Policy = "single", host: HostCache | None = None) -> None:
         if n_slots < 1:
             raise ValueError(f"n_slots must be at least 1, got {n_slots}")
         if slot_ctx < 2:
@@ -274,6 +289,7 @@ class SlotCache:
         self.policy: Policy = policy  # how acquire() picks a slot
         self.slots = [Slot(i, backend) for i in range(n_slots)]  # index == sequence id
         self._clock = 0  # logical time source for Slot.last_used
+        self.host = host  # host-memory tier saving and restoring slot states (None: none)
 
     # -- lending ----------------------------------------------------------
 
@@ -302,12 +318,19 @@ class SlotCache:
         if not free:
             raise NoFreeSlot(f"all {len(self.slots)} slots are in use")
         limit = len(prompt) - 1  # at least one input must remain to evaluate
-        if self.policy == "single":
-            slot, n_cached = self._pick_longest(free, prompt, limit)
-        else:
-            slot, n_cached = self._pick_multi(free, prompt, limit)
-        if slot.truncate(n_cached) < n_cached:
-            n_cached = 0  # the memory refused a partial removal; the slot was cleared
+        slot, src, n_cached = self._plan(free, prompt, limit)
+        restored = self._restore(free, prompt, limit, n_cached)
+        if restored is _REFUSED:  # the target slot was emptied: choose again
+            slot, src, n_cached = self._plan(free, prompt, limit)
+        elif restored is not None:
+            slot, n_cached = restored
+        if restored is None or restored is _REFUSED:
+            if src is not slot:
+                self._fork(src, slot, n_cached, prompt)
+            else:
+                self._save(slot, n_cached)
+            if slot.truncate(n_cached) < n_cached:
+                n_cached = 0  # the memory refused a partial removal; the slot was cleared
         self._lend(slot, cached=True)
         return slot, n_cached
 
@@ -321,6 +344,7 @@ class SlotCache:
         if not free:
             raise NoFreeSlot(f"all {len(self.slots)} slots are in use")
         slot = min(free, key=lambda s: (bool(s.inputs), s.last_used))
+        self._save(slot, 0)
         slot._clear()
         self._lend(slot, cached=False)
         return slot
@@ -405,9 +429,18 @@ class SlotCache:
         chosen = min(free, key=rank)
         return chosen, -rank(chosen)[0]
 
+    def _plan(self, free: list[Slot], prompt: Sequence[Hashable],
+              limit: int) -> tuple[Slot, Slot, int]:
+        """``(slot, source, n)``: lend ``slot`` holding ``prompt[:n]``,
+        forked from ``source`` when that is another slot."""
+        if self.policy == "single":
+            slot, n = self._pick_longest(free, prompt, limit)
+            return slot, slot, n
+        return self._pick_multi(free, prompt, limit)
+
     def _pick_multi(self, free: list[Slot], prompt: Sequence[Hashable],
-                    limit: int) -> tuple[Slot, int]:
-        """'multi' policy: exact-prefix free slot or LRU victim, forked from a longer match."""
+                    limit: int) -> tuple[Slot, Slot, int]:
+        """'multi' policy: exact-prefix free slot or LRU victim, with the slot to fork from."""
         exact = [s for s in free if common_prefix(s.inputs, prompt) == len(s.inputs)]
         if exact:
             dst = min(exact, key=lambda s: (-len(s.inputs), s.last_used))
@@ -419,12 +452,49 @@ class SlotCache:
             n = reusable_prefix(s.inputs, prompt, limit)
             if s is not dst and n > n_src:
                 src, n_src = s, n
-        if src is dst:
-            return dst, n_dst
+        return dst, src, n_src
+
+    def _fork(self, src: Slot, dst: Slot, n: int, prompt: Sequence[Hashable]) -> None:
+        """Make ``dst`` hold the first ``n`` inputs of ``src`` (``seq_cp``)."""
+        self._save(dst, common_prefix(dst.inputs, prompt[:n]))
         dst._clear()
-        self.backend.seq_cp(src.id, dst.id, 0, n_src)
-        dst.inputs[:] = src.inputs[:n_src]
-        return dst, n_src
+        self.backend.seq_cp(src.id, dst.id, 0, n)
+        dst.inputs[:] = src.inputs[:n]
+
+    # -- host tier --------------------------------------------------------
+
+    def _save(self, slot: Slot, keep: int) -> None:
+        """Copy ``slot`` to the host tier if it is about to lose inputs
+        (it keeps only its first ``keep``)."""
+        if self.host is not None and len(slot.inputs) > keep:
+            self.host.save(slot.id, slot.inputs)
+
+    def _restore(self, free: list[Slot], prompt: Sequence[Hashable], limit: int,
+                 n_slot: int) -> tuple[Slot, int] | object | None:
+        """Restore the tier's best entry for ``prompt`` if it serves more than
+        the ``n_slot`` inputs a slot offers and the copy pays.  Returns
+        ``(slot, n_cached)``, None when nothing was restored, or ``_REFUSED``
+        when the memory refused the state (the target slot is then empty)."""
+        host = self.host
+        if host is None or not host.enabled:
+            return None
+        entry, n = host.best(prompt, limit)
+        if entry is None or n <= n_slot or not host.worth(entry, n, n_slot):
+            host.count_lookup(0)
+            return None
+        head = prompt[:n]
+        host.touch(entry)  # saving the target below must not evict it
+        target = min(free, key=lambda s: (common_prefix(s.inputs, head) < len(s.inputs), s.last_used))
+        self._save(target, common_prefix(target.inputs, head))
+        target._clear()
+        if not host.restore(entry, target.id):
+            host.count_lookup(0)
+            return _REFUSED
+        target.inputs[:] = entry.inputs
+        if target.truncate(n) < n:
+            n = 0  # cannot happen when min_keep was right: the memory refused the cut
+        host.count_lookup(max(0, n - n_slot))
+        return target, n
 
     def _lend(self, slot: Slot, *, cached: bool) -> None:
         slot.in_use = True
@@ -440,3 +510,6 @@ class SlotCache:
             raise ValueError(f"slot {slot.id} does not belong to this cache")
         if not slot.in_use:
             raise ValueError(f"slot {slot.id} is not in use")
+
+
+_REFUSED = object()  # SlotCache._restore: the memory refused a saved state

@@ -1,0 +1,123 @@
+"""The host-memory tier in the engine: more conversations than slots.
+
+Each test runs conversations through one slot, so every return finds its
+slot taken by another conversation, and compares the greedy tokens after a
+restore with those of the same request on an engine that never evicted it
+(more slots).
+"""
+
+from __future__ import annotations
+
+import pytest
+from gemma3_models import write_gemma3_text_model
+
+from runner.engine import Engine, EngineConfig
+from runner.requests import Chunk, CompletionOptions, CompletionRequest
+
+pytestmark = pytest.mark.model
+
+# Greedy, with the other options at their defaults (penalties included).
+GREEDY = dict(temperature=0.0, num_predict=12)
+
+
+def run(engine, prompt, **options):
+    events = list(engine.submit(CompletionRequest(
+        prompt=prompt, options=CompletionOptions.from_dict({**GREEDY, **options}))))
+    return [t for e in events if isinstance(e, Chunk) for t in e.tokens], events[-1]
+
+
+TOPICS = ["Apples", "Bridges", "Comets", "Deserts"]  # distinct first tokens: no shared prefix
+
+
+def conversations(engine, n=3):
+    return [engine.tokenize(f"{t}. " + f"We talk about {t.lower()}, at length. " * 25,
+                            add_special=True) for t in TOPICS[:n]]
+
+
+def returning_turns(path, parallel, cache_ram_mb=256):
+    """Three first turns, then two returns of conversation 0 (each finding
+    the slot taken): one following its reply, one replacing the reply.
+    Returns [(prompt, tokens, final, inputs the slot held)] of the two, and
+    the tier's counters."""
+    with Engine(EngineConfig(path, n_ctx=1024 * parallel, parallel=parallel, n_threads=2,
+                             cache_ram_mb=cache_ram_mb)) as e:
+        firsts = conversations(e)
+        replies = [run(e, p)[0] for p in firsts]
+        # the slot held the first prompt and the reply but its last token
+        # (returned, never decoded); then the first prompt and more
+        held = (len(firsts[0]) + len(replies[0]) - 1, len(firsts[0]))
+        out = []
+        for follow, n in zip((firsts[0] + replies[0] + e.tokenize(" Tell me more."),
+                              firsts[0] + e.tokenize(" Say it differently.")), held):
+            out.append((follow, *run(e, follow), n))
+            run(e, firsts[1])  # the slot is taken again (restoring conversation 1)
+        return out, e.info()["host_cache"]
+
+
+def test_returning_conversation_is_restored_and_generates_the_same_tokens(default_model_path):
+    """A restore gives back the state bytes the slot had: the tokens are
+    those of an engine that never evicted the conversation.  (Against a cold
+    evaluation of the whole prompt they may differ after a few tokens, with
+    or without the tier: llama.cpp's CPU kernels round a 201-token batch and
+    a 7-token batch differently from one of 208; measured here, the first 5
+    greedy tokens agreed.)"""
+    (more, edit), info = returning_turns(default_model_path, parallel=1)
+    follow, tokens, final, held = more
+    assert final.error is None and final.slot == 0
+    # everything the slot held for conversation 0 came back from host memory
+    assert final.cached_count == held
+    assert final.prompt_eval_count == len(follow) - held
+    # the second return shares the first prompt only: restored and cut back
+    assert edit[2].cached_count == edit[3]
+    assert info["hits"] == 4 and info["restore_seconds"] > 0 and info["save_seconds"] > 0
+    assert 0 < info["bytes"] <= info["max_bytes"] == 256 << 20
+
+    (kept_more, kept_edit), kept_info = returning_turns(default_model_path, parallel=3)
+    assert kept_info["hits"] == 0
+    assert kept_more[2].cached_count == final.cached_count and kept_more[1] == tokens
+    assert kept_edit[2].cached_count == edit[2].cached_count and kept_edit[1] == edit[1]
+
+
+def test_tier_respects_its_byte_bound(default_model_path):
+    # one conversation's state is ~4.6 MB (200 tokens of 23 KB): 6 MiB keep one at a time
+    with Engine(EngineConfig(default_model_path, n_ctx=1024, parallel=1, n_threads=2,
+                             cache_ram_mb=6)) as e:
+        firsts = conversations(e, 4)
+        for p in firsts:
+            run(e, p, num_predict=2)
+        info = e.info()["host_cache"]
+        assert 4 << 20 < info["bytes"] <= 6 << 20
+        assert info["entries"] == 1 and info["saves"] == 3 and info["evictions"] == 2
+        _, final = run(e, firsts[2] + e.tokenize(" Again."))  # the one kept: restored
+        assert final.cached_count == len(firsts[2])
+        _, final = run(e, firsts[0] + e.tokenize(" Again."))  # evicted: evaluated again
+        assert final.cached_count == 0 and e.info()["host_cache"]["hits"] == 1
+
+
+def test_sliding_window_state_is_restored_only_where_its_window_is_whole(tmp_path):
+    """With an 8-token window llama.cpp saves only the last window of the
+    SWA layers: a returning conversation that extends the saved inputs is
+    restored; a prompt sharing only an early part of them is not (the
+    window before that cut is not in the state), and is evaluated again."""
+    path = str(write_gemma3_text_model(tmp_path / "swa.gguf", sliding_window=8))
+    config = dict(n_ctx=512, n_batch=64, n_threads=2)
+    with Engine(EngineConfig(path, parallel=1, **config)) as e:
+        a = e.tokenize("one two three four five six seven eight nine ten " * 6)
+        b = e.tokenize("a completely different conversation about other things " * 5)
+        reply_a, _ = run(e, a)
+        run(e, b)                                     # slot reused: conversation a saved
+        follow = a + reply_a + e.tokenize(" and then")
+        tokens, final = run(e, follow)
+        assert final.cached_count == len(a) + len(reply_a) - 1  # the last reply token was never decoded
+        info = e.info()["host_cache"]
+        assert info["hits"] == 1
+        run(e, b)                                     # a's longer state saved again
+        _, early = run(e, a[:20] + e.tokenize(" elsewhere"))
+        assert early.cached_count == 0
+        assert e.info()["host_cache"]["hits"] == 1
+    with Engine(EngineConfig(path, parallel=2, **config)) as kept:
+        reply, _ = run(kept, a)
+        run(kept, b)
+        want, kept_final = run(kept, follow)
+        assert reply == reply_a and kept_final.cached_count == final.cached_count
+    assert tokens == want
