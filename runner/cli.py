@@ -200,6 +200,8 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cache-policy", choices=["single", "multi"], default="single")
     g.add_argument("--cache-ram-mb", type=int, default=256,
                    help="host memory for prompts evicted from the slots, in MiB (0: off)")
+    g.add_argument("--swa-full", action="store_true",
+                   help="full-size cache for sliding-window layers (more memory; prefixes stay reusable)")
     g.add_argument("--max-queue", type=int, default=64, help="requests queued beyond the slots")
     g.add_argument("--embeddings", action="store_true", help="build the context for embeddings")
 
@@ -216,7 +218,7 @@ def _load_params(args: argparse.Namespace) -> dict:
         "flash_attn": args.flash_attn, "type_k": args.type_k, "type_v": args.type_v,
         "use_mmap": not args.no_mmap, "lora_paths": args.lora, "projector_path": args.mmproj,
         "media_cache_bytes": args.media_cache_mb << 20, "cache_policy": args.cache_policy, "max_queue": args.max_queue,
-        "cache_ram_mb": args.cache_ram_mb,
+        "cache_ram_mb": args.cache_ram_mb, "swa_full": args.swa_full,
         "embeddings": args.embeddings,
     }
 

@@ -82,6 +82,7 @@ class EngineConfig:
     media_cache_bytes: int = DEFAULT_CACHE_BYTES  # bound on cached media embeddings
     cache_policy: str = "single"      # single | multi (see runner.slots)
     cache_ram_mb: int = 256           # host-memory tier of the prefix cache, MiB (0: off; runner.hostcache)
+    swa_full: bool = False            # sliding-window layers keep every position: prefixes stay reusable
     max_queue: int = 64               # requests waiting beyond `parallel` before "busy"
     embeddings: bool = False          # the model is used mainly for embeddings
     prefill_budget: int = 256         # prompt inputs per step while others generate
@@ -295,7 +296,8 @@ class Engine:
             return _llama.Context(
                 self.model, n_ctx=n_ctx, n_batch=config.n_batch, n_seq_max=config.parallel,
                 n_threads=config.n_threads, flash_attn=config.flash_attn, type_k=config.type_k,
-                type_v=config.type_v, pooling=pooling, kv_unified=config.kv_unified)
+                type_v=config.type_v, pooling=pooling, kv_unified=config.kv_unified,
+                swa_full=config.swa_full)
         except _llama.ContextError as exc:
             if not trained:
                 raise
@@ -312,7 +314,8 @@ class Engine:
             kv = memory.kv_cache_size(read_gguf(config.model_path), n_ctx=n_ctx,
                                       parallel=config.parallel, type_k=config.type_k,
                                       type_v=config.type_v, flash_attention=config.flash_attn == "on",
-                                      n_batch=config.n_batch, unified=config.kv_unified).total
+                                      n_batch=config.n_batch, unified=config.kv_unified,
+                                      swa_full=config.swa_full).total
         except Exception:  # an architecture the estimate does not know: let llama.cpp judge
             log.debug("no KV estimate for %s", config.model_path, exc_info=True)
             return

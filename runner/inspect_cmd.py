@@ -22,6 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-type", default="f16", choices=KV_CACHE_TYPES, help="KV cache type")
     parser.add_argument("--flash-attention", action="store_true", help="estimate with flash attention on")
     parser.add_argument("--mmproj", metavar="PATH", help="multimodal projector to include in the estimate")
+    parser.add_argument("--swa-full", action="store_true", help="full-size cache for sliding-window layers")
     parser.add_argument("--cache-ram-mb", type=int, default=256, metavar="MIB",
                         help="host tier of the prefix cache, as serve --cache-ram-mb (0: off)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -50,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
             flash_attention=args.flash_attention,
             projector=projector,
             cache_ram=args.cache_ram_mb << 20,
+            swa_full=args.swa_full,
         )
         mem = estimate(info, options)
     except (OSError, GGUFError, ValueError) as exc:

@@ -111,6 +111,7 @@ class Load(Request, tag="load"):
     media_cache_bytes: NonNegative = 256 << 20  # bound on cached media embeddings (0: no cache)
     cache_policy: Literal["single", "multi"] = "single"  # slot choice (runner/slots.py)
     cache_ram_mb: Count32 = 256          # host-memory tier of the prefix cache, MiB (0: off)
+    swa_full: bool = False               # full-size sliding-window cache: prefixes stay reusable
     max_queue: Count32 = 64              # requests waiting beyond the slots
     embeddings: bool = False             # context built for embeddings first
 

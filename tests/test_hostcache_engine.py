@@ -121,3 +121,23 @@ def test_sliding_window_state_is_restored_only_where_its_window_is_whole(tmp_pat
         want, kept_final = run(kept, follow)
         assert reply == reply_a and kept_final.cached_count == final.cached_count
     assert tokens == want
+
+
+def test_full_size_sliding_window_cache_keeps_early_prefixes_reusable(tmp_path):
+    """``swa_full``: the SWA layers keep every position, so a slot cut back
+    to an early prefix still holds the window before the cut and is reused
+    (without it the same prompt is evaluated again: tests/test_media_models.py)."""
+    path = str(write_gemma3_text_model(tmp_path / "swa.gguf", sliding_window=8))
+    config = dict(n_ctx=512, n_batch=64, n_threads=2, swa_full=True, cache_ram_mb=0)
+    with Engine(EngineConfig(path, **config)) as e:
+        base = e.tokenize("one two three four five six seven eight nine ten " * 4)
+        run(e, base + e.tokenize(" and a long first ending that goes on" * 45), num_predict=1)
+        assert e.ctx.seq_pos_min(0) == 0  # nothing dropped
+        follow = base + e.tokenize(" but another ending")
+        tokens, final = run(e, follow)
+        assert final.cached_count == len(base)
+    with Engine(EngineConfig(path, **config)) as kept:
+        run(kept, base, num_predict=1)
+        want, kept_final = run(kept, follow)
+        assert kept_final.cached_count == len(base)
+    assert tokens == want
