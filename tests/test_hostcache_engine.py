@@ -8,8 +8,10 @@ restore with those of the same request on an engine that never evicted it
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from gemma3_models import write_gemma3_text_model
+from mmproj import _matrix, _normal, _ones, _zeros, copy_tokenizer, finish_gguf
 
 from runner.engine import Engine, EngineConfig
 from runner.requests import Chunk, CompletionOptions, CompletionRequest
@@ -141,3 +143,71 @@ def test_full_size_sliding_window_cache_keeps_early_prefixes_reusable(tmp_path):
         want, kept_final = run(kept, follow)
         assert kept_final.cached_count == len(base)
     assert tokens == want
+
+
+def write_mamba(path, seed: int = 0, *, n_embd: int = 32, n_layer: int = 2, d_state: int = 8,
+                d_conv: int = 4, dt_rank: int = 4):
+    """A tiny random-weight Mamba (recurrent) model: the keys and tensors
+    vendor/llama.cpp/src/models/mamba.cpp reads (d_inner = 2 * n_embd, the
+    only expansion it supports; the LM head tied to token_embd; A negative,
+    as converters write -exp(A_log)), with the default model's tokenizer."""
+    import gguf
+
+    rng = np.random.default_rng(seed)
+    arch, d_inner = "mamba", 2 * n_embd
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_string("general.name", "llama-runner test mamba")
+    for key, value in (("context_length", 4096), ("embedding_length", n_embd),
+                       ("block_count", n_layer), ("feed_forward_length", 0),
+                       ("attention.head_count", 0), ("ssm.conv_kernel", d_conv),
+                       ("ssm.inner_size", d_inner), ("ssm.state_size", d_state),
+                       ("ssm.time_step_rank", dt_rank)):
+        w.add_uint32(f"{arch}.{key}", value)
+    w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)
+    n_vocab = copy_tokenizer(w)
+    # numpy shapes are ggml's ne reversed
+    w.add_tensor("token_embd.weight", _matrix(rng, n_vocab, n_embd))
+    w.add_tensor("output_norm.weight", _ones(n_embd))
+    for il in range(n_layer):
+        b = f"blk.{il}"
+        w.add_tensor(f"{b}.attn_norm.weight", _ones(n_embd))
+        w.add_tensor(f"{b}.ssm_in.weight", _matrix(rng, 2 * d_inner, n_embd))
+        w.add_tensor(f"{b}.ssm_conv1d.weight", _normal(rng, d_inner, d_conv))
+        w.add_tensor(f"{b}.ssm_conv1d.bias", _zeros(d_inner))
+        w.add_tensor(f"{b}.ssm_x.weight", _matrix(rng, dt_rank + 2 * d_state, d_inner))
+        w.add_tensor(f"{b}.ssm_dt.weight", _matrix(rng, d_inner, dt_rank))
+        w.add_tensor(f"{b}.ssm_dt.bias", _zeros(d_inner))
+        w.add_tensor(f"{b}.ssm_a", -rng.uniform(0.5, 1.5, (d_inner, d_state)).astype(np.float32))
+        w.add_tensor(f"{b}.ssm_d", _ones(d_inner))
+        w.add_tensor(f"{b}.ssm_out.weight", _matrix(rng, n_embd, d_inner))
+    finish_gguf(w)
+    return path
+
+
+def test_recurrent_state_is_restored_only_for_prompts_extending_it(tmp_path):
+    """A recurrent state cannot be cut back: the returning conversation that
+    extends everything the slot held is restored (and generates what an
+    engine that kept it generates); an edit inside it is evaluated again."""
+    path = str(write_mamba(tmp_path / "mamba.gguf"))
+    config = dict(n_ctx=1024, n_threads=2)
+
+    def session(parallel):
+        with Engine(EngineConfig(path, parallel=parallel, **config)) as e:
+            assert e.model.is_recurrent
+            a = e.tokenize("one two three four five six seven eight nine ten " * 4)
+            b = e.tokenize("completely different words about the sea " * 4)
+            reply, _ = run(e, a, num_predict=6)
+            run(e, b, num_predict=6)
+            follow = a + reply + e.tokenize(" and more")
+            tokens, final = run(e, follow, num_predict=6)
+            run(e, b, num_predict=6)
+            _, edit = run(e, a[:10] + e.tokenize(" elsewhere"), num_predict=6)
+            return len(a) + len(reply) - 1, tokens, final, edit, e.info()["host_cache"]
+
+    held, tokens, final, edit, info = session(1)
+    assert final.cached_count == held and edit.cached_count == 0
+    # b's second turn repeats b, shorter than b's saved state (b and its reply): not served
+    assert info["hits"] == 1 and info["restore_failures"] == 0
+    _, kept_tokens, kept_final, _, kept_info = session(2)
+    assert kept_info["hits"] == 0 and kept_final.cached_count == held
+    assert tokens == kept_tokens
