@@ -66,7 +66,8 @@ class _Number:
     kind: type                       # int or float
     lo: float                        # smallest accepted value
     hi: float                        # largest accepted value
-    lo_open: bool = False            # lo itself is refused (repeat_penalty > 0)
+    lo_open: bool = False            # lo itself is refused
+    least: float = 0.0               # a value other than lo must be at least this (temperature)
 
     def check(self, name: str, value: Any) -> None:
         if self.kind is int:
@@ -80,21 +81,30 @@ class _Number:
             low = "(" if self.lo_open else "["
             raise _bad(name, f"must be within {low}{_num(self.lo)}, {_num(self.hi)}], "
                              f"got {_show(value)}")
+        if self.least and self.lo < value < self.least:
+            raise _bad(name, f"must be {_num(self.lo)} or at least {_num(self.least)}, "
+                             f"got {_show(value)}")
 
 
-# Every number option's type and range.  Floats are bounded so that they stay
-# finite as float32; counts by what llama.cpp takes (int32).
+# Every number option's type and range.  Counts are bounded by what llama.cpp
+# takes (int32).  Floats are bounded so that the sampler's arithmetic stays
+# finite: logits (tens) less penalties (at most 1e6 per occurrence, over at
+# most 2**31 occurrences), divided by a repeat penalty and a temperature of at
+# least 1e-6, stay far below the float32 maximum.  Past that, llama.cpp's
+# softmax meets inf - inf and the request ended in an internal error.
+PENALTY_MAX = 1e6
+TEMPERATURE_LEAST = 1e-6
 _NUMBERS: dict[str, _Number] = {
     "num_predict": _Number(int, -1, INT32_MAX),
-    "temperature": _Number(float, 0.0, FLOAT32_MAX),
+    "temperature": _Number(float, 0.0, FLOAT32_MAX, least=TEMPERATURE_LEAST),
     "top_k": _Number(int, 0, INT32_MAX),
     "top_p": _Number(float, 0.0, 1.0),
     "min_p": _Number(float, 0.0, 1.0),
     "typical_p": _Number(float, 0.0, 1.0),
     "repeat_last_n": _Number(int, -1, INT32_MAX),
-    "repeat_penalty": _Number(float, 0.0, FLOAT32_MAX, lo_open=True),
-    "presence_penalty": _Number(float, -FLOAT32_MAX, FLOAT32_MAX),
-    "frequency_penalty": _Number(float, -FLOAT32_MAX, FLOAT32_MAX),
+    "repeat_penalty": _Number(float, 1 / PENALTY_MAX, PENALTY_MAX),
+    "presence_penalty": _Number(float, -PENALTY_MAX, PENALTY_MAX),
+    "frequency_penalty": _Number(float, -PENALTY_MAX, PENALTY_MAX),
     "seed": _Number(int, -2**63, 2**64 - 1),
     "top_logprobs": _Number(int, 0, MAX_TOP_LOGPROBS),
     "num_keep": _Number(int, 0, INT32_MAX),
