@@ -87,26 +87,50 @@ def bench_client(model: str, parallel: int, tokens: int, threads: int | None) ->
 
 
 def bench_generation_window(model: str, parallel: int, tokens: int, threads: int | None,
-                            pp: int = 128) -> dict:
+                            pp: int = 128, consumers: str = "threads",
+                            options: dict | None = None) -> dict:
     """Client rate over the window llama-batched-bench's S_TG measures: from
     the moment every stream has its first token to the last final, with
-    ``pp``-token prompts, ``n_ctx`` 4096 and n_batch 512 like the peer run."""
-    with Runner.spawn(model, n_ctx=4096, n_batch=512, parallel=parallel, n_threads=threads) as runner:
+    ``pp``-token prompts, ``n_ctx`` 4096 and n_batch 512 like the peer run.
+    ``consumers``: "threads" (one blocking consumer thread per stream, as a
+    threaded server consumes) or "asyncio" (one task per stream on one event
+    loop).  ``options``: the requests' options (default greedy)."""
+    opts = {**(options or greedy_options(tokens)), "num_predict": tokens, "ignore_eos": True}
+    with Runner.spawn(model, n_ctx=max(4096, parallel * (pp + tokens + 16)), n_batch=512,
+                      parallel=parallel, n_threads=threads) as runner:
         # Every slot once (as bench_engine.py does): first use of a slot pays
         # one-off costs that batched-bench pays outside its S_TG window.
         run_concurrently(parallel, lambda i: runner.complete(
             [500 + 50 * i + k for k in range(16)], **greedy_options(8)).text())
 
-        def one(i):
-            prompt = [1000 + 7919 * (i + 1) % 40000 + k for k in range(pp)]
-            seen = []
-            for event in runner.complete(prompt, **greedy_options(tokens)):
-                if isinstance(event, Chunk):
-                    seen.append((time.perf_counter(), len(event.tokens)))
-                else:
-                    return seen, time.perf_counter()
+        def prompt_of(i):
+            return [1000 + 7919 * (i + 1) % 40000 + k for k in range(pp)]
 
-        _, results = run_concurrently(parallel, one)
+        if consumers == "asyncio":
+            import asyncio
+
+            async def one_async(i):
+                seen = []
+                async for event in runner.acomplete(prompt_of(i), **opts):
+                    if isinstance(event, Chunk):
+                        seen.append((time.perf_counter(), len(event.tokens)))
+                    else:
+                        return seen, time.perf_counter()
+
+            async def all_streams():
+                return await asyncio.gather(*(one_async(i) for i in range(parallel)))
+
+            results = asyncio.run(all_streams())
+        else:
+            def one(i):
+                seen = []
+                for event in runner.complete(prompt_of(i), **opts):
+                    if isinstance(event, Chunk):
+                        seen.append((time.perf_counter(), len(event.tokens)))
+                    else:
+                        return seen, time.perf_counter()
+
+            _, results = run_concurrently(parallel, one)
     return window_rate(results)
 
 
@@ -219,7 +243,8 @@ def bench_protocol(streams: int, tokens: int) -> dict:
 
 
 def compare_with_peer(model: str, levels: list[int], tokens: int, threads: int,
-                      rounds: int) -> list[dict]:
+                      rounds: int, consumers: str = "threads", options: dict | None = None,
+                      pp: int = 128) -> list[dict]:
     """Client rate over the S_TG window beside llama-batched-bench, per level.
 
     Peer and client alternate, level by level and round by round, so that a
@@ -234,11 +259,12 @@ def compare_with_peer(model: str, levels: list[int], tokens: int, threads: int,
     for r in range(rounds):
         for level in levels:
             def run_peer() -> float:
-                return batched_bench(model, threads, 4096, 512, [level], 128, tokens,
-                                     unified=False).get(level, float("nan"))
+                return batched_bench(model, threads, max(4096, level * (pp + tokens + 16)), 512,
+                                     [level], pp, tokens, unified=False).get(level, float("nan"))
 
             def run_client() -> float:
-                return bench_generation_window(model, level, tokens, threads)["tok_s"]
+                return bench_generation_window(model, level, tokens, threads, pp=pp,
+                                               consumers=consumers, options=options)["tok_s"]
 
             if r % 2 == 0:
                 peer = run_peer()
@@ -258,7 +284,8 @@ def compare_with_peer(model: str, levels: list[int], tokens: int, threads: int,
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="default")
+    ap.add_argument("--model", default="default",
+                    help="a model name or path; 'tiny': the tiny fast-decode model (benchmarks/tiny_model.py)")
     ap.add_argument("--parallel", default="1,4,8", help="comma-separated slot counts")
     ap.add_argument("--tokens", type=int, default=128, help="tokens per completion")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for decoding")
@@ -271,6 +298,12 @@ def main() -> int:
                     help="only the comparison with llama-batched-bench")
     ap.add_argument("--rounds", type=int, default=3,
                     help="alternating peer/client rounds per level for --peer (median ratio)")
+    ap.add_argument("--consumers", choices=("threads", "asyncio"), default="threads",
+                    help="for --peer: one consumer thread per stream, or one asyncio task per stream")
+    ap.add_argument("--options", choices=("greedy", "defaults"), default="greedy",
+                    help="for --peer: greedy, or every sampling option at its default "
+                         "(temperature 0.8, top_k 40, top_p 0.9, repeat_penalty 1.1)")
+    ap.add_argument("--pp", type=int, default=128, help="prompt tokens per stream for --peer")
     ap.add_argument("--json", default=None, help="also write the results here")
     ap.add_argument("--fake-runner", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -279,7 +312,13 @@ def main() -> int:
 
     from runner.models import resolve_model
 
-    model = str(resolve_model(args.model))
+    if args.model == "tiny":
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from tiny_model import write_tiny_llama
+
+        model = str(write_tiny_llama())
+    else:
+        model = str(resolve_model(args.model))
     results = {"generation": [], "protocol": []}
     levels = [int(p) for p in args.parallel.split(",")]
     if not args.peer_only:
@@ -294,9 +333,12 @@ def main() -> int:
                   f"{client['per_stream_tok_s']:>11.1f} {ratio:>6}")
     if args.peer or args.peer_only:
         threads = args.threads or os.cpu_count()
-        results["peer"] = compare_with_peer(model, levels, args.tokens, threads, args.rounds)
+        options = None if args.options == "greedy" else {"num_predict": args.tokens}
+        results["peer"] = compare_with_peer(model, levels, args.tokens, threads, args.rounds,
+                                            args.consumers, options, args.pp)
         print(f"\n{'parallel':>8} {'client tok/s':>13} {'batched-bench S_TG':>19} {'ratio':>6}"
-              f"  (medians of {args.rounds} alternating rounds; per-round ratios)")
+              f"  ({args.consumers} consumers, {args.options} options; medians of {args.rounds} "
+              f"alternating rounds; per-round ratios)")
         for row in results["peer"]:
             print(f"{row['parallel']:>8} {statistics.median(row['client_tok_s']):>13.1f} "
                   f"{statistics.median(row['S_TG']):>19.1f} {row['ratio']:>6.3f}  "

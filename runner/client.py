@@ -478,7 +478,10 @@ class _Connection:
         if self._keys is not None:
             return ("the CURVE handshake with the runner failed: is the server key the "
                     "runner's public key?", False)
-        return "the handshake with the runner failed", False
+        # libzmq sometimes drops the connection before it reports the
+        # mechanism mismatch (seen on a loaded machine): say what is likely.
+        return ("the handshake with the runner failed (a runner on a network address "
+                "requires CURVE security: pass its public key and an authorized client key)", False)
 
     def _die(self, reason: tuple[str, int | None, str | None],
              kind: type[RunnerGone] = RunnerGone) -> None:

@@ -158,7 +158,9 @@ def test_same_image_twice_is_encoded_once(engine):
 
 
 def test_different_images_do_not_match_in_the_prefix_cache(default_model_path, projectors):
-    with make_engine(default_model_path, projectors["vision"], parallel=1) as e:
+    # The slot cache alone (no host-memory tier, which would restore the
+    # first image's state for the third request: see the next test).
+    with make_engine(default_model_path, projectors["vision"], parallel=1, cache_ram_mb=0) as e:
         prefix = "Compare this picture: "
         n_text = len(e.tokenize(prefix, add_special=True))
         _, f1 = run(e, prefix + "[img-0] now.", [png_bytes(32, 32, seed=1)])
@@ -169,6 +171,18 @@ def test_different_images_do_not_match_in_the_prefix_cache(default_model_path, p
         # The first image again: its rows come from the cache, not the encoder.
         _, f3 = run(e, prefix + "[img-0] now.", [png_bytes(32, 32, seed=1)])
         assert f3.cached_count == n_text and e.media_cache.info()["misses"] == 2
+
+
+def test_host_tier_restores_a_prompt_with_an_image(default_model_path, projectors):
+    with make_engine(default_model_path, projectors["vision"], parallel=1) as e:
+        prompt = "Compare this picture: [img-0] now."
+        one, two = png_bytes(32, 32, seed=1), png_bytes(32, 32, seed=2)
+        _, f1 = run(e, prompt, [one])
+        _, f2 = run(e, prompt, [two])
+        _, f3 = run(e, prompt, [one])     # the first image's state comes back from host memory
+        assert f2.cached_count < f1.prompt_count - 1
+        assert f3.cached_count == f3.prompt_count - 1  # all but the last input, as for any full hit
+        assert e.info()["host_cache"]["hits"] >= 1
 
 
 def test_follow_up_turn_reuses_the_kv_prefix_without_encoding(default_model_path, projectors):
