@@ -103,6 +103,26 @@ class StepTiming:
     n_generating: int   # of which one-token generation steps
 
 
+@dataclass(slots=True)
+class Scheduled:
+    """One sequence's share of a step's batch."""
+
+    seq: "_Seq"        # whose inputs these are
+    n_inputs: int      # consecutive inputs in the batch (1 for a generating sequence)
+    out_index: int     # batch row whose logits are sampled after the decode, or -1
+    generating: bool   # the input is the token sampled last step (else prompt inputs)
+
+
+class StepPlan(list):
+    """The sequences of one decode, in batch order (a list of :class:`Scheduled`).
+    Built by the build phase, trimmed by :meth:`Engine._rollback`, read by the
+    decode and sample phases; one plan per step."""
+
+    def n_prompt(self) -> int:
+        """Prompt inputs in the plan."""
+        return sum(e.n_inputs for e in self if not e.generating)
+
+
 class Handle:
     """A submitted completion: iterate it for events, or pass ``on_event``.
 
@@ -634,7 +654,7 @@ class Engine:
             return
         t2 = time.perf_counter()
         self._last_decode_end = t2
-        if sum(e[1] for e in plan if not e[3]) >= 32:  # mostly prompt: the tier's evaluation rate
+        if plan.n_prompt() >= 32:  # mostly prompt: the tier's evaluation rate
             self.host_cache.note_eval(n_tokens, t2 - t1)
         n_gen = self._sample(plan)
         t3 = time.perf_counter()
@@ -733,19 +753,19 @@ class Engine:
 
     # -- phase 3: build -------------------------------------------------
 
-    def _build_batch(self) -> list[list]:
+    def _build_batch(self) -> StepPlan:
         """Fill the batch: one token per generating sequence first, then prompt
-        chunks.  Returns the plan, entries ``[seq, n_inputs, out_index, is_gen]``."""
+        chunks.  Returns the step's plan."""
         batch = self.batch
         batch.clear()
-        plan = []
+        plan = StepPlan()
         for seq in [s for s in self._active if s.next_token is not None]:
             if len(seq.slot.inputs) + 1 > self.slot_ctx and not self._make_room(seq):
                 continue
             if seq.next_token is None:  # _make_room turned it into a prompt again
                 continue
             idx = batch.add(seq.next_token, seq.position(len(seq.slot.inputs)), seq.slot.id, True)
-            plan.append([seq, 1, idx, True])
+            plan.append(Scheduled(seq, 1, idx, True))
         budget = self.n_batch - len(batch)
         if plan:
             budget = min(budget, self.config.prefill_budget)
@@ -766,7 +786,7 @@ class Engine:
                 part = seq.inputs[seq.n_sched:stop]
                 last = seq.n_sched + len(part) == len(seq.inputs)
                 idx = batch.add_tokens(part, seq.position(seq.n_sched), seq.slot.id, output_last=last)
-                plan.append([seq, len(part), idx if last else -1, False])
+                plan.append(Scheduled(seq, len(part), idx if last else -1, False))
                 seq.n_sched += len(part)
                 budget -= len(part)
         return plan
@@ -830,7 +850,7 @@ class Engine:
                 positions = span.chunk.mrope_positions(pos0)[:, offset:offset + n]
             idx = batch.add_embeddings(rows[offset:offset + n], pos0 + offset, seq.slot.id,
                                        output_last=last, positions=positions)
-            plan = [[seq, n, idx if last else -1, False]]
+            plan = StepPlan([Scheduled(seq, n, idx if last else -1, False)])
             seq.n_sched += n
             if span.non_causal:
                 self.ctx.set_causal_attn(False)
@@ -854,7 +874,7 @@ class Engine:
 
     # -- phase 4: decode ------------------------------------------------
 
-    def _decode(self, plan: list[list], batch: _llama.Batch | None = None) -> bool:
+    def _decode(self, plan: StepPlan, batch: _llama.Batch | None = None) -> bool:
         """Decode the batch, halving it while no KV slot fits, and record what
         was decoded into the slots.  False when nothing was decoded."""
         batch = batch or self.batch
@@ -877,43 +897,45 @@ class Engine:
                 self._fail_plan(plan, InternalError(f"decode failed: {exc}"))
                 return False
         self._rollback(plan, n)
-        for seq, count, _, is_gen in plan:
-            if is_gen:
+        for entry in plan:
+            seq, count = entry.seq, entry.n_inputs
+            if entry.generating:
                 self.slots.record(seq.slot, [seq.next_token])
                 seq.next_token = None
             else:
                 self.slots.record(seq.slot, seq.inputs[seq.n_sched - count:seq.n_sched])
         return True
 
-    def _rollback(self, plan: list[list], n_kept: int) -> None:
+    def _rollback(self, plan: StepPlan, n_kept: int) -> None:
         """Drop plan entries past the first ``n_kept`` batch inputs (not
         decoded): their inputs are scheduled again at the next step."""
         offset = 0
         for entry in plan:
-            seq, count, _, is_gen = entry
+            count = entry.n_inputs
             kept = min(count, max(0, n_kept - offset))
             offset += count
             if kept == count:
                 continue
-            if not is_gen:
-                seq.n_sched -= count - kept
-            entry[1] = kept
-            entry[2] = -1  # the output row was not computed
-        plan[:] = [e for e in plan if e[1] > 0]
+            if not entry.generating:
+                entry.seq.n_sched -= count - kept
+            entry.n_inputs = kept
+            entry.out_index = -1  # the output row was not computed
+        plan[:] = [e for e in plan if e.n_inputs > 0]
 
-    def _fail_plan(self, plan: list[list], error: EngineError) -> None:
-        for seq, *_ in plan:
-            self._end(seq, "error", error)
+    def _fail_plan(self, plan: StepPlan, error: EngineError) -> None:
+        for entry in plan:
+            self._end(entry.seq, "error", error)
 
     # -- phase 5: sample ------------------------------------------------
 
-    def _sample(self, plan: list[list]) -> int:
+    def _sample(self, plan: StepPlan) -> int:
         """Sample the next token of every sequence with an output row; returns
         how many tokens were generated.  One binding call samples the whole
         step (the GIL released once), and the step's tokens go to delivery as
         one record; ends follow their sequence's last token."""
         seqs, rows = [], []
-        for seq, _, idx, _ in plan:
+        for entry in plan:
+            seq, idx = entry.seq, entry.out_index
             if idx < 0 or seq.ended:
                 continue
             if seq.n_predict < 0:  # num_predict 0: evaluate the prompt only
