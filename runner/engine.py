@@ -123,6 +123,50 @@ class StepPlan(list):
         return sum(e.n_inputs for e in self if not e.generating)
 
 
+# -- what the loop thread sends the delivery side (in order, one queue) -------
+
+
+@dataclass(slots=True)
+class StepTokens:
+    """The tokens one step generated, in batch order."""
+
+    tokens: list[tuple]   # (seq, token id, log-probability entry or None)
+
+
+@dataclass(slots=True)
+class SeqEnded:
+    """A sequence stopped: flush its held-back text, say how many tokens were
+    returned, then hand it back to the loop to release its slot."""
+
+    seq: "_Seq"           # the sequence
+    final: Final          # its final event (done_reason may still become "stop")
+
+
+@dataclass(slots=True)
+class SeqReleased:
+    """The loop released the sequence's slot: send its final event."""
+
+    seq: "_Seq"           # the sequence
+
+
+@dataclass(slots=True)
+class Shutdown:
+    """The loop stopped: send the finals of ended sequences it will never release."""
+
+
+DeliveryRecord = StepTokens | SeqEnded | SeqReleased | Shutdown
+
+
+@dataclass(slots=True)
+class EmbeddingJob:
+    """One embedding request, from the caller's thread to the loop and back."""
+
+    tokens: list[int]                                        # the text's tokens
+    done: threading.Event = field(default_factory=threading.Event)  # set when result or error is
+    result: np.ndarray | None = None                         # the pooled embedding
+    error: Exception | None = None                           # why it failed
+
+
 class Handle:
     """A submitted completion: iterate it for events, or pass ``on_event``.
 
@@ -277,7 +321,7 @@ class Engine:
         self._lock = threading.Lock()           # guards _waiting, _embeds, _by_id, _closing
         self._wake = threading.Condition(self._lock)
         self._waiting: collections.deque[_Seq] = collections.deque()  # FIFO of queued requests
-        self._embeds: collections.deque = collections.deque()  # pending embedding jobs
+        self._embeds: collections.deque[EmbeddingJob] = collections.deque()  # pending embedding jobs
         self._by_id: dict[str, _Seq] = {}       # every unfinished request
         self._closing = False                   # no new requests accepted
         self._drain = False                     # finish running requests before stopping
@@ -456,18 +500,17 @@ class Engine:
         if len(tokens) > min(self.n_batch, self.slot_ctx):
             raise InputTooLong(f"input of {len(tokens)} tokens exceeds the embedding limit of "
                                f"{min(self.n_batch, self.slot_ctx)}")
-        done = threading.Event()
-        job = {"tokens": tokens, "done": done, "result": None, "error": None}
+        job = EmbeddingJob(tokens)
         with self._lock:
             if self._closing:
                 raise NotReady("the engine is shutting down")
             self._embeds.append(job)
             self._wake.notify()
-        if not done.wait(timeout):
+        if not job.done.wait(timeout):
             raise InternalError("embedding timed out")
-        if job["error"] is not None:
-            raise job["error"]
-        vec = job["result"]
+        if job.error is not None:
+            raise job.error
+        vec = job.result
         if normalize:
             norm = float(np.linalg.norm(vec))
             if norm > 0:
@@ -630,10 +673,10 @@ class Engine:
                 self._embeds.clear()
             for seq in waiting:
                 self._end(seq, "cancelled")
-            self._out.put(("flush",))
+            self._out.put(Shutdown())
             for job in embeds:
-                job["error"] = NotReady("the engine is shutting down")
-                job["done"].set()
+                job.error = NotReady("the engine is shutting down")
+                job.done.set()
 
     def _step(self) -> None:
         t0 = time.perf_counter()
@@ -684,7 +727,7 @@ class Engine:
                 # decode leaves it empty (its KV state is not trusted).
                 kept = [] if seq.error else seq.inputs + seq.generated[:seq.n_returned]
                 self.slots.release(seq.slot, kept)
-            self._out.put(("final", seq))
+            self._out.put(SeqReleased(seq))
 
     def _end(self, seq: _Seq, reason: str, error: EngineError | None = None) -> None:
         """Stop a sequence and send its end record.  The slot stays lent until
@@ -709,7 +752,7 @@ class Engine:
             cached_count=seq.n_cached, prompt_count=len(seq.inputs),
             slot=seq.slot.id if seq.slot is not None else -1,
             error=str(error) if error else None, error_code=error.code if error else None)
-        self._out.put(("end", seq, final))
+        self._out.put(SeqEnded(seq, final))
 
     # -- phase 2: admit -------------------------------------------------
 
@@ -982,7 +1025,7 @@ class Engine:
             else:
                 seq.next_token = token
         if toks:
-            self._out.put(("toks", toks))
+            self._out.put(StepTokens(toks))
         for seq, reason, error in ends:
             self._end(seq, reason, error)
         return len(toks)
@@ -1005,22 +1048,22 @@ class Engine:
                 return
             try:
                 self.batch.clear()
-                self.batch.add_tokens(job["tokens"], 0, slot.id, output_last=True)
+                self.batch.add_tokens(job.tokens, 0, slot.id, output_last=True)
                 # Every token is an output for pooling.
                 for i in range(len(self.batch)):
                     self.batch.set_output(i, True)
                 self.ctx.set_embeddings(True)
                 try:
                     self.ctx.decode(self.batch)
-                    job["result"] = np.array(self.ctx.embeddings_seq(slot.id), dtype=np.float32)
+                    job.result = np.array(self.ctx.embeddings_seq(slot.id), dtype=np.float32)
                 finally:
                     self.ctx.set_embeddings(False)
-                self.slots.record(slot, job["tokens"])
+                self.slots.record(slot, job.tokens)
             except Exception as exc:  # the request fails, the engine goes on
-                job["error"] = exc if isinstance(exc, EngineError) else InternalError(f"embedding failed: {exc}")
+                job.error = exc if isinstance(exc, EngineError) else InternalError(f"embedding failed: {exc}")
             finally:
                 self.slots.release(slot)
-                job["done"].set()
+                job.done.set()
 
     # ------------------------------------------------------------------
     # delivery thread
@@ -1040,32 +1083,28 @@ class Engine:
             except BaseException:
                 log.exception("delivery failed")
 
-    def _deliver(self, record: tuple, outputs: dict[int, "_Output"]) -> None:
-        kind = record[0]
-        if kind == "flush":  # shutdown: nothing will release slots any more
-            with self._lock:
-                ready, self._ready = self._ready, []
-            for seq in ready:
-                self._send_final(seq)
-            return
-        if kind == "toks":  # one step's tokens, in batch order
-            for seq, token, logprob in record[1]:
+    def _deliver(self, record: DeliveryRecord, outputs: dict[int, "_Output"]) -> None:
+        kind = type(record)
+        if kind is StepTokens:
+            for seq, token, logprob in record.tokens:
                 out = outputs.get(id(seq))
                 if out is None:
                     out = outputs[id(seq)] = _Output(TextStream(seq.options.stop))
                 if not out.stream.stopped:  # else decoded after its stop string: not returned
                     self._deliver_token(seq, out, token, logprob)
             return
-        seq: _Seq = record[1]
-        if kind == "final":
-            self._send_final(seq)
+        if kind is SeqReleased:
+            self._send_final(record.seq)
             return
-        out = outputs.get(id(seq))
-        if out is None:
-            out = outputs[id(seq)] = _Output(TextStream(seq.options.stop))
-        # kind == "end": flush the held-back text, then let the loop release the slot.
-        del outputs[id(seq)]
-        final: Final = record[2]
+        if kind is Shutdown:  # nothing will release slots any more
+            with self._lock:
+                ready, self._ready = self._ready, []
+            for seq in ready:
+                self._send_final(seq)
+            return
+        # SeqEnded: flush the held-back text, then let the loop release the slot.
+        seq, final = record.seq, record.final
+        out = outputs.pop(id(seq), None) or _Output(TextStream(seq.options.stop))
         if out.stream.stopped:
             final.done_reason = "stop"
             seq.n_returned = out.n_fed - out.stream.n_feeds_to_trim
