@@ -203,7 +203,16 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--swa-full", action="store_true",
                    help="full-size cache for sliding-window layers (more memory; prefixes stay reusable)")
     g.add_argument("--max-queue", type=int, default=64, help="requests queued beyond the slots")
-    g.add_argument("--embeddings", action="store_true", help="build the context for embeddings")
+    g.add_argument("--embeddings", action="store_true",
+                   help="accepted like Ollama's load field; embeddings work either way")
+    g.add_argument("--prefill-budget", type=int, default=256,
+                   help="prompt inputs per step while other sequences generate (default 256)")
+    g.add_argument("--kv-unified", action="store_true",
+                   help="one KV buffer shared by all slots instead of one stream per slot")
+    g.add_argument("--delivery", choices=["auto", "thread", "inline"], default="auto",
+                   help="where tokens become text: a thread of its own, the loop, or auto")
+    g.add_argument("--no-native-sampler", action="store_true",
+                   help="sample every request with llama.cpp's CPU chain instead of the native one")
 
 
 def _load_params(args: argparse.Namespace) -> dict:
@@ -219,7 +228,9 @@ def _load_params(args: argparse.Namespace) -> dict:
         "use_mmap": not args.no_mmap, "lora_paths": args.lora, "projector_path": args.mmproj,
         "media_cache_bytes": args.media_cache_mb << 20, "cache_policy": args.cache_policy, "max_queue": args.max_queue,
         "cache_ram_mb": args.cache_ram_mb, "swa_full": args.swa_full,
-        "embeddings": args.embeddings,
+        "embeddings": args.embeddings, "prefill_budget": args.prefill_budget,
+        "kv_unified": args.kv_unified, "delivery": args.delivery,
+        "native_sampler": not args.no_native_sampler,
     }
 
 

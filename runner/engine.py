@@ -84,7 +84,7 @@ class EngineConfig:
     cache_ram_mb: int = 256           # host-memory tier of the prefix cache, MiB (0: off; runner.hostcache)
     swa_full: bool = False            # sliding-window layers keep every position: prefixes stay reusable
     max_queue: int = 64               # requests waiting beyond `parallel` before "busy"
-    embeddings: bool = False          # the model is used mainly for embeddings
+    embeddings: bool = False          # Ollama's load field; accepted, not used (embeddings always work)
     prefill_budget: int = 256         # prompt inputs per step while others generate
     kv_unified: bool = False          # one KV buffer shared by all slots (see _StreamKV)
     delivery: str = "auto"            # thread | inline | auto (see Engine.delivery_mode)

@@ -113,7 +113,11 @@ class Load(Request, tag="load"):
     cache_ram_mb: Count32 = 256          # host-memory tier of the prefix cache, MiB (0: off)
     swa_full: bool = False               # full-size sliding-window cache: prefixes stay reusable
     max_queue: Count32 = 64              # requests waiting beyond the slots
-    embeddings: bool = False             # context built for embeddings first
+    embeddings: bool = False             # Ollama's load field; accepted, not used (embeddings always work)
+    prefill_budget: Positive32 = 256     # prompt inputs per step while other sequences generate
+    kv_unified: bool = False             # one KV buffer shared by all slots (else one stream per slot)
+    delivery: Literal["auto", "thread", "inline"] = "auto"  # where tokens become text and events
+    native_sampler: bool = True          # False: llama.cpp's CPU sampler chain for every request
 
 
 class Media(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

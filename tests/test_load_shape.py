@@ -1,0 +1,47 @@
+"""The load settings are one shape: EngineConfig's fields, the wire's Load
+struct, the `serve` flags and docs/protocol.md's load message must agree."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import msgspec
+
+from runner import protocol as P
+from runner.cli import _load_params, build_parser
+from runner.engine import EngineConfig
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
+
+
+def engine_fields() -> dict:
+    return {f.name: f.default for f in dataclasses.fields(EngineConfig) if f.name != "model_path"}
+
+
+def test_load_struct_has_every_engine_setting_with_the_same_default():
+    load = P.Load(id=1)
+    wire = {name: getattr(load, name) for name in P.Load.__struct_fields__ if name not in ("id", "v")}
+    engine = engine_fields()
+    assert set(wire) == set(engine)
+    for name, default in engine.items():
+        got = wire[name]
+        want = list(default) if isinstance(default, tuple) else default
+        assert got == want, name
+
+
+def test_serve_flags_cover_every_load_field_with_its_default():
+    args = build_parser().parse_args(["serve", "--model", "default"])
+    params = _load_params(args)
+    assert set(params) == set(engine_fields())
+    decoded = msgspec.convert({"op": "load", "id": 1, **params}, P.Load)
+    assert decoded == P.Load(id=1)
+
+
+def test_the_documented_load_message_lists_every_field():
+    text = DOC.read_text()
+    block = text[text.index("#### `load`"):]
+    block = block[:block.index("```", block.index("```") + 3)]
+    named = set(re.findall(r"(\w+):", block)) - {"op", "id", "type", "state"}
+    assert named == set(engine_fields())
