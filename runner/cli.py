@@ -315,6 +315,26 @@ def _cmd_discover(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_metrics(args: argparse.Namespace) -> int:
+    try:
+        from runner.metrics import render_prometheus
+        import prometheus_client  # noqa: F401
+    except ImportError:
+        print("error: llama-runner metrics needs prometheus_client "
+              "(pip install 'llama-runner[metrics]')", file=sys.stderr)
+        return 2
+    if not args.endpoint:
+        print("error: llama-runner metrics needs --endpoint", file=sys.stderr)
+        return 2
+    with _connect(args) as runner:
+        reply = runner.info(timeout=30)
+    if reply.engine is None:
+        print(f"error: the runner has no model loaded (state {reply.state})", file=sys.stderr)
+        return 1
+    sys.stdout.write(render_prometheus(reply.engine, in_flight=reply.in_flight).decode())
+    return 0
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     if args.endpoint:
         import msgspec
@@ -449,6 +469,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_connect_args(p, "ask the runner listening there")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("metrics", help="a runner's running totals in the Prometheus text format")
+    _add_connect_args(p, "the runner to ask (required)")
+    p.set_defaults(func=_cmd_metrics)
 
     p = sub.add_parser("discover", help="devices ggml sees, with free/total memory")
     p.add_argument("--json", action="store_true")

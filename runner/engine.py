@@ -50,6 +50,7 @@ from runner.requests import (
 from runner.hostcache import HostCache
 from runner.load_checks import check_model_file
 from runner.media import DEFAULT_CACHE_BYTES, MediaCache, MediaSpan, build_prompt
+from runner.metrics import EngineTotals
 from runner.sampling import logprob_entry, make_sampler
 from runner.slots import NoFreeSlot, PositionedKV, Slot, SlotCache, truncate_prompt
 from runner.textstream import TextStream
@@ -277,6 +278,7 @@ class Engine:
         if config.cache_ram_mb < 0:
             raise BadRequest(f"cache_ram_mb must be >= 0 (0: off), got {config.cache_ram_mb}")
         self.config = config
+        t_load = time.perf_counter()
         _llama.backend_init()
         check_model_file(config.model_path)  # refuse what llama.cpp would abort on
         self.model = _llama.Model(config.model_path, n_gpu_layers=config.n_gpu_layers,
@@ -317,6 +319,7 @@ class Engine:
             kv.inputs_of = lambda seq: self.slots.slots[seq].inputs
         self.batch = _llama.Batch(self.n_batch)
         self.timings: collections.deque[StepTiming] = collections.deque(maxlen=4096)
+        self.totals = EngineTotals()              # running totals (runner.metrics; any thread)
 
         self._lock = threading.Lock()           # guards _waiting, _embeds, _by_id, _closing
         self._wake = threading.Condition(self._lock)
@@ -344,6 +347,7 @@ class Engine:
         else:
             self._out = _InlineDelivery(self)     # the loop thread delivers itself
         self._loop.start()
+        self.load_seconds = time.perf_counter() - t_load  # model, context, projector, threads
 
     def _make_context(self, config: EngineConfig, pooling: str | None) -> _llama.Context:
         """The llama context; ``n_ctx`` 0 takes the model's trained context,
@@ -437,7 +441,15 @@ class Engine:
             raise BadRequest(str(exc)) from exc
 
     def submit(self, request: CompletionRequest, on_event: Sink | None = None) -> Handle:
-        """Queue a completion.  Raises Busy, BadRequest or InputTooLong at once."""
+        """Queue a completion.  Raises Busy, BadRequest or InputTooLong at once
+        (each refusal is counted in :attr:`totals`)."""
+        try:
+            return self._submit(request, on_event)
+        except EngineError as exc:
+            self.totals.refused(exc.code)
+            raise
+
+    def _submit(self, request: CompletionRequest, on_event: Sink | None) -> Handle:
         options = request.options.validate()
         t0 = time.perf_counter()
         inputs, spans = self._prompt_inputs(request)
@@ -542,6 +554,8 @@ class Engine:
             "media_cache": self.media_cache.info(),
             "host_cache": self.host_cache.info(),
             "steps": self.step_summary(),
+            "totals": self.totals.snapshot(),
+            "load_seconds": round(self.load_seconds, 6),
         }
 
     def step_summary(self, last: int = 256) -> dict:
@@ -703,6 +717,7 @@ class Engine:
         t3 = time.perf_counter()
         self.timings.append(StepTiming(build=t1 - t0, decode=t2 - t1, sample=t3 - t2,
                                        idle_gap=idle, n_tokens=n_tokens, n_generating=n_gen))
+        self.totals.step(t2 - t1, n_tokens)
 
     # -- phase 1: finish ------------------------------------------------
 
@@ -774,6 +789,7 @@ class Engine:
                 seq.n_cached = 0
             seq.n_sched = seq.n_cached
             seq.t_admitted = time.perf_counter()
+            self.totals.admitted(seq.t_admitted - seq.t_queued)
             self._active.append(seq)
             # The penalties look at the prompt too (the grammar does not: it
             # constrains the generated text only; see _llama.Sampler).
@@ -1056,6 +1072,7 @@ class Engine:
                 try:
                     self.ctx.decode(self.batch)
                     job.result = np.array(self.ctx.embeddings_seq(slot.id), dtype=np.float32)
+                    self.totals.embedded()
                 finally:
                     self.ctx.set_embeddings(False)
                 self.slots.record(slot, job.tokens)
@@ -1142,6 +1159,9 @@ class Engine:
     def _send_final(self, seq: _Seq) -> None:
         with self._lock:
             self._by_id.pop(seq.handle.id, None)
+        f = seq.final
+        self.totals.finished(f.done_reason, f.prompt_count, f.prompt_eval_count, f.cached_count,
+                             f.eval_count)
         seq.handle.final = seq.final
         seq.handle._sink(seq.final)
 

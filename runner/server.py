@@ -40,6 +40,7 @@ from runner import protocol as P
 from runner import security
 from runner.media import MediaItem
 from runner.requests import (BadRequest, Busy, Chunk, CompletionOptions, CompletionRequest,
+                             EngineError,
                              Final, NotReady)
 
 log = logging.getLogger("runner.server")
@@ -710,10 +711,15 @@ class Server:
         engine = self._ready_engine()
 
         def prepare(job: Job) -> P.Reply | None:
-            request = CompletionRequest(
-                prompt=req.prompt, options=CompletionOptions.from_dict(req.options),
-                add_special=req.add_special, media=[MediaItem(m.id, m.data) for m in req.media])
+            try:
+                request = CompletionRequest(
+                    prompt=req.prompt, options=CompletionOptions.from_dict(req.options),
+                    add_special=req.add_special, media=[MediaItem(m.id, m.data) for m in req.media])
+            except EngineError as exc:
+                engine.totals.refused(exc.code)
+                raise
             if job.cancelled:
+                engine.totals.finished("cancelled", 0, 0, 0, 0)
                 return _cancelled_reply(job)
             # The engine's events may reach the outbox before submit returns;
             # they wait there for the I/O thread, which knows the job already.
@@ -722,7 +728,11 @@ class Server:
                 job.handle.cancel()
             return None  # the engine's final ends it
 
-        self._start_work(peer, req, size, prepare)
+        try:
+            self._start_work(peer, req, size, prepare)
+        except EngineError as exc:  # busy, a reused id, shutting down
+            engine.totals.refused(exc.code)
+            raise
 
     def _event_sink(self, key: tuple) -> Callable[[Any], None]:
         post, post_quiet = self._outbox.post, self._outbox.post_quiet

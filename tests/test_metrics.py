@@ -1,0 +1,90 @@
+"""Running totals are exact: a known mix of completions (finished, stopped,
+cancelled, failed, refused, busy) and embeddings, then every counter is
+checked against the finals the callers received; the Prometheus text of a
+real runner parses back to the same numbers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from runner.client import Runner
+from runner.engine import Engine, EngineConfig
+from runner.requests import (BadRequest, Busy, Chunk, CompletionOptions, CompletionRequest, EngineError,
+                             Final)
+
+pytestmark = pytest.mark.model
+
+
+def submit(engine, prompt, **options):
+    return engine.submit(CompletionRequest(prompt=prompt, options=CompletionOptions.from_dict(options)))
+
+
+def test_totals_match_what_callers_saw(default_model_path):
+    finals: list[Final] = []
+    with Engine(EngineConfig(default_model_path, n_ctx=1024, parallel=1, max_queue=0, n_threads=2)) as e:
+        assert e.info()["totals"]["requests"]["stop"] == 0
+        # Two that run to their length, one stopped by its grammar, one whose grammar fails.
+        for opts in ({"num_predict": 4, "temperature": 0.0, "ignore_eos": True},
+                     {"num_predict": 6, "ignore_eos": True, "seed": 3},
+                     {"grammar": 'root ::= "yes"', "num_predict": 8},
+                     {"grammar": "root ::= [z-a]", "num_predict": 8}):
+            finals.append(submit(e, "Hello there", **opts).result()[1])
+        # Cancelled after its first token; meanwhile the only slot is taken
+        # and max_queue is 0, so one more is busy.
+        first = threading.Event()
+        long = e.submit(CompletionRequest(prompt="Count:", options=CompletionOptions.from_dict(
+            {"num_predict": 2000, "ignore_eos": True})),
+            on_event=lambda ev: first.set() if isinstance(ev, Chunk) else finals.append(ev))
+        assert first.wait(60)
+        with pytest.raises(Busy):
+            submit(e, "Too many", num_predict=2)
+        long.cancel()
+        with pytest.raises(BadRequest):
+            submit(e, "x", grammar="root ::= (")
+        with pytest.raises(EngineError):
+            submit(e, "", num_predict=2)
+        e.embed("some text")
+        while len(finals) < 5:
+            threading.Event().wait(0.05)
+        totals = e.info()["totals"]
+    reasons = [f.done_reason for f in finals]
+    assert sorted(reasons) == ["cancelled", "error", "length", "length", "stop"]
+    assert totals["requests"] == {"stop": 1, "length": 2, "cancelled": 1, "error": 1, "busy": 1,
+                                  "bad_request": 2, "input_too_long": 0, "not_ready": 0, "internal": 0}
+    assert totals["generated_tokens"] == sum(f.eval_count for f in finals)
+    assert totals["prompt_tokens"] == sum(f.prompt_count for f in finals)
+    assert totals["prompt_eval_tokens"] == sum(f.prompt_eval_count for f in finals)
+    assert totals["cached_tokens"] == sum(f.cached_count for f in finals)
+    assert totals["embeddings"] == 1
+    assert totals["queue_seconds"]["count"] == 5       # every admitted completion
+    assert totals["steps"] == totals["step_seconds"]["count"] == totals["batch_tokens"]["count"] > 0
+    assert sum(totals["batch_tokens"]["counts"]) == totals["steps"]
+
+
+def test_prometheus_text_of_a_runner(default_model_path):
+    pytest.importorskip("prometheus_client")
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with Runner.spawn(default_model_path, n_ctx=512, parallel=1, n_threads=2) as r:
+        for _ in range(2):
+            r.complete("Hi", num_predict=3, temperature=0.0, ignore_eos=True).text()
+        with pytest.raises(BadRequest):
+            r.complete("Hi", no_such_option=1).text()
+        totals = r.info(timeout=30).engine["totals"]
+        out = subprocess.run([sys.executable, "-m", "runner.cli", "metrics", "--endpoint", r.endpoint],
+                             capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for fam in text_string_to_metric_families(out.stdout) for s in fam.samples}
+    assert samples[("llama_runner_requests_total", (("outcome", "length"),))] == 2
+    assert samples[("llama_runner_requests_total", (("outcome", "bad_request"),))] == 1
+    assert samples[("llama_runner_generated_tokens_total", ())] == 6 == totals["generated_tokens"]
+    assert samples[("llama_runner_steps_total", ())] == totals["steps"]
+    assert samples[("llama_runner_step_seconds_count", ())] == totals["steps"]
+    assert samples[("llama_runner_step_seconds_bucket", (("le", "+Inf"),))] == totals["steps"]
+    assert ("llama_runner_slot_kv_cells", (("slot", "0"),)) in samples
+    assert samples[("llama_runner_load_seconds", ())] > 0
