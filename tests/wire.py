@@ -18,6 +18,9 @@ TERMINAL = frozenset({"final", "error", "health", "load", "embedding", "tokenize
                       "discover", "info", "cancel", "shutdown"})  # every reply type but "chunk"
 
 
+_OWN_ID = object()  # RawClient.send: the id is the message's own
+
+
 class NoReply(AssertionError):
     """The runner did not answer within the hang bound."""
 
@@ -65,11 +68,12 @@ class RawClient:
         self.hang_ms = int(hang_s * 1000)  # no reply this long = a hang
         self.ledger = Ledger()
 
-    def send(self, message: Any, request_id: Any = None, track: bool = True) -> None:
-        """Send a map (packed here) or raw bytes; ``track`` files its id in the ledger."""
+    def send(self, message: Any, request_id: Any = _OWN_ID, track: bool = True) -> None:
+        """Send a map (packed here) or raw bytes.  With ``track``, the ledger
+        expects a terminal reply carrying ``request_id`` (default: the map's id)."""
         data = message if isinstance(message, bytes) else msgpack.packb(message)
         if track:
-            self.ledger.sent(message.get("id") if isinstance(message, dict) else request_id)
+            self.ledger.sent(message.get("id") if request_id is _OWN_ID else request_id)
         self.sock.send(data)
 
     def send_frames(self, frames: list[bytes]) -> None:
