@@ -204,7 +204,7 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
                    help="full-size cache for sliding-window layers (more memory; prefixes stay reusable)")
     g.add_argument("--max-queue", type=int, default=64, help="requests queued beyond the slots")
     g.add_argument("--embeddings", action="store_true",
-                   help="accepted like Ollama's load field; embeddings work either way")
+                   help="an embedding runner: the context stays in embeddings mode, completions are refused")
     g.add_argument("--prefill-budget", type=int, default=256,
                    help="prompt inputs per step while other sequences generate (default 256)")
     g.add_argument("--kv-unified", action="store_true",

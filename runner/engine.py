@@ -85,7 +85,7 @@ class EngineConfig:
     cache_ram_mb: int = 256           # host-memory tier of the prefix cache, MiB (0: off; runner.hostcache)
     swa_full: bool = False            # sliding-window layers keep every position: prefixes stay reusable
     max_queue: int = 64               # requests waiting beyond `parallel` before "busy"
-    embeddings: bool = False          # Ollama's load field; accepted, not used (embeddings always work)
+    embeddings: bool = False          # an embedding runner: completions refused, context kept in embeddings mode
     prefill_budget: int = 256         # prompt inputs per step while others generate
     kv_unified: bool = False          # one KV buffer shared by all slots (see _StreamKV)
     delivery: str = "auto"            # thread | inline | auto (see Engine.delivery_mode)
@@ -289,6 +289,8 @@ class Engine:
             pooling = None if self.model.meta(f"{self._arch}.pooling_type") else "mean"
             self.ctx = self._make_context(config, pooling)
             self._loras = [_llama.LoraAdapter(self.model, p) for p in config.lora_paths]
+            if config.embeddings:  # an embedding runner: no per-request switching
+                self.ctx.set_embeddings(True)
             if self._loras:
                 self.ctx.set_loras([(a, 1.0) for a in self._loras])
         except BaseException:
@@ -450,6 +452,8 @@ class Engine:
             raise
 
     def _submit(self, request: CompletionRequest, on_event: Sink | None) -> Handle:
+        if self.config.embeddings:
+            raise BadRequest("this runner was loaded with embeddings: true; it serves embeddings only")
         options = request.options.validate()
         t0 = time.perf_counter()
         inputs, spans = self._prompt_inputs(request)
@@ -1068,13 +1072,15 @@ class Engine:
                 # Every token is an output for pooling.
                 for i in range(len(self.batch)):
                     self.batch.set_output(i, True)
-                self.ctx.set_embeddings(True)
+                if not self.config.embeddings:
+                    self.ctx.set_embeddings(True)
                 try:
                     self.ctx.decode(self.batch)
                     job.result = np.array(self.ctx.embeddings_seq(slot.id), dtype=np.float32)
                     self.totals.embedded()
                 finally:
-                    self.ctx.set_embeddings(False)
+                    if not self.config.embeddings:
+                        self.ctx.set_embeddings(False)
                 self.slots.record(slot, job.tokens)
             except Exception as exc:  # the request fails, the engine goes on
                 job.error = exc if isinstance(exc, EngineError) else InternalError(f"embedding failed: {exc}")

@@ -88,3 +88,14 @@ def test_prometheus_text_of_a_runner(default_model_path):
     assert samples[("llama_runner_step_seconds_bucket", (("le", "+Inf"),))] == totals["steps"]
     assert ("llama_runner_slot_kv_cells", (("slot", "0"),)) in samples
     assert samples[("llama_runner_load_seconds", ())] > 0
+
+
+def test_an_embedding_runner_refuses_completions(default_model_path):
+    with Engine(EngineConfig(default_model_path, n_ctx=512, parallel=2, n_threads=2)) as plain:
+        want = plain.embed("a sentence to embed").embedding
+    with Engine(EngineConfig(default_model_path, n_ctx=512, parallel=2, n_threads=2, embeddings=True)) as e:
+        with pytest.raises(BadRequest, match="embeddings only"):
+            submit(e, "Hello", num_predict=2)
+        got = e.embed("a sentence to embed").embedding
+        assert e.info()["totals"]["requests"]["bad_request"] == 1
+    assert got.shape == want.shape and float(abs(got - want).max()) < 1e-3
