@@ -17,8 +17,12 @@ _MAX_ARRAY_SIZE = 4096
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``inspect`` arguments to ``parser``."""
     parser.add_argument("model", metavar="MODEL", help='path to a GGUF file, or "default" for the default model')
-    parser.add_argument("--ctx", type=int, default=0, metavar="N", help="context per sequence (default: the model's)")
+    parser.add_argument("--ctx", type=int, default=0, metavar="N",
+                        help="total context, split evenly across the --parallel slots, as serve --ctx "
+                             "(default 0: the model's training context)")
     parser.add_argument("--parallel", type=int, default=1, metavar="N", help="sequences decoded in parallel")
+    parser.add_argument("--kv-unified", action="store_true",
+                        help="one KV buffer shared by all slots, as serve --kv-unified (default: one stream each)")
     parser.add_argument("--kv-type", default="f16", choices=KV_CACHE_TYPES, help="KV cache type")
     parser.add_argument("--flash-attention", action="store_true", help="estimate with flash attention on")
     parser.add_argument("--mmproj", metavar="PATH", help="multimodal projector to include in the estimate")
@@ -44,9 +48,15 @@ def run(args: argparse.Namespace) -> int:
             path = str(default_model_path())
         info = read_gguf(path, max_array_size=_MAX_ARRAY_SIZE)
         projector = read_gguf(args.mmproj, max_array_size=_MAX_ARRAY_SIZE) if args.mmproj else None
+        # serve's meaning: --ctx is the whole context (0: the model's), split
+        # across the slots; LoadOptions counts per sequence.
+        total = args.ctx or info.context_length
+        if total < args.parallel:
+            raise ValueError(f"--ctx {total} is smaller than --parallel {args.parallel}")
         options = LoadOptions(
-            n_ctx=args.ctx,
+            n_ctx=total // args.parallel,
             parallel=args.parallel,
+            kv_unified=args.kv_unified,
             kv_type=args.kv_type,
             flash_attention=args.flash_attention,
             projector=projector,

@@ -45,3 +45,20 @@ def test_the_documented_load_message_lists_every_field():
     block = block[:block.index("```", block.index("```") + 3)]
     named = set(re.findall(r"(\w+):", block)) - {"op", "id", "type", "state"}
     assert named == set(engine_fields())
+
+
+def test_inspect_reads_ctx_and_parallel_as_serve_does(default_model_path, capsys):
+    """`inspect --ctx N --parallel P` estimates the KV cache `serve` with the
+    same flags allocates: N cells in total, P streams of N / P (issue 18)."""
+    import json as _json
+
+    from runner.cli import main
+    from runner.engine import Engine
+
+    for extra, streams in (([], 2), (["--kv-unified"], 1)):
+        assert main(["inspect", default_model_path, "--ctx", "1024", "--parallel", "2", "--json", *extra]) == 0
+        kv = _json.loads(capsys.readouterr().out)["memory"]["kv_cache"]
+        assert kv["n_ctx"] == 1024
+        assert [(c["cells"], c["streams"]) for c in kv["caches"]] == [(1024 // streams, streams)]
+    with Engine(EngineConfig(default_model_path, n_ctx=1024, parallel=2, n_threads=2)) as e:
+        assert (e.ctx.n_ctx, e.slot_ctx) == (1024, 512)
