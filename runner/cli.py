@@ -213,6 +213,8 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
                    help="where tokens become text: a thread of its own, the loop, or auto")
     g.add_argument("--no-native-sampler", action="store_true",
                    help="sample every request with llama.cpp's CPU chain instead of the native one")
+    g.add_argument("--slot-save-dir", default=None, metavar="DIR",
+                   help="directory for 'llama-runner slot save/restore' files (default: those ops are off)")
 
 
 def _load_params(args: argparse.Namespace) -> dict:
@@ -230,7 +232,7 @@ def _load_params(args: argparse.Namespace) -> dict:
         "cache_ram_mb": args.cache_ram_mb, "swa_full": args.swa_full,
         "embeddings": args.embeddings, "prefill_budget": args.prefill_budget,
         "kv_unified": args.kv_unified, "delivery": args.delivery,
-        "native_sampler": not args.no_native_sampler,
+        "native_sampler": not args.no_native_sampler, "slot_save_dir": args.slot_save_dir,
     }
 
 
@@ -299,6 +301,18 @@ def _cmd_tokenize(args: argparse.Namespace) -> int:
         else:
             for t in tokens:
                 print(t, repr(model.token_to_piece(t, special=True).decode("utf-8", "replace")))
+    return 0
+
+
+def _cmd_slot(args: argparse.Namespace) -> int:
+    if not args.endpoint:
+        raise ValueError("llama-runner slot needs --endpoint (a runner served with --slot-save-dir)")
+    with _connect(args) as runner:
+        call = runner.save_slot if args.action == "save" else runner.restore_slot
+        reply = call(args.slot, args.name, timeout=args.timeout)
+    print(f"slot {reply.slot} {'saved to' if args.action == 'save' else 'restored from'} "
+          f"{reply.name!r}: {reply.n_inputs} tokens, {reply.n_bytes} bytes, "
+          f"{reply.seconds * 1000:.1f} ms ({reply.loop_seconds * 1000:.1f} ms on the engine loop)")
     return 0
 
 
@@ -473,6 +487,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("metrics", help="a runner's running totals in the Prometheus text format")
     _add_connect_args(p, "the runner to ask (required)")
     p.set_defaults(func=_cmd_metrics)
+
+    p = sub.add_parser("slot", help="save a slot to a file in the runner's --slot-save-dir, "
+                                    "or restore one from it")
+    p.add_argument("action", choices=["save", "restore"])
+    p.add_argument("--slot", type=int, required=True, help="slot id (0..parallel-1)")
+    p.add_argument("--name", required=True,
+                   help="file name in the runner's slot directory (NAME.slot; no path)")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait (default 120)")
+    _add_connect_args(p, "the runner to ask (required)")
+    p.set_defaults(func=_cmd_slot)
 
     p = sub.add_parser("discover", help="devices ggml sees, with free/total memory")
     p.add_argument("--json", action="store_true")

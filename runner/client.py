@@ -818,6 +818,14 @@ class Runner:
     def discover(self, timeout: float | None = None) -> list[P.Device]:
         return self._call({"op": "discover"}, timeout).devices
 
+    def save_slot(self, slot: int, name: str, *, timeout: float | None = None) -> P.SlotFileReply:
+        """Write slot ``slot`` to the runner's slot directory as ``name`` (docs/protocol.md)."""
+        return self._call({"op": "save_slot", "slot": slot, "name": name}, timeout)
+
+    def restore_slot(self, slot: int, name: str, *, timeout: float | None = None) -> P.SlotFileReply:
+        """Replace slot ``slot``'s content with the file ``name`` saved by :meth:`save_slot`."""
+        return self._call({"op": "restore_slot", "slot": slot, "name": name}, timeout)
+
     def cancel(self, request_id: int, timeout: float | None = None) -> bool:
         """Cancel one of this client's requests; True if it was still running."""
         return self._call({"op": "cancel", "target": request_id}, timeout).found

@@ -52,6 +52,7 @@ from runner.load_checks import check_model_file
 from runner.media import DEFAULT_CACHE_BYTES, MediaCache, MediaSpan, build_prompt
 from runner.metrics import EngineTotals
 from runner.sampling import logprob_entry, make_sampler
+from runner import slotfile
 from runner.slots import NoFreeSlot, PositionedKV, Slot, SlotCache, truncate_prompt
 from runner.textstream import TextStream
 
@@ -90,6 +91,7 @@ class EngineConfig:
     kv_unified: bool = False          # one KV buffer shared by all slots (see _StreamKV)
     delivery: str = "auto"            # thread | inline | auto (see Engine.delivery_mode)
     native_sampler: bool = True       # False: llama.cpp's CPU chain for every request (see _llama.Sampler)
+    slot_save_dir: str | None = None  # directory of save_slot/restore_slot files (None: those ops are off)
 
 
 @dataclass
@@ -166,6 +168,33 @@ class EmbeddingJob:
     done: threading.Event = field(default_factory=threading.Event)  # set when result or error is
     result: np.ndarray | None = None                         # the pooled embedding
     error: Exception | None = None                           # why it failed
+
+
+@dataclass(slots=True)
+class SlotJob:
+    """A save or restore of one slot's sequence, from a caller's thread to the
+    loop (which owns the context) and back.  The file is read, checked and
+    written on the caller's thread; the loop only copies the state."""
+
+    slot: int                                                # slot (sequence) id
+    restore: slotfile.SlotFile | None = None                 # the checked file to restore; None: save
+    done: threading.Event = field(default_factory=threading.Event)  # set when done or failed
+    tokens: list[int] | None = None                          # save: the slot's inputs
+    state: bytes | None = None                               # save: its sequence state
+    seconds: float = 0.0                                     # time the loop spent on it
+    error: Exception | None = None                           # why it failed
+
+
+@dataclass(frozen=True)
+class SlotFileResult:
+    """What save_slot / restore_slot did."""
+
+    slot: int          # the slot saved or restored
+    name: str          # the file's name (without directory or suffix)
+    n_inputs: int      # tokens the slot holds
+    n_bytes: int       # size of the file
+    loop_seconds: float  # time the loop thread spent copying the state (other sequences wait)
+    seconds: float     # the whole operation, file I/O and checks included
 
 
 class Handle:
@@ -281,6 +310,7 @@ class Engine:
         t_load = time.perf_counter()
         _llama.backend_init()
         check_model_file(config.model_path)  # refuse what llama.cpp would abort on
+        self._slot_dir, self._identity = self._slot_files(config)  # slot files: directory, model identity
         self.model = _llama.Model(config.model_path, n_gpu_layers=config.n_gpu_layers,
                                   main_gpu=config.main_gpu, tensor_split=config.tensor_split,
                                   devices=config.devices, use_mmap=config.use_mmap,
@@ -314,7 +344,8 @@ class Engine:
             kv = PositionedKV(kv)
         # Slots about to be reused are saved to host memory, and restored
         # when a prompt returns (runner.hostcache).
-        self.host_cache = HostCache(_StateKV(self.ctx, self.model), config.cache_ram_mb << 20)
+        self._states = _StateKV(self.ctx, self.model)  # per-sequence state copies (loop thread)
+        self.host_cache = HostCache(self._states, config.cache_ram_mb << 20)
         self.slots = SlotCache(kv, config.parallel, self.slot_ctx, config.cache_policy,
                                host=self.host_cache if self.host_cache.enabled else None)
         if isinstance(kv, PositionedKV):
@@ -323,10 +354,11 @@ class Engine:
         self.timings: collections.deque[StepTiming] = collections.deque(maxlen=4096)
         self.totals = EngineTotals()              # running totals (runner.metrics; any thread)
 
-        self._lock = threading.Lock()           # guards _waiting, _embeds, _by_id, _closing
+        self._lock = threading.Lock()           # guards _waiting, _embeds, _slot_jobs, _by_id, _closing
         self._wake = threading.Condition(self._lock)
         self._waiting: collections.deque[_Seq] = collections.deque()  # FIFO of queued requests
         self._embeds: collections.deque[EmbeddingJob] = collections.deque()  # pending embedding jobs
+        self._slot_jobs: collections.deque[SlotJob] = collections.deque()  # pending slot saves/restores
         self._by_id: dict[str, _Seq] = {}       # every unfinished request
         self._closing = False                   # no new requests accepted
         self._drain = False                     # finish running requests before stopping
@@ -350,6 +382,21 @@ class Engine:
             self._out = _InlineDelivery(self)     # the loop thread delivers itself
         self._loop.start()
         self.load_seconds = time.perf_counter() - t_load  # model, context, projector, threads
+
+    @staticmethod
+    def _slot_files(config: EngineConfig) -> tuple[str | None, str | None]:
+        """The slot file directory (created if missing) and the model's
+        identity (runner.slotfile.model_identity); (None, None) when off."""
+        if not config.slot_save_dir:
+            return None, None
+        path = os.path.realpath(config.slot_save_dir)
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as exc:
+            raise BadRequest(f"slot_save_dir: cannot create {path}: {exc.strerror}") from None
+        if not os.path.isdir(path):
+            raise BadRequest(f"slot_save_dir: {path} is not a directory")
+        return path, slotfile.model_identity(config.model_path, config.lora_paths)
 
     def _make_context(self, config: EngineConfig, pooling: str | None) -> _llama.Context:
         """The llama context; ``n_ctx`` 0 takes the model's trained context,
@@ -533,6 +580,58 @@ class Engine:
                 vec = vec / norm
         return EmbeddingResult(embedding=vec, prompt_eval_count=len(tokens))
 
+    def save_slot(self, slot: int, name: str, timeout: float | None = None) -> SlotFileResult:
+        """Write slot ``slot``'s inputs and sequence state to the file ``name``
+        in ``slot_save_dir`` (runner.slotfile).  Busy while a request holds
+        the slot; BadRequest for an empty slot, one holding media, a bad name."""
+        t0 = time.perf_counter()
+        path = slotfile.slot_path(self._slot_dir, name)
+        job = self._run_slot_job(SlotJob(self._slot_id(slot)), timeout)
+        header = slotfile.SlotHeader(
+            model=self._identity, model_name=os.path.basename(self.config.model_path),
+            type_k=self.config.type_k, type_v=self.config.type_v, kv_streams=self._kv_streams,
+            n_inputs=len(job.tokens), n_state=len(job.state))
+        n_bytes = slotfile.write_atomic(path, slotfile.encode(header, job.tokens, job.state))
+        return SlotFileResult(slot, name, len(job.tokens), n_bytes, job.seconds,
+                              time.perf_counter() - t0)
+
+    def restore_slot(self, slot: int, name: str, timeout: float | None = None) -> SlotFileResult:
+        """Replace what slot ``slot`` holds with the file ``name`` from
+        ``slot_save_dir``; the next prompt starting with its inputs reuses
+        them.  The file is checked first (runner.slotfile.decode); any refusal
+        leaves the slot as it was.  Busy while a request holds the slot."""
+        t0 = time.perf_counter()
+        path = slotfile.slot_path(self._slot_dir, name)
+        data = slotfile.read_file(path, name, slotfile.MAX_FILE_BYTES)
+        saved = slotfile.decode(data, model=self._identity, type_k=self.config.type_k,
+                                type_v=self.config.type_v, kv_streams=self._kv_streams,
+                                max_inputs=self.slot_ctx, name=name)
+        job = self._run_slot_job(SlotJob(self._slot_id(slot), restore=saved), timeout)
+        return SlotFileResult(slot, name, len(saved.tokens), len(data), job.seconds,
+                              time.perf_counter() - t0)
+
+    @property
+    def _kv_streams(self) -> int:
+        """KV streams of the context: a sequence state carries one block per stream."""
+        return 1 if self.config.kv_unified else self.config.parallel
+
+    def _slot_id(self, slot: int) -> int:
+        if not 0 <= slot < self.config.parallel:
+            raise BadRequest(f"slot: {slot} is not a slot (0..{self.config.parallel - 1})")
+        return slot
+
+    def _run_slot_job(self, job: SlotJob, timeout: float | None) -> SlotJob:
+        with self._lock:
+            if self._closing:
+                raise NotReady("the engine is shutting down")
+            self._slot_jobs.append(job)
+            self._wake.notify()
+        if not job.done.wait(timeout):
+            raise InternalError("slot operation timed out")
+        if job.error is not None:
+            raise job.error
+        return job
+
     def info(self) -> dict:
         """Model, configuration, slots and queue, as plain data."""
         with self._lock:
@@ -666,7 +765,8 @@ class Engine:
         try:
             while True:
                 with self._lock:
-                    while not (self._waiting or self._embeds or self._active or self._ready
+                    while not (self._waiting or self._embeds or self._slot_jobs or self._active
+                               or self._ready
                                or self._closing):
                         self._wake.wait()
                     stopping = self._closing and (not self._drain or not self._active)
@@ -689,6 +789,8 @@ class Engine:
                 self._waiting.clear()
                 embeds = list(self._embeds)
                 self._embeds.clear()
+                embeds += self._slot_jobs
+                self._slot_jobs.clear()
             for seq in waiting:
                 self._end(seq, "cancelled")
             self._out.put(Shutdown())
@@ -702,6 +804,8 @@ class Engine:
         self._admit()
         if self._embeds:
             self._run_embeddings()
+        if self._slot_jobs:
+            self._run_slot_jobs()
         if self.mtmd is not None:
             self._prefill_media()
         plan = self._build_batch()
@@ -1087,6 +1191,54 @@ class Engine:
             finally:
                 self.slots.release(slot)
                 job.done.set()
+
+    # -- slot files -----------------------------------------------------
+
+    def _run_slot_jobs(self) -> None:
+        """Copy slot states out of (save) or into (restore) the context,
+        between two decodes; a slot a request holds is refused (busy)."""
+        while True:
+            with self._lock:
+                if not self._slot_jobs:
+                    return
+                job = self._slot_jobs.popleft()
+            t0 = time.perf_counter()
+            try:
+                slot = self.slots.slots[job.slot]
+                if slot.in_use:
+                    raise Busy(f"slot: slot {slot.id} is in use by a request")
+                if job.restore is None:
+                    self._save_slot(job, slot)
+                else:
+                    self._restore_slot(job, slot)
+            except Exception as exc:  # the request fails, the engine goes on
+                job.error = exc if isinstance(exc, EngineError) else InternalError(
+                    f"slot operation failed: {exc}")
+            finally:
+                job.seconds = time.perf_counter() - t0
+                job.done.set()
+
+    def _save_slot(self, job: SlotJob, slot: Slot) -> None:
+        if not slot.inputs:
+            raise BadRequest(f"slot: slot {slot.id} is empty")
+        if any(type(t) is not int for t in slot.inputs):
+            raise BadRequest(f"slot: slot {slot.id} holds media inputs; only slots of tokens "
+                             "can be saved")
+        job.tokens = list(slot.inputs)
+        job.state = self._states.state_get(slot.id)
+
+    def _restore_slot(self, job: SlotJob, slot: Slot) -> None:
+        """Put the file's state in ``slot``; if the memory refuses it (no
+        room, another shape), put back what the slot held."""
+        saved = job.restore
+        prior = (list(slot.inputs), self._states.state_get(slot.id)) if slot.inputs else None
+        if self.slots.put(slot, saved.tokens, lambda: self._states.state_set(slot.id, saved.state)):
+            return
+        if prior is not None and not self.slots.put(
+                slot, prior[0], lambda: self._states.state_set(slot.id, prior[1])):
+            log.warning("slot %d: its earlier state could not be put back; it is empty", slot.id)
+        raise BadRequest(f"slot {slot.id}: the model's memory refused the saved state "
+                         f"({saved.header.n_inputs} inputs, {saved.header.n_state} bytes)")
 
     # ------------------------------------------------------------------
     # delivery thread

@@ -118,6 +118,7 @@ class Load(Request, tag="load"):
     kv_unified: bool = False             # one KV buffer shared by all slots (else one stream per slot)
     delivery: Literal["auto", "thread", "inline"] = "auto"  # where tokens become text and events
     native_sampler: bool = True          # False: llama.cpp's CPU sampler chain for every request
+    slot_save_dir: str | None = None     # directory of save_slot/restore_slot files (None: ops off)
 
 
 class Media(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -161,6 +162,23 @@ class Info(Request, tag="info"):
     """Build, backends, devices, model metadata and slot state."""
 
 
+SlotName = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+
+
+class SaveSlot(Request, tag="save_slot"):
+    """Write a free slot's tokens and sequence state to ``<slot_save_dir>/<name>.slot``."""
+
+    slot: Count32                        # slot id, 0..parallel-1
+    name: SlotName                       # a plain file name (runner/slotfile.py)
+
+
+class RestoreSlot(Request, tag="restore_slot"):
+    """Replace a free slot's content with a file written by ``save_slot``."""
+
+    slot: Count32                        # slot id, 0..parallel-1
+    name: SlotName                       # a plain file name (runner/slotfile.py)
+
+
 class Shutdown(Request, tag="shutdown"):
     """Stop the runner: with ``drain``, in-flight requests finish first."""
 
@@ -168,7 +186,7 @@ class Shutdown(Request, tag="shutdown"):
 
 
 REQUEST_TYPES = (Health, Discover, Load, Completion, Embedding, Tokenize, Detokenize,
-                 Cancel, Info, Shutdown)
+                 Cancel, Info, SaveSlot, RestoreSlot, Shutdown)
 OPS = tuple(t.__struct_config__.tag for t in REQUEST_TYPES)
 AnyRequest = Union[REQUEST_TYPES]  # type: ignore[valid-type]
 
@@ -272,13 +290,24 @@ class CancelReply(Reply, tag="cancel"):
     found: bool                          # the target was in flight (it will end "cancelled")
 
 
+class SlotFileReply(Reply, tag="slot_file"):
+    """The answer to ``save_slot`` and ``restore_slot``."""
+
+    slot: int                            # the slot saved or restored
+    name: str                            # the file's name, as requested
+    n_inputs: int                        # tokens the slot holds
+    n_bytes: int                         # size of the file
+    loop_seconds: float                  # time the engine loop spent copying the state
+    seconds: float                       # the whole operation, file I/O and checks included
+
+
 class ShutdownReply(Reply, tag="shutdown"):
     drain: bool
 
 
 REPLY_TYPES = (ErrorReply, ChunkReply, FinalReply, HealthReply, LoadReply, EmbeddingReply,
                TokenizeReply, DetokenizeReply, DiscoverReply, InfoReply, CancelReply,
-               ShutdownReply)
+               SlotFileReply, ShutdownReply)
 AnyReply = Union[REPLY_TYPES]  # type: ignore[valid-type]
 
 

@@ -322,6 +322,13 @@ def _final_reply(request_id: Any, final: Final) -> P.FinalReply:
         prompt_count=final.prompt_count, slot=final.slot, error=final.error, error_code=code)
 
 
+def _slot_reply(request_id: Any, result) -> P.SlotFileReply:
+    """An Engine.save_slot / restore_slot result (runner.engine.SlotFileResult) on the wire."""
+    return P.SlotFileReply(id=request_id, slot=result.slot, name=result.name,
+                           n_inputs=result.n_inputs, n_bytes=result.n_bytes,
+                           loop_seconds=result.loop_seconds, seconds=result.seconds)
+
+
 def _devices() -> list[P.Device]:
     from runner import _llama
 
@@ -401,7 +408,8 @@ class Server:
             P.Health: self._health, P.Discover: self._discover, P.Load: self._load,
             P.Completion: self._completion, P.Embedding: self._embedding,
             P.Tokenize: self._tokenize, P.Detokenize: self._detokenize, P.Cancel: self._cancel,
-            P.Info: self._info, P.Shutdown: self._shutdown,
+            P.Info: self._info, P.SaveSlot: self._save_slot, P.RestoreSlot: self._restore_slot,
+            P.Shutdown: self._shutdown,
         }
 
     # -- the I/O loop ----------------------------------------------------------
@@ -792,6 +800,16 @@ class Server:
                                in_flight=in_flight)
 
         self._start_work(peer, req, size, run)
+
+    def _save_slot(self, peer: bytes, req: P.SaveSlot, size: int) -> None:
+        engine = self._ready_engine()
+        self._start_work(peer, req, size, lambda job: _slot_reply(
+            req.id, engine.save_slot(req.slot, req.name)))
+
+    def _restore_slot(self, peer: bytes, req: P.RestoreSlot, size: int) -> None:
+        engine = self._ready_engine()
+        self._start_work(peer, req, size, lambda job: _slot_reply(
+            req.id, engine.restore_slot(req.slot, req.name)))
 
     def _cancel(self, peer: bytes, req: P.Cancel, size: int) -> None:
         key = (peer, req.target)

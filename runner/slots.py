@@ -37,7 +37,7 @@ copy costs less than evaluating the difference).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol
 
 if TYPE_CHECKING:
@@ -378,6 +378,25 @@ class SlotCache:
                 f"slot {slot.id} holds {len(slot.inputs)} inputs; {len(inputs)} more exceed "
                 f"slot_ctx={self.slot_ctx}")
         slot.inputs.extend(inputs)
+
+    def put(self, slot: Slot, inputs: Sequence[Hashable], set_state: Callable[[], bool]) -> bool:
+        """Replace what a free ``slot`` holds with a saved sequence state (the
+        ``restore_slot`` op).  What the slot held goes to the host tier first,
+        then ``set_state()`` writes the sequence.  True: the slot holds
+        ``inputs`` (counted as a use); False: the memory refused the state
+        and the slot is empty.  Raises ValueError for a lent slot."""
+        if not (0 <= slot.id < len(self.slots) and self.slots[slot.id] is slot):
+            raise ValueError(f"slot {slot.id} does not belong to this cache")
+        if slot.in_use:
+            raise ValueError(f"slot {slot.id} is in use")
+        self._save(slot, 0)
+        slot._clear()
+        if not set_state():
+            slot.inputs.clear()  # the memory emptied the sequence
+            return False
+        slot.inputs[:] = inputs
+        slot.last_used = self._tick()
+        return True
 
     # -- context shift ----------------------------------------------------
 

@@ -1,0 +1,253 @@
+"""Slots saved to disk and restored (save_slot / restore_slot, runner/slotfile.py).
+
+The format checks run without a model; the engine tests compare the greedy
+tokens after a restore with those of the slot that never left, and check
+that every refused file leaves the slot as it was.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import pytest
+from gguf_bytes import write_tiny_llama
+
+from runner import slotfile
+from runner.requests import BadRequest, Busy, Chunk, CompletionOptions, CompletionRequest
+
+MODEL = "a" * 64  # a model identity for the format tests
+
+
+def file_bytes(tokens=(1, 2, 3), state=b"state-bytes", model=MODEL, type_k="f16",
+               kv_streams=2) -> bytes:
+    header = slotfile.SlotHeader(model=model, model_name="m.gguf", type_k=type_k, type_v="f16",
+                                 kv_streams=kv_streams, n_inputs=len(tokens), n_state=len(state))
+    return b"".join(slotfile.encode(header, list(tokens), state))
+
+
+def decode(data: bytes, max_inputs: int = 100) -> slotfile.SlotFile:
+    return slotfile.decode(data, model=MODEL, type_k="f16", type_v="f16", kv_streams=2,
+                           max_inputs=max_inputs, name="x")
+
+
+# -- the format, without a model ---------------------------------------------
+
+def test_a_file_round_trips():
+    saved = decode(file_bytes(tokens=[5, 0, 2**31 - 1], state=b"\x00\x01\x02"))
+    assert saved.tokens == [5, 0, 2**31 - 1]
+    assert bytes(saved.state) == b"\x00\x01\x02"
+    assert saved.header.n_inputs == 3 and saved.header.model == MODEL
+
+
+@pytest.mark.parametrize("mangle, message", [
+    (lambda d: d[:-1], "truncated"),
+    (lambda d: d[:40], "truncated"),
+    (lambda d: d[:10], "truncated"),
+    (lambda d: d + b"\0", "truncated"),
+    (lambda d: d[:-5] + bytes([d[-5] ^ 1]) + d[-4:], "checksum"),           # in the checksum
+    (lambda d: d[:-40] + bytes([d[-40] ^ 0x80]) + d[-39:], "checksum"),     # in the state
+    (lambda d: d[:8] + struct.pack("<I", 2) + d[12:], "format version 2"),
+    (lambda d: d[:8] + struct.pack("<I", 0) + d[12:], "format version 0"),
+    (lambda d: b"GGUF" + d[4:], "not a llama-runner slot file"),
+    (lambda d: b"", "not a llama-runner slot file"),
+    (lambda d: d[:12] + struct.pack("<I", 1 << 30) + d[16:], "truncated"),  # header length
+])
+def test_damaged_files_are_refused_saying_why(mangle, message):
+    with pytest.raises(BadRequest, match=message):
+        decode(mangle(file_bytes()))
+
+
+def test_a_file_of_another_model_cache_layout_or_too_long_is_refused():
+    with pytest.raises(BadRequest, match="another model"):
+        decode(file_bytes(model="b" * 64))
+    with pytest.raises(BadRequest, match="q8_0/f16 KV cache"):
+        decode(file_bytes(type_k="q8_0"))
+    with pytest.raises(BadRequest, match="1 KV stream.*this runner has 2"):
+        decode(file_bytes(kv_streams=1))
+    with pytest.raises(BadRequest, match="holds 3 inputs; a slot holds at most 2"):
+        decode(file_bytes(), max_inputs=2)
+
+
+@pytest.mark.parametrize("name", ["../x", "..", ".", "a/b", "/etc/passwd", "a\\b", "", ".hidden",
+                                  "x" * 129, "a\0b", "caf\u00e9"])
+def test_names_that_are_not_plain_file_names_are_refused(name, tmp_path):
+    with pytest.raises(BadRequest, match="name: .* is not a plain file name"):
+        slotfile.slot_path(str(tmp_path), name)
+
+
+def test_names_stay_in_the_directory_and_no_directory_means_off(tmp_path):
+    assert slotfile.slot_path(str(tmp_path), "chat-1.v2_x") == str(tmp_path / "chat-1.v2_x.slot")
+    with pytest.raises(BadRequest, match="slot_save_dir .*--slot-save-dir"):
+        slotfile.slot_path(None, "chat")
+
+
+def test_reads_do_not_follow_symlinks(tmp_path):
+    target = tmp_path / "outside.slot"
+    target.write_bytes(file_bytes())
+    (tmp_path / "dir").mkdir()
+    os.symlink(target, tmp_path / "dir" / "link.slot")
+    with pytest.raises(BadRequest, match="cannot be opened"):
+        slotfile.read_file(str(tmp_path / "dir" / "link.slot"), "link", 1 << 20)
+    with pytest.raises(BadRequest, match="no slot file 'nope'"):
+        slotfile.read_file(str(tmp_path / "dir" / "nope.slot"), "nope", 1 << 20)
+
+
+def test_model_identity_is_the_gguf_header_and_the_adapters(tmp_path):
+    a = write_tiny_llama(tmp_path / "a.gguf")
+    b = write_tiny_llama(tmp_path / "b.gguf", hparams={"context_length": 64})
+    assert slotfile.model_identity(str(a)) == slotfile.model_identity(str(a))
+    assert slotfile.model_identity(str(a)) != slotfile.model_identity(str(b))
+    assert slotfile.model_identity(str(a), [str(b)]) != slotfile.model_identity(str(a))
+
+
+# -- the engine ----------------------------------------------------------------
+
+GREEDY = dict(temperature=0.0, num_predict=10)
+
+
+def run(engine, prompt, **options):
+    events = list(engine.submit(CompletionRequest(
+        prompt=prompt, options=CompletionOptions.from_dict({**GREEDY, **options}))))
+    return [t for e in events if isinstance(e, Chunk) for t in e.tokens], events[-1]
+
+
+def prompts(engine):
+    a = engine.tokenize("Apples. " + "We talk about apples, at length. " * 20, add_special=True)
+    b = engine.tokenize("Bridges. " + "We talk about bridges, at length. " * 20, add_special=True)
+    return a, b
+
+
+@pytest.mark.model
+def test_restored_slot_continues_as_if_it_never_left(default_model_path, tmp_path):
+    """The second turn of a conversation in an engine whose slot never left
+    is the reference.  The same turn after the conversation's slot was
+    overwritten and its file restored into the other slot, and in a fresh
+    engine (a restarted runner), gives the same tokens with the same reuse."""
+    from runner.engine import Engine, EngineConfig
+
+    config = EngineConfig(default_model_path, n_ctx=2048, parallel=2, n_threads=2, cache_ram_mb=0,
+                          slot_save_dir=str(tmp_path))
+    with Engine(config) as ref:
+        a, b = prompts(ref)
+        reply, first = run(ref, a)
+        follow = a + reply + ref.tokenize(" Tell me more.")
+        want, kept = run(ref, follow)
+    held = len(a) + len(reply) - 1  # the last reply token was returned, never decoded
+    assert kept.cached_count == held
+    with Engine(config) as e:
+        again, again_final = run(e, a)
+        assert (again, again_final.slot) == (reply, first.slot)
+        saved = e.save_slot(first.slot, "a")
+        assert saved.n_inputs == held and saved.n_bytes == os.path.getsize(tmp_path / "a.slot")
+        other = 1 - first.slot
+        assert run(e, b)[1].slot == other                  # the empty slot
+        _, c = run(e, e.tokenize("Comets. " * 30, add_special=True))
+        assert c.slot == first.slot                        # a is gone (no host tier)
+        restored = e.restore_slot(other, "a")              # over b
+        assert restored.n_inputs == held and e.info()["slots"][other]["n_inputs"] == held
+        got, final = run(e, follow)
+        assert (got, final.cached_count, final.slot) == (want, held, other)
+    with Engine(config) as fresh:
+        fresh.restore_slot(1, "a")
+        got, final = run(fresh, follow)
+        assert (got, final.cached_count, final.slot) == (want, held, 1)
+
+
+@pytest.mark.model
+def test_refused_files_leave_the_slot_as_it_was(default_model_path, tmp_path):
+    from runner.engine import Engine, EngineConfig
+
+    other = tmp_path / "other"
+    tiny = write_tiny_llama(tmp_path / "tiny.gguf")
+    with Engine(EngineConfig(str(tiny), n_ctx=64, n_threads=1, slot_save_dir=str(other))) as t:
+        _, f = run(t, [1, 2, 3, 4], num_predict=2)
+        t.save_slot(f.slot, "tiny")
+    d = tmp_path / "slots"
+    with Engine(EngineConfig(default_model_path, n_ctx=1024, parallel=2, n_threads=2,
+                             slot_save_dir=str(d))) as e:
+        a, b = prompts(e)
+        _, fa = run(e, a)
+        e.save_slot(fa.slot, "a")
+        _, fb = run(e, b)                        # the other slot
+        assert fb.slot != fa.slot
+        good = (d / "a.slot").read_bytes()
+        os.replace(other / "tiny.slot", d / "tiny.slot")
+        cases = {
+            "truncated": (good[:len(good) // 2], "truncated"),
+            "flipped": (good[:-1000] + bytes([good[-1000] ^ 1]) + good[-999:], "checksum"),
+            "version": (good[:8] + struct.pack("<I", 9) + good[12:], "format version 9"),
+            "tiny": (None, "another model"),
+        }
+        long = slotfile.SlotHeader(model=e._identity, model_name="x", type_k="f16", type_v="f16",
+                                   kv_streams=2, n_inputs=e.slot_ctx + 1, n_state=4)
+        cases["long"] = (b"".join(slotfile.encode(long, [1] * (e.slot_ctx + 1), b"\0" * 4)),
+                         "a slot holds at most")
+        before = [list(s.inputs) for s in e.slots.slots]
+        for name, (data, message) in cases.items():
+            if data is not None:
+                (d / f"{name}.slot").write_bytes(data)
+            with pytest.raises(BadRequest, match=message):
+                e.restore_slot(fb.slot, name)
+        for name, message in [("../other/tiny", "not a plain file name"),
+                              (str(other / "tiny"), "not a plain file name"),
+                              ("missing", "no slot file")]:
+            with pytest.raises(BadRequest, match=message):
+                e.restore_slot(fb.slot, name)
+        with pytest.raises(BadRequest, match="slot: 2 is not a slot"):
+            e.restore_slot(2, "a")
+        assert [list(s.inputs) for s in e.slots.slots] == before
+        # the slot still serves b, and the engine goes on
+        _, again = run(e, before[fb.slot] + e.tokenize(" More."))
+        assert (again.slot, again.cached_count) == (fb.slot, len(before[fb.slot]))
+
+
+@pytest.mark.model
+def test_a_slot_in_use_is_busy_and_an_empty_one_cannot_be_saved(default_model_path, tmp_path):
+    from runner.engine import Engine, EngineConfig
+
+    with Engine(EngineConfig(default_model_path, n_ctx=1024, parallel=2, n_threads=2,
+                             slot_save_dir=str(tmp_path))) as e:
+        a, _ = prompts(e)
+        _, short = run(e, a, num_predict=2)
+        e.save_slot(short.slot, "pre")
+        handle = e.submit(CompletionRequest(prompt=a, options=CompletionOptions.from_dict(
+            dict(temperature=0.0, num_predict=400, ignore_eos=True))))
+        events = iter(handle)
+        first = next(events)
+        assert isinstance(first, Chunk)
+        busy = [s["id"] for s in e.info()["slots"] if s["in_use"]]
+        assert len(busy) == 1
+        with pytest.raises(Busy, match="in use"):
+            e.save_slot(busy[0], "x")
+        with pytest.raises(Busy, match="in use"):
+            e.restore_slot(busy[0], "pre")
+        with pytest.raises(BadRequest, match="is empty"):
+            e.save_slot(1 - busy[0], "x")
+        handle.cancel()
+        assert list(events)[-1].done_reason == "cancelled"
+        assert not (tmp_path / "x.slot").exists()
+
+
+@pytest.mark.model
+def test_the_ops_through_a_runner_process_and_the_cli(default_model_path, tmp_path, capsys):
+    from runner.cli import main
+    from runner.client import Runner
+    from runner.requests import BadRequest as Refused
+
+    with Runner.spawn(default_model_path, n_ctx=512, parallel=2, n_threads=2,
+                      slot_save_dir=str(tmp_path)) as r:
+        tokens = r.tokenize("The capital of France is", add_special=True)
+        _, final = r.complete(tokens, temperature=0.0, num_predict=4).text()
+        reply = r.save_slot(final.slot, "fr", timeout=60)
+        assert reply.n_inputs == len(tokens) + 3 and reply.n_bytes > 0
+        with pytest.raises(Refused, match="not a plain file name"):
+            r.restore_slot(0, "../fr", timeout=60)
+        assert main(["slot", "restore", "--endpoint", r.endpoint, "--slot", str(1 - final.slot),
+                     "--name", "fr"]) == 0
+        assert f"restored from 'fr': {len(tokens) + 3} tokens" in capsys.readouterr().out
+        assert r.health(timeout=30).state == "ready"
+        assert [s["n_inputs"] for s in r.info(timeout=30).engine["slots"]] == [len(tokens) + 3] * 2
+    with Runner.spawn(default_model_path, n_ctx=512, n_threads=2) as off:
+        with pytest.raises(Refused, match="--slot-save-dir"):
+            off.save_slot(0, "fr", timeout=60)
