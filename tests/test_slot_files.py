@@ -101,6 +101,46 @@ def test_model_identity_is_the_gguf_header_and_the_adapters(tmp_path):
     assert slotfile.model_identity(str(a), [str(b)]) != slotfile.model_identity(str(a))
 
 
+# -- SlotCache.put, with the slot tests' fake memory ---------------------------
+
+def test_put_replaces_a_free_slot_offers_its_content_to_the_host_tier_and_is_reused():
+    from test_hostcache import make
+    from test_slots import assert_consistent
+
+    cache, kv, state, host = make(n_slots=2)
+    slot, _ = cache.acquire(list(range(30)))
+    kv.decode(cache, slot, list(range(30)))
+    cache.release(slot)
+    saved = state.state_get(slot.id)        # what a saved file would carry
+    other = list("abcdefghij")
+    kv.kv[1] = dict(enumerate(other))
+    cache.slots[1].inputs = list(other)
+    kv.kv[0] = {0: "z"}
+    cache.slots[0].inputs = ["z"]            # the saved conversation left slot 0
+    assert cache.put(cache.slots[1], list(range(30)), lambda: state.state_set(1, saved))
+    assert_consistent(cache, kv)
+    assert cache.slots[1].inputs == list(range(30))
+    assert [list(e.inputs) for e in host._entries] == [other]  # what slot 1 held went to the tier
+    got, n = cache.acquire(list(range(30)) + [99])
+    assert (got.id, n) == (1, 30)
+
+
+def test_put_refuses_a_lent_slot_and_reports_a_refused_state():
+    from test_hostcache import make
+    from test_slots import assert_consistent
+
+    cache, kv, state, _ = make(n_slots=1, refuse=True)
+    slot, _ = cache.acquire([1, 2, 3])
+    with pytest.raises(ValueError, match="in use"):
+        cache.put(slot, [1], lambda: True)
+    kv.decode(cache, slot, [1, 2, 3])
+    cache.release(slot)
+    data = state.state_get(0)
+    assert not cache.put(slot, [1, 2, 3], lambda: state.state_set(0, data))
+    assert slot.inputs == [] and not slot.in_use
+    assert_consistent(cache, kv)
+
+
 # -- the engine ----------------------------------------------------------------
 
 GREEDY = dict(temperature=0.0, num_predict=10)
