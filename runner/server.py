@@ -128,10 +128,13 @@ class PeerSender:
     (:meth:`forgive`).  Owned by the I/O thread.
     """
 
-    def __init__(self, sock: zmq.Socket, max_backlog: int = 100_000) -> None:
+    def __init__(self, sock: zmq.Socket, max_backlog: int = 100_000,
+                 max_backlog_bytes: int = 256 << 20) -> None:
         self.sock = sock
         self.max_backlog = max_backlog  # replies parked per peer before giving up on it
+        self.max_backlog_bytes = max_backlog_bytes  # bytes parked per peer before giving up on it
         self.backlogs: dict[bytes, collections.deque[bytes]] = {}  # peer -> unsent replies, in order
+        self.backlog_bytes: dict[bytes, int] = {}  # peer -> bytes in its backlog
         self.dropped: set[bytes] = set()  # peers given up on for not reading
 
     def forgive(self, peer: bytes) -> None:
@@ -143,19 +146,23 @@ class PeerSender:
         """Queue or send one reply; False when the peer is gone (reply dropped)."""
         backlog = self.backlogs.get(peer)
         if backlog is not None:
-            if len(backlog) >= self.max_backlog:
-                log.warning("peer %s stopped reading (%d replies unsent); dropping it",
-                            peer.hex(), len(backlog))
+            parked = self.backlog_bytes[peer] + len(data)
+            if len(backlog) >= self.max_backlog or parked > self.max_backlog_bytes:
+                log.warning("peer %s stopped reading (%d replies, %d bytes unsent); dropping it",
+                            peer.hex(), len(backlog), parked - len(data))
                 del self.backlogs[peer]
+                del self.backlog_bytes[peer]
                 self.dropped.add(peer)
                 return False
             backlog.append(data)
+            self.backlog_bytes[peer] = parked
             return True
         if peer in self.dropped:
             return False
         sent = self._try(peer, data)
         if sent is None:
             self.backlogs[peer] = collections.deque([data])
+            self.backlog_bytes[peer] = len(data)
             return True
         return sent
 
@@ -188,9 +195,10 @@ class PeerSender:
                 if sent is False:
                     gone.append(peer)
                     break
-                backlog.popleft()
+                self.backlog_bytes[peer] -= len(backlog.popleft())
             if not backlog or peer in gone:
                 del self.backlogs[peer]
+                del self.backlog_bytes[peer]
         return gone
 
     @property

@@ -210,6 +210,18 @@ def test_sender_reports_unknown_and_stuck_peers(router_dealer):
     assert sender.send(peer, b"x") is True
 
 
+def test_sender_drops_a_peer_whose_backlog_passes_its_byte_bound(router_dealer):
+    """Large replies to a client that stopped reading are bounded in bytes
+    too, not only in count."""
+    router, dealer, peer = router_dealer
+    sender = PeerSender(router, max_backlog_bytes=1 << 20)
+    big = b"x" * (256 << 10)
+    results = [sender.send(peer, big) for _ in range(200)]
+    assert False in results and peer in sender.dropped
+    parked = sum(len(d) for d in sender.backlogs.get(peer, ()))
+    assert parked <= 1 << 20 and peer not in sender.backlog_bytes
+
+
 # -- client policies -----------------------------------------------------------------
 
 def _readable(fd: int) -> bool:
