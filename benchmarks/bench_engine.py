@@ -132,7 +132,8 @@ def long_prompt_gap(engine: Engine, n_prompt: int = 2000) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None)
+    ap.add_argument("--model", default=None,
+                    help="GGUF file (default: the default model); 'tiny': the tiny fast-decode model")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--parallel", default="1,4,8")
     ap.add_argument("--n-ctx", type=int, default=4096)
@@ -143,7 +144,9 @@ def main() -> int:
     ap.add_argument("--kv-unified", action="store_true", help="one KV buffer for all sequences")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    model = args.model or str(default_model_path())
+    from tiny_model import resolve
+
+    model = resolve(args.model) or str(default_model_path())
     parallel = [int(x) for x in args.parallel.split(",")]
 
     peer = batched_bench(model, args.threads, args.n_ctx, args.n_batch, parallel, args.pp, args.tg,

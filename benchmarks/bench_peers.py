@@ -493,7 +493,8 @@ def _report_embeddings(e: dict, args: argparse.Namespace) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="GGUF file (default: the default model)")
+    ap.add_argument("--model", default=None,
+                    help="GGUF file (default: the default model); 'tiny': the tiny fast-decode model")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--n-batch", type=int, default=512)
     ap.add_argument("--parallel", default="1,4,8", help="stream counts of scenario 1")
@@ -525,7 +526,9 @@ def main(argv: list[str] | None = None) -> int:
             setattr(args, name, value)
     from runner.models import resolve_model
 
-    args.model = str(resolve_model(args.model))
+    from tiny_model import resolve
+
+    args.model = str(resolve_model(resolve(args.model)))
     for binary in (BATCHED_BENCH, SERVER):
         if not binary.exists():
             print(f"{binary} is missing: run scripts/build_peers.sh first", file=sys.stderr)

@@ -54,5 +54,10 @@ def write_tiny_llama(path: Path = DEFAULT_PATH, *, n_embd: int = 64, n_layer: in
     return path
 
 
+def resolve(name: str | None) -> str | None:
+    """``tiny`` -> the tiny model's path (written if absent); anything else as is."""
+    return str(write_tiny_llama()) if name == "tiny" else name
+
+
 if __name__ == "__main__":
     print(write_tiny_llama(Path(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT_PATH))
