@@ -200,7 +200,7 @@ def test_a_flood_while_the_io_thread_is_busy_stays_bounded():
         assert msgpack.unpackb(other.recv()) == {
             "type": "health", "id": 2, "state": "launched", "progress": 0.0, "error": None,
             "error_code": None, "protocol": P.PROTOCOL_VERSION, "pid": os.getpid(),
-            "max_message_bytes": message_bytes}
+            "max_message_bytes": message_bytes, "host_cache": None}
     finally:
         other.send(msgpack.packb({"op": "shutdown", "id": "bye"}))
         thread.join(30)
