@@ -79,7 +79,7 @@ def conversations(model: str, *, chats: int, turns: int, slots: int, user_words:
 
 def restore(model: str, *, prefix: int, repeat: int, threads: int) -> dict:
     config = EngineConfig(model, n_ctx=prefix + 512, parallel=1, n_threads=threads, cache_ram_mb=1024)
-    evals, restores, saves, ttfts = [], [], [], []
+    evals, restores, saves, ttfts, sizes = [], [], [], [], []
     with Engine(config) as engine:
         complete(engine, "Warm up.", 2)
         for r in range(repeat):
@@ -96,9 +96,11 @@ def restore(model: str, *, prefix: int, repeat: int, threads: int) -> dict:
                 raise RuntimeError(f"expected {len(base)} cached tokens, got {back.cached_count}")
             evals.append(first.prompt_eval_duration)
             saves.append(mid["save_seconds"] - before["save_seconds"])
+            sizes.append(mid["bytes"] - before["bytes"])  # the base prefix's saved state
             restores.append(after["restore_seconds"] - mid["restore_seconds"])
             ttfts.append(back.prompt_eval_duration)
-        state_bytes = engine.info()["host_cache"]["bytes"] / max(1, engine.info()["host_cache"]["entries"])
+        # (The store's mean entry would mix in the short prompts' states.)
+        state_bytes = statistics.median(sizes)
     ev, rs = statistics.median(evals), statistics.median(restores)
     return {"prefix_tokens": prefix, "evaluate_s": ev, "restore_s": rs, "restore_share": rs / ev,
             "save_s": statistics.median(saves), "ttft_after_restore_s": statistics.median(ttfts),
