@@ -119,13 +119,13 @@ cdef class Sampler:
             broot = grammar_root.encode()
             if b"\0" in bgrammar:
                 raise GrammarError("invalid GBNF grammar: it contains a NUL character")
-            n_errors = _log_state.n_errors
+            mark = error_mark()
             cgrammar = bgrammar
             croot = broot
             with nogil:  # a large grammar takes a while to parse
                 self.grammar = runner_grammar_init(model.vocab, cgrammar, croot, self.err, sizeof(self.err))
             if self.grammar == NULL:
-                raise GrammarError("invalid GBNF grammar: " + self._grammar_failure(n_errors))
+                raise GrammarError("invalid GBNF grammar: " + self._grammar_failure(mark))
         self.chain = llama_sampler_chain_init(llama_sampler_chain_default_params())
         if logit_bias:
             nb = len(logit_bias)
@@ -216,22 +216,18 @@ cdef class Sampler:
             raise ClosedError("sampler is closed")
         return 0
 
-    cdef str _grammar_failure(self, int n_errors_before):
+    cdef str _grammar_failure(self, mark):
         """Why llama.cpp refused the grammar: the exception the shim caught,
-        or the error lines it logged meanwhile (the parser's reason first;
-        patches/0002 routes it to the log)."""
+        or the parser's reason among the error lines logged since ``mark``
+        (patches/0002 routes it to the log)."""
         reason = self.err.decode("utf-8", "replace")
         if reason:
             return reason
-        n_new = min(_log_state.n_errors - n_errors_before, len(_log_state.recent_errors))
-        lines = list(_log_state.recent_errors)[len(_log_state.recent_errors) - n_new:] if n_new > 0 else []
-        for line in lines:
-            if "error parsing grammar:" in line:
-                return line.split("error parsing grammar:", 1)[1].strip()
-        parts = []
-        for line in lines:
-            parts.append(line.split(": ", 1)[len(line.split(": ", 1)) - 1])
-        return "; ".join(parts) or "refused by llama.cpp"
+        logged = errors_since(mark)
+        _, found, parsed = logged.partition("error parsing grammar:")
+        if found:
+            return parsed.split("; ")[0].strip()
+        return logged or "refused by llama.cpp"
 
     cdef inline str _last_err(self):
         return self.err.decode("utf-8", "replace") or "unknown error"

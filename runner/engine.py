@@ -563,16 +563,7 @@ class Engine:
         if len(tokens) > min(self.n_batch, self.slot_ctx):
             raise InputTooLong(f"input of {len(tokens)} tokens exceeds the embedding limit of "
                                f"{min(self.n_batch, self.slot_ctx)}")
-        job = EmbeddingJob(tokens)
-        with self._lock:
-            if self._closing:
-                raise NotReady("the engine is shutting down")
-            self._embeds.append(job)
-            self._wake.notify()
-        if not job.done.wait(timeout):
-            raise InternalError("embedding timed out")
-        if job.error is not None:
-            raise job.error
+        job = self._hand_to_loop(self._embeds, EmbeddingJob(tokens), timeout, "embedding")
         vec = job.result
         if normalize:
             norm = float(np.linalg.norm(vec))
@@ -621,13 +612,18 @@ class Engine:
         return slot
 
     def _run_slot_job(self, job: SlotJob, timeout: float | None) -> SlotJob:
+        return self._hand_to_loop(self._slot_jobs, job, timeout, "slot operation")
+
+    def _hand_to_loop(self, jobs: collections.deque, job, timeout: float | None, what: str):
+        """Queue a job (EmbeddingJob, SlotJob: ``done`` and ``error``) for the
+        loop thread and wait for it; its error is raised here."""
         with self._lock:
             if self._closing:
                 raise NotReady("the engine is shutting down")
-            self._slot_jobs.append(job)
+            jobs.append(job)
             self._wake.notify()
         if not job.done.wait(timeout):
-            raise InternalError("slot operation timed out")
+            raise InternalError(f"{what} timed out")
         if job.error is not None:
             raise job.error
         return job

@@ -54,3 +54,28 @@ def make_ctx(llama, model):
     yield make
     for ctx in made:
         ctx.close()
+
+
+@pytest.fixture
+def spawn(default_model_path):
+    """Runner processes of the test's own, closed after it (a stopped one is
+    resumed first: a SIGSTOPped runner cannot shut down)."""
+    import os
+    import signal
+
+    from runner.client import Runner
+
+    made = []
+
+    def make(**kw):
+        kw.setdefault("n_ctx", 512)
+        kw.setdefault("n_threads", 2)
+        r = Runner.spawn(default_model_path, **kw)
+        made.append(r)
+        return r
+
+    yield make
+    for r in made:
+        if r.process is not None and r.process.poll() is None:
+            os.kill(r.process.pid, signal.SIGCONT)
+        r.close(timeout=5)

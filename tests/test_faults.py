@@ -21,6 +21,7 @@ import time
 
 import pytest
 
+from polling import wait_until
 from runner import protocol as P
 from runner.client import Runner, RunnerGone
 from runner.requests import Chunk, EngineError, Final
@@ -30,15 +31,6 @@ pytestmark = pytest.mark.model
 
 LONG = {"num_predict": 100_000, "ignore_eos": True, "temperature": 0.0}  # runs until stopped
 HANG_S = 3 * P.HEARTBEAT_TIMEOUT_MS / 1000  # a fault not noticed in this long is a hang
-
-
-def wait_until(condition, timeout: float = 60.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"condition not met within {timeout} s")
 
 
 def idle(runner: Runner) -> bool:
@@ -65,24 +57,6 @@ def drain(stream, timeout: float) -> tuple[list, BaseException | None]:
     thread.join(timeout)
     assert outcome, f"the stream neither ended nor failed within {timeout} s"
     return events, outcome[0]
-
-
-@pytest.fixture
-def spawn(default_model_path):
-    made = []
-
-    def make(**kw):
-        kw.setdefault("n_ctx", 512)
-        kw.setdefault("n_threads", 2)
-        r = Runner.spawn(default_model_path, **kw)
-        made.append(r)
-        return r
-
-    yield make
-    for r in made:
-        if r.process is not None and r.process.poll() is None:
-            os.kill(r.process.pid, signal.SIGCONT)  # a stopped runner cannot shut down
-        r.close(timeout=5)
 
 
 # -- a frozen runner --------------------------------------------------------------------

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import zmq
 
+from polling import wait_until
 from runner import protocol as P
 from runner import security
 from runner.client import Runner, RunnerGone
@@ -28,17 +29,6 @@ pytestmark = pytest.mark.model
 
 GREEDY = {"temperature": 0.0, "repeat_penalty": 1.0, "ignore_eos": True}
 LONG = {"num_predict": 2000, "ignore_eos": True, "temperature": 0.0}  # runs until stopped
-
-
-def wait_until(condition, timeout=60.0, interval=0.02):
-    """Poll ``condition`` until it is true; fail after a generous deadline."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout} s")
 
 
 def idle(runner: Runner) -> bool:
@@ -52,23 +42,6 @@ def runner(default_model_path):
                      max_message_bytes=1 << 20)
     yield r
     r.close()
-
-
-@pytest.fixture
-def spawn(default_model_path):
-    """Runners of the test's own (closed after it)."""
-    made = []
-
-    def make(**kw):
-        kw.setdefault("n_ctx", 512)
-        kw.setdefault("n_threads", 2)
-        r = Runner.spawn(default_model_path, **kw)
-        made.append(r)
-        return r
-
-    yield make
-    for r in made:
-        r.close(timeout=5)
 
 
 class RawClient:

@@ -9,29 +9,18 @@ import signal
 import stat
 import subprocess
 import sys
-import time
 
 import msgpack
 import pytest
 import zmq
 import zmq.auth
 
+from polling import wait_until
 from runner import security
 from runner.client import AccessDenied, Runner, RunnerGone
 from runner.security import ClientKeys, InsecureEndpoint, ServerKeys
 
 GREEDY = {"temperature": 0.0, "repeat_penalty": 1.0, "ignore_eos": True}
-
-
-def wait_until(condition, timeout=60.0, interval=0.02):
-    """Poll ``condition`` until it is true; fail after a generous deadline."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout} s")
 
 
 @contextlib.contextmanager
