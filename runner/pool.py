@@ -1,0 +1,789 @@
+"""A pool of runner processes, one per model, within a memory budget.
+
+    pool = RunnerPool(max_loaded=2, memory_budget=8 << 30, keep_alive=300)
+    text, final = pool.complete("default", "Hello", num_predict=16).text()
+    stream = await pool.acomplete("/models/other.gguf", "Hi")   # asyncio
+    pool.state()                                                # models, memory, queues
+
+What the pool decides is :class:`runner.pool_policy.PoolPolicy`'s (pure, see
+its invariants); this module carries the decisions out with processes
+(``Runner.spawn``, ``Runner.close``) and threads:
+
+* A request for a ready model takes a :class:`Lease` on its runner at once.
+* A request for a loading model waits for that one load.
+* A request for a cold model reads the model's estimate (runner/pool_fit.py)
+  and ``discover``'s free memory, then loads it on a load thread after
+  unloading idle least-recently-used runners the policy picked; when busy
+  runners hold the room it waits in a FIFO queue, re-decided whenever a
+  runner goes idle or is unloaded; when it can never fit it fails at once
+  with the numbers.
+* A keeper thread unloads runners idle past their keep-alive and notices
+  runners that died while idle; a stream notices a death mid-request.  A
+  dead runner's requests fail with :class:`RunnerCrashed`; the next request
+  starts it again, and a model that fails twice in a row is refused with
+  :class:`ModelFailed` until :meth:`RunnerPool.reset`.
+
+Every decision is logged on the ``runner.pool`` logger and kept in
+:meth:`RunnerPool.events`.  Waiting callers hold ``concurrent.futures``
+futures, so threads (``result()``) and event loops (``wrap_future``) wait
+the same way.
+
+Locking: ``RunnerPool._lock`` guards the policy, ``_runners``,
+``_generation``, ``_joiners``, ``_pending``, ``_events`` and ``_closed``.
+Nothing slow runs under it: spawns, closes, ``discover`` and GGUF reads
+happen outside, on the caller's, a load or the keeper thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import dataclasses
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import msgspec
+
+from runner import pool_fit
+from runner.client import Media, Runner, RunnerGone, describe_exit
+from runner.models import resolve_model
+from runner.pool_policy import Admission, PoolPolicy, Room, show_bytes
+from runner.requests import Chunk, EngineError, Final
+
+log = logging.getLogger("runner.pool")
+
+_POLL_DEATHS = 0.5  # seconds between the keeper's checks for runners that died while idle
+
+
+class PoolError(EngineError):
+    """A request the pool cannot serve."""
+
+    code = "unavailable"
+
+
+class DoesNotFit(PoolError):
+    """The model does not fit in the budget or on its devices, now or ever; the message has the numbers."""
+
+
+class ModelFailed(PoolError):
+    """The model failed twice in a row; refused until ``pool.reset(model)``."""
+
+
+class ModelLoadError(PoolError):
+    """Loading the model failed (the cause is chained)."""
+
+
+class PoolClosed(PoolError):
+    """The pool was closed."""
+
+
+class RunnerCrashed(RunnerGone):
+    """The model's runner died while serving this request."""
+
+
+@dataclass
+class _Pending:
+    """A request waiting for a decision that needs room."""
+
+    model: str                     # the pool's name of the model
+    need: int                      # bytes its runner needs (estimate)
+    room: Room                     # discover's reading when the request came
+    used_then: int                 # bytes the pool held at that reading
+    future: concurrent.futures.Future  # gets the Lease, or the error
+    keep_alive: float | None       # the request's keep-alive, or None
+
+
+class Lease:
+    """A request's hold on a ready runner: the runner is not evicted or
+    expired while any lease on it is held.  Released exactly once."""
+
+    def __init__(self, pool: "RunnerPool", model: str, runner: Runner, generation: int) -> None:
+        self.model = model            # the pool's name of the model
+        self.runner = runner          # the model's runner process
+        self._pool = pool
+        self._generation = generation  # which start of the model's runner this is
+        self._released = False
+
+    def release(self, answered: bool = True) -> None:
+        """Let go; ``answered``: the runner replied (it is healthy)."""
+        if not self._released:
+            self._released = True
+            self._pool._release(self, answered)
+
+    def crashed(self, exc: RunnerGone) -> PoolError | RunnerCrashed:
+        """The runner died under this request: tell the pool; the error to raise."""
+        self.release(answered=False)
+        if self._pool._closed:
+            return PoolClosed(f"the pool was closed during the request ({exc})")
+        self._pool._runner_died(self.model, self._generation, str(exc))
+        return RunnerCrashed(f"the runner of model {self.model!r} died during the request: {exc}; "
+                             f"the pool starts it again on the next request",
+                             exc.returncode, exc.stderr_line)
+
+
+class RunnerPool:
+    """Runner processes for many models, loaded on demand within limits.
+
+    ``max_loaded``: runners loaded (or loading) at once; ``memory_budget``:
+    bytes their estimates may add up to; ``keep_alive``: idle seconds before
+    a runner is unloaded (None: never; a request's ``keep_alive`` overrides
+    it for its model, as in Ollama).  ``load``: the ``load`` fields every
+    model gets (docs/protocol.md); :meth:`configure` sets one model's.
+    ``log_level``, ``env`` and ``load_timeout`` go to ``Runner.spawn``.
+    """
+
+    def __init__(self, *, max_loaded: int | None = None, memory_budget: int | None = None,
+                 keep_alive: float | None = 300.0, load: dict[str, Any] | None = None,
+                 log_level: str = "WARNING", env: dict[str, str] | None = None,
+                 load_timeout: float = 300.0) -> None:
+        self._policy = PoolPolicy(max_loaded=max_loaded, memory_budget=memory_budget,
+                                  keep_alive=keep_alive)
+        pool_fit.load_message(load or {})  # a bad field fails here, not at the first request
+        self._load = dict(load or {})       # load fields for every model
+        self._model_load: dict[str, dict[str, Any]] = {}  # model -> its own load fields
+        self._spawn = {"log_level": log_level, "env": env, "load_timeout": load_timeout}
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # wakes the keeper
+        self._cold = threading.Lock()       # one cold-model estimate at a time (discover is a process)
+        self._runners: dict[str, Runner] = {}  # model -> its ready runner
+        self._generation: collections.Counter[str] = collections.Counter()  # model -> starts and stops
+        self._joiners: dict[str, list[tuple[concurrent.futures.Future, float | None]]] = {}  # loading model -> waiters
+        self._pending: collections.deque[_Pending] = collections.deque()  # waiting for room, FIFO
+        self._needs: dict[tuple[str, bool], int] = {}  # (model, on GPU) -> estimated bytes
+        self._room: Room | None = None      # the last discover reading
+        self._events: collections.deque[dict[str, Any]] = collections.deque(maxlen=1000)
+        self._threads: set[threading.Thread] = set()  # load and unload threads running
+        self._closed = False
+        self._keeper = threading.Thread(target=self._keep, name="runner-pool-keeper", daemon=True)
+        self._keeper.start()
+
+    # -- configuration -------------------------------------------------------------
+
+    def configure(self, model: str, **load: Any) -> None:
+        """Set ``model``'s own load fields (over the pool's); used at its next load."""
+        pool_fit.load_message({**self._load, **load})
+        with self._lock:
+            self._model_load[model] = load
+            for key in [k for k in self._needs if k[0] == model]:
+                del self._needs[key]
+
+    def reset(self, model: str) -> None:
+        """Forget ``model``'s failures, so that the next request starts it again."""
+        with self._lock:
+            self._policy.reset(model)
+            self._event("reset", model, "failures forgotten")
+
+    # -- requests ------------------------------------------------------------------
+
+    def complete(self, model: str, prompt: str | list[int], *, timeout: float | None = None,
+                 keep_alive: float | None = None, add_special: bool = True, media: Media = None,
+                 **options: Any) -> "PoolStream":
+        """Start a completion on ``model``'s runner (loading it first if needed).
+
+        ``timeout`` bounds the wait for the runner (load, room); ``options``
+        are the completion options (``Runner.complete``).
+        """
+        lease = _wait(self._request(model, keep_alive), timeout, model)
+        try:
+            stream = lease.runner.complete(prompt, add_special=add_special, media=media, **options)
+        except RunnerGone as exc:
+            raise lease.crashed(exc) from exc
+        except BaseException:
+            lease.release()
+            raise
+        return PoolStream(lease, stream)
+
+    async def acomplete(self, model: str, prompt: str | list[int], *, timeout: float | None = None,
+                        keep_alive: float | None = None, add_special: bool = True,
+                        media: Media = None, **options: Any) -> "AsyncPoolStream":
+        """The asyncio flavour of :meth:`complete`: ``async for`` over the result."""
+        future = self._request_known(model, keep_alive)
+        if future is None:
+            future = await asyncio.to_thread(self._request, model, keep_alive)
+        lease = await _await(future, timeout, model)
+        try:
+            stream = lease.runner.acomplete(prompt, add_special=add_special, media=media, **options)
+        except RunnerGone as exc:
+            raise lease.crashed(exc) from exc
+        except BaseException:
+            lease.release()
+            raise
+        return AsyncPoolStream(lease, stream)
+
+    def hold(self, model: str, *, timeout: float | None = None,
+             keep_alive: float | None = None) -> "_Hold":
+        """``with pool.hold(model) as runner:`` any call on the model's runner
+        (embed, tokenize, info) while it cannot be unloaded."""
+        return _Hold(self, model, timeout, keep_alive)
+
+    def unload(self, model: str) -> bool:
+        """Unload ``model`` now if it is idle; False if it is busy or not loaded."""
+        with self._lock:
+            if model not in self._policy.idle():
+                return False
+            runner = self._take(model)
+            self._event("unload", model, "asked by the caller")
+        self._stop_later(model, runner)
+        return True
+
+    # -- reading -------------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        """Models, memory and queues, as plain data (for logs and status pages)."""
+        with self._lock:
+            now = time.monotonic()
+            policy = self._policy
+            models: dict[str, dict[str, Any]] = {}
+            for m, e in policy.entries.items():
+                runner = self._runners.get(m)
+                models[m] = {
+                    "state": e.state, "need": e.need, "in_flight": e.in_flight,
+                    "idle_s": round(now - e.last_used, 3) if e.state == "ready" and not e.in_flight else 0.0,
+                    "keep_alive": e.keep_alive if e.keep_alive is not None else policy.keep_alive,
+                    "pid": runner.process.pid if runner is not None and runner.process else None,
+                    "waiting": len(self._joiners.get(m, ())),
+                    "failures": len(policy.crashes.get(m, ())),
+                }
+            for m, need in policy.unloading.items():
+                models[m] = {"state": "unloading", "need": need}
+            for m, report in policy.failed.items():
+                models[m] = {"state": "failed", "report": report}
+            room = self._room
+            return {
+                "models": models,
+                "memory": {"budget": policy.memory_budget, "used": policy.used(),
+                           "free": room.free if room else None, "total": room.total if room else None,
+                           "devices": room.where if room else None},
+                "queues": {"waiting_for_room": [p.model for p in self._pending],
+                           "waiting_for_load": {m: len(j) for m, j in self._joiners.items() if j}},
+                "max_loaded": policy.max_loaded,
+                "keep_alive": policy.keep_alive,
+            }
+
+    def events(self) -> list[dict[str, Any]]:
+        """The pool's recent decisions, oldest first: ``{"time", "event", "model", "detail"}``."""
+        with self._lock:
+            return list(self._events)
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop every runner; waiting and later requests fail with :class:`PoolClosed`."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            runners = list(self._runners.items())
+            self._runners.clear()
+            waiting = [p.future for p in self._pending]
+            waiting += [f for joiners in self._joiners.values() for f, _ in joiners]
+            self._pending.clear()
+            self._joiners.clear()
+            threads = list(self._threads)
+            self._event("close", "", f"stopping {len(runners)} runner(s)")
+            self._changed.notify_all()
+        for future in waiting:
+            _fail(future, PoolClosed("the pool was closed"))
+        for _, runner in runners:
+            runner.close()
+        for thread in threads:
+            thread.join(60.0)
+        self._keeper.join()
+
+    def __enter__(self) -> "RunnerPool":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    async def __aenter__(self) -> "RunnerPool":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await asyncio.to_thread(self.close)
+
+    # -- admission -------------------------------------------------------------------
+
+    def _request(self, model: str, keep_alive: float | None) -> concurrent.futures.Future:
+        """A future that gets a :class:`Lease` on ``model``'s runner (blocks
+        for a cold model's estimate and discover, never for a load)."""
+        future = self._request_known(model, keep_alive)
+        if future is not None:
+            return future
+        with self._cold:  # concurrent requests for one cold model: one estimate, then they join
+            future = self._request_known(model, keep_alive)
+            if future is not None:
+                return future
+            future = concurrent.futures.Future()
+            try:
+                pending = self._estimate(model, future, keep_alive)
+            except Exception as exc:
+                log.info("pool: %s refused: %s", model, exc)
+                raise
+            with self._lock:
+                if self._closed:
+                    raise PoolClosed("the pool was closed")
+                self._decide(pending)
+            return future
+
+    def _request_known(self, model: str, keep_alive: float | None) -> concurrent.futures.Future | None:
+        """The future when ``model`` is ready, loading or failed; None when cold."""
+        with self._lock:
+            if self._closed:
+                raise PoolClosed("the pool was closed")
+            runner = self._runners.get(model)
+            dead = None
+            if runner is not None and runner.returncode is not None:  # died idle, not noticed yet
+                dead = self._drop_dead(model, describe_exit(runner.returncode, None))
+            entry = self._policy.entries.get(model)
+            if entry is None and model not in self._policy.failed:
+                future = None
+            else:
+                future = concurrent.futures.Future()
+                self._decide(_Pending(model, entry.need if entry else 0, Room(0, 0), 0, future,
+                                      keep_alive))
+        if dead is not None:
+            dead.close(timeout=1.0)
+        return future
+
+    def _estimate(self, model: str, future: concurrent.futures.Future,
+                  keep_alive: float | None) -> _Pending:
+        """What ``model`` needs and where it would go (outside the lock: reads files, runs discover)."""
+        path = str(resolve_model(model))
+        load = pool_fit.load_message(self._load_fields(model))
+        devices = self._devices()
+        on_gpu = pool_fit.offloads(devices, load)
+        room = pool_fit.room(devices, load)
+        need = self._needs.get((model, on_gpu))
+        if need is None:
+            need = self._needs[(model, on_gpu)] = pool_fit.footprint(path, load, on_gpu)
+        with self._lock:
+            self._room = room
+            used = self._policy.used()
+        return _Pending(model, need, room, used, future, keep_alive)
+
+    def _devices(self) -> list[dict[str, Any]]:
+        """``discover`` from a ready runner, or from a child process when none is loaded."""
+        with self._lock:
+            runners = list(self._runners.values())
+        for runner in runners:
+            try:
+                return [msgspec.to_builtins(d) for d in runner.discover(timeout=10.0)]
+            except Exception as exc:  # it died meanwhile: the keeper will notice
+                log.debug("pool: discover through a runner failed: %s", exc)
+        return pool_fit.discover_here()
+
+    def _decide(self, p: _Pending) -> bool:
+        """Admit, queue or refuse ``p`` (lock held); False when it must wait for room."""
+        room = p.room
+        if room.free > 0:  # what the pool let go of since the reading is free again
+            room = dataclasses.replace(room, free=room.free + p.used_then - self._policy.used())
+        admission = self._policy.admit(p.model, p.need, room)
+        self._carry(p, admission)
+        return admission.kind != "wait"
+
+    def _carry(self, p: _Pending, a: Admission) -> None:
+        model = p.model
+        if a.kind == "use":
+            log.debug("pool: %s ready, request admitted", model)
+            _grant(p.future, lambda: self._lease(model, p.keep_alive))
+        elif a.kind == "join":
+            self._joiners[model].append((p.future, p.keep_alive))
+            self._event("join", model, f"waits for the load ({len(self._joiners[model])} waiting)")
+        elif a.kind == "load":
+            self._start_load(p, a)
+        elif a.kind == "wait":
+            self._pending.append(p)
+            self._event("wait", model, a.reason)
+        else:
+            self._event("refuse", model, a.reason)
+            kind = ModelFailed if model in self._policy.failed else DoesNotFit
+            _fail(p.future, kind(a.reason))
+
+    def _start_load(self, p: _Pending, a: Admission) -> None:
+        evicted = []
+        for victim in a.evict:
+            evicted.append((victim, self._runners.pop(victim)))
+            self._generation[victim] += 1
+            self._event("evict", victim, f"idle, least recently used: room for {p.model}")
+        self._policy.start_load(p.model, p.need, a.evict, time.monotonic())
+        self._generation[p.model] += 1
+        self._joiners[p.model] = [(p.future, p.keep_alive)]
+        self._event("load", p.model, a.reason)
+        thread = threading.Thread(target=self._load_runner, name=f"runner-pool-load",
+                                  args=(p.model, self._generation[p.model], evicted), daemon=True)
+        self._threads.add(thread)
+        thread.start()
+
+    def _drain(self) -> None:
+        """Decide the requests waiting for room again, in order (lock held).
+
+        A request that still needs room keeps its place, and later ones that
+        would load a model wait behind it; requests for a model that is now
+        ready or loading go ahead."""
+        blocked = False
+        waiting: collections.deque[_Pending] = collections.deque()
+        for p in self._pending:
+            if p.future.cancelled():
+                continue
+            entry_known = p.model in self._policy.entries or p.model in self._policy.failed
+            if blocked and not entry_known:
+                waiting.append(p)
+                continue
+            room = p.room
+            if room.free > 0:
+                room = dataclasses.replace(room, free=room.free + p.used_then - self._policy.used())
+            admission = self._policy.admit(p.model, p.need, room)
+            if admission.kind == "wait":
+                blocked = True
+                waiting.append(p)
+                continue
+            self._carry(p, admission)
+        self._pending = waiting
+
+    def _lease(self, model: str, keep_alive: float | None) -> Lease:
+        """Take ``model``'s ready runner for one request (lock held)."""
+        self._policy.acquire(model, keep_alive)
+        return Lease(self, model, self._runners[model], self._generation[model])
+
+    def _release(self, lease: Lease, answered: bool) -> None:
+        with self._lock:
+            model = lease.model
+            if self._generation[model] != lease._generation or model not in self._policy.entries:
+                return  # that runner is gone already
+            self._policy.release(model, time.monotonic(), answered)
+            if self._policy.entries[model].in_flight == 0:
+                self._drain()
+                self._changed.notify_all()
+
+    # -- processes -----------------------------------------------------------------
+
+    def _load_fields(self, model: str) -> dict[str, Any]:
+        return {**self._load, **self._model_load.get(model, {})}
+
+    def _load_runner(self, model: str, generation: int, evicted: list[tuple[str, Runner]]) -> None:
+        """On a load thread: stop the evicted runners, then spawn ``model``'s."""
+        try:
+            for name, runner in evicted:
+                self._stop(name, runner)
+            started = time.monotonic()
+            try:
+                runner = Runner.spawn(str(resolve_model(model)), **self._spawn, **self._load_fields(model))
+            except Exception as exc:
+                self._load_failed(model, generation, exc)
+                return
+            with self._lock:
+                if self._closed or self._generation[model] != generation:
+                    stale = True
+                else:
+                    stale = False
+                    self._runners[model] = runner
+                    self._policy.loaded(model, time.monotonic())
+                    self._event("ready", model, f"pid {runner.process.pid}, loaded in "
+                                f"{time.monotonic() - started:.2f} s")
+                    for future, keep_alive in self._joiners.pop(model, []):
+                        _grant(future, lambda k=keep_alive: self._lease(model, k))
+                    self._drain()
+                    self._changed.notify_all()
+            if stale:
+                runner.close()
+        finally:
+            with self._lock:
+                self._threads.discard(threading.current_thread())
+
+    def _load_failed(self, model: str, generation: int, exc: Exception) -> None:
+        why = f"load failed: {type(exc).__name__}: {exc}"
+        with self._lock:
+            if self._generation[model] != generation:
+                return
+            self._generation[model] += 1
+            reported = self._policy.failure(model, why)
+            self._event("load_failed", model, why + ("; " + self._policy.failed[model] if reported else ""))
+            joiners = self._joiners.pop(model, [])
+            self._drain()
+            self._changed.notify_all()
+        error = ModelLoadError(f"loading {model!r} failed: {exc}")
+        error.__cause__ = exc
+        for future, _ in joiners:
+            _fail(future, error)
+
+    def _runner_died(self, model: str, generation: int, why: str) -> None:
+        """``model``'s runner of that generation died: drop it, count the failure."""
+        with self._lock:
+            if self._generation[model] != generation or model not in self._runners:
+                return  # noticed already, or it was being stopped by the pool
+            runner = self._drop_dead(model, why)
+        runner.close(timeout=1.0)
+
+    def _drop_dead(self, model: str, why: str) -> Runner:
+        """Remove a dead runner and count the failure (lock held); the caller closes it."""
+        runner = self._take(model, unloading=False)
+        reported = self._policy.failure(model, f"runner died: {why}")
+        if reported:
+            self._event("crashed", model, f"{why}; {self._policy.failed[model]}")
+        else:
+            self._event("crashed", model, f"{why}; the next request starts it again")
+        self._drain()
+        self._changed.notify_all()
+        return runner
+
+    def _take(self, model: str, unloading: bool = True) -> Runner:
+        """Remove ``model``'s runner from the pool (lock held); its memory counts until stopped."""
+        runner = self._runners.pop(model)
+        self._generation[model] += 1
+        if unloading:
+            self._policy.unload(model)
+        return runner
+
+    def _stop(self, model: str, runner: Runner) -> None:
+        """Stop an unloaded runner (outside the lock), then give its memory back."""
+        runner.close()
+        with self._lock:
+            self._policy.unloaded(model)
+            self._event("unloaded", model, "runner stopped")
+            self._drain()
+            self._changed.notify_all()
+
+    def _stop_later(self, model: str, runner: Runner) -> None:
+        thread = threading.Thread(target=self._stop_thread, args=(model, runner),
+                                  name="runner-pool-unload", daemon=True)
+        with self._lock:
+            self._threads.add(thread)
+        thread.start()
+
+    def _stop_thread(self, model: str, runner: Runner) -> None:
+        try:
+            self._stop(model, runner)
+        finally:
+            with self._lock:
+                self._threads.discard(threading.current_thread())
+
+    def _keep(self) -> None:
+        """The keeper thread: keep-alive expiry and runners that died while idle."""
+        while True:
+            with self._lock:
+                if self._closed:
+                    return
+                now = time.monotonic()
+                expired = []
+                for model in self._policy.expired(now):
+                    idle = now - self._policy.entries[model].last_used
+                    expired.append((model, self._take(model)))
+                    self._event("expire", model, f"idle {idle:.1f} s, past its keep-alive")
+                dead = [(m, self._generation[m], r) for m, r in self._runners.items()
+                        if r.returncode is not None]
+            for model, runner in expired:
+                self._stop_later(model, runner)
+            for model, generation, runner in dead:
+                self._runner_died(model, generation, describe_exit(runner.returncode, None))
+            with self._lock:
+                if self._closed:
+                    return
+                wait = _POLL_DEATHS
+                expiry = self._policy.next_expiry()
+                if expiry is not None:
+                    wait = min(wait, max(expiry - time.monotonic(), 0.01))
+                self._changed.wait(wait)
+
+    def _event(self, event: str, model: str, detail: str) -> None:
+        """Log one decision and keep it for :meth:`events` (lock held)."""
+        log.info("pool: %s %s: %s", event, model, detail)
+        self._events.append({"time": time.monotonic(), "event": event, "model": model, "detail": detail})
+
+
+# -- streams and waiting ---------------------------------------------------------------
+
+class PoolStream:
+    """A completion on a pooled runner: iterate for :class:`Chunk` events, then
+    the :class:`Final` (as ``runner.client.CompletionStream``).  The lease on
+    the runner ends with the stream."""
+
+    def __init__(self, lease: Lease, stream: Any) -> None:
+        self.model = lease.model       # the pool's name of the model
+        self._lease = lease
+        self._stream = stream          # the runner's CompletionStream
+
+    def __iter__(self) -> "PoolStream":
+        return self
+
+    def __next__(self) -> Chunk | Final:
+        try:
+            event = next(self._stream)
+        except StopIteration:
+            self._lease.release()
+            raise
+        except RunnerGone as exc:
+            raise self._lease.crashed(exc) from exc
+        except BaseException:
+            self._lease.release()
+            raise
+        if type(event) is Final:
+            self._lease.release()
+        return event
+
+    def text(self) -> tuple[str, Final]:
+        """Wait for the end; the whole text and the Final."""
+        parts, final = [], None
+        for event in self:
+            if type(event) is Chunk:
+                parts.append(event.text)
+            else:
+                final = event
+        assert final is not None  # a stream without a Final raises first
+        return "".join(parts), final
+
+    def cancel(self) -> None:
+        self._stream.cancel()
+
+    def close(self) -> None:
+        self._stream.close()
+        self._lease.release(answered=False)
+
+    def __enter__(self) -> "PoolStream":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class AsyncPoolStream:
+    """The asyncio flavour of :class:`PoolStream`."""
+
+    def __init__(self, lease: Lease, stream: Any) -> None:
+        self.model = lease.model       # the pool's name of the model
+        self._lease = lease
+        self._stream = stream          # the runner's AsyncCompletionStream
+
+    def __aiter__(self) -> "AsyncPoolStream":
+        return self
+
+    async def __anext__(self) -> Chunk | Final:
+        try:
+            event = await self._stream.__anext__()
+        except StopAsyncIteration:
+            self._lease.release()
+            raise
+        except RunnerGone as exc:
+            raise self._lease.crashed(exc) from exc
+        except BaseException:
+            self._lease.release()
+            raise
+        if type(event) is Final:
+            self._lease.release()
+        return event
+
+    async def text(self) -> tuple[str, Final]:
+        parts, final = [], None
+        async for event in self:
+            if type(event) is Chunk:
+                parts.append(event.text)
+            else:
+                final = event
+        assert final is not None
+        return "".join(parts), final
+
+    def cancel(self) -> None:
+        self._stream.cancel()
+
+    def close(self) -> None:
+        self._stream.close()
+        self._lease.release(answered=False)
+
+    async def aclose(self) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class _Hold:
+    """``pool.hold(model)``: a lease as a context manager."""
+
+    def __init__(self, pool: RunnerPool, model: str, timeout: float | None,
+                 keep_alive: float | None) -> None:
+        self._pool, self._model = pool, model
+        self._timeout, self._keep_alive = timeout, keep_alive
+        self._lease: Lease | None = None
+
+    def __enter__(self) -> Runner:
+        self._lease = _wait(self._pool._request(self._model, self._keep_alive), self._timeout, self._model)
+        return self._lease.runner
+
+    def __exit__(self, kind: Any, exc: Any, tb: Any) -> None:
+        assert self._lease is not None
+        if isinstance(exc, RunnerGone) and not isinstance(exc, RunnerCrashed):
+            self._lease.crashed(exc)
+        else:
+            self._lease.release()
+
+    async def __aenter__(self) -> Runner:
+        future = self._pool._request_known(self._model, self._keep_alive)
+        if future is None:
+            future = await asyncio.to_thread(self._pool._request, self._model, self._keep_alive)
+        self._lease = await _await(future, self._timeout, self._model)
+        return self._lease.runner
+
+    async def __aexit__(self, kind: Any, exc: Any, tb: Any) -> None:
+        self.__exit__(kind, exc, tb)
+
+
+def _grant(future: concurrent.futures.Future, make_lease: Any) -> None:
+    """Hand a lease to a waiter that is still waiting (lock held)."""
+    if future.set_running_or_notify_cancel():
+        future.set_result(make_lease())
+
+
+def _fail(future: concurrent.futures.Future, exc: BaseException) -> None:
+    if not future.done() and future.set_running_or_notify_cancel():
+        future.set_exception(exc)
+
+
+def _release_granted(future: concurrent.futures.Future) -> None:
+    """A waiter gave up after its lease was granted: give the lease back."""
+    if not future.cancelled() and future.exception() is None:
+        future.result().release(answered=False)
+
+
+def _wait(future: concurrent.futures.Future, timeout: float | None, model: str) -> Lease:
+    try:
+        return future.result(timeout)
+    except concurrent.futures.TimeoutError:
+        if not future.cancel():
+            future.add_done_callback(_release_granted)
+        raise TimeoutError(f"no runner for {model!r} within {timeout} s (loading, or waiting "
+                           f"for room)") from None
+    except BaseException:
+        if not future.cancel():
+            future.add_done_callback(_release_granted)
+        raise
+
+
+async def _await(future: concurrent.futures.Future, timeout: float | None, model: str) -> Lease:
+    try:
+        return await asyncio.wait_for(asyncio.wrap_future(future), timeout)
+    except asyncio.TimeoutError:
+        if not future.cancel():
+            future.add_done_callback(_release_granted)
+        raise TimeoutError(f"no runner for {model!r} within {timeout} s (loading, or waiting "
+                           f"for room)") from None
+    except BaseException:
+        if not future.cancel():
+            future.add_done_callback(_release_granted)
+        raise
+
+
+__all__ = ["RunnerPool", "PoolStream", "AsyncPoolStream", "Lease", "PoolError", "DoesNotFit",
+           "ModelFailed", "ModelLoadError", "PoolClosed", "RunnerCrashed", "show_bytes"]
