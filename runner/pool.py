@@ -322,7 +322,8 @@ class RunnerPool:
             try:
                 pending = self._estimate(model, future, keep_alive)
             except Exception as exc:
-                log.info("pool: %s refused: %s", model, exc)
+                with self._lock:
+                    self._event("refuse", model, f"no estimate: {type(exc).__name__}: {exc}")
                 raise
             with self._lock:
                 if self._closed:

@@ -1,0 +1,176 @@
+"""runner.pool with real runner processes: the default model and tiny
+random-weight llamas (benchmarks/tiny_model.py).  The policy's own tables
+are in tests/test_pool_policy.py."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from polling import wait_until
+from runner import pool_fit
+from runner.gguf import GGUFError
+from runner.pool import DoesNotFit, ModelFailed, ModelLoadError, RunnerCrashed, RunnerPool
+from runner.requests import BadRequest, Chunk
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from tiny_model import write_tiny_llama  # noqa: E402
+
+LOAD = {"n_ctx": 256, "n_threads": 2, "cache_ram_mb": 0}
+FOREVER = {"num_predict": -1, "ignore_eos": True, "temperature": 0}  # until cancelled (context shift)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, default_model_path):
+    """Two different tiny models (the default model's tokenizer, seeded weights)."""
+    folder = tmp_path_factory.mktemp("pool-models")
+    return [str(write_tiny_llama(folder / f"tiny-{seed}.gguf", seed=seed)) for seed in (0, 1)]
+
+
+def need(model: str) -> int:
+    return pool_fit.footprint(model, pool_fit.load_message(LOAD), on_gpu=False)
+
+
+def kinds(pool: RunnerPool, *events: str) -> list[tuple[str, str]]:
+    return [(e["event"], e["model"]) for e in pool.events() if e["event"] in events]
+
+
+def test_concurrent_requests_for_a_cold_model_share_one_load(tiny):
+    with RunnerPool(load=LOAD) as pool:
+        results: list = []
+
+        def ask(i: int) -> None:
+            results.append(pool.complete(tiny[0], f"request {i} ✓ 猫", num_predict=4, temperature=0).text())
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(results) == 6 and all(f.eval_count == 4 for _, f in results)
+        assert kinds(pool, "load", "ready") == [("load", tiny[0]), ("ready", tiny[0])]
+        assert pool.state()["models"][tiny[0]]["in_flight"] == 0
+
+
+def test_asyncio_requests_share_one_load(tiny):
+    async def main() -> tuple:
+        async with RunnerPool(load=LOAD) as pool:
+            prompts = ["Hi", "¿qué? 🦙", "\u200b\u0301", ""]  # the empty prompt is refused by the runner
+            streams = await asyncio.gather(*(pool.acomplete(tiny[1], p, num_predict=3, temperature=0)
+                                             for p in prompts))
+            texts = await asyncio.gather(*(s.text() for s in streams), return_exceptions=True)
+            return texts, kinds(pool, "load"), pool.state()["models"][tiny[1]]["in_flight"]
+
+    texts, loads, in_flight = asyncio.run(main())
+    assert [f.eval_count for _, f in texts[:3]] == [3, 3, 3]
+    assert isinstance(texts[3], BadRequest) and "empty" in str(texts[3])
+    assert loads == [("load", tiny[1])] and in_flight == 0
+
+
+def test_more_models_than_the_budget_unloads_the_least_recently_used(tiny, default_model_path):
+    small, big = need(tiny[0]), need(str(default_model_path))
+    assert need(tiny[1]) == small
+    default = str(default_model_path)
+    # room for one tiny model and the default model, not for all three
+    with RunnerPool(memory_budget=small + big + small // 2, load=LOAD) as pool:
+        for model in (tiny[0], default, tiny[0], tiny[1]):
+            pool.complete(model, "Hi", num_predict=2, temperature=0).text()
+        assert kinds(pool, "evict") == [("evict", default)]   # tiny[0] was used after it
+        pool.complete(default, "Hi", num_predict=2, temperature=0).text()
+        assert kinds(pool, "evict") == [("evict", default), ("evict", tiny[0])]
+        state = pool.state()
+        assert sorted(state["models"]) == sorted([tiny[1], default])
+        assert state["memory"]["used"] == small + big <= state["memory"]["budget"]
+
+
+def test_a_busy_runner_is_never_evicted(tiny):
+    with RunnerPool(max_loaded=1, load=LOAD) as pool:
+        busy = pool.complete(tiny[0], "Once upon a time", **FOREVER)
+        assert type(next(busy)) is Chunk
+        answer: dict = {}
+        other = threading.Thread(target=lambda: answer.update(
+            result=pool.complete(tiny[1], "Hi", num_predict=2, temperature=0).text()))
+        other.start()
+        wait_until(lambda: pool.state()["queues"]["waiting_for_room"] == [tiny[1]])
+        for _ in range(20):  # tokens keep coming: the runner was left alone
+            assert type(next(busy)) is Chunk
+        assert pool.state()["models"][tiny[0]]["in_flight"] == 1
+        assert kinds(pool, "evict", "load") == [("load", tiny[0])]
+        busy.close()  # the lease ends: now it is idle and may go
+        other.join()
+        assert answer["result"][1].eval_count == 2
+        assert kinds(pool, "wait", "evict", "load") == [
+            ("load", tiny[0]), ("wait", tiny[1]), ("evict", tiny[0]), ("load", tiny[1])]
+
+
+def test_a_dead_runner_is_started_again_once_then_reported(tiny):
+    model = tiny[0]
+    with RunnerPool(load=LOAD) as pool:
+        pool.complete(model, "Hi", num_predict=2).text()
+
+        def kill_mid_stream() -> RunnerCrashed:
+            stream = pool.complete(model, "Hi", **FOREVER)
+            next(stream)
+            os.kill(pool.state()["models"][model]["pid"], signal.SIGKILL)
+            with pytest.raises(RunnerCrashed) as caught:
+                for _ in stream:
+                    pass
+            return caught.value
+
+        first = kill_mid_stream()
+        assert "SIGKILL" in str(first) and "starts it again" in str(first)
+        assert pool.state()["models"].get(model) is None
+        second = kill_mid_stream()  # the next request started it again
+        assert "SIGKILL" in str(second)
+        with pytest.raises(ModelFailed, match="failed 2 times in a row .*SIGKILL.*SIGKILL"):
+            pool.complete(model, "Hi")
+        assert pool.state()["models"][model]["state"] == "failed"
+        assert len(kinds(pool, "load")) == 2  # the first start and one restart only
+
+        pool.reset(model)
+        assert pool.complete(model, "Hi", num_predict=2).text()[1].eval_count == 2
+        # A runner that dies while idle is noticed by the pool and started again.
+        pid = pool.state()["models"][model]["pid"]
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: model not in pool.state()["models"])
+        assert pool.complete(model, "Hi", num_predict=2).text()[1].eval_count == 2
+        assert pool.state()["models"][model]["pid"] != pid
+
+
+def test_keep_alive_unloads_idle_runners(tiny):
+    with RunnerPool(keep_alive=0.3, load=LOAD) as pool:
+        pool.complete(tiny[0], "Hi", num_predict=2).text()
+        pool.complete(tiny[1], "Hi", num_predict=2, keep_alive=3600).text()  # its own keep-alive
+        wait_until(lambda: tiny[0] not in pool.state()["models"])
+        assert kinds(pool, "expire", "unloaded") == [("expire", tiny[0]), ("unloaded", tiny[0])]
+        assert pool.state()["models"][tiny[1]]["state"] == "ready"
+
+
+def test_what_can_never_fit_or_load_fails_at_once(tiny, tmp_path):
+    with RunnerPool(memory_budget=1 << 20, load=LOAD) as pool:
+        with pytest.raises(DoesNotFit, match=r"needs \d+\.\d MiB, more than the pool's memory budget "
+                                             r"of 1\.0 MiB"):
+            pool.complete(tiny[0], "Hi")
+        assert kinds(pool, "load") == []
+    broken = tmp_path / "broken.gguf"
+    data = Path(tiny[0]).read_bytes()
+    broken.write_bytes(data[: len(data) - 4096])  # the header whole, the tensor data cut short
+    with RunnerPool(load=LOAD) as pool:
+        with pytest.raises(GGUFError, match="truncated"):  # the estimate reads it: no process
+            pool.complete(str(broken), "Hi")
+        assert kinds(pool, "refuse", "load") == [("refuse", str(broken))]
+        # A load the runner refuses (a LoRA file that is not there) counts as a failure.
+        pool.configure(tiny[1], lora_paths=[str(tmp_path / "missing-lora.gguf")])
+        for _ in range(2):
+            with pytest.raises(ModelLoadError, match="loading .*tiny-1.gguf.* failed: load failed"):
+                pool.complete(tiny[1], "Hi")
+        with pytest.raises(ModelFailed, match="failed 2 times in a row"):
+            pool.complete(tiny[1], "Hi")
+        with pytest.raises(ValueError, match="n_ctx"):
+            pool.configure(tiny[0], n_ctx=-1)
