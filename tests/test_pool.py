@@ -56,6 +56,11 @@ def test_concurrent_requests_for_a_cold_model_share_one_load(tiny):
         assert len(results) == 6 and all(f.eval_count == 4 for _, f in results)
         assert kinds(pool, "load", "ready") == [("load", tiny[0]), ("ready", tiny[0])]
         assert pool.state()["models"][tiny[0]]["in_flight"] == 0
+        with pool.hold(tiny[0]) as runner:  # any call, on a runner that cannot go meanwhile
+            assert runner.tokenize("Hi") and pool.state()["models"][tiny[0]]["in_flight"] == 1
+            assert pool.unload(tiny[0]) is False
+        assert pool.unload(tiny[0]) is True
+        wait_until(lambda: not pool.state()["models"])
 
 
 def test_asyncio_requests_share_one_load(tiny):
