@@ -503,7 +503,7 @@ def _to_final(reply: P.FinalReply) -> Final:
                  prompt_eval_duration=reply.prompt_eval_duration, eval_count=reply.eval_count,
                  eval_duration=reply.eval_duration, cached_count=reply.cached_count,
                  prompt_count=reply.prompt_count, slot=reply.slot, error=reply.error,
-                 error_code=reply.error_code)
+                 error_code=reply.error_code, message=reply.message)
 
 
 def _event(reply: Any) -> Chunk | Final:
@@ -800,6 +800,20 @@ class Runner:
                      stream._queue.put)
         return stream
 
+    def chat(self, messages: list[dict], *, tools: list[dict] | None = None,
+             add_generation_prompt: bool = True, template_kwargs: dict | None = None,
+             reasoning_format: str = "auto", media: Media = None,
+             **options: Any) -> CompletionStream:
+        """Start a chat completion: ``messages`` rendered with the model's chat
+        template.  The stream is a completion's; its Final's ``message`` holds
+        the answer parsed (content, reasoning_content, tool_calls)."""
+        request_id = next(self._ids)
+        stream = CompletionStream(self, request_id)
+        self._submit(request_id, self._chat(messages, tools, add_generation_prompt,
+                                            template_kwargs, reasoning_format, options, media),
+                     stream._queue.put)
+        return stream
+
     def embed(self, text: str, *, normalize: bool = False,
               timeout: float | None = None) -> EmbeddingResult:
         return _embedding(self._call({"op": "embedding", "text": text, "normalize": normalize}, timeout))
@@ -846,6 +860,18 @@ class Runner:
                      stream.sink())
         return stream
 
+    def achat(self, messages: list[dict], *, tools: list[dict] | None = None,
+              add_generation_prompt: bool = True, template_kwargs: dict | None = None,
+              reasoning_format: str = "auto", media: Media = None,
+              **options: Any) -> AsyncCompletionStream:
+        """:meth:`chat` from a coroutine; ``async for`` over the stream."""
+        request_id = next(self._ids)
+        stream = AsyncCompletionStream(self, request_id, asyncio.get_running_loop())
+        self._submit(request_id, self._chat(messages, tools, add_generation_prompt,
+                                            template_kwargs, reasoning_format, options, media),
+                     stream.sink())
+        return stream
+
     async def aembed(self, text: str, *, normalize: bool = False,
                      timeout: float | None = None) -> EmbeddingResult:
         return _embedding(await self._acall({"op": "embedding", "text": text,
@@ -872,6 +898,22 @@ class Runner:
                     options: dict, media: Media = None) -> dict:
         request = {"op": "completion", "id": request_id, "prompt": prompt, "options": options,
                    "add_special": add_special}
+        if media:
+            items = media.items() if isinstance(media, dict) else enumerate(media)
+            request["media"] = [{"id": i, "data": bytes(data)} for i, data in items]
+        return request
+
+    @staticmethod
+    def _chat(messages: list[dict], tools: list[dict] | None, add_generation_prompt: bool,
+              template_kwargs: dict | None, reasoning_format: str, options: dict,
+              media: Media = None) -> dict:
+        request = {"op": "chat", "messages": messages, "options": options,
+                   "add_generation_prompt": add_generation_prompt,
+                   "reasoning_format": reasoning_format}
+        if tools is not None:
+            request["tools"] = tools
+        if template_kwargs:
+            request["template_kwargs"] = template_kwargs
         if media:
             items = media.items() if isinstance(media, dict) else enumerate(media)
             request["media"] = [{"id": i, "data": bytes(data)} for i, data in items]

@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal, Union
 import msgspec
 
 from runner import limits
+from runner.chatparse import ChatMessage
 from runner.requests import (BadRequest, Busy, Cancelled, EngineError, InputTooLong,
                              InternalError, NotReady)
 
@@ -137,6 +138,19 @@ class Completion(Request, tag="completion"):
     media: list[Media] = []              # placed by [img-N] or the projector's marker
 
 
+class Chat(Request, tag="chat"):
+    """Render ``messages`` with the model's chat template, then complete like
+    ``completion``; the final also carries the parsed answer (``message``)."""
+
+    messages: list[dict[str, Any]]       # {role, content, tool_calls?, ...} as OpenAI's chat API
+    tools: list[dict[str, Any]] | None = None  # function tools ({type: "function", function: {...}})
+    options: dict[str, Any] = {}         # CompletionOptions fields (runner/requests.py)
+    add_generation_prompt: bool = True   # end the prompt with the assistant's turn opening
+    template_kwargs: dict[str, Any] = {}  # extra template variables (enable_thinking, ...)
+    reasoning_format: Literal["auto", "none"] = "auto"  # none: <think> text stays in content
+    media: list[Media] = []              # placed by [img-N] or the projector's marker
+
+
 class Embedding(Request, tag="embedding"):
     text: str
     normalize: bool = False              # scale to unit L2 norm
@@ -185,7 +199,7 @@ class Shutdown(Request, tag="shutdown"):
     drain: bool = True
 
 
-REQUEST_TYPES = (Health, Discover, Load, Completion, Embedding, Tokenize, Detokenize,
+REQUEST_TYPES = (Health, Discover, Load, Completion, Chat, Embedding, Tokenize, Detokenize,
                  Cancel, Info, SaveSlot, RestoreSlot, Shutdown)
 OPS = tuple(t.__struct_config__.tag for t in REQUEST_TYPES)
 AnyRequest = Union[REQUEST_TYPES]  # type: ignore[valid-type]
@@ -227,6 +241,7 @@ class FinalReply(Reply, tag="final"):
     slot: int = -1                       # slot the request ran in
     error: str | None = None             # message when done_reason is "error"
     error_code: ErrorCode | None = None  # its code
+    message: ChatMessage | None = None   # chat requests: the answer parsed (runner/chatparse.py)
 
 
 class HealthReply(Reply, tag="health"):

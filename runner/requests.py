@@ -309,6 +309,7 @@ class Final:
     slot: int = -1                   # slot (sequence id) the request ran in
     error: str | None = None         # message when done_reason == "error"
     error_code: str | None = None    # protocol code of that error
+    message: Any = None              # chat requests: runner.chatparse.ChatMessage
 
 
 @dataclass

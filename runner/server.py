@@ -36,8 +36,10 @@ from typing import Any, Callable
 import msgspec
 import zmq
 
+from runner import chatparse
 from runner import protocol as P
 from runner import security
+from runner.chat import ChatRequest, ChatTemplates
 from runner.media import MediaItem
 from runner.requests import (BadRequest, Busy, Chunk, CompletionOptions, CompletionRequest,
                              EngineError,
@@ -276,7 +278,7 @@ def _lower_priority() -> None:
 def _cancelled_reply(job: Job) -> P.Reply:
     """The terminal reply of a job cancelled before it produced one: a
     completion ends with its final, like one cancelled while generating."""
-    if job.op == "completion":
+    if job.op in ("completion", "chat"):
         return P.FinalReply(id=job.id, done_reason="cancelled")
     return P.ErrorReply(id=job.id, code="cancelled", message="request cancelled")
 
@@ -402,6 +404,7 @@ class Server:
         self._error: str | None = None        # why the load failed
         self._error_code: str | None = None
         self.engine = None                    # Engine once loaded
+        self._templates: ChatTemplates | None = None  # its chat templates (under _state_lock)
         self._load_thread: threading.Thread | None = None
 
         self._signal: int | None = None       # last SIGTERM/SIGINT not yet acted on
@@ -414,7 +417,7 @@ class Server:
         # op -> handler(peer, request, size of the message in bytes)
         self._handlers: dict[type, Callable[[bytes, Any, int], None]] = {
             P.Health: self._health, P.Discover: self._discover, P.Load: self._load,
-            P.Completion: self._completion, P.Embedding: self._embedding,
+            P.Completion: self._completion, P.Chat: self._chat, P.Embedding: self._embedding,
             P.Tokenize: self._tokenize, P.Detokenize: self._detokenize, P.Cancel: self._cancel,
             P.Info: self._info, P.SaveSlot: self._save_slot, P.RestoreSlot: self._restore_slot,
             P.Shutdown: self._shutdown,
@@ -719,18 +722,55 @@ class Server:
         self._send(peer, P.LoadReply(id=req.id, state="loading"))
 
     def _completion(self, peer: bytes, req: P.Completion, size: int) -> None:
-        """Prepared on a worker thread, like every op whose cost grows with the
-        request: options, tokenizing, grammar and schema conversion, media
-        decoding.  This thread owes its time to every other stream.  A cancel
-        that arrives meanwhile is applied by whichever of the two threads sees
-        both the handle and the flag."""
         engine = self._ready_engine()
+
+        def build() -> tuple[CompletionRequest, None]:
+            return CompletionRequest(
+                prompt=req.prompt, options=CompletionOptions.from_dict(req.options),
+                add_special=req.add_special,
+                media=[MediaItem(m.id, m.data) for m in req.media]), None
+
+        self._start_generation(peer, req, size, engine, build)
+
+    def _chat(self, peer: bytes, req: P.Chat, size: int) -> None:
+        """A completion whose prompt is the chat rendered with the model's
+        template (on the worker thread, like tokenizing); the final carries
+        the answer parsed for reasoning and tool calls."""
+        engine = self._ready_engine()
+        templates = self._chat_templates(engine)
+
+        def build() -> tuple[CompletionRequest, chatparse.ChatFormat]:
+            rendered = templates.render(ChatRequest(
+                messages=req.messages, tools=req.tools,
+                add_generation_prompt=req.add_generation_prompt,
+                template_kwargs=req.template_kwargs))
+            request = CompletionRequest(
+                prompt=rendered.prompt, options=CompletionOptions.from_dict(req.options),
+                add_special=True, media=[MediaItem(m.id, m.data) for m in req.media])
+            return request, chatparse.detect(rendered.source, rendered.prompt, rendered.has_tools,
+                                             reasoning=req.reasoning_format == "auto")
+
+        self._start_generation(peer, req, size, engine, build)
+
+    def _chat_templates(self, engine) -> ChatTemplates:
+        """The loaded model's templates (read from its metadata once; each
+        compiled by the first request that needs it, on a worker thread)."""
+        with self._state_lock:
+            if self._templates is None:
+                self._templates = ChatTemplates(engine.model)
+            return self._templates
+
+    def _start_generation(self, peer: bytes, req: P.Request, size: int, engine,
+                          build: Callable[[], tuple[CompletionRequest, Any]]) -> None:
+        """Prepared on a worker thread, like every op whose cost grows with the
+        request: ``build`` (options, template), then tokenizing, grammar and
+        schema conversion, media decoding in ``submit``.  This thread owes its
+        time to every other stream.  A cancel that arrives meanwhile is applied
+        by whichever of the two threads sees both the handle and the flag."""
 
         def prepare(job: Job) -> P.Reply | None:
             try:
-                request = CompletionRequest(
-                    prompt=req.prompt, options=CompletionOptions.from_dict(req.options),
-                    add_special=req.add_special, media=[MediaItem(m.id, m.data) for m in req.media])
+                request, chat_format = build()
             except EngineError as exc:
                 engine.totals.refused(exc.code)
                 raise
@@ -739,7 +779,8 @@ class Server:
                 return _cancelled_reply(job)
             # The engine's events may reach the outbox before submit returns;
             # they wait there for the I/O thread, which knows the job already.
-            job.handle = engine.submit(request, on_event=self._event_sink((job.peer, job.id)))
+            job.handle = engine.submit(request, on_event=self._event_sink((job.peer, job.id),
+                                                                          chat_format))
             if job.cancelled:
                 job.handle.cancel()
             return None  # the engine's final ends it
@@ -750,7 +791,8 @@ class Server:
             engine.totals.refused(exc.code)
             raise
 
-    def _event_sink(self, key: tuple) -> Callable[[Any], None]:
+    def _event_sink(self, key: tuple, chat_format: chatparse.ChatFormat | None = None
+                    ) -> Callable[[Any], None]:
         post, post_quiet = self._outbox.post, self._outbox.post_quiet
         request_id = key[1]
 
@@ -762,7 +804,21 @@ class Server:
             else:
                 post((key, _final_reply(request_id, event), True))
 
-        return on_event
+        if chat_format is None:
+            return on_event
+        texts: list[str] = []  # the answer so far, parsed when it ends
+
+        def on_chat_event(event) -> None:  # the engine's delivery thread
+            if type(event) is Chunk:
+                texts.append(event.text)
+                on_event(event)
+                return
+            reply = _final_reply(request_id, event)
+            if event.done_reason != "error":
+                reply.message = chatparse.parse("".join(texts), chat_format)
+            post((key, reply, True))
+
+        return on_chat_event
 
     def _embedding(self, peer: bytes, req: P.Embedding, size: int) -> None:
         import numpy as np
