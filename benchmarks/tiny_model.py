@@ -26,8 +26,10 @@ DEFAULT_PATH = ROOT / "build" / "bench-models" / "tiny-llama-64x2.gguf"
 
 
 def write_tiny_llama(path: Path = DEFAULT_PATH, *, n_embd: int = 64, n_layer: int = 2,
-                     n_head: int = 4, n_ff: int = 128, seed: int = 0) -> Path:
-    """Write the model (if absent) and return its path."""
+                     n_head: int = 4, n_ff: int = 128, seed: int = 0,
+                     tokenizer_replace: dict | None = None) -> Path:
+    """Write the model (if absent) and return its path.  ``tokenizer_replace``:
+    tokenizer keys to put in place of the default model's (tests/mmproj.py)."""
     path = Path(path)
     if path.exists():
         return path
@@ -35,7 +37,8 @@ def write_tiny_llama(path: Path = DEFAULT_PATH, *, n_embd: int = 64, n_layer: in
     tmp = path.with_suffix(".tmp")
     rng = np.random.default_rng(seed)
     w, n_vocab = text_model_writer(tmp, "llama", seed, n_ctx=8192, n_embd=n_embd, n_layer=n_layer,
-                                   n_ff=n_ff, n_head=n_head, n_head_kv=n_head, rope_freq_base=10000.0)
+                                   n_ff=n_ff, n_head=n_head, n_head_kv=n_head, rope_freq_base=10000.0,
+                                   tokenizer_replace=tokenizer_replace)
     w.add_uint32("llama.rope.dimension_count", n_embd // n_head)
     w.add_tensor("token_embd.weight", _matrix(rng, n_vocab, n_embd))
     for i in range(n_layer):

@@ -66,7 +66,22 @@ def _media_prompt(args: argparse.Namespace) -> tuple[str, list[bytes]]:
     return prompt, media
 
 
+def _chat_messages(args: argparse.Namespace, prompt: str) -> list[dict]:
+    """generate --chat: the user's message, after the --system one if given."""
+    messages = [{"role": "system", "content": args.system}] if args.system is not None else []
+    return messages + [{"role": "user", "content": prompt}]
+
+
+def _chat_prompt(model, args: argparse.Namespace, prompt: str) -> str:
+    """generate --chat in-process: the messages rendered with the model's template."""
+    from runner.chat import ChatRequest, ChatTemplates
+
+    return ChatTemplates(model).render(ChatRequest(messages=_chat_messages(args, prompt))).prompt
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
+    if args.system is not None and not args.chat:
+        raise SystemExit("--system needs --chat")
     if args.endpoint:
         return _generate_remote(args)
     if args.image or args.mmproj:
@@ -85,7 +100,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     stats = GenerationStats()
     with model, _llama.Context(model, n_ctx=args.ctx, n_batch=args.batch, n_threads=args.threads,
                                flash_attn=args.flash_attn) as ctx:
-        for piece in generate(model, ctx, args.prompt, options, stats):
+        prompt = _chat_prompt(model, args, args.prompt) if args.chat else args.prompt
+        for piece in generate(model, ctx, prompt, options, stats):
             sys.stdout.write(piece)
             sys.stdout.flush()
     sys.stdout.write("\n")
@@ -110,6 +126,8 @@ def _generate_engine(args: argparse.Namespace) -> int:
                           n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
                           flash_attn=args.flash_attn, projector_path=args.mmproj)
     with Engine(config) as engine:
+        if args.chat:
+            prompt = _chat_prompt(engine.model, args, prompt)
         request = CompletionRequest(prompt=prompt, options=CompletionOptions.from_dict(_completion_options(args)),
                                     media=[MediaItem(i, data) for i, data in enumerate(media)])
         final = _print_stream(args, engine.submit(request))
@@ -120,7 +138,11 @@ def _generate_remote(args: argparse.Namespace) -> int:
     options = _completion_options(args)
     prompt, media = _media_prompt(args)
     with _connect(args) as runner:
-        _print_stream(args, runner.complete(prompt, media=media, **options))
+        if args.chat:
+            stream = runner.chat(_chat_messages(args, prompt), media=media, **options)
+        else:
+            stream = runner.complete(prompt, media=media, **options)
+        _print_stream(args, stream)
     return 0
 
 
@@ -420,7 +442,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate text for a prompt (streams to stdout)")
     _add_model_arg(p)
-    p.add_argument("--prompt", "-p", required=True)
+    p.add_argument("--prompt", "-p", required=True,
+                   help="the prompt; with --chat, the user's message")
+    p.add_argument("--chat", action="store_true",
+                   help="render --prompt (and --system) with the model's chat template and "
+                        "generate the assistant's answer")
+    p.add_argument("--system", default=None, help="with --chat: a system message first")
     p.add_argument("-n", "--n-predict", type=int, default=128, help="tokens to generate")
     p.add_argument("--verbose", "-v", action="store_true", help="print timings to stderr")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")

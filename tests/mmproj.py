@@ -124,12 +124,13 @@ def finish_gguf(w) -> None:
 
 def text_model_writer(path, arch: str, seed: int, *, n_ctx: int, n_embd: int, n_layer: int,
                       n_ff: int, n_head: int, n_head_kv: int, rope_freq_base: float,
-                      vocab_from=None):
+                      vocab_from=None, tokenizer_replace: dict | None = None):
     """A GGUFWriter for a tiny random-weight text model of ``arch``, holding
     the keys every architecture reads (llama.cpp's get_key: u32 / f32; names
     from src/llama-arch.cpp) and the tokenizer of ``vocab_from`` (default:
-    the default model).  Returns (writer, vocabulary size); the caller adds
-    its own keys and tensors, then calls :func:`finish_gguf`."""
+    the default model) with ``tokenizer_replace``'s keys put in.  Returns
+    (writer, vocabulary size); the caller adds its own keys and tensors, then
+    calls :func:`finish_gguf`."""
     import gguf
 
     w = gguf.GGUFWriter(str(path), arch)  # writes general.architecture
@@ -143,12 +144,14 @@ def text_model_writer(path, arch: str, seed: int, *, n_ctx: int, n_embd: int, n_
     w.add_uint32(f"{arch}.attention.head_count_kv", n_head_kv)
     w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)
     w.add_float32(f"{arch}.rope.freq_base", rope_freq_base)
-    return w, copy_tokenizer(w, vocab_from)
+    return w, copy_tokenizer(w, vocab_from, tokenizer_replace)
 
 
-def copy_tokenizer(w, src=None) -> int:
+def copy_tokenizer(w, src=None, replace: dict | None = None) -> int:
     """Copy every ``tokenizer.*`` key of the GGUF at ``src`` (default: the
-    default model) into the writer ``w``; returns the vocabulary size."""
+    default model) into the writer ``w``; returns the vocabulary size.
+    ``replace`` maps keys to values that take the place of the copied ones
+    (same type) or are added (strings and booleans)."""
     import gguf
 
     from runner.gguf import read_gguf  # the project's header reader: 50x faster than GGUFReader
@@ -158,16 +161,23 @@ def copy_tokenizer(w, src=None) -> int:
 
         src = default_model_path()
     n_vocab = 0
+    copied: set[str] = set()
     for key, field in read_gguf(src).fields.items():
         if not key.startswith("tokenizer."):
             continue
         # runner.gguf and gguf.GGUFValueType number the value types as the spec does
         sub = None if field.element_type is None else gguf.GGUFValueType(int(field.element_type))
-        w.add_key_value(key, field.value, gguf.GGUFValueType(int(field.type)), sub_type=sub)
+        value = replace[key] if replace and key in replace else field.value
+        w.add_key_value(key, value, gguf.GGUFValueType(int(field.type)), sub_type=sub)
         if key == "tokenizer.ggml.tokens":
-            n_vocab = len(field.value)
+            n_vocab = len(value)
+        copied.add(key)
     if not n_vocab:
         raise ValueError(f"{src} has no tokenizer.ggml.tokens")
+    for key, value in (replace or {}).items():
+        if key not in copied:
+            kind = gguf.GGUFValueType.BOOL if isinstance(value, bool) else gguf.GGUFValueType.STRING
+            w.add_key_value(key, value, kind)
     return n_vocab
 
 
