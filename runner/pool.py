@@ -399,7 +399,10 @@ class RunnerPool:
             self._start_load(p, a)
         elif a.kind == "wait":
             self._pending.append(p)
-            self._event("wait", model, a.reason)
+            if len(self._pending) == 1:
+                self._policy.draining = set(a.drain)
+            self._event("wait", model, a.reason + (f"; new requests for {', '.join(a.drain)} wait too"
+                                                   if len(self._pending) == 1 and a.drain else ""))
         else:
             self._event("refuse", model, a.reason)
             kind = ModelFailed if model in self._policy.failed else DoesNotFit
@@ -428,6 +431,7 @@ class RunnerPool:
         ready or loading go ahead."""
         blocked = False
         waiting: collections.deque[_Pending] = collections.deque()
+        self._policy.draining = set()
         for p in self._pending:
             if p.future.cancelled():
                 continue
@@ -440,7 +444,9 @@ class RunnerPool:
                 room = dataclasses.replace(room, free=room.free + p.used_then - self._policy.used())
             admission = self._policy.admit(p.model, p.need, room)
             if admission.kind == "wait":
-                blocked = True
+                if not blocked:
+                    blocked = True
+                    self._policy.draining = set(admission.drain)
                 waiting.append(p)
                 continue
             self._carry(p, admission)

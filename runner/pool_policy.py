@@ -15,6 +15,8 @@ Invariants:
 * A model with ``in_flight > 0`` or still loading is never chosen for
   eviction or keep-alive expiry; evictions take idle ready models, least
   recently used first, and only as many as the new model needs.
+* While a request waits for busy runners' room, new requests for those
+  runners (``draining``) wait too: they go idle in finite time.
 * ``crashes[m]`` counts consecutive failures of model ``m`` (a runner that
   died, or a load that failed); a request that a runner of ``m`` answered
   resets it.  At ``crash_limit`` the model is marked failed and refused until
@@ -63,6 +65,7 @@ class Admission:
                                    # runners, ask again when one goes idle; refuse: fail now
     evict: tuple[str, ...] = ()    # idle models to unload before the load, least recently used first
     reason: str = ""               # the numbers behind a load, wait or refuse
+    drain: tuple[str, ...] = ()    # wait: the busy models whose room it waits for (see draining)
 
 
 @dataclass
@@ -77,6 +80,11 @@ class PoolPolicy:
     unloading: dict[str, int] = field(default_factory=dict)  # model -> bytes, until its process is gone
     crashes: dict[str, list[str]] = field(default_factory=dict)  # model -> why each consecutive failure
     failed: dict[str, str] = field(default_factory=dict)  # model -> report, refused until reset
+    # Busy models whose room the first request waiting for room needs: new
+    # requests for them wait behind it, so that steady traffic to a loaded
+    # model cannot keep a waiting model out for ever.  Set by the caller from
+    # that request's Admission.drain.
+    draining: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         if self.max_loaded is not None and self.max_loaded < 1:
@@ -103,6 +111,8 @@ class PoolPolicy:
         if model in self.failed:
             return Admission("refuse", reason=self.failed[model])
         entry = self.entries.get(model)
+        if entry is not None and model in self.draining:
+            return Admission("wait", reason=f"{model} is to be unloaded for a request that waits for its room")
         if entry is not None:
             return Admission("use" if entry.state == "ready" else "join")
         if model in self.unloading:
@@ -133,7 +143,7 @@ class PoolPolicy:
             busy = ", ".join(f"{m} ({e.in_flight} in flight)" if e.state == "ready" else f"{m} (loading)"
                              for m, e in self.entries.items() if m not in evict)
             held = ", ".join(self.unloading)
-            return Admission("wait", reason=(
+            return Admission("wait", drain=self._to_drain(need, room, evict), reason=(
                 f"{model} needs {show_bytes(need)}: {short}; waiting for "
                 f"{busy or held or 'an unload'} to go idle"))
         return Admission("refuse", reason=(
@@ -160,6 +170,18 @@ class PoolPolicy:
             if need > available:
                 return f"{show_bytes(max(available, 0))} free on {room.where}"
         return None
+
+    def _to_drain(self, need: int, room: Room, idle: list[str]) -> tuple[str, ...]:
+        """The busy ready models, least recently used first, whose room (with
+        every idle runner's) would let ``need`` in; all of them if no fewer will."""
+        busy = sorted((e.last_used, m) for m, e in self.entries.items()
+                      if e.state == "ready" and m not in idle)
+        chosen: list[str] = []
+        for _, m in busy:
+            chosen.append(m)
+            if self._shortfall(need, room, idle + chosen) is None:
+                break
+        return tuple(chosen)
 
     def _summary(self, model: str, need: int, room: Room, evict: list[str]) -> str:
         text = f"{model} needs {show_bytes(need)}; pool holds {show_bytes(self.used())}"

@@ -107,11 +107,18 @@ def test_a_busy_runner_is_never_evicted(tiny):
             assert type(next(busy)) is Chunk
         assert pool.state()["models"][tiny[0]]["in_flight"] == 1
         assert kinds(pool, "evict", "load") == [("load", tiny[0])]
+        # A new request for the busy model queues behind the waiting one (no starving it).
+        again = threading.Thread(target=lambda: answer.update(
+            again=pool.complete(tiny[0], "Hi", num_predict=2, temperature=0).text()))
+        again.start()
+        wait_until(lambda: pool.state()["queues"]["waiting_for_room"] == [tiny[1], tiny[0]])
         busy.close()  # the lease ends: now it is idle and may go
         other.join()
-        assert answer["result"][1].eval_count == 2
+        again.join()
+        assert answer["result"][1].eval_count == 2 and answer["again"][1].eval_count == 2
         assert kinds(pool, "wait", "evict", "load") == [
-            ("load", tiny[0]), ("wait", tiny[1]), ("evict", tiny[0]), ("load", tiny[1])]
+            ("load", tiny[0]), ("wait", tiny[1]), ("wait", tiny[0]), ("evict", tiny[0]),
+            ("load", tiny[1]), ("evict", tiny[1]), ("load", tiny[0])]
 
 
 def test_a_dead_runner_is_started_again_once_then_reported(tiny):

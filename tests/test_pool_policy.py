@@ -54,6 +54,20 @@ def test_a_busy_runner_is_never_evicted_the_request_waits_for_it():
     assert (a.kind, a.evict) == ("load", ("b", "a"))       # a was used last now
 
 
+def test_requests_for_the_runners_a_waiting_request_needs_wait_behind_it():
+    policy = loaded(PoolPolicy(memory_budget=250 * MiB), ("a", 100, 1.0), ("b", 100, 2.0))
+    policy.acquire("a")
+    policy.acquire("b")
+    a = policy.admit("new", 150 * MiB, UNKNOWN)
+    assert (a.kind, a.drain) == ("wait", ("a",))     # a's room is enough: the LRU busy one
+    assert policy.admit("new", 250 * MiB, UNKNOWN).drain == ("a", "b")
+    policy.draining = set(a.drain)
+    assert policy.admit("a", 100 * MiB, UNKNOWN).kind == "wait"   # no new lease on a
+    assert policy.admit("b", 100 * MiB, UNKNOWN).kind == "use"
+    policy.release("a", now=3.0, answered=True)
+    assert policy.admit("new", 150 * MiB, UNKNOWN).evict == ("a",)
+
+
 def test_a_loading_runner_is_never_evicted():
     policy = PoolPolicy(max_loaded=1)
     policy.start_load("a", 10 * MiB, (), 0.0)
@@ -167,3 +181,59 @@ def test_load_failures_count_as_failures():
 def test_bad_limits_are_refused(kwargs):
     with pytest.raises(ValueError):
         PoolPolicy(**kwargs)
+
+
+# -- invariants under any sequence of events ---------------------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+MODELS = ["a", "b", "c", "d"]
+OPS = st.lists(st.tuples(st.sampled_from(["request", "loaded", "finish", "unloaded", "die", "expire"]),
+                         st.sampled_from(MODELS), st.integers(1, 6)), max_size=60)
+
+
+@settings(max_examples=300, deadline=None)
+@given(ops=OPS, max_loaded=st.sampled_from([None, 1, 2, 3]), budget=st.sampled_from([None, 5, 8, 12]),
+       free=st.sampled_from([0, 6, 10]))
+def test_invariants_hold_under_any_sequence(ops, max_loaded, budget, free):
+    """Whatever happens: busy and loading runners are never evicted, the
+    limits hold, and a request only waits when something will wake it."""
+    policy = PoolPolicy(max_loaded=max_loaded, memory_budget=budget and budget * MiB, keep_alive=5.0)
+    room = Room(free=free * MiB, total=free * MiB, where="DEV")
+    for now, (op, model, size) in enumerate(ops):
+        entry = policy.entries.get(model)
+        if op == "request":
+            a = policy.admit(model, size * MiB, room)
+            if a.kind == "load":
+                for m in a.evict:
+                    e = policy.entries[m]
+                    assert e.state == "ready" and e.in_flight == 0, (m, e)
+                assert model not in policy.entries and model not in policy.unloading
+                policy.start_load(model, size * MiB, a.evict, now)
+            elif a.kind == "use":
+                policy.acquire(model)
+            elif a.kind == "wait":
+                wakes = any(e.in_flight or e.state == "loading" for e in policy.entries.values())
+                assert wakes or policy.unloading, a.reason
+            elif a.kind == "refuse":
+                assert a.reason
+        elif op == "loaded":  # every load under way finishes
+            for m in [m for m, e in policy.entries.items() if e.state == "loading"]:
+                policy.loaded(m, now)
+        elif op == "finish" and entry is not None and entry.in_flight:
+            policy.release(model, now, answered=True)
+        elif op == "unloaded":  # every unload under way finishes
+            for m in list(policy.unloading):
+                policy.unloaded(m)
+        elif op == "die" and entry is not None:
+            policy.failure(model, "died")
+        elif op == "expire":
+            for m in policy.expired(now):
+                assert policy.entries[m].in_flight == 0 and policy.entries[m].state == "ready"
+                policy.unload(m)
+        if max_loaded is not None:
+            assert len(policy.entries) <= max_loaded
+        if budget is not None:
+            assert sum(e.need for e in policy.entries.values()) <= budget * MiB
+        assert not set(policy.entries) & set(policy.unloading)
