@@ -1,34 +1,29 @@
 """The in-process engine: one model, one context, ``parallel`` sequences.
 
+A loop step is three calls, in the shape of vLLM v1's engine core:
+``plan = scheduler.schedule()`` (runner.scheduler: admission, prefill budget,
+room-making; no Context), ``n = executor.execute(plan)`` (runner.executor:
+the batch and the decode), ``scheduler.update(plan, n)``; then the executor
+samples the plan's output rows and the engine's update phase turns each token
+into generated text, an end, or the next step's input.  Delivery
+(runner.delivery) turns tokens into text events.
+
 Threads and who owns what:
 
 * callers (any thread) tokenize their prompt in :meth:`Engine.submit` and put
-  a :class:`_Seq` on the wait queue (guarded by ``Engine._lock``);
-* the **loop thread** owns the context, the batch, the samplers and the slot
-  cache.  Each step is five named phases — finish, admit, build, decode,
-  sample — and the decode releases the GIL;
+  a :class:`runner.sequence.Sequence` on the scheduler's wait queue (guarded
+  by ``Engine._lock``);
+* the **loop thread** owns the context, the batches, the samplers and the
+  slot cache; the decode releases the GIL;
 * the **delivery thread** turns sampled tokens into text (UTF-8 hold-back,
   stop strings) and calls the request's event sink.  It runs while the next
-  decode computes, so the tokens sampled in step N go into step N+1 without
-  waiting for step N's detokenizing, stop checks and delivery.  When the
-  decode threads already use every core, the loop thread does this work
-  itself instead (``delivery="auto"``; see :meth:`Engine._pick_delivery`).
-
-A stop string is found by the delivery thread one or two steps after its
-last token was sampled; it flags the sequence and the loop thread finishes it
-at the next step, trimming the slot to the tokens actually returned.
-
-Prefill policy: each step first takes one token per generating sequence, then
-fills the rest of ``n_batch`` with prompt chunks, visiting prefilling
-sequences in a rotating order.  While any sequence is generating, prompt
-chunks are capped at ``prefill_budget`` tokens per step, which bounds the gap
-between two tokens of a generating stream to one decode of about
-``prefill_budget + parallel`` tokens, however long an arriving prompt is.
+  decode computes.  When the decode threads already use every core, the loop
+  thread does this work itself instead (``delivery="auto"``; see
+  :meth:`Engine._pick_delivery`).
 """
 
 from __future__ import annotations
 
-import bisect
 import collections
 import dataclasses
 import itertools
@@ -47,14 +42,17 @@ from runner.requests import (
     BadRequest, Busy, Chunk, CompletionOptions, CompletionRequest, EmbeddingResult,
     EngineError, Final, InputTooLong, InternalError, NotReady,
 )
+from runner.delivery import Delivery, SeqEnded, SeqReleased, Shutdown, StepTokens
+from runner.executor import Executor
 from runner.hostcache import HostCache
 from runner.load_checks import check_model_file
 from runner.media import DEFAULT_CACHE_BYTES, MediaCache, MediaSpan, build_prompt
 from runner.metrics import EngineTotals
 from runner.sampling import logprob_entry, make_sampler
 from runner import slotfile
+from runner.scheduler import Scheduler, StepPlan
+from runner.sequence import Sequence
 from runner.slots import NoFreeSlot, PositionedKV, Slot, SlotCache, truncate_prompt
-from runner.textstream import TextStream
 
 log = logging.getLogger("runner.engine")
 
@@ -104,60 +102,6 @@ class StepTiming:
     idle_gap: float     # end of the previous decode to the start of this one
     n_tokens: int       # inputs in the batch
     n_generating: int   # of which one-token generation steps
-
-
-@dataclass(slots=True)
-class Scheduled:
-    """One sequence's share of a step's batch."""
-
-    seq: "_Seq"        # whose inputs these are
-    n_inputs: int      # consecutive inputs in the batch (1 for a generating sequence)
-    out_index: int     # batch row whose logits are sampled after the decode, or -1
-    generating: bool   # the input is the token sampled last step (else prompt inputs)
-
-
-class StepPlan(list):
-    """The sequences of one decode, in batch order (a list of :class:`Scheduled`).
-    Built by the build phase, trimmed by :meth:`Engine._rollback`, read by the
-    decode and sample phases; one plan per step."""
-
-    def n_prompt(self) -> int:
-        """Prompt inputs in the plan."""
-        return sum(e.n_inputs for e in self if not e.generating)
-
-
-# -- what the loop thread sends the delivery side (in order, one queue) -------
-
-
-@dataclass(slots=True)
-class StepTokens:
-    """The tokens one step generated, in batch order."""
-
-    tokens: list[tuple]   # (seq, token id, log-probability entry or None)
-
-
-@dataclass(slots=True)
-class SeqEnded:
-    """A sequence stopped: flush its held-back text, say how many tokens were
-    returned, then hand it back to the loop to release its slot."""
-
-    seq: "_Seq"           # the sequence
-    final: Final          # its final event (done_reason may still become "stop")
-
-
-@dataclass(slots=True)
-class SeqReleased:
-    """The loop released the sequence's slot: send its final event."""
-
-    seq: "_Seq"           # the sequence
-
-
-@dataclass(slots=True)
-class Shutdown:
-    """The loop stopped: send the finals of ended sequences it will never release."""
-
-
-DeliveryRecord = StepTokens | SeqEnded | SeqReleased | Shutdown
 
 
 @dataclass(slots=True)
@@ -235,64 +179,6 @@ class Handle:
         return "".join(parts), final
 
 
-@dataclass(eq=False)
-class _Seq:
-    """One completion's state.  Loop-thread fields unless marked otherwise."""
-
-    handle: Handle                    # where events go
-    options: CompletionOptions        # validated options
-    inputs: list                      # prompt inputs: token ids and media SpanInputs
-    spans: list[MediaSpan]            # media chunks of the prompt, in order
-    t_tokenize: float                 # seconds spent tokenizing (caller thread)
-    t_queued: float                   # perf_counter when queued
-    sampler: _llama.Sampler | None = None  # built at admission
-    slot: Slot | None = None          # slot while running
-    n_cached: int = 0                 # prompt inputs found in the slot
-    n_sched: int = 0                  # prompt inputs handed to a batch (decoded or in flight)
-    generated: list[int] = field(default_factory=list)  # tokens sampled so far
-    next_token: int | None = None     # sampled but not yet decoded
-    out_index: int = -1               # batch index whose logits to sample, or -1
-    t_admitted: float = 0.0           # perf_counter at admission
-    t_first: float = 0.0              # perf_counter when the first token was sampled
-    prompt_duration: float = 0.0      # tokenize + prompt evaluation seconds
-    cancelled: bool = False           # set by any thread; honoured at the next step
-    stop_hit: int = -1                # delivery thread: tokens returned before a stop string (-1: none)
-    ended: bool = False               # loop thread sent the end record
-    n_returned: int = -1              # delivery thread: generated tokens returned (set at the end)
-    error: EngineError | None = None  # why the sequence failed, if it did
-    final: Final | None = None        # completed by the delivery thread, sent after the release
-    n_predict: int = 0                # generation limit in tokens (0: none)
-    shrink_ends: list[int] = field(init=False)  # ends of the spans that give positions back
-    shrinks: list[int] = field(init=False)      # positions given back before index i:
-                                                # shrinks[bisect_right(shrink_ends, i)]
-
-    def __post_init__(self) -> None:
-        # The per-token form of runner.slots.kv_position: the last row of a
-        # span says how many positions the span gives back (M-RoPE images).
-        self.shrink_ends, self.shrinks = [], [0]
-        for span in self.spans:
-            shrink = self.inputs[span.end - 1].shrink
-            if shrink:
-                self.shrink_ends.append(span.end)
-                self.shrinks.append(self.shrinks[-1] + shrink)
-
-    @property
-    def prefilling(self) -> bool:
-        return self.n_sched < len(self.inputs)
-
-    def position(self, i: int) -> int:
-        """KV position of input index ``i``: ``i`` less the positions the
-        media before it gave back (M-RoPE images; see runner.slots)."""
-        if not self.shrink_ends:
-            return i
-        return i - self.shrinks[bisect.bisect_right(self.shrink_ends, i)]
-
-    def span_from(self, pos: int) -> MediaSpan | None:
-        """The first media span ending after input ``pos`` (None: text to the end)."""
-        i = bisect.bisect_right(self.spans, pos, key=lambda sp: sp.end)
-        return self.spans[i] if i < len(self.spans) else None
-
-
 class Engine:
     """Continuous batching over one llama context with a prefix KV cache."""
 
@@ -327,7 +213,6 @@ class Engine:
             self.model.close()
             raise
         self.mtmd = None
-        self.media_batch = None
         if config.projector_path:
             try:
                 self._load_projector(config)
@@ -350,36 +235,28 @@ class Engine:
                                host=self.host_cache if self.host_cache.enabled else None)
         if isinstance(kv, PositionedKV):
             kv.inputs_of = lambda seq: self.slots.slots[seq].inputs
-        self.batch = _llama.Batch(self.n_batch)
+        self.executor = Executor(self.ctx, self.model.n_embd_inp, self.mtmd, self.media_cache)
         self.timings: collections.deque[StepTiming] = collections.deque(maxlen=4096)
         self.totals = EngineTotals()              # running totals (runner.metrics; any thread)
 
-        self._lock = threading.Lock()           # guards _waiting, _embeds, _slot_jobs, _by_id, _closing
+        self._lock = threading.Lock()           # guards the wait queue, _embeds, _slot_jobs, _by_id, _closing, _ready
         self._wake = threading.Condition(self._lock)
-        self._waiting: collections.deque[_Seq] = collections.deque()  # FIFO of queued requests
+        self.scheduler = Scheduler(self.slots, n_batch=self.n_batch, slot_ctx=self.slot_ctx,
+                                   prefill_budget=config.prefill_budget, lock=self._lock,
+                                   n_swa=self.model.n_swa, pos_min=self.ctx.seq_pos_min)
         self._embeds: collections.deque[EmbeddingJob] = collections.deque()  # pending embedding jobs
         self._slot_jobs: collections.deque[SlotJob] = collections.deque()  # pending slot saves/restores
-        self._by_id: dict[str, _Seq] = {}       # every unfinished request
+        self._by_id: dict[str, Sequence] = {}   # every unfinished request
         self._closing = False                   # no new requests accepted
         self._drain = False                     # finish running requests before stopping
         self._ids = itertools.count(1)
-        self._active: list[_Seq] = []           # loop thread: running sequences
-        self._ready: list[_Seq] = []            # ended, text flushed, slot to release (under _lock)
-        self._rotate = 0                        # loop thread: prefill start offset
+        self._ready: list[Sequence] = []        # ended, text flushed, slot to release
         self._last_decode_end = 0.0             # loop thread: for the idle-gap timing
-        # Called on the delivering thread after each burst of events (a step's
-        # worth); a sink that buffers its events flushes them here.
-        self.on_delivered: Callable[[], object] | None = None
         self.delivery_mode = self._pick_delivery(config)
         self._loop = threading.Thread(target=self._run_loop, name="runner-loop", daemon=True)
-        self._delivery: threading.Thread | None = None
-        if self.delivery_mode == "thread":
-            self._out = queue.SimpleQueue()       # records for the delivery thread
-            self._delivery = threading.Thread(target=self._run_delivery, name="runner-delivery",
-                                              daemon=True)
-            self._delivery.start()
-        else:
-            self._out = _InlineDelivery(self)     # the loop thread delivers itself
+        self.delivery = Delivery(_DeliveryHooks(self), self.model.token_to_piece, self.model.n_vocab,
+                                 self.delivery_mode)
+        self._out = self.delivery                # where the loop's delivery records go
         self._loop.start()
         self.load_seconds = time.perf_counter() - t_load  # model, context, projector, threads
 
@@ -446,10 +323,6 @@ class Engine:
         # first request's time to first token.
         self.mtmd = _llama.MtmdContext(self.model, config.projector_path, n_threads=config.n_threads,
                                        use_gpu=config.n_gpu_layers != 0, warmup=True)
-        # Media rows never share a batch with tokens: a batch of their own,
-        # with four positions per row for M-RoPE.
-        self.media_batch = _llama.Batch(self.ctx.n_batch, embd=self.model.n_embd_inp,
-                                        n_pos=4 if self.mtmd.uses_mrope else 1)
 
     @staticmethod
     def _pick_delivery(config: EngineConfig) -> str:
@@ -473,6 +346,16 @@ class Engine:
     @property
     def _arch(self) -> str:
         return self.model.meta("general.architecture") or "llama"
+
+    @property
+    def on_delivered(self) -> Callable[[], object] | None:
+        """Called on the delivering thread after each burst of events (a
+        step's worth); a sink that buffers its events flushes them here."""
+        return self.delivery.on_delivered
+
+    @on_delivered.setter
+    def on_delivered(self, fn: Callable[[], object] | None) -> None:
+        self.delivery.on_delivered = fn
 
     # ------------------------------------------------------------------
     # public API (any thread)
@@ -518,7 +401,7 @@ class Engine:
                                self.config.native_sampler)
         rid = request.id or f"r{next(self._ids)}"
         handle = Handle(self, rid, on_event)
-        seq = _Seq(handle=handle, options=options, inputs=inputs, spans=spans, t_tokenize=t_tok,
+        seq = Sequence(handle=handle, options=options, inputs=inputs, spans=spans, t_tokenize=t_tok,
                    t_queued=time.perf_counter(), sampler=sampler)
         seq.n_predict = options.num_predict if options.num_predict > 0 else 0
         if options.num_predict == 0:
@@ -534,7 +417,7 @@ class Engine:
                 sampler.close()
                 raise Busy(f"server busy: {self.config.parallel} requests running and "
                            f"{self.config.max_queue} queued (max_queue)")
-            self._waiting.append(seq)
+            self.scheduler.waiting.append(seq)
             self._by_id[rid] = seq
             self._wake.notify()
         return handle
@@ -631,7 +514,7 @@ class Engine:
     def info(self) -> dict:
         """Model, configuration, slots and queue, as plain data."""
         with self._lock:
-            waiting = len(self._waiting)
+            waiting = len(self.scheduler.waiting)
             running = len(self._by_id) - waiting
         return {
             "model": {
@@ -681,7 +564,7 @@ class Engine:
                 return
             self._closing = True
             self._drain = drain
-            for seq in self._waiting:
+            for seq in self.scheduler.waiting:
                 seq.cancelled = True
             for seq in self._by_id.values():
                 if not drain:
@@ -690,15 +573,12 @@ class Engine:
         if not drain:
             self.ctx.abort()
         self._loop.join(timeout)
-        if self._delivery is not None:
-            self._out.put(None)
-            self._delivery.join(timeout)
+        self.delivery.close(timeout)
         if self._loop.is_alive():
             log.error("engine loop did not stop within %.0f s", timeout)
             return
-        self.batch.close()
+        self.executor.close()
         if self.mtmd is not None:
-            self.media_batch.close()
             self.mtmd.close()
         self.ctx.close()
         for a in self._loras:
@@ -761,28 +641,26 @@ class Engine:
         try:
             while True:
                 with self._lock:
-                    while not (self._waiting or self._embeds or self._slot_jobs or self._active
-                               or self._ready
-                               or self._closing):
+                    while not (self.scheduler.waiting or self._embeds or self._slot_jobs
+                               or self.scheduler.active or self._ready or self._closing):
                         self._wake.wait()
-                    stopping = self._closing and (not self._drain or not self._active)
+                    stopping = self._closing and (not self._drain or not self.scheduler.active)
                 if stopping:
                     break
                 try:
                     self._step()
                 finally:
-                    if self.delivery_mode == "inline" and self.on_delivered is not None:
-                        self.on_delivered()
+                    self.delivery.step_done()
         except BaseException:
             log.exception("engine loop crashed")
-            for seq in list(self._active):
+            for seq in list(self.scheduler.active):
                 self._end(seq, "error", InternalError("engine loop crashed"))
         finally:
-            for seq in list(self._active):
+            for seq in list(self.scheduler.active):
                 self._end(seq, "cancelled")
             with self._lock:
-                waiting = list(self._waiting)
-                self._waiting.clear()
+                waiting = list(self.scheduler.waiting)
+                self.scheduler.waiting.clear()
                 embeds = list(self._embeds)
                 self._embeds.clear()
                 embeds += self._slot_jobs
@@ -797,25 +675,31 @@ class Engine:
     def _step(self) -> None:
         t0 = time.perf_counter()
         self._finish_flagged()
-        self._admit()
+        for seq in self.scheduler.admit(self._accepting):
+            self._started(seq)
         if self._embeds:
             self._run_embeddings()
         if self._slot_jobs:
             self._run_slot_jobs()
         if self.mtmd is not None:
-            self._prefill_media()
-        plan = self._build_batch()
-        if not plan:
+            media = self.scheduler.schedule_media()
+            if media is not None and self._execute(media):
+                self._sample(media)
+        plan = self.scheduler.schedule()
+        for seq, reason in plan.ended:
+            self._end(seq, reason)
+        if not plan.entries:
             return
         t1 = time.perf_counter()
         idle = t1 - self._last_decode_end if self._last_decode_end else 0.0
-        n_tokens = len(self.batch)
-        if not self._decode(plan):
-            self._last_decode_end = time.perf_counter()
-            return
+        n_tokens = plan.n_inputs()
+        n_prompt = plan.n_prompt()
+        decoded = self._execute(plan)
         t2 = time.perf_counter()
         self._last_decode_end = t2
-        if plan.n_prompt() >= 32:  # mostly prompt: the tier's evaluation rate
+        if not decoded:
+            return
+        if n_prompt >= 32:  # mostly prompt: the tier's evaluation rate
             self.host_cache.note_eval(n_tokens, t2 - t1)
         n_gen = self._sample(plan)
         t3 = time.perf_counter()
@@ -823,40 +707,34 @@ class Engine:
                                        idle_gap=idle, n_tokens=n_tokens, n_generating=n_gen))
         self.totals.step(t2 - t1, n_tokens)
 
-    # -- phase 1: finish ------------------------------------------------
+    def _accepting(self) -> bool:
+        """Whether queued requests may still start (called under the lock)."""
+        return not (self._closing and not self._drain)
+
+    # -- finish and admit -------------------------------------------------
 
     def _finish_flagged(self) -> None:
         """End sequences that were cancelled or hit a stop string, and release
-        the slots of ended sequences whose text the delivery thread flushed."""
+        the slots of ended sequences whose text the delivery side flushed."""
+        cancelled = self.scheduler.take_cancelled()
         with self._lock:
-            cancelled = [s for s in self._waiting if s.cancelled]
-            for s in cancelled:
-                self._waiting.remove(s)
             ready, self._ready = self._ready, []
         for seq in cancelled:
             self._end(seq, "cancelled")
-        for seq in list(self._active):
-            if seq.stop_hit >= 0:
-                self._end(seq, "stop")
-            elif seq.cancelled:
-                self._end(seq, "cancelled")
+        for seq, reason in self.scheduler.flagged():
+            self._end(seq, reason)
         for seq in ready:
-            if seq.slot is not None:
-                # The slot keeps the prompt and the tokens returned; a failed
-                # decode leaves it empty (its KV state is not trusted).
-                kept = [] if seq.error else seq.inputs + seq.generated[:seq.n_returned]
-                self.slots.release(seq.slot, kept)
+            self.scheduler.release(seq)
             self._out.put(SeqReleased(seq))
 
-    def _end(self, seq: _Seq, reason: str, error: EngineError | None = None) -> None:
+    def _end(self, seq: Sequence, reason: str, error: EngineError | None = None) -> None:
         """Stop a sequence and send its end record.  The slot stays lent until
-        the delivery thread says how many tokens were returned."""
+        the delivery side says how many tokens were returned."""
         if seq.ended:
             return
         seq.ended = True
         seq.error = error
-        if seq in self._active:
-            self._active.remove(seq)
+        self.scheduler.remove(seq)
         if seq.sampler is not None:
             seq.sampler.close()
         for span in seq.spans:
@@ -873,223 +751,32 @@ class Engine:
             error=str(error) if error else None, error_code=error.code if error else None)
         self._out.put(SeqEnded(seq, final))
 
-    # -- phase 2: admit -------------------------------------------------
+    def _started(self, seq: Sequence) -> None:
+        """A sequence was admitted into a slot."""
+        seq.t_admitted = time.perf_counter()
+        self.totals.admitted(seq.t_admitted - seq.t_queued)
+        # The penalties look at the prompt too (the grammar does not: it
+        # constrains the generated text only; see _llama.Sampler).
+        if seq.wants_penalty_history():
+            for tok in seq.inputs[-max(seq.options.repeat_last_n, 0) or None:]:
+                if type(tok) is int:  # media rows are not tokens
+                    seq.sampler.accept(tok)
 
-    def _admit(self) -> None:
-        """Move queued requests into free slots (FIFO)."""
-        while self.slots.n_free > 0:
-            with self._lock:
-                if not self._waiting or (self._closing and not self._drain):
-                    return
-                seq = self._waiting.popleft()
-            try:
-                seq.slot, seq.n_cached = self.slots.acquire(seq.inputs)
-            except NoFreeSlot:
-                with self._lock:
-                    self._waiting.appendleft(seq)
-                return
-            if seq.n_cached and self.model.n_swa > 0 and not self._window_kept(seq):
-                seq.slot.truncate(0)
-                seq.n_cached = 0
-            seq.n_sched = seq.n_cached
-            seq.t_admitted = time.perf_counter()
-            self.totals.admitted(seq.t_admitted - seq.t_queued)
-            self._active.append(seq)
-            # The penalties look at the prompt too (the grammar does not: it
-            # constrains the generated text only; see _llama.Sampler).
-            o = seq.options
-            if o.repeat_last_n and (o.repeat_penalty != 1.0 or o.frequency_penalty != 0.0
-                                    or o.presence_penalty != 0.0):
-                for tok in seq.inputs[-max(o.repeat_last_n, 0) or None:]:
-                    if type(tok) is int:  # media rows are not tokens
-                        seq.sampler.accept(tok)
+    # -- execute --------------------------------------------------------
 
-    def _window_kept(self, seq: _Seq) -> bool:
-        """Whether a sliding-window model's KV still holds the window the
-        next input attends to.  The SWA layers keep only the last ``n_swa``
-        positions decoded; cutting a slot back to a shorter prefix leaves
-        them without the positions just before the cut (llama.cpp reports
-        the smallest position the SWA cells hold, or -1 when none)."""
-        start = max(0, seq.position(seq.n_cached) - self.model.n_swa)
-        pos_min = self.ctx.seq_pos_min(seq.slot.id)
-        return 0 <= pos_min <= start
+    def _execute(self, plan: StepPlan) -> int:
+        """Decode the plan and record what was decoded; a failed decode
+        fails the plan's sequences.  Returns the inputs decoded."""
+        try:
+            n = self.executor.execute(plan)
+        except EngineError as exc:
+            for entry in plan.entries:
+                self._end(entry.seq, "error", exc)
+            return 0
+        self.scheduler.update(plan, n)
+        return n
 
-    # -- phase 3: build -------------------------------------------------
-
-    def _build_batch(self) -> StepPlan:
-        """Fill the batch: one token per generating sequence first, then prompt
-        chunks.  Returns the step's plan."""
-        batch = self.batch
-        batch.clear()
-        plan = StepPlan()
-        for seq in [s for s in self._active if s.next_token is not None]:
-            if len(seq.slot.inputs) + 1 > self.slot_ctx and not self._make_room(seq):
-                continue
-            if seq.next_token is None:  # _make_room turned it into a prompt again
-                continue
-            idx = batch.add(seq.next_token, seq.position(len(seq.slot.inputs)), seq.slot.id, True)
-            plan.append(Scheduled(seq, 1, idx, True))
-        budget = self.n_batch - len(batch)
-        if plan:
-            budget = min(budget, self.config.prefill_budget)
-        prefilling = [s for s in self._active if s.prefilling]
-        if prefilling and budget > 0:
-            start = self._rotate % len(prefilling)
-            self._rotate += 1
-            for seq in prefilling[start:] + prefilling[:start]:
-                if budget <= 0:
-                    break
-                stop = seq.n_sched + budget
-                if seq.spans:  # text only: stop before the next media chunk
-                    span = seq.span_from(seq.n_sched)
-                    if span is not None:
-                        if span.start <= seq.n_sched:
-                            continue  # media next: _prefill_media's job
-                        stop = min(stop, span.start)
-                part = seq.inputs[seq.n_sched:stop]
-                last = seq.n_sched + len(part) == len(seq.inputs)
-                idx = batch.add_tokens(part, seq.position(seq.n_sched), seq.slot.id, output_last=last)
-                plan.append(Scheduled(seq, len(part), idx if last else -1, False))
-                seq.n_sched += len(part)
-                budget -= len(part)
-        return plan
-
-    def _make_room(self, seq: _Seq) -> bool:
-        """The slot is full: shift it, or end the sequence with 'length'."""
-        if not seq.options.shift:
-            self._end(seq, "length")
-            return False
-        if seq.spans and not self.slots.backend.can_shift():
-            # Evaluating the survivors again would cut media chunks apart.
-            self._end(seq, "length")
-            return False
-        num_keep = min(seq.options.num_keep, self.slot_ctx // 2)
-        result = self.slots.shift(seq.slot, num_keep)
-        if result.reprocess:
-            # The memory cannot shift (recurrent models): evaluate what
-            # survives again, as a prompt that ends with the pending token.
-            seq.inputs = list(result.reprocess) + [seq.next_token]
-            seq.generated = []
-            seq.n_sched = seq.n_cached = 0
-            seq.next_token = None
-        return True
-
-    # -- phase 2b: media ------------------------------------------------
-
-    def _prefill_media(self) -> None:
-        """Decode the rows of one media chunk (or part of one) for one
-        prefilling sequence whose next input is media, in the media batch.
-
-        The rows come from the media cache, or from the encoder (on this
-        thread; the GIL is released inside).  One sequence per step, and no
-        more than ``prefill_budget`` rows while others generate, as for text;
-        a chunk needing non-causal attention is decoded whole.
-        """
-        waiting = [s for s in self._active if s.prefilling and s.spans]
-        if not waiting:
-            return
-        start = self._rotate % len(waiting)
-        for seq in waiting[start:] + waiting[:start]:
-            span = seq.span_from(seq.n_sched)
-            if span is None or span.start > seq.n_sched:
-                continue  # text next
-            try:
-                rows = self._media_rows(span)
-            except EngineError as exc:
-                self._end(seq, "error", exc)
-                return
-            offset = seq.n_sched - span.start
-            n = span.n_tokens - offset
-            if not span.non_causal:
-                n = min(n, self.n_batch)
-                if any(s.next_token is not None for s in self._active):
-                    n = min(n, self.config.prefill_budget)
-            last = span.start + offset + n == len(seq.inputs)
-            batch = self.media_batch
-            batch.clear()
-            pos0 = seq.position(span.start)
-            positions = None
-            if batch.n_pos > 1:
-                positions = span.chunk.mrope_positions(pos0)[:, offset:offset + n]
-            idx = batch.add_embeddings(rows[offset:offset + n], pos0 + offset, seq.slot.id,
-                                       output_last=last, positions=positions)
-            plan = StepPlan([Scheduled(seq, n, idx if last else -1, False)])
-            seq.n_sched += n
-            if span.non_causal:
-                self.ctx.set_causal_attn(False)
-            try:
-                ok = self._decode(plan, batch)
-            finally:
-                if span.non_causal:
-                    self.ctx.set_causal_attn(True)
-            if ok and last:
-                self._sample(plan)
-            return
-
-    def _media_rows(self, span: MediaSpan) -> np.ndarray:
-        """The embedding rows of ``span``: cached, or encoded now and cached."""
-        def encode() -> np.ndarray:
-            try:
-                return self.mtmd.encode(span.chunk)
-            except _llama.LlamaError as exc:
-                raise InternalError(f"{span.chunk.kind} encoding failed: {exc}") from None
-        return self.media_cache.get_or_encode(span.key, encode)
-
-    # -- phase 4: decode ------------------------------------------------
-
-    def _decode(self, plan: StepPlan, batch: _llama.Batch | None = None) -> bool:
-        """Decode the batch, halving it while no KV slot fits, and record what
-        was decoded into the slots.  False when nothing was decoded."""
-        batch = batch or self.batch
-        n = len(batch)
-        while True:
-            try:
-                self.ctx.decode(batch)
-                break
-            except _llama.NoKVSlotError:
-                if n <= 1:
-                    self._fail_plan(plan, InternalError("no KV cache slot even for one input"))
-                    return False
-                n //= 2
-                batch.truncate(n)
-                log.warning("no KV slot for the batch; retrying with %d inputs", n)
-            except _llama.DecodeAbortedError:
-                self._rollback(plan, 0)
-                return False
-            except (_llama.DecodeError, ValueError) as exc:
-                self._fail_plan(plan, InternalError(f"decode failed: {exc}"))
-                return False
-        self._rollback(plan, n)
-        for entry in plan:
-            seq, count = entry.seq, entry.n_inputs
-            if entry.generating:
-                self.slots.record(seq.slot, [seq.next_token])
-                seq.next_token = None
-            else:
-                self.slots.record(seq.slot, seq.inputs[seq.n_sched - count:seq.n_sched])
-        return True
-
-    def _rollback(self, plan: StepPlan, n_kept: int) -> None:
-        """Drop plan entries past the first ``n_kept`` batch inputs (not
-        decoded): their inputs are scheduled again at the next step."""
-        offset = 0
-        for entry in plan:
-            count = entry.n_inputs
-            kept = min(count, max(0, n_kept - offset))
-            offset += count
-            if kept == count:
-                continue
-            if not entry.generating:
-                entry.seq.n_sched -= count - kept
-            entry.n_inputs = kept
-            entry.out_index = -1  # the output row was not computed
-        plan[:] = [e for e in plan if e.n_inputs > 0]
-
-    def _fail_plan(self, plan: StepPlan, error: EngineError) -> None:
-        for entry in plan:
-            self._end(entry.seq, "error", error)
-
-    # -- phase 5: sample ------------------------------------------------
+    # -- sample and update ------------------------------------------------
 
     def _sample(self, plan: StepPlan) -> int:
         """Sample the next token of every sequence with an output row; returns
@@ -1097,7 +784,7 @@ class Engine:
         step (the GIL released once), and the step's tokens go to delivery as
         one record; ends follow their sequence's last token."""
         seqs, rows = [], []
-        for entry in plan:
+        for entry in plan.entries:
             seq, idx = entry.seq, entry.out_index
             if idx < 0 or seq.ended:
                 continue
@@ -1109,11 +796,9 @@ class Engine:
             rows.append(idx)
         if not seqs:
             return 0
-        # Logits for log-probabilities are read before sampling: the rows stay
-        # valid until the next decode, and no stage writes into them.
-        lps = [self.ctx.logits(idx) if seq.options.logprobs or seq.options.top_logprobs > 0 else None
-               for seq, idx in zip(seqs, rows)]
-        sampled = _llama.sample_batch(self.ctx, [seq.sampler for seq in seqs], rows)
+        sampled, lps = self.executor.sample(
+            [seq.sampler for seq in seqs], rows,
+            [seq.options.logprobs or seq.options.top_logprobs > 0 for seq in seqs])
         now = time.perf_counter()
         toks: list[tuple] = []  # (seq, token, logprob entry or None), for delivery
         ends: list[tuple] = []  # (seq, reason, error), after the tokens
@@ -1167,20 +852,8 @@ class Engine:
                     self._embeds.appendleft(job)
                 return
             try:
-                self.batch.clear()
-                self.batch.add_tokens(job.tokens, 0, slot.id, output_last=True)
-                # Every token is an output for pooling.
-                for i in range(len(self.batch)):
-                    self.batch.set_output(i, True)
-                if not self.config.embeddings:
-                    self.ctx.set_embeddings(True)
-                try:
-                    self.ctx.decode(self.batch)
-                    job.result = np.array(self.ctx.embeddings_seq(slot.id), dtype=np.float32)
-                    self.totals.embedded()
-                finally:
-                    if not self.config.embeddings:
-                        self.ctx.set_embeddings(False)
+                job.result = self.executor.embed(job.tokens, slot.id, self.config.embeddings)
+                self.totals.embedded()
                 self.slots.record(slot, job.tokens)
             except Exception as exc:  # the request fails, the engine goes on
                 job.error = exc if isinstance(exc, EngineError) else InternalError(f"embedding failed: {exc}")
@@ -1236,88 +909,39 @@ class Engine:
         raise BadRequest(f"slot {slot.id}: the model's memory refused the saved state "
                          f"({saved.header.n_inputs} inputs, {saved.header.n_state} bytes)")
 
-    # ------------------------------------------------------------------
-    # delivery thread
-    # ------------------------------------------------------------------
 
-    def _run_delivery(self) -> None:
-        """Turn sampled tokens into text events; detect stop strings."""
-        outputs: dict[int, _Output] = {}
-        while True:
-            record = self._out.get()
-            if record is None:
-                return
-            try:
-                self._deliver(record, outputs)
-                if self.on_delivered is not None and self._out.empty():
-                    self.on_delivered()
-            except BaseException:
-                log.exception("delivery failed")
+class _DeliveryHooks:
+    """The engine as the delivery side sees it (runner.delivery.DeliveryOwner)."""
 
-    def _deliver(self, record: DeliveryRecord, outputs: dict[int, "_Output"]) -> None:
-        kind = type(record)
-        if kind is StepTokens:
-            for seq, token, logprob in record.tokens:
-                out = outputs.get(id(seq))
-                if out is None:
-                    out = outputs[id(seq)] = _Output(TextStream(seq.options.stop))
-                if not out.stream.stopped:  # else decoded after its stop string: not returned
-                    self._deliver_token(seq, out, token, logprob)
-            return
-        if kind is SeqReleased:
-            self._send_final(record.seq)
-            return
-        if kind is Shutdown:  # nothing will release slots any more
-            with self._lock:
-                ready, self._ready = self._ready, []
-            for seq in ready:
-                self._send_final(seq)
-            return
-        # SeqEnded: flush the held-back text, then let the loop release the slot.
-        seq, final = record.seq, record.final
-        out = outputs.pop(id(seq), None) or _Output(TextStream(seq.options.stop))
-        if out.stream.stopped:
-            final.done_reason = "stop"
-            seq.n_returned = out.n_fed - out.stream.n_feeds_to_trim
-        else:
-            text = out.stream.finish()
-            if text or out.tokens:
-                seq.handle._sink(Chunk(text=text, tokens=out.tokens, logprobs=out.logprobs or None))
-            seq.n_returned = out.n_fed
-        final.eval_count = out.n_fed
-        seq.final = final
-        with self._lock:
-            if self._loop.is_alive() and not (self._closing and not self._drain):
-                self._ready.append(seq)
-                self._wake.notify()
-                return
-        self._send_final(seq)
+    def __init__(self, engine: Engine):
+        self._engine = engine
 
-    def _deliver_token(self, seq: _Seq, out: "_Output", token: int, logprob: dict | None) -> None:
-        piece = self.model.token_to_piece(token)
-        out.n_fed += 1
-        out.tokens.append(token)
-        if logprob is not None:
-            logprob["text"] = piece.decode("utf-8", "replace")
-            out.logprobs.append(logprob)
-        text = out.stream.feed(piece)
-        if out.stream.stopped:
-            seq.stop_hit = out.n_fed - out.stream.n_feeds_to_trim
-            with self._lock:
-                self._wake.notify()
-        if text:
-            seq.handle._sink(Chunk(text=text, tokens=out.tokens, logprobs=out.logprobs or None))
-            out.tokens = []
-            out.logprobs = []
+    def stop_found(self, seq: Sequence) -> None:
+        with self._engine._lock:
+            self._engine._wake.notify()
 
-    def _send_final(self, seq: _Seq) -> None:
-        with self._lock:
-            self._by_id.pop(seq.handle.id, None)
+    def flushed(self, seq: Sequence) -> bool:
+        e = self._engine
+        with e._lock:
+            if e._loop.is_alive() and not (e._closing and not e._drain):
+                e._ready.append(seq)
+                e._wake.notify()
+                return True
+        return False
+
+    def unreleased(self) -> list[Sequence]:
+        e = self._engine
+        with e._lock:
+            ready, e._ready = e._ready, []
+        return ready
+
+    def finishing(self, seq: Sequence) -> None:
+        e = self._engine
+        with e._lock:
+            e._by_id.pop(seq.handle.id, None)
         f = seq.final
-        self.totals.finished(f.done_reason, f.prompt_count, f.prompt_eval_count, f.cached_count,
-                             f.eval_count)
-        seq.handle.final = seq.final
-        seq.handle._sink(seq.final)
+        e.totals.finished(f.done_reason, f.prompt_count, f.prompt_eval_count, f.cached_count,
+                          f.eval_count)
 
 
 class _StreamKV:
@@ -1376,7 +1000,7 @@ class _StateKV:
         caches hold only the last ``n_swa`` positions, and llama.cpp saves
         only those (cells the window masks are left out): a cut at ``n``
         keeps the window the next input attends to when ``n - n_swa`` is at
-        or after the smallest position saved (as Engine._window_kept checks
+        or after the smallest position saved (as Scheduler._window_kept checks
         after every acquire).  Counted in input indices, which equal
         positions without M-RoPE media; the check after the acquire is exact."""
         if self._recurrent:
@@ -1385,30 +1009,3 @@ class _StateKV:
             pos_min = max(self._ctx.seq_pos_min(seq), self._ctx.seq_pos_max(seq) - self._n_swa + 1)
             return 0 if pos_min <= 0 else min(len(inputs), pos_min + self._n_swa)
         return 0
-
-
-class _InlineDelivery:
-    """Stands in for the delivery queue: the loop thread delivers each record
-    as it is produced (see Engine._pick_delivery)."""
-
-    def __init__(self, engine: Engine):
-        self._engine = engine
-        self._outputs: dict[int, _Output] = {}  # per-sequence state, loop thread only
-
-    def put(self, record) -> None:
-        if record is None:
-            return
-        try:
-            self._engine._deliver(record, self._outputs)
-        except Exception:
-            log.exception("delivery failed")
-
-
-@dataclass
-class _Output:
-    """Delivery-thread state of one sequence."""
-
-    stream: TextStream                # UTF-8 hold-back and stop strings
-    n_fed: int = 0                    # generated tokens fed to the stream
-    tokens: list = field(default_factory=list)    # tokens of text not yet sent
-    logprobs: list = field(default_factory=list)  # their log-probabilities

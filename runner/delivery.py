@@ -1,0 +1,210 @@
+"""Delivery: sampled tokens into text events, stop strings, finals.
+
+The loop thread hands the delivery side one record per event, in order
+(:class:`StepTokens`, :class:`SeqEnded`, :class:`SeqReleased`,
+:class:`Shutdown`).  Delivery turns tokens into text (a piece table, UTF-8
+hold-back and stop strings in runner.textstream), calls each request's event
+sink, and talks back to the engine only through :class:`DeliveryOwner`.
+
+It runs on a thread of its own, overlapping the next decode, or inline on the
+loop thread when the decode threads already use every core (see
+runner.engine.Engine._pick_delivery).
+
+A stop string is found one or two steps after its last token was sampled; the
+sequence is flagged (``stop_hit``) and the loop ends it at its next step,
+trimming the slot to the tokens actually returned.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+from runner.requests import Chunk, Final
+from runner.sequence import Sequence
+from runner.textstream import TextStream
+
+log = logging.getLogger("runner.engine")
+
+
+# -- what the loop thread sends the delivery side (in order, one queue) -------
+
+
+@dataclass(slots=True)
+class StepTokens:
+    """The tokens one step generated, in batch order."""
+
+    tokens: list[tuple]   # (seq, token id, log-probability entry or None)
+
+
+@dataclass(slots=True)
+class SeqEnded:
+    """A sequence stopped: flush its held-back text, say how many tokens were
+    returned, then hand it back to the loop to release its slot."""
+
+    seq: Sequence         # the sequence
+    final: Final          # its final event (done_reason may still become "stop")
+
+
+@dataclass(slots=True)
+class SeqReleased:
+    """The loop released the sequence's slot: send its final event."""
+
+    seq: Sequence         # the sequence
+
+
+@dataclass(slots=True)
+class Shutdown:
+    """The loop stopped: send the finals of ended sequences it will never release."""
+
+
+DeliveryRecord = StepTokens | SeqEnded | SeqReleased | Shutdown
+
+
+class DeliveryOwner(Protocol):
+    """What delivery asks of the engine (called on the delivering thread)."""
+
+    def stop_found(self, seq: Sequence) -> None:
+        """``seq.stop_hit`` was set: the loop should end it soon."""
+
+    def flushed(self, seq: Sequence) -> bool:
+        """``seq`` ended and its text is out; True when the loop takes it to
+        release its slot (a SeqReleased record follows), False when the
+        final should go out now (the loop is stopping)."""
+
+    def unreleased(self) -> list[Sequence]:
+        """At shutdown: the flushed sequences the loop will never release."""
+
+    def finishing(self, seq: Sequence) -> None:
+        """``seq``'s final is about to be sent (bookkeeping, totals)."""
+
+
+@dataclass
+class _Output:
+    """Delivery-side state of one sequence."""
+
+    stream: TextStream                # UTF-8 hold-back and stop strings
+    n_fed: int = 0                    # generated tokens fed to the stream
+    tokens: list = field(default_factory=list)    # tokens of text not yet sent
+    logprobs: list = field(default_factory=list)  # their log-probabilities
+
+
+class Delivery:
+    """Turns delivery records into events.  ``put`` is called by the loop
+    thread only; in "thread" mode the records are handled on the delivery
+    thread, in "inline" mode at once on the caller."""
+
+    def __init__(self, owner: DeliveryOwner, token_to_piece: Callable[[int], bytes],
+                 n_vocab: int, mode: str):
+        self._owner = owner
+        self._token_to_piece = token_to_piece
+        # token id -> its bytes, filled on first use (a vocabulary of 150k
+        # pieces would cost a noticeable load time up front).
+        self._pieces: list[bytes | None] = [None] * n_vocab
+        self._outputs: dict[int, _Output] = {}  # id(seq) -> its state (delivering thread only)
+        self.mode = mode                        # "thread" or "inline"
+        # Called on the delivering thread after each burst of events (a
+        # step's worth); a sink that buffers its events flushes them here.
+        self.on_delivered: Callable[[], object] | None = None
+        self._queue: queue.SimpleQueue | None = None
+        self._thread: threading.Thread | None = None
+        if mode == "thread":
+            self._queue = queue.SimpleQueue()
+            self._thread = threading.Thread(target=self._run, name="runner-delivery", daemon=True)
+            self._thread.start()
+
+    def put(self, record: DeliveryRecord) -> None:
+        if self._queue is not None:
+            self._queue.put(record)
+            return
+        try:
+            self._handle(record)
+        except Exception:
+            log.exception("delivery failed")
+
+    def step_done(self) -> None:
+        """Inline mode: the loop finished a step (its events are out)."""
+        if self._queue is None and self.on_delivered is not None:
+            self.on_delivered()
+
+    def close(self, timeout: float) -> None:
+        """Stop the delivery thread after the records already put."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        q = self._queue
+        while True:
+            record = q.get()
+            if record is None:
+                return
+            try:
+                self._handle(record)
+                if self.on_delivered is not None and q.empty():
+                    self.on_delivered()
+            except BaseException:
+                log.exception("delivery failed")
+
+    # -- records ------------------------------------------------------------------
+
+    def _handle(self, record: DeliveryRecord) -> None:
+        kind = type(record)
+        if kind is StepTokens:
+            self._tokens(record.tokens)
+        elif kind is SeqEnded:
+            self._ended(record.seq, record.final)
+        elif kind is SeqReleased:
+            self._send_final(record.seq)
+        elif kind is Shutdown:  # nothing will release slots any more
+            for seq in self._owner.unreleased():
+                self._send_final(seq)
+
+    def _tokens(self, tokens: list[tuple]) -> None:
+        outputs, pieces = self._outputs, self._pieces
+        for seq, token, logprob in tokens:
+            out = outputs.get(id(seq))
+            if out is None:
+                out = outputs[id(seq)] = _Output(TextStream(seq.options.stop))
+            if out.stream.stopped:
+                continue  # decoded after its stop string: not returned
+            piece = pieces[token]
+            if piece is None:
+                piece = pieces[token] = self._token_to_piece(token)
+            out.n_fed += 1
+            out.tokens.append(token)
+            if logprob is not None:
+                logprob["text"] = piece.decode("utf-8", "replace")
+                out.logprobs.append(logprob)
+            text = out.stream.feed(piece)
+            if out.stream.stopped:
+                seq.stop_hit = out.n_fed - out.stream.n_feeds_to_trim
+                self._owner.stop_found(seq)
+            if text:
+                seq.handle._sink(Chunk(text=text, tokens=out.tokens, logprobs=out.logprobs or None))
+                out.tokens = []
+                out.logprobs = []
+
+    def _ended(self, seq: Sequence, final: Final) -> None:
+        """Flush the held-back text, then let the loop release the slot."""
+        out = self._outputs.pop(id(seq), None) or _Output(TextStream(seq.options.stop))
+        if out.stream.stopped:
+            final.done_reason = "stop"
+            seq.n_returned = out.n_fed - out.stream.n_feeds_to_trim
+        else:
+            text = out.stream.finish()
+            if text or out.tokens:
+                seq.handle._sink(Chunk(text=text, tokens=out.tokens, logprobs=out.logprobs or None))
+            seq.n_returned = out.n_fed
+        final.eval_count = out.n_fed
+        seq.final = final
+        if not self._owner.flushed(seq):
+            self._send_final(seq)
+
+    def _send_final(self, seq: Sequence) -> None:
+        self._owner.finishing(seq)
+        seq.handle.final = seq.final
+        seq.handle._sink(seq.final)

@@ -1,0 +1,146 @@
+"""Execution: a step plan into a batch, the decode, and the sampled tokens.
+
+The executor owns the context's batches and is the only code that decodes
+(loop thread only).  It decides nothing: which inputs go into a step is the
+scheduler's (runner.scheduler), what a sampled token means is the engine's.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from runner import _llama
+from runner.media import MediaCache, MediaSpan
+from runner.requests import InternalError
+from runner.scheduler import StepPlan
+
+log = logging.getLogger("runner.engine")
+
+
+class Executor:
+    """Plan -> batch -> decode (halving the batch while no KV slot fits) ->
+    sampled tokens, on one context."""
+
+    def __init__(self, ctx: _llama.Context, n_embd_inp: int, mtmd: "_llama.MtmdContext | None",
+                 media_cache: MediaCache):
+        self.ctx = ctx                        # the context decoded into
+        self.batch = _llama.Batch(ctx.n_batch)  # token batch, rewritten each step
+        self.mtmd = mtmd                      # media encoder (None: text only)
+        self.media_cache = media_cache        # embedding rows of media seen before
+        # Media rows never share a batch with tokens: a batch of their own,
+        # with four positions per row for M-RoPE.
+        self.media_batch = None if mtmd is None else _llama.Batch(
+            ctx.n_batch, embd=n_embd_inp, n_pos=4 if mtmd.uses_mrope else 1)
+
+    def close(self) -> None:
+        self.batch.close()
+        if self.media_batch is not None:
+            self.media_batch.close()
+
+    # -- decode ---------------------------------------------------------------
+
+    def execute(self, plan: StepPlan) -> int:
+        """Write the plan into its batch and decode it; returns how many of
+        its inputs were decoded (fewer after halving; 0 when aborted).
+        Raises EngineError when the decode failed (the plan's sequences
+        fail), after which nothing of the plan is in the KV memory that
+        counts: the scheduler records only what :meth:`execute` returned."""
+        if plan.media:
+            return self._execute_media(plan)
+        self._write(plan)
+        return self._decode(self.batch)
+
+    def _write(self, plan: StepPlan) -> None:
+        batch = self.batch
+        batch.clear()
+        for e in plan.entries:
+            seq = e.seq
+            if e.generating:
+                e.out_index = batch.add(seq.next_token, seq.position(e.start), seq.slot.id, True)
+            else:
+                idx = batch.add_tokens(seq.inputs[e.start:e.start + e.n_inputs],
+                                       seq.position(e.start), seq.slot.id,
+                                       output_last=e.wants_output)
+                e.out_index = idx if e.wants_output else -1
+
+    def _execute_media(self, plan: StepPlan) -> int:
+        entry = plan.entries[0]
+        seq, span = entry.seq, entry.span
+        rows = self.media_rows(span)
+        offset = entry.start - span.start
+        n = entry.n_inputs
+        batch = self.media_batch
+        batch.clear()
+        pos0 = seq.position(span.start)
+        positions = None
+        if batch.n_pos > 1:
+            positions = span.chunk.mrope_positions(pos0)[:, offset:offset + n]
+        idx = batch.add_embeddings(rows[offset:offset + n], pos0 + offset, seq.slot.id,
+                                   output_last=entry.wants_output, positions=positions)
+        entry.out_index = idx if entry.wants_output else -1
+        if not span.non_causal:
+            return self._decode(batch)
+        self.ctx.set_causal_attn(False)
+        try:
+            return self._decode(batch)
+        finally:
+            self.ctx.set_causal_attn(True)
+
+    def _decode(self, batch: _llama.Batch) -> int:
+        n = len(batch)
+        while True:
+            try:
+                self.ctx.decode(batch)
+                return n
+            except _llama.NoKVSlotError:
+                if n <= 1:
+                    raise InternalError("no KV cache slot even for one input") from None
+                n //= 2
+                batch.truncate(n)
+                log.warning("no KV slot for the batch; retrying with %d inputs", n)
+            except _llama.DecodeAbortedError:
+                return 0
+            except (_llama.DecodeError, ValueError) as exc:
+                raise InternalError(f"decode failed: {exc}") from None
+
+    def media_rows(self, span: MediaSpan) -> np.ndarray:
+        """The embedding rows of ``span``: cached, or encoded now (the GIL
+        released inside) and cached."""
+        def encode() -> np.ndarray:
+            try:
+                return self.mtmd.encode(span.chunk)
+            except _llama.LlamaError as exc:
+                raise InternalError(f"{span.chunk.kind} encoding failed: {exc}") from None
+        return self.media_cache.get_or_encode(span.key, encode)
+
+    # -- sample ---------------------------------------------------------------
+
+    def sample(self, samplers: list, rows: list[int], want_logits: list[bool]) -> tuple[list, list]:
+        """One token (or the exception its sampler raised) per (sampler,
+        row), and the row's logits where ``want_logits`` (for
+        log-probabilities; read before sampling, valid until the next
+        decode).  The whole step is sampled in one binding call, the GIL
+        released once."""
+        logits = [self.ctx.logits(row) if want else None for row, want in zip(rows, want_logits)]
+        return _llama.sample_batch(self.ctx, samplers, rows), logits
+
+    # -- embeddings -----------------------------------------------------------
+
+    def embed(self, tokens: list[int], seq_id: int, embeddings_runner: bool) -> np.ndarray:
+        """Decode ``tokens`` alone as sequence ``seq_id``, every token an
+        output, and return the pooled embedding."""
+        batch = self.batch
+        batch.clear()
+        batch.add_tokens(tokens, 0, seq_id, output_last=True)
+        for i in range(len(batch)):
+            batch.set_output(i, True)
+        if not embeddings_runner:
+            self.ctx.set_embeddings(True)
+        try:
+            self.ctx.decode(batch)
+            return np.array(self.ctx.embeddings_seq(seq_id), dtype=np.float32)
+        finally:
+            if not embeddings_runner:
+                self.ctx.set_embeddings(False)
