@@ -368,6 +368,12 @@ class _Connection:
             except Exception as exc:
                 log.warning("undecodable reply from the runner: %s", exc)
                 continue
+            if type(reply) is P.ChunksReply:  # one step's chunks of several requests
+                for chunk in reply.chunks:
+                    sink = self._sinks.get(chunk.id)
+                    if sink is not None:
+                        handed.append((chunk.id, sink, chunk))
+                continue
             sink = self._sinks.get(reply.id)
             if sink is None:
                 if type(reply) is P.ErrorReply and reply.id is None:
@@ -376,8 +382,26 @@ class _Connection:
             if type(reply) is not P.ChunkReply:
                 del self._sinks[reply.id]
             handed.append((reply.id, sink, reply))
+        self._hand(handed)
+
+    def _hand(self, handed: list) -> None:
+        """Give each reply to its sink.  Replies for streams of one asyncio
+        loop go over in one ``call_soon_threadsafe`` (one wake-up of that
+        loop per burst, not one per reply)."""
+        loops: dict = {}  # loop -> [(put, reply)] for asyncio streams
         for request_id, sink, reply in handed:
-            self._call_sink(request_id, sink, reply)
+            loop = getattr(sink, "loop", None)
+            if loop is None:
+                self._call_sink(request_id, sink, reply)
+            else:
+                loops.setdefault(loop, []).append((request_id, sink, reply))
+        for loop, items in loops.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError as exc:  # the caller's event loop is closed
+                for request_id, _, _ in items:
+                    log.debug("dropping replies of %r: %s", request_id, exc)
+                    self._sinks.pop(request_id, None)
 
     def _call_sink(self, request_id: Any, sink: Sink, item: Any) -> None:
         try:
@@ -498,6 +522,27 @@ class _Connection:
             self._call_sink(request_id, sink, self._gone_type(*self._gone))
 
 
+class _LoopSink:
+    """Where the I/O thread puts an asyncio stream's replies: the stream's
+    queue, reached on its event loop.  It holds no reference to the stream,
+    so that dropping the stream cancels the request."""
+
+    __slots__ = ("loop", "put")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, put: Callable[[Any], None]) -> None:
+        self.loop = loop  # the stream's event loop
+        self.put = put    # its queue's put_nowait (call on the loop only)
+
+    def __call__(self, reply: Any) -> None:
+        self.loop.call_soon_threadsafe(self.put, reply)
+
+
+def _put_all(items: list) -> None:
+    """On an event loop: hand a burst of replies to their streams' queues."""
+    for _, sink, reply in items:
+        sink.put(reply)
+
+
 def _to_final(reply: P.FinalReply) -> Final:
     return Final(done_reason=reply.done_reason, prompt_eval_count=reply.prompt_eval_count,
                  prompt_eval_duration=reply.prompt_eval_duration, eval_count=reply.eval_count,
@@ -607,8 +652,7 @@ class AsyncCompletionStream(_StreamBase):
     def sink(self) -> Sink:
         """Where the I/O thread puts replies; it holds no reference to the stream,
         so that dropping the stream cancels the request."""
-        loop, put = self._loop, self._queue.put_nowait
-        return lambda reply: loop.call_soon_threadsafe(put, reply)
+        return _LoopSink(self._loop, self._queue.put_nowait)
 
     def __aiter__(self) -> "AsyncCompletionStream":
         return self
@@ -897,7 +941,7 @@ class Runner:
     def _completion(request_id: int, prompt: str | list[int], add_special: bool,
                     options: dict, media: Media = None) -> dict:
         request = {"op": "completion", "id": request_id, "prompt": prompt, "options": options,
-                   "add_special": add_special}
+                   "add_special": add_special, "batch_chunks": True}
         if media:
             items = media.items() if isinstance(media, dict) else enumerate(media)
             request["media"] = [{"id": i, "data": bytes(data)} for i, data in items]

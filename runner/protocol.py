@@ -136,6 +136,7 @@ class Completion(Request, tag="completion"):
     options: dict[str, Any] = {}         # CompletionOptions fields (runner/requests.py)
     add_special: bool = True             # add BOS etc. as the model asks (text prompts)
     media: list[Media] = []              # placed by [img-N] or the projector's marker
+    batch_chunks: bool = False           # this client reads `chunks` replies (one per step for all its streams)
 
 
 class Chat(Request, tag="chat"):
@@ -226,6 +227,14 @@ class ChunkReply(Reply, tag="chunk", omit_defaults=True):
     text: str
     tokens: list[int]                    # tokens that produced the text
     logprobs: list[dict[str, Any]] | None = None  # when asked: per token {token, text, logprob, top}
+
+
+class ChunksReply(Reply, tag="chunks"):
+    """The chunks one engine step produced for several completions of one
+    client, in one message; only for completions sent with
+    ``batch_chunks``.  ``id`` is None: each chunk names its request."""
+
+    chunks: list[ChunkReply]             # in step order; at most one per request
 
 
 class FinalReply(Reply, tag="final"):
@@ -320,7 +329,7 @@ class ShutdownReply(Reply, tag="shutdown"):
     drain: bool
 
 
-REPLY_TYPES = (ErrorReply, ChunkReply, FinalReply, HealthReply, LoadReply, EmbeddingReply,
+REPLY_TYPES = (ErrorReply, ChunkReply, ChunksReply, FinalReply, HealthReply, LoadReply, EmbeddingReply,
                TokenizeReply, DetokenizeReply, DiscoverReply, InfoReply, CancelReply,
                SlotFileReply, ShutdownReply)
 AnyReply = Union[REPLY_TYPES]  # type: ignore[valid-type]

@@ -220,6 +220,7 @@ class Job:
     handle: Any = None                  # engine Handle (completions, once prepared)
     future: Future | None = None        # the worker-thread call (every op but completions' generation)
     cancelled: bool = False             # a cancel was asked for
+    batch_chunks: bool = False          # completions: the client reads `chunks` replies
 
 
 class WorkBudget:
@@ -549,11 +550,20 @@ class Server:
             self._io.release()
 
     def _deliver(self, items: list) -> None:
-        """Send replies posted by other threads: (job key, reply, terminal)."""
+        """Send replies posted by other threads: (job key, reply, terminal).
+        Chunks for clients that read ``chunks`` replies are gathered per
+        client and sent as one message, before that client's next terminal
+        reply (a request's chunks always precede its final)."""
+        gathered: dict[bytes, list] = {}  # peer -> its chunks not yet sent
         for key, reply, terminal in items:
             job = self._jobs.get(key)
             if job is None:
                 continue  # already answered (cancelled before it ran)
+            if job.batch_chunks and type(reply) is P.ChunkReply:
+                gathered.setdefault(job.peer, []).append(reply)
+                continue
+            if terminal and gathered and job.peer in gathered:
+                self._send_chunks(job.peer, gathered.pop(job.peer))
             if terminal:
                 self._finish(key, job)
                 # A worker op's result arriving after a cancel becomes the
@@ -562,6 +572,11 @@ class Server:
                 if job.cancelled and job.future is not None and type(reply) is not P.FinalReply:
                     reply = _cancelled_reply(job)
             self._send(job.peer, reply)
+        for peer, chunks in gathered.items():
+            self._send_chunks(peer, chunks)
+
+    def _send_chunks(self, peer: bytes, chunks: list) -> None:
+        self._send(peer, chunks[0] if len(chunks) == 1 else P.ChunksReply(id=None, chunks=chunks))
 
     def _send(self, peer: bytes, reply: P.Reply) -> None:
         try:
@@ -897,7 +912,8 @@ class Server:
         if self._stopping and not isinstance(req, (P.Info, P.Discover)):
             raise NotReady("the runner is shutting down")
         key = self._new_key(peer, req.id)
-        job = Job(peer, req.id, req.__struct_config__.tag, size)
+        job = Job(peer, req.id, req.__struct_config__.tag, size,
+                  batch_chunks=type(req) is P.Completion and req.batch_chunks)
         pool = self._heavy_pool if size > HEAVY_REQUEST_BYTES else self._pool
         self._budget.reserve(size)
         self._jobs[key] = job  # before the call starts: it may post replies at once

@@ -281,6 +281,49 @@ def test_engine_thread_sends_a_step_and_wakes_the_io_thread_for_requests():
         os.rmdir(directory)
 
 
+def test_a_steps_chunks_for_one_client_go_as_one_message(bare_server):
+    """Completions sent with batch_chunks get their step's chunks in one
+    `chunks` message; a final flushes the chunks gathered before it; a
+    completion without the flag still gets one `chunk` per message."""
+    server = bare_server.server
+    client = zmq.Context.instance().socket(zmq.DEALER)
+    client.setsockopt(zmq.ROUTING_ID, b"batched")
+    client.connect(bare_server.endpoint)
+    client.send(pack({"op": "health", "id": 0}))
+    assert client.poll(10_000) and msgpack.unpackb(client.recv())["type"] == "health"
+    with server._io:
+        keys = []
+        for rid, batched in (("a", True), ("b", True), ("c", False)):
+            keys.append((b"batched", rid))
+            server._jobs[keys[-1]] = Job(b"batched", rid, "completion", batch_chunks=batched)
+        a, b, c = keys
+        items = [(a, P.ChunkReply(id="a", text="1", tokens=[1]), False),
+                 (c, P.ChunkReply(id="c", text="2", tokens=[2]), False),
+                 (b, P.ChunkReply(id="b", text="3", tokens=[3]), False),
+                 (b, P.FinalReply(id="b", done_reason="stop"), True),
+                 (a, P.ChunkReply(id="a", text="4", tokens=[4]), False)]
+        server._deliver(items)
+    got = []
+    while len(got) < 4:
+        assert client.poll(10_000), f"only {got} came"
+        got.append(msgpack.unpackb(client.recv()))
+    try:
+        # c is not batched: its chunk goes at once; b's final flushes a's and
+        # b's chunks first (one message); a's later chunk goes alone at the end.
+        assert got[0] == {"type": "chunk", "id": "c", "text": "2", "tokens": [2]}
+        assert got[1] == {"type": "chunks", "id": None, "chunks": [
+            {"type": "chunk", "id": "a", "text": "1", "tokens": [1]},
+            {"type": "chunk", "id": "b", "text": "3", "tokens": [3]}]}
+        assert got[2]["type"] == "final" and got[2]["id"] == "b"
+        assert got[3] == {"type": "chunk", "id": "a", "text": "4", "tokens": [4]}
+        assert not client.poll(100)
+    finally:
+        with server._io:
+            for key in (a, c):
+                server._jobs.pop(key, None)
+        client.close(0)
+
+
 def test_engine_thread_sends_while_the_io_thread_serves_requests(bare_server):
     """Chunks sent from an engine-like thread keep their order and lose
     nothing while the I/O thread answers requests on the same socket."""
