@@ -44,14 +44,14 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import msgspec
 
 from runner import pool_fit
 from runner.client import Media, Runner, RunnerGone, describe_exit
 from runner.models import resolve_model
-from runner.pool_policy import Admission, PoolPolicy, Room, show_bytes
+from runner.pool_policy import Admission, PoolPolicy, Room
 from runner.requests import Chunk, EngineError, Final
 
 log = logging.getLogger("runner.pool")
@@ -418,7 +418,7 @@ class RunnerPool:
         self._generation[p.model] += 1
         self._joiners[p.model] = [(p.future, p.keep_alive)]
         self._event("load", p.model, a.reason)
-        thread = threading.Thread(target=self._load_runner, name=f"runner-pool-load",
+        thread = threading.Thread(target=self._load_runner, name="runner-pool-load",
                                   args=(p.model, self._generation[p.model], evicted), daemon=True)
         self._threads.add(thread)
         thread.start()
@@ -625,8 +625,8 @@ class PoolStream:
             raise
         except RunnerGone as exc:
             raise self._lease.crashed(exc) from exc
-        except BaseException:
-            self._lease.release()
+        except BaseException as exc:  # an error reply means the runner answered; a cancel does not
+            self._lease.release(answered=isinstance(exc, EngineError))
             raise
         if type(event) is Final:
             self._lease.release()
@@ -682,8 +682,8 @@ class AsyncPoolStream:
             raise
         except RunnerGone as exc:
             raise self._lease.crashed(exc) from exc
-        except BaseException:
-            self._lease.release()
+        except BaseException as exc:  # an error reply means the runner answered; a cancel does not
+            self._lease.release(answered=isinstance(exc, EngineError))
             raise
         if type(event) is Final:
             self._lease.release()
@@ -793,4 +793,4 @@ async def _await(future: concurrent.futures.Future, timeout: float | None, model
 
 
 __all__ = ["RunnerPool", "PoolStream", "AsyncPoolStream", "Lease", "PoolError", "DoesNotFit",
-           "ModelFailed", "ModelLoadError", "PoolClosed", "RunnerCrashed", "show_bytes"]
+           "ModelFailed", "ModelLoadError", "PoolClosed", "RunnerCrashed"]

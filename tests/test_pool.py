@@ -186,3 +186,32 @@ def test_what_can_never_fit_or_load_fails_at_once(tiny, tmp_path):
             pool.complete(tiny[1], "Hi")
         with pytest.raises(ValueError, match="n_ctx"):
             pool.configure(tiny[0], n_ctx=-1)
+
+
+def test_a_caller_that_gives_up_while_the_model_loads_holds_nothing(tiny):
+    async def ready(pool: RunnerPool, model: str) -> dict:
+        for _ in range(3000):
+            entry = pool.state()["models"].get(model)
+            if entry and entry["state"] == "ready":
+                return entry
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"{model} did not load")
+
+    async def main() -> None:
+        async with RunnerPool(load=LOAD) as pool:
+            task = asyncio.create_task(pool.acomplete(tiny[0], "Hi"))
+            while not pool.state()["queues"]["waiting_for_load"]:
+                await asyncio.sleep(0.01)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert (await ready(pool, tiny[0]))["in_flight"] == 0
+            with pytest.raises(TimeoutError, match="no runner for .*tiny-1.gguf"):
+                pool.complete(tiny[1], "Hi", timeout=0)  # the load has only just begun
+            assert (await ready(pool, tiny[1]))["in_flight"] == 0
+            stream = await pool.acomplete(tiny[1], "Hi", **FOREVER)
+            assert type(await stream.__anext__()) is Chunk
+            stream.close()  # dropped mid-stream: the lease ends with it
+            assert pool.state()["models"][tiny[1]]["in_flight"] == 0
+
+    asyncio.run(main())
