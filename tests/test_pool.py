@@ -215,3 +215,17 @@ def test_a_caller_that_gives_up_while_the_model_loads_holds_nothing(tiny):
             assert pool.state()["models"][tiny[1]]["in_flight"] == 0
 
     asyncio.run(main())
+
+
+def test_images_reach_a_pooled_multimodal_runner(default_model_path, tmp_path):
+    from mmproj import png_bytes, write_vision_projector
+
+    model = str(default_model_path)
+    with RunnerPool(load=LOAD) as pool:
+        pool.configure(model, n_ctx=1024, projector_path=str(write_vision_projector(tmp_path / "v.gguf")))
+        text, final = pool.complete(model, "Describe [img-0] briefly.", media=[png_bytes(32, 32)],
+                                    num_predict=2, temperature=0).text()
+        with pool.hold(model) as runner:
+            words = len(runner.tokenize("Describe  briefly.", add_special=True))
+        assert final.eval_count == 2 and final.prompt_count > words  # the image's rows are in the prompt
+        assert pool.state()["models"][model]["need"] > need(model)

@@ -57,3 +57,19 @@ def test_the_footprint_is_the_runners_own_estimate(default_model_path):
 def test_discover_here_lists_this_machines_devices():
     devices = pool_fit.discover_here()
     assert any(d["type"] == "cpu" and d["total"] > 0 for d in devices)
+
+
+def test_a_projector_and_its_media_cache_count(default_model_path, tmp_path):
+    from mmproj import write_vision_projector
+
+    from runner.memory import projector_size
+
+    path, projector = str(default_model_path), str(write_vision_projector(tmp_path / "vision.gguf"))
+    plain = pool_fit.load_message({"n_ctx": 1024, "cache_ram_mb": 0})
+    with_projector = pool_fit.load_message({"n_ctx": 1024, "cache_ram_mb": 0, "projector_path": projector,
+                                            "media_cache_bytes": 10 << 20})
+    extra = projector_size(read_gguf(projector)).total
+    assert pool_fit.footprint(path, with_projector, on_gpu=False) == \
+        pool_fit.footprint(path, plain, on_gpu=False) + extra + (10 << 20)
+    assert pool_fit.footprint(path, with_projector, on_gpu=True) == \
+        pool_fit.footprint(path, plain, on_gpu=True) + extra
