@@ -135,7 +135,11 @@ class _GenerationTag(jinja2.ext.Extension):
 
 
 def _environment() -> ImmutableSandboxedEnvironment:
+    # ChainableUndefined: an item or attribute of something undefined is
+    # undefined too, not an error, as in llama.cpp's engine (Gemma 2's
+    # `messages[0]['role']` on no messages renders, in llama-server too).
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        undefined=jinja2.ChainableUndefined,
                                         extensions=[jinja2.ext.loopcontrols, _GenerationTag])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
