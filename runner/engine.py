@@ -210,6 +210,8 @@ class Engine:
             if self._loras:
                 self.ctx.set_loras([(a, 1.0) for a in self._loras])
         except BaseException:
+            if getattr(self, "ctx", None) is not None:  # a model with an open context will not close
+                self.ctx.close()
             self.model.close()
             raise
         self.mtmd = None

@@ -178,6 +178,14 @@ def test_a_model_cut_in_the_middle_fails_its_load_with_the_reason(default_model_
     print(message)
 
 
+def test_a_missing_lora_fails_the_load_with_its_own_reason(default_model_path, tmp_path):
+    """The context made before the adapter is closed first, so the model's
+    close does not replace the reason with "still has open contexts"."""
+    missing = tmp_path / "missing-lora.gguf"
+    with pytest.raises(EngineError, match=f"load failed: LoRA adapter not found: {missing}"):
+        Runner.spawn(str(default_model_path), n_ctx=256, n_threads=2, lora_paths=[str(missing)])
+
+
 def test_shutdown_during_a_load_exits_cleanly(default_model_path):
     """A load under way when ``shutdown`` arrives stops at its next progress
     report; the runner exits 0 and no call hangs."""

@@ -180,7 +180,7 @@ def test_what_can_never_fit_or_load_fails_at_once(tiny, tmp_path):
         # A load the runner refuses (a LoRA file that is not there) counts as a failure.
         pool.configure(tiny[1], lora_paths=[str(tmp_path / "missing-lora.gguf")])
         for _ in range(2):
-            with pytest.raises(ModelLoadError, match="loading .*tiny-1.gguf.* failed: load failed"):
+            with pytest.raises(ModelLoadError, match="loading .*tiny-1.gguf.* failed: load failed: LoRA adapter not found: .*missing-lora"):
                 pool.complete(tiny[1], "Hi")
         with pytest.raises(ModelFailed, match="failed 2 times in a row"):
             pool.complete(tiny[1], "Hi")
