@@ -229,3 +229,33 @@ def test_images_reach_a_pooled_multimodal_runner(default_model_path, tmp_path):
             words = len(runner.tokenize("Describe  briefly.", add_special=True))
         assert final.eval_count == 2 and final.prompt_count > words  # the image's rows are in the prompt
         assert pool.state()["models"][model]["need"] > need(model)
+
+
+def test_streams_for_two_models_through_one_runner_slot_all_finish(tiny):
+    """max_loaded=1 and requests for both models at once, from threads and a
+    loop: they take turns (no request starves, none is lost, no lease leaks)."""
+    finals: list = []
+
+    with RunnerPool(max_loaded=1, load=LOAD) as pool:
+        def ask(i: int) -> None:
+            for j in range(2):
+                finals.append(pool.complete(tiny[(i + j) % 2], f"t{i}", num_predict=3 + i,
+                                            temperature=0).text()[1])
+
+        async def aask(i: int) -> None:
+            stream = await pool.acomplete(tiny[i % 2], f"a{i}", num_predict=2, temperature=0)
+            finals.append((await stream.text())[1])
+
+        async def loop() -> None:
+            await asyncio.gather(*(aask(i) for i in range(4)))
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        asyncio.run(loop())
+        for t in threads:
+            t.join()
+        state = pool.state()
+    assert sorted(f.eval_count for f in finals) == sorted([3, 3, 4, 4, 5, 5, 6, 6, 2, 2, 2, 2])
+    assert state["queues"] == {"waiting_for_room": [], "waiting_for_load": {}}
+    assert all(m.get("in_flight", 0) == 0 for m in state["models"].values())
