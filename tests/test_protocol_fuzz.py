@@ -64,6 +64,13 @@ BASE_REQUESTS = [
     {"op": "embedding", "text": "Hello", "normalize": True},
     {"op": "completion", "prompt": "Hi", "options": {"num_predict": 2, "temperature": 0}},
     {"op": "completion", "prompt": [1, 2, 3], "options": {"num_predict": 1}, "add_special": False},
+    {"op": "chat", "messages": [{"role": "user", "content": "Hi"}],
+     "options": {"num_predict": 2, "temperature": 0}},
+    {"op": "chat", "messages": [{"role": "system", "content": "S"},
+                                {"role": "user", "content": [{"type": "text", "text": "é"}]}],
+     "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+     "template_kwargs": {"enable_thinking": False}, "reasoning_format": "none",
+     "options": {"num_predict": 1}},
     {"op": "cancel", "target": 12345},
     {"op": "load", "n_ctx": 256},
 ]
