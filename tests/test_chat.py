@@ -444,8 +444,39 @@ def test_chat_errors_fail_only_their_request(spawn):
         r.chat(chat("user", "x"), top_k=-1).text()
     with pytest.raises(ClientBadRequest, match="tools"):
         r.chat(chat("user", "x"), tools=[{"type": "retrieval"}]).text()
+    from runner.requests import InputTooLong
+
+    with pytest.raises(InputTooLong, match="does not fit"):
+        r.chat(chat("user", "word " * 200_000)).text()  # 1 MB, rendered on the heavy pool
+    with pytest.raises(InputTooLong, match="does not fit"):
+        r.chat(chat(*["user", "a", "assistant", "b"] * 5_000)).text()  # 20,000 messages
+    _, final = r.chat(chat("user", "word " * 2_000), truncate=True, num_predict=2).text()
+    assert final.prompt_count < 512 and final.done_reason == "length"
     text, final = r.chat(chat("user", "Hi"), num_predict=4).text()
     assert final.done_reason == "length" and final.message.content == text
+
+
+def test_async_chat_and_cancel(spawn):
+    import asyncio
+
+    r = spawn(parallel=2)
+    messages = chat("user", "Count from one to fifty in words.")
+    expected, _ = r.chat(messages, **GREEDY).text()
+
+    async def run():
+        text, final = await r.achat(messages, **GREEDY).text()
+        long = r.achat(messages, temperature=0.0, num_predict=400, ignore_eos=True)
+        async for event in long:
+            if getattr(event, "text", ""):
+                break
+        long.cancel()
+        async for event in long:
+            last = event
+        return text, final, last
+
+    text, final, last = asyncio.run(run())
+    assert text == expected and final.message.content == text
+    assert last.done_reason == "cancelled" and last.message is not None
 
 
 def test_template_errors_and_tool_calls_through_a_runner(family_dir):
