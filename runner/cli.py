@@ -29,12 +29,26 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--grammar-file", default=None, help="GBNF grammar constraining the output")
 
 
+def _gpu_layers(text: str) -> int | str:
+    """``--n-gpu-layers``: "auto" or an integer >= -1."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected "auto" or an integer, not {text!r}') from None
+    if value < -1:
+        raise argparse.ArgumentTypeError(f"expected -1 (all) or more, not {value}")
+    return value
+
+
 def _add_context_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("context")
     g.add_argument("--ctx", type=int, default=4096, help="context size in tokens (default 4096)")
     g.add_argument("--batch", type=int, default=512, help="n_batch (default 512)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
-    g.add_argument("--n-gpu-layers", type=int, default=-1, help="layers to offload (-1 = all)")
+    g.add_argument("--n-gpu-layers", type=_gpu_layers, default="auto",
+                   help='layers to offload: "auto" (default: as many as fit, see docs/design.md), N, or -1 (all)')
     g.add_argument("--flash-attn", choices=["auto", "on", "off"], default="auto")
 
 
@@ -94,7 +108,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     path = resolve_model(args.model)
     options = CompletionOptions.from_dict(_completion_options(args))
     progress = _progress_bar() if sys.stderr.isatty() and not args.quiet else None
-    model = _llama.Model(path, n_gpu_layers=args.n_gpu_layers, progress=progress)
+    from runner.engine import EngineConfig
+    from runner.placement import place_load
+
+    # the same placement a served load gets (one sequence, no host cache)
+    placed = place_load(EngineConfig(path, n_ctx=args.ctx, n_batch=args.batch, n_gpu_layers=args.n_gpu_layers,
+                                     flash_attn=args.flash_attn, cache_ram_mb=0))
+    model = _llama.Model(path, n_gpu_layers=placed.n_gpu_layers, tensor_split=placed.tensor_split,
+                         progress=progress)
     if progress is not None:
         sys.stderr.write("\n")
     stats = GenerationStats()

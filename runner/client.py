@@ -876,6 +876,10 @@ class Runner:
     def discover(self, timeout: float | None = None) -> list[P.Device]:
         return self._call({"op": "discover"}, timeout).devices
 
+    def estimate(self, *, timeout: float | None = None, **params: Any) -> P.EstimateReply:
+        """What ``load(**params)`` would take and where it would go, without loading."""
+        return self._call({"op": "estimate", **params}, timeout)
+
     def save_slot(self, slot: int, name: str, *, timeout: float | None = None) -> P.SlotFileReply:
         """Write slot ``slot`` to the runner's slot directory as ``name`` (docs/protocol.md)."""
         return self._call({"op": "save_slot", "slot": slot, "name": name}, timeout)

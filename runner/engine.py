@@ -49,7 +49,7 @@ from runner.load_checks import check_model_file
 from runner.media import DEFAULT_CACHE_BYTES, MediaCache, MediaSpan, build_prompt
 from runner.metrics import EngineTotals
 from runner.sampling import logprob_entry, make_sampler
-from runner import slotfile
+from runner import placement, slotfile
 from runner.scheduler import Scheduler, StepPlan
 from runner.sequence import Sequence
 from runner.slots import NoFreeSlot, PositionedKV, Slot, SlotCache, truncate_prompt
@@ -69,7 +69,7 @@ class EngineConfig:
     n_batch: int = 512                # most inputs decoded in one step
     parallel: int = 1                 # slots = concurrent sequences
     n_threads: int | None = None      # CPU threads (None: all cores)
-    n_gpu_layers: int = -1            # layers to offload (-1: all)
+    n_gpu_layers: int | str = "auto"  # layers to offload: "auto" (placed by runner.placement), N, or -1 (all)
     main_gpu: int = 0                 # GPU used when the model is not split
     tensor_split: list[float] | None = None  # share of the model per GPU
     devices: list[str] | None = None  # ggml device names to use (None: all)
@@ -197,8 +197,9 @@ class Engine:
         _llama.backend_init()
         check_model_file(config.model_path)  # refuse what llama.cpp would abort on
         self._slot_dir, self._identity = self._slot_files(config)  # slot files: directory, model identity
-        self.model = _llama.Model(config.model_path, n_gpu_layers=config.n_gpu_layers,
-                                  main_gpu=config.main_gpu, tensor_split=config.tensor_split,
+        self.placement = placement.place_load(config)  # n_gpu_layers and tensor_split, with their estimate
+        self.model = _llama.Model(config.model_path, n_gpu_layers=self.placement.n_gpu_layers,
+                                  main_gpu=config.main_gpu, tensor_split=self.placement.tensor_split,
                                   devices=config.devices, use_mmap=config.use_mmap,
                                   progress=progress)
         try:
@@ -286,8 +287,6 @@ class Engine:
         if n_ctx < config.parallel * 2:
             raise BadRequest(f"{trained or f'n_ctx {n_ctx}'} is too small for parallel "
                              f"{config.parallel}: each slot needs at least 2 tokens")
-        if trained:
-            self._check_trained_context_fits(config, n_ctx, trained)
         try:
             return _llama.Context(
                 self.model, n_ctx=n_ctx, n_batch=config.n_batch, n_seq_max=config.parallel,
@@ -299,32 +298,11 @@ class Engine:
                 raise
             raise type(exc)(f"{exc} ({trained}; give a smaller n_ctx)") from exc
 
-    def _check_trained_context_fits(self, config: EngineConfig, n_ctx: int, trained: str) -> None:
-        """Refuse a trained context whose KV cache exceeds the memory of every
-        device together, before llama.cpp tries (and touches gigabytes first:
-        a 2**30-token context took 21 GB of RSS and 78 s to fail)."""
-        from runner import memory
-        from runner.gguf import read_gguf
-
-        try:
-            kv = memory.kv_cache_size(read_gguf(config.model_path), n_ctx=n_ctx,
-                                      parallel=config.parallel, type_k=config.type_k,
-                                      type_v=config.type_v, flash_attention=config.flash_attn == "on",
-                                      n_batch=config.n_batch, unified=config.kv_unified,
-                                      swa_full=config.swa_full).total
-        except Exception:  # an architecture the estimate does not know: let llama.cpp judge
-            log.debug("no KV estimate for %s", config.model_path, exc_info=True)
-            return
-        free = sum(d["free"] for d in _llama.devices())
-        if kv > free:
-            raise BadRequest(f"{trained}, whose KV cache needs {kv / 2**30:.1f} GiB, more than the "
-                             f"{free / 2**30:.1f} GiB free on all devices; give a smaller n_ctx")
-
     def _load_projector(self, config: EngineConfig) -> None:
         # warmup: the first encode's graph setup happens at load, not in the
         # first request's time to first token.
         self.mtmd = _llama.MtmdContext(self.model, config.projector_path, n_threads=config.n_threads,
-                                       use_gpu=config.n_gpu_layers != 0, warmup=True)
+                                       use_gpu=self.placement.n_gpu_layers != 0, warmup=True)
 
     @staticmethod
     def _pick_delivery(config: EngineConfig) -> str:
@@ -527,6 +505,7 @@ class Engine:
                 "n_vocab": self.model.n_vocab,
             },
             "config": {k: v for k, v in dataclasses.asdict(self.config).items()},
+            "placement": self.placement.to_dict(),
             "n_ctx": self.ctx.n_ctx, "n_batch": self.n_batch, "slot_ctx": self.slot_ctx,
             "delivery": self.delivery_mode,
             "slots": self.slots.snapshot(), "waiting": waiting, "running": running,

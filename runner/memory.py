@@ -31,7 +31,7 @@ GiB = 1 << 30
 F32 = 4  # bytes per activation; llama.cpp graphs compute in f32
 
 CONTEXT_PAD = 256  # llama.cpp pads n_ctx, n_ctx_seq and the SWA cache size to this many cells
-KV_CACHE_TYPES = ("f16", "q8_0", "q4_0")
+KV_CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")  # as the load takes them
 
 # Safety margin held back on every GPU: a fixed part for the backend's own
 # allocations (CUDA/ROCm context, cuBLAS/hipBLAS workspaces, the driver's
@@ -261,21 +261,21 @@ def context_shape(
     parallel: int = 1,
     n_batch: int = 512,
     n_ubatch: int = 0,
-    unified: bool = True,
+    unified: bool = False,
 ) -> ContextShape:
-    """Replay llama.cpp's context sizing.
+    """Replay llama.cpp's context sizing (llama_context's constructor).
 
-    ``n_ctx`` is per sequence (0 = the model's training context) and the
-    context is created with ``n_ctx * parallel`` cells, as Ollama does. With
-    ``unified`` (llama.cpp kv_unified) all sequences share one stream of
-    cells; otherwise each sequence gets its own stream of n_ctx_seq cells.
+    ``n_ctx`` is the whole context, as the load's ``n_ctx`` and llama.cpp's
+    take it (0 = the model's training context), shared by ``parallel``
+    sequences. It is padded to 256 cells; with ``unified`` (llama.cpp
+    kv_unified) all sequences share that one stream of cells, otherwise each
+    gets a stream of pad(n_ctx / parallel, 256) cells.
     """
     if parallel < 1:
         raise ValueError("parallel must be >= 1")
-    per_seq = n_ctx or info.context_length
-    if per_seq <= 0:
+    total = n_ctx or info.context_length
+    if total <= 0:
         raise ValueError("n_ctx is 0 and the model has no context_length")
-    total = per_seq * parallel
     causal = info.architecture not in _NON_CAUSAL_ARCHS and info.get_arch("attention.causal", True) is not False
     batch = min(total, n_batch) if causal else n_batch
     ubatch = min(batch, n_ubatch or n_batch)
@@ -333,7 +333,7 @@ def kv_cache_size(
     flash_attention: bool = False,
     n_batch: int = 512,
     n_ubatch: int = 0,
-    unified: bool = True,
+    unified: bool = False,
     swa_full: bool = False,
 ) -> KVCacheEstimate:
     """The KV cache llama.cpp allocates for these context parameters, byte-exact.
@@ -489,7 +489,8 @@ def graph_size(info: GGUFFile, *, kv_cells: int, n_ubatch: int, flash_attention:
       scores (h*c per token);
     * FFN: residual + norm (2e) and three ff-wide tensors (gate, up,
       activation) per token, ff counting the active experts of MoE layers;
-    * logits: normed hidden state and vocab logits per token.
+    * logits: vocab logits per token, and three hidden states live beside
+      them (the last residual, its norm and the normed result).
 
     Families adjust this: gemma2 keeps a second copy of soft-capped scores
     and logits; command-r computes attention and FFN in parallel; phi2 and
@@ -510,7 +511,7 @@ def graph_size(info: GGUFFile, *, kv_cells: int, n_ubatch: int, flash_attention:
     qkv = h * d.dk + d.hkv * (d.dk + d.dv)
     attn = F32 * b * (2 * e + qkv + h * d.dv) + mask + scores
     ffn = F32 * b * (2 * e + 3 * d.ff)
-    logits = F32 * b * (e + d.vocab)
+    logits = F32 * b * (3 * e + d.vocab)
 
     if family == "gemma2":
         attn += scores
@@ -640,6 +641,7 @@ class LayerWeights:
     layers: tuple[int, ...]  # bytes of each repeating layer blk.N
     output: int  # the output layer: output norm and matrix (a copy of token_embd when tied)
     input: int  # tensors that always stay on the CPU: token_embd and other non-layer tensors
+    tied: int = 0  # of ``output``, the copy of token_embd a tied model makes only off the CPU
 
     @property
     def total(self) -> int:
@@ -651,17 +653,20 @@ def layer_weights(info: GGUFFile) -> LayerWeights:
 
     llama.cpp keeps the input layer (token_embd) on the CPU; when the output
     matrix is tied to token_embd it creates a duplicate on the output device,
-    which is counted in ``output`` (the file itself holds one copy).
+    which is counted in ``output`` and in ``tied`` (the file itself holds one copy;
+    with the output layer on the CPU there is no duplicate).
     """
     n_layer = info.checked_block_count()
     groups = info.layer_bytes()
     layers = tuple(groups.get(f"blk.{il}", 0) for il in range(n_layer))
     output = groups.get("output", 0) + groups.get("output_norm", 0)
+    tied = 0
     if info.tensor("output.weight") is None:
-        output += _output_matrix_bytes(info)
+        tied = _output_matrix_bytes(info)
+        output += tied
     counted = {f"blk.{il}" for il in range(n_layer)} | {"output", "output_norm"}
     cpu = sum(size for name, size in groups.items() if name not in counted)
-    return LayerWeights(layers, output, cpu)
+    return LayerWeights(layers, output, cpu, tied)
 
 
 # ---------------------------------------------------------------------------
@@ -695,18 +700,26 @@ class Device:
 class LoadOptions:
     """How the model will be loaded; the inputs of ``plan_layers``."""
 
-    n_ctx: int = 0  # context per sequence; 0 = the model's training context
-    parallel: int = 1  # sequences decoded in parallel (the context holds n_ctx * parallel cells)
-    kv_type: str = "f16"  # requested K/V cache type: f16, q8_0 or q4_0
+    n_ctx: int = 0  # whole context shared by the sequences, as the load's n_ctx; 0 = the model's training context
+    parallel: int = 1  # sequences decoded in parallel (one KV stream each unless kv_unified)
+    kv_type: str = "f16"  # requested K cache type (and V's unless kv_type_v is given)
+    kv_type_v: str | None = None  # requested V cache type; None = kv_type
     n_batch: int = 512  # logical batch size
     n_ubatch: int = 0  # physical batch size; 0 = n_batch
     flash_attention: bool = False  # run attention with flash attention kernels
     n_gpu_layers: int | None = None  # None = decide; else llama.cpp's count (n_layer + 1 also offloads output)
-    kv_unified: bool = True  # one KV stream shared by all sequences (llama.cpp kv_unified)
+    kv_unified: bool = False  # one KV stream shared by all sequences (llama.cpp kv_unified), as the load's
     swa_full: bool = False  # give sliding-window layers a full-size cache
     projector: GGUFFile | None = None  # multimodal projector loaded on the first GPU
     gpu_reserve: int | None = None  # safety margin per GPU in bytes; None = gpu_reserve(device)
     cache_ram: int = 0  # bound of the prefix cache's host tier in bytes (cache_ram_mb << 20); host RAM
+    embeddings: bool = False  # the context keeps embeddings mode (a larger output buffer)
+
+
+def output_buffer_size(info: GGUFFile, n_seq: int, embeddings: bool = False) -> int:
+    """llama.cpp's host output buffer (llama_context::output_reserve): f32 logits
+    for one output per sequence, and the embedding too in embeddings mode."""
+    return F32 * n_seq * (info.vocab_size + (info.embedding_length if embeddings else 0))
 
 
 def gpu_reserve(device: Device) -> int:
@@ -727,15 +740,17 @@ class DeviceUsage:
     projector: int  # projector weights + graph bytes
     reserve: int  # safety margin held back (GPUs only)
     host_cache: int = 0  # the prefix cache's host tier at its bound (the CPU entry only)
+    outputs: int = 0  # llama.cpp's output buffer: logits (and embeddings) of one token per sequence (the CPU entry)
 
     @property
     def used(self) -> int:
-        return self.weights + self.kv + self.graph + self.projector + self.host_cache
+        return self.weights + self.kv + self.graph + self.projector + self.host_cache + self.outputs
 
     @property
     def fits(self) -> bool:
-        """Whether the device has room (a device reporting no free memory is taken as unbounded)."""
-        if self.device.free <= 0 and not self.device.is_gpu:
+        """Whether the device has room (a device reporting no free memory is taken
+        as unbounded; one given nothing always has room)."""
+        if (self.device.free <= 0 and not self.device.is_gpu) or self.used == 0:
             return True
         return self.used + self.reserve <= self.device.free
 
@@ -763,7 +778,8 @@ class Plan:
 
     def table(self) -> str:
         """A per-device table of the plan, followed by its notes."""
-        header = ("device", "type", "layers", "weights", "kv cache", "graph", "projector", "reserve", "total", "free", "")
+        header = ("device", "type", "layers", "weights", "kv cache", "graph", "outputs", "projector", "host cache",
+                  "reserve", "total", "free", "")
         rows = [header]
         for u in self.usage:
             rows.append(
@@ -774,7 +790,9 @@ class Plan:
                     format_bytes(u.weights),
                     format_bytes(u.kv),
                     format_bytes(u.graph),
+                    format_bytes(u.outputs),
                     format_bytes(u.projector),
+                    format_bytes(u.host_cache),
                     format_bytes(u.reserve),
                     format_bytes(u.used + u.reserve),
                     format_bytes(u.device.free) if u.device.free > 0 else "-",
@@ -850,7 +868,8 @@ def plan_layers(
 
     usage = _usage(info, gpus, cpu, counts, n_gpu, weights, kv, graph, proj, opts)
     if proj is not None:
-        notes.append(f"projector on {gpus[0].id if gpus else cpu.id}")
+        # the runner loads the projector on the GPU only when the model offloads layers
+        notes.append(f"projector on {gpus[0].id if gpus and n_gpu else cpu.id}")
     return Plan(
         n_layer=n_layer,
         n_gpu_layers=n_gpu,
@@ -967,7 +986,7 @@ def _usage(
                 weights=sum(weights.layers[i] for i in layers) + (weights.output if has_output else 0),
                 kv=sum(kv.per_layer[i] for i in layers),
                 graph=g_cost if len(items) else 0,
-                projector=proj.total if proj is not None and g == 0 else 0,
+                projector=proj.total if proj is not None and g == 0 and n_gpu else 0,
                 reserve=opts.gpu_reserve if opts.gpu_reserve is not None else gpu_reserve(dev),
             )
         )
@@ -979,12 +998,15 @@ def _usage(
             device=cpu,
             layers=cpu_layers,
             output=cpu_output,
-            weights=weights.input + sum(weights.layers[i] for i in cpu_layers) + (weights.output if cpu_output else 0),
+            # a tied output left on the CPU reads token_embd itself: no copy
+            weights=weights.input + sum(weights.layers[i] for i in cpu_layers)
+            + (weights.output - weights.tied if cpu_output else 0),
             kv=sum(kv.per_layer[i] for i in cpu_layers),
             graph=graph.cpu if cpu_layers or cpu_output else F32 * b * e,
-            projector=proj.total if proj is not None and not gpus else 0,
+            projector=proj.total if proj is not None and not n_gpu else 0,
             reserve=0,
             host_cache=opts.cache_ram,
+            outputs=output_buffer_size(info, kv.shape.n_seq_max, opts.embeddings),
         )
     )
     return out
@@ -1047,12 +1069,17 @@ def estimate(info: GGUFFile, options: LoadOptions | None = None) -> MemoryEstima
     """Memory summary for ``info`` under ``options`` (devices are not considered)."""
     opts = options or LoadOptions()
     flash = opts.flash_attention and supports_flash_attention(info)
-    kv_type, note = effective_kv_type(info, opts.kv_type, flash)
+    type_k, note_k = effective_kv_type(info, opts.kv_type, flash)
+    type_v, note_v = effective_kv_type(info, opts.kv_type_v or opts.kv_type, flash)
+    note = note_k or note_v
+    if note_v and note_v != note_k:
+        note = f"{note_k}; V: {note_v}" if note_k else f"V: {note_v}"
     kv = kv_cache_size(
         info,
         n_ctx=opts.n_ctx,
         parallel=opts.parallel,
-        type_k=kv_type,
+        type_k=type_k,
+        type_v=type_v,
         flash_attention=flash,
         n_batch=opts.n_batch,
         n_ubatch=opts.n_ubatch,

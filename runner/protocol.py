@@ -99,7 +99,7 @@ class Load(Request, tag="load"):
     n_batch: Positive32 = 512            # tokens per decode call
     parallel: Annotated[int, msgspec.Meta(ge=1, le=256)] = 1  # slots decoded together
     n_threads: Positive32 | None = None  # CPU threads; None = all cores
-    n_gpu_layers: Annotated[int, msgspec.Meta(ge=-1, le=2**31 - 1)] = -1  # layers offloaded; -1 = all
+    n_gpu_layers: Literal["auto"] | Annotated[int, msgspec.Meta(ge=-1, le=2**31 - 1)] = "auto"  # "auto": placed by the runner; N; -1 = all
     main_gpu: Count32 = 0                # device index for the whole model (split "none")
     tensor_split: list[Annotated[float, msgspec.Meta(ge=0, le=1e30)]] | None = None  # per-device share
     devices: list[str] | None = None     # device names to use (as ``discover`` lists them)
@@ -120,6 +120,11 @@ class Load(Request, tag="load"):
     delivery: Literal["auto", "thread", "inline"] = "auto"  # where tokens become text and events
     native_sampler: bool = True          # False: llama.cpp's CPU sampler chain for every request
     slot_save_dir: str | None = None     # directory of save_slot/restore_slot files (None: ops off)
+
+
+class Estimate(Load, tag="estimate"):
+    """What a ``load`` with these fields would take and where it would put
+    the model, without loading (runner/placement.py); answered in every state."""
 
 
 class Media(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -200,7 +205,7 @@ class Shutdown(Request, tag="shutdown"):
     drain: bool = True
 
 
-REQUEST_TYPES = (Health, Discover, Load, Completion, Chat, Embedding, Tokenize, Detokenize,
+REQUEST_TYPES = (Health, Discover, Load, Estimate, Completion, Chat, Embedding, Tokenize, Detokenize,
                  Cancel, Info, SaveSlot, RestoreSlot, Shutdown)
 OPS = tuple(t.__struct_config__.tag for t in REQUEST_TYPES)
 AnyRequest = Union[REQUEST_TYPES]  # type: ignore[valid-type]
@@ -298,6 +303,14 @@ class DiscoverReply(Reply, tag="discover"):
     devices: list[Device]
 
 
+class EstimateReply(Reply, tag="estimate"):
+    """The answer to ``estimate`` (bytes throughout; docs/protocol.md)."""
+
+    model: dict[str, Any]                # path, architecture, n_layer, n_ctx_train
+    memory: dict[str, Any]               # weights, kv_cache, graph, projector, full_offload, host_cache, note
+    placement: dict[str, Any]            # n_gpu_layers, tensor_split, fits, problem, notes, devices[]
+
+
 class InfoReply(Reply, tag="info"):
     protocol: int                        # PROTOCOL_VERSION
     version: str                         # runner package version
@@ -330,7 +343,7 @@ class ShutdownReply(Reply, tag="shutdown"):
 
 
 REPLY_TYPES = (ErrorReply, ChunkReply, ChunksReply, FinalReply, HealthReply, LoadReply, EmbeddingReply,
-               TokenizeReply, DetokenizeReply, DiscoverReply, InfoReply, CancelReply,
+               TokenizeReply, DetokenizeReply, DiscoverReply, EstimateReply, InfoReply, CancelReply,
                SlotFileReply, ShutdownReply)
 AnyReply = Union[REPLY_TYPES]  # type: ignore[valid-type]
 

@@ -418,6 +418,7 @@ class Server:
         # op -> handler(peer, request, size of the message in bytes)
         self._handlers: dict[type, Callable[[bytes, Any, int], None]] = {
             P.Health: self._health, P.Discover: self._discover, P.Load: self._load,
+            P.Estimate: self._estimate,
             P.Completion: self._completion, P.Chat: self._chat, P.Embedding: self._embedding,
             P.Tokenize: self._tokenize, P.Detokenize: self._detokenize, P.Cancel: self._cancel,
             P.Info: self._info, P.SaveSlot: self._save_slot, P.RestoreSlot: self._restore_slot,
@@ -670,16 +671,13 @@ class Server:
 
     def _load_model(self, params: P.Load) -> None:
         from runner import _llama
-        from runner.engine import Engine, EngineConfig
+        from runner.engine import Engine
+        from runner.placement import config_from_load
         from runner.requests import EngineError
 
-        fields = {name: getattr(params, name) for name in params.__struct_fields__
-                  if name not in ("id", "v")}
-        fields["lora_paths"] = tuple(fields["lora_paths"])
         t0 = time.perf_counter()
         try:
-            engine = Engine(EngineConfig(model_path=self.model_path, **fields),
-                            progress=self._on_progress)
+            engine = Engine(config_from_load(self.model_path, params), progress=self._on_progress)
         except Exception as exc:
             message = str(exc) or type(exc).__name__
             line = _llama.last_error_line()
@@ -861,6 +859,20 @@ class Server:
     def _discover(self, peer: bytes, req: P.Discover, size: int) -> None:
         self._start_work(peer, req, size, lambda job: P.DiscoverReply(id=req.id, devices=_devices()))
 
+    def _estimate(self, peer: bytes, req: P.Estimate, size: int) -> None:
+        def run(job: Job) -> P.Reply:
+            from runner.gguf import GGUFError
+            from runner.placement import config_from_load, estimate_load
+
+            try:
+                report = estimate_load(config_from_load(self.model_path, req),
+                                       [msgspec.to_builtins(d) for d in _devices()])
+            except (OSError, GGUFError) as exc:
+                raise BadRequest(f"cannot estimate {self.model_path}: {exc}") from None
+            return P.EstimateReply(id=req.id, **report)
+
+        self._start_work(peer, req, size, run)
+
     def _info(self, peer: bytes, req: P.Info, size: int) -> None:
         from runner import __version__
 
@@ -909,7 +921,7 @@ class Server:
         """Run ``fn(job)`` on a worker thread; its reply (None: the job goes on,
         answered by other means) or its exception is the job's terminal reply.
         Refused with ``busy`` past the :class:`WorkBudget`."""
-        if self._stopping and not isinstance(req, (P.Info, P.Discover)):
+        if self._stopping and not isinstance(req, (P.Info, P.Discover, P.Estimate)):
             raise NotReady("the runner is shutting down")
         key = self._new_key(peer, req.id)
         job = Job(peer, req.id, req.__struct_config__.tag, size,

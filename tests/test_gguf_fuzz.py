@@ -88,9 +88,9 @@ def test_inspect_refuses_bad_arguments(tmp_path, capsys):
     path = tmp_path / "tiny.gguf"
     path.write_bytes(SEED)
     assert _inspect([str(path), "--ctx", "-1"]) == 1
-    assert "--ctx must be >= 0" in capsys.readouterr().err
+    assert "invalid load parameters: Expected `int` >= 0 - at `$.n_ctx`" in capsys.readouterr().err
     assert _inspect([str(path), "--parallel", "0"]) == 1
-    assert "--parallel must be >= 1" in capsys.readouterr().err
+    assert "invalid load parameters: Expected `int` >= 1 - at `$.parallel`" in capsys.readouterr().err
 
 
 def test_estimate_work_does_not_grow_with_layers(monkeypatch):

@@ -94,12 +94,14 @@ LLAMA = {
 @pytest.mark.parametrize(
     "n_ctx, parallel, unified, expected",
     [
+        # n_ctx is the whole context, as the load's; expected:
         # (n_ctx total, kv_size, n_stream, n_batch, n_ubatch)
         (2048, 1, True, (2048, 2048, 1, 512, 512)),
         (1000, 1, True, (1024, 1024, 1, 512, 512)),
-        (1000, 3, True, (3072, 3072, 1, 512, 512)),
-        (1000, 3, False, (3072, 1024, 3, 512, 512)),
-        (300, 2, False, (1024, 512, 2, 512, 512)),
+        (3000, 3, True, (3072, 3072, 1, 512, 512)),
+        (3000, 3, False, (3072, 1024, 3, 512, 512)),
+        (1000, 3, False, (1536, 512, 3, 512, 512)),  # pad(1024 // 3 = 341) = 512 cells per stream
+        (600, 2, False, (1024, 512, 2, 512, 512)),
         (100, 1, True, (256, 256, 1, 100, 100)),
         (0, 1, True, (1024, 1024, 1, 512, 512)),
     ],
@@ -141,7 +143,7 @@ def test_kv_quantized_and_streams(tmp_path):
     assert q8.total == 4 * 2 * ggml_type("q8_0").row_size(64) * 512 == 4 * 2 * 68 * 512
     mixed = kv_cache_size(info, n_ctx=512, type_k="q8_0", type_v="q4_0", flash_attention=True)
     assert mixed.caches[0].k_bytes == 4 * 68 * 512 and mixed.caches[0].v_bytes == 4 * 36 * 512
-    split = kv_cache_size(info, n_ctx=300, parallel=3, unified=False)
+    split = kv_cache_size(info, n_ctx=900, parallel=3, unified=False)
     assert (split.caches[0].cells, split.caches[0].streams) == (512, 3)
     assert split.total == 4 * 2 * 128 * 512 * 3
 
@@ -198,7 +200,7 @@ def test_kv_sliding_window_gemma3(tmp_path):
 )
 def test_kv_sliding_window_sizes(tmp_path, parallel, unified, swa_full, swa_cells):
     info = build(tmp_path, "gemma3", GEMMA3)
-    kv = kv_cache_size(info, n_ctx=8192, parallel=parallel, unified=unified, swa_full=swa_full)
+    kv = kv_cache_size(info, n_ctx=8192 * parallel, parallel=parallel, unified=unified, swa_full=swa_full)
     assert kv.caches[1].cells == swa_cells
     assert kv.caches[1].streams == (1 if unified else parallel)
 
@@ -259,7 +261,7 @@ def test_kv_models_without_cache_or_with_shared_layers(tmp_path):
 
 def test_kv_mllama_cross_attention_layers(tmp_path):
     info = build(tmp_path, "mllama", {**LLAMA, "attention.cross_attention_layers": [1, 3]})
-    kv = kv_cache_size(info, n_ctx=1024, parallel=2)
+    kv = kv_cache_size(info, n_ctx=2048, parallel=2, unified=True)
     base, cross = kv.caches
     assert base.layers == (0, 2) and base.cells == 2048
     assert (cross.name, cross.layers, cross.cells) == ("cross", (1, 3), MLLAMA_VISION_TOKENS * 2)
@@ -292,7 +294,8 @@ def test_default_model_kv_cache(default_model):
         assert kv_cache_size(info, n_ctx=8192).total == 188_743_680
         q8 = kv_cache_size(info, n_ctx=2048, type_k="q8_0", flash_attention=True)
         assert (q8.total, q8.caches[0].log_mib) == (25_067_520, "23.91")
-        assert kv_cache_size(info, n_ctx=2048, parallel=4).caches[0].cells == 8192
+        assert kv_cache_size(info, n_ctx=8192, parallel=4, unified=True).caches[0].cells == 8192
+        assert kv_cache_size(info, n_ctx=8192, parallel=4).caches[0].cells == 2048
 
 
 # ---------------------------------------------------------------------------
@@ -311,7 +314,8 @@ def test_kv_type_checks(tmp_path):
     assert kv_cache_type_problem(info, "f16", False) is None
     assert kv_cache_type_problem(info, "q8_0", True) is None
     assert "needs flash attention" in kv_cache_type_problem(info, "q8_0", False)
-    assert "unknown KV cache type" in kv_cache_type_problem(info, "q5_1", True)
+    assert kv_cache_type_problem(info, "q5_1", True) is None  # every type a load takes
+    assert "unknown KV cache type" in kv_cache_type_problem(info, "q2_k", True)
     assert effective_kv_type(info, "q4_0", True) == ("q4_0", None)
     assert effective_kv_type(info, "q4_0", False) == (
         "f16",
@@ -536,8 +540,8 @@ def test_plan_table(tmp_path):
     info = _llama_with_tensors(tmp_path)
     table = plan_layers(info, [gpu(0, 1 << 30), CPU], LoadOptions(n_ctx=256, gpu_reserve=0)).table()
     lines = table.splitlines()
-    assert lines[0].split() == ["device", "type", "layers", "weights", "kv", "cache", "graph", "projector",
-                                "reserve", "total", "free"]
+    assert lines[0].split() == ["device", "type", "layers", "weights", "kv", "cache", "graph", "outputs",
+                                "projector", "host", "cache", "reserve", "total", "free"]
     assert lines[1].split()[:3] == ["CUDA0", "gpu", "0-3,output"]
     assert lines[2].split()[:3] == ["CPU", "cpu", "-"]
     assert lines[3].startswith("n_gpu_layers = 5/5, tensor_split = [5], kv f16/f16 x 256 cells x 1 stream(s)")
@@ -576,7 +580,7 @@ def test_inspect_text_and_default(tmp_path, capsys, monkeypatch):
     fake = types.ModuleType("runner.models")
     fake.default_model_path = lambda: tmp_path / "w.gguf"
     monkeypatch.setitem(sys.modules, "runner.models", fake)
-    assert _inspect(["default", "--kv-type", "q8_0"]) == 0
+    assert _inspect(["default", "--type-k", "q8_0", "--type-v", "q8_0", "--flash-attn", "off"]) == 0
     out = capsys.readouterr().out
     assert "architecture    llama" in out
     assert "kv cache (base)" in out
