@@ -383,12 +383,17 @@ def _cmd_metrics(args: argparse.Namespace) -> int:
     if not args.endpoint:
         print("error: llama-runner metrics needs --endpoint", file=sys.stderr)
         return 2
+    import msgspec
+
+    from runner.requests import NotReady
+
     with _connect(args) as runner:
-        reply = runner.info(timeout=30)
-    if reply.engine is None:
-        print(f"error: the runner has no model loaded (state {reply.state})", file=sys.stderr)
-        return 1
-    sys.stdout.write(render_prometheus(reply.engine, in_flight=reply.in_flight).decode())
+        try:
+            reply = runner.metrics(timeout=30)
+        except NotReady as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    sys.stdout.write(render_prometheus(msgspec.to_builtins(reply)).decode())
     return 0
 
 

@@ -873,6 +873,10 @@ class Runner:
     def info(self, timeout: float | None = None) -> P.InfoReply:
         return self._call({"op": "info"}, timeout)
 
+    def metrics(self, timeout: float | None = None) -> P.MetricsReply:
+        """Running totals and gauges of the loaded model (docs/protocol.md, ``metrics``)."""
+        return self._call({"op": "metrics"}, timeout)
+
     def discover(self, timeout: float | None = None) -> list[P.Device]:
         return self._call({"op": "discover"}, timeout).devices
 

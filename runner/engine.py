@@ -521,6 +521,16 @@ class Engine:
             "load_seconds": round(self.load_seconds, 6),
         }
 
+    def metrics(self) -> dict:
+        """Running totals and gauges, as the ``metrics`` op carries them (runner.metrics)."""
+        with self._lock:
+            waiting = len(self._waiting)
+            running = len(self._by_id) - waiting
+        return {**self.totals.snapshot(), "queue_depth": waiting, "running": running,
+                "slot_kv_cells": [s["n_inputs"] for s in self.slots.snapshot()],
+                "media_cache": self.media_cache.info(), "host_cache": self.host_cache.info(),
+                "load_seconds": round(self.load_seconds, 6)}
+
     def step_summary(self, last: int = 256) -> dict:
         """Medians over the last ``last`` loop steps, in milliseconds: where
         the time between two decodes goes (see StepTiming)."""

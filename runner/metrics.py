@@ -2,12 +2,14 @@
 
 :class:`EngineTotals` counts what an engine did since it was created:
 requests by outcome, tokens, queue waits, and histograms of step time and
-batch size.  ``Engine.info()["totals"]`` carries :meth:`EngineTotals.snapshot`
-over the wire (``info``), so a parent needs no extra dependency to read it.
+batch size.  The ``metrics`` op carries them with the gauges of the moment
+(``Engine.metrics``: queue depth, KV cells per slot, cache counters), and
+``info`` carries the totals as ``engine.totals``, so a parent needs no extra
+dependency to read them.
 
-:func:`render_prometheus` turns an ``info`` reply's engine part into the
-Prometheus text format with ``prometheus_client`` (``llama-runner metrics``),
-under the names listed in docs/protocol.md.
+:func:`render_prometheus` turns a ``metrics`` reply into the Prometheus text
+format with ``prometheus_client`` (``llama-runner metrics``), under the names
+listed in docs/protocol.md.
 """
 
 from __future__ import annotations
@@ -104,19 +106,17 @@ class EngineTotals:
                     "queue_seconds": self.queue_seconds.snapshot()}
 
 
-def render_prometheus(engine: dict[str, Any], *, in_flight: int | None = None) -> bytes:
-    """The Prometheus text exposition of an ``info`` reply's ``engine`` part."""
+def render_prometheus(metrics: dict[str, Any]) -> bytes:
+    """The Prometheus text exposition of a ``metrics`` reply (as plain data)."""
     from prometheus_client import CollectorRegistry, generate_latest
     from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                         HistogramMetricFamily)
-
-    totals = engine["totals"]
 
     class _Collector:
         def collect(self):
             c = CounterMetricFamily("llama_runner_requests", "Completions by outcome "
                                     "(done_reason, or the error code of a refusal)", labels=["outcome"])
-            for outcome, n in totals["requests"].items():
+            for outcome, n in metrics["requests"].items():
                 c.add_metric([outcome], n)
             yield c
             for name, doc in (("prompt_tokens", "Prompt inputs of finished completions"),
@@ -125,41 +125,33 @@ def render_prometheus(engine: dict[str, Any], *, in_flight: int | None = None) -
                               ("generated_tokens", "Tokens returned by finished completions"),
                               ("embeddings", "Embedding requests served"),
                               ("steps", "Decodes")):
-                yield CounterMetricFamily(f"llama_runner_{name}", doc, value=totals[name])
+                yield CounterMetricFamily(f"llama_runner_{name}", doc, value=metrics[name])
             for name, unit_doc in (("step_seconds", "Decode time per step"),
                                    ("batch_tokens", "Inputs per decode"),
                                    ("queue_seconds", "Wait from submission to a slot")):
-                h = totals[name]
+                h = metrics[name]
                 cumulative, buckets = 0, []
                 for bound, n in zip(list(h["bounds"]) + [float("inf")], h["counts"]):
                     cumulative += n
                     buckets.append(("+Inf" if bound == float("inf") else repr(float(bound)), cumulative))
                 yield HistogramMetricFamily(f"llama_runner_{name}", unit_doc, buckets=buckets,
                                             sum_value=h["sum"])
-            yield GaugeMetricFamily("llama_runner_queue_depth", "Completions waiting for a slot",
-                                    value=engine.get("waiting", 0))
-            yield GaugeMetricFamily("llama_runner_running", "Completions holding a slot",
-                                    value=engine.get("running", 0))
-            if in_flight is not None:
-                yield GaugeMetricFamily("llama_runner_in_flight", "Requests the runner is working on",
-                                        value=in_flight)
-            kv = GaugeMetricFamily("llama_runner_slot_kv_cells", "KV inputs held per slot", labels=["slot"])
-            for i, slot in enumerate(engine.get("slots", [])):
-                kv.add_metric([str(slot.get("id", i))], slot.get("n_inputs", slot.get("n_tokens", 0)))
+            for name, doc in (("queue_depth", "Completions waiting for a slot"),
+                              ("running", "Completions holding a slot"),
+                              ("in_flight", "Requests the runner is working on")):
+                yield GaugeMetricFamily(f"llama_runner_{name}", doc, value=metrics[name])
+            kv = GaugeMetricFamily("llama_runner_slot_kv_cells", "KV cells held per slot", labels=["slot"])
+            for slot, cells in enumerate(metrics["slot_kv_cells"]):
+                kv.add_metric([str(slot)], cells)
             yield kv
             for cache in ("media_cache", "host_cache"):
-                info = engine.get(cache) or {}
+                info = metrics[cache]
                 for key in ("hits", "misses", "evictions"):
-                    if key in info:
-                        yield CounterMetricFamily(f"llama_runner_{cache}_{key}", f"{cache} {key}",
-                                                  value=info[key])
+                    yield CounterMetricFamily(f"llama_runner_{cache}_{key}", f"{cache} {key}", value=info[key])
                 for key in ("bytes", "entries"):
-                    if key in info:
-                        yield GaugeMetricFamily(f"llama_runner_{cache}_{key}", f"{cache} {key} held",
-                                                value=info[key])
-            if engine.get("load_seconds") is not None:
-                yield GaugeMetricFamily("llama_runner_load_seconds", "Time the model load took",
-                                        value=engine["load_seconds"])
+                    yield GaugeMetricFamily(f"llama_runner_{cache}_{key}", f"{cache} {key} held", value=info[key])
+            yield GaugeMetricFamily("llama_runner_load_seconds", "Time the model load took",
+                                    value=metrics["load_seconds"])
 
     registry = CollectorRegistry()
     registry.register(_Collector())

@@ -182,6 +182,10 @@ class Info(Request, tag="info"):
     """Build, backends, devices, model metadata and slot state."""
 
 
+class Metrics(Request, tag="metrics"):
+    """Running totals and gauges of the loaded model (runner/metrics.py)."""
+
+
 SlotName = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 
 
@@ -206,7 +210,7 @@ class Shutdown(Request, tag="shutdown"):
 
 
 REQUEST_TYPES = (Health, Discover, Load, Estimate, Completion, Chat, Embedding, Tokenize, Detokenize,
-                 Cancel, Info, SaveSlot, RestoreSlot, Shutdown)
+                 Cancel, Info, Metrics, SaveSlot, RestoreSlot, Shutdown)
 OPS = tuple(t.__struct_config__.tag for t in REQUEST_TYPES)
 AnyRequest = Union[REQUEST_TYPES]  # type: ignore[valid-type]
 
@@ -323,6 +327,39 @@ class InfoReply(Reply, tag="info"):
     in_flight: int = 0                   # requests the runner is working on, all clients
 
 
+class Histogram(msgspec.Struct, kw_only=True):
+    """Observations per bucket (not cumulative): ``counts[i]`` fell at or
+    under ``bounds[i]`` and above the bound before; the last count is past
+    every bound."""
+
+    bounds: list[float]                  # upper bounds, ascending
+    counts: list[int]                    # len(bounds) + 1 counts
+    sum: float                           # of the observations
+    count: int                           # observations
+
+
+class MetricsReply(Reply, tag="metrics"):
+    """Running totals since the load, and gauges now (docs/protocol.md)."""
+
+    requests: dict[str, int]             # completions by outcome (done_reason, or the refusal's error code)
+    prompt_tokens: int                   # prompt inputs of finished completions
+    prompt_eval_tokens: int              # of which evaluated
+    cached_tokens: int                   # of which reused from a slot or the host tier
+    generated_tokens: int                # tokens returned by finished completions
+    embeddings: int                      # embedding requests served
+    steps: int                           # decodes
+    step_seconds: Histogram              # decode time per step
+    batch_tokens: Histogram              # inputs per decode
+    queue_seconds: Histogram             # submission to a slot, per admitted completion
+    queue_depth: int                     # completions waiting for a slot now
+    running: int                         # completions holding a slot now
+    in_flight: int                       # requests the runner is working on, all clients
+    slot_kv_cells: list[int]             # KV cells each slot holds now, by slot id
+    media_cache: dict[str, Any]          # counters and size of the media cache (info's media_cache)
+    host_cache: dict[str, Any]           # counters and size of the prefix cache's host tier (info's)
+    load_seconds: float                  # how long the load took
+
+
 class CancelReply(Reply, tag="cancel"):
     found: bool                          # the target was in flight (it will end "cancelled")
 
@@ -343,7 +380,8 @@ class ShutdownReply(Reply, tag="shutdown"):
 
 
 REPLY_TYPES = (ErrorReply, ChunkReply, ChunksReply, FinalReply, HealthReply, LoadReply, EmbeddingReply,
-               TokenizeReply, DetokenizeReply, DiscoverReply, EstimateReply, InfoReply, CancelReply,
+               TokenizeReply, DetokenizeReply, DiscoverReply, EstimateReply, InfoReply, MetricsReply,
+               CancelReply,
                SlotFileReply, ShutdownReply)
 AnyReply = Union[REPLY_TYPES]  # type: ignore[valid-type]
 

@@ -421,7 +421,7 @@ class Server:
             P.Estimate: self._estimate,
             P.Completion: self._completion, P.Chat: self._chat, P.Embedding: self._embedding,
             P.Tokenize: self._tokenize, P.Detokenize: self._detokenize, P.Cancel: self._cancel,
-            P.Info: self._info, P.SaveSlot: self._save_slot, P.RestoreSlot: self._restore_slot,
+            P.Info: self._info, P.Metrics: self._metrics, P.SaveSlot: self._save_slot, P.RestoreSlot: self._restore_slot,
             P.Shutdown: self._shutdown,
         }
 
@@ -891,6 +891,12 @@ class Server:
                                in_flight=in_flight)
 
         self._start_work(peer, req, size, run)
+
+    def _metrics(self, peer: bytes, req: P.Metrics, size: int) -> None:
+        engine = self._ready_engine()
+        in_flight = len(self._jobs)
+        self._start_work(peer, req, size, lambda job: P.MetricsReply(
+            id=req.id, in_flight=in_flight, **engine.metrics()))
 
     def _save_slot(self, peer: bytes, req: P.SaveSlot, size: int) -> None:
         engine = self._ready_engine()

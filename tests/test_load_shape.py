@@ -62,3 +62,21 @@ def test_inspect_reads_ctx_and_parallel_as_serve_does(default_model_path, capsys
         assert [(c["cells"], c["streams"]) for c in kv["caches"]] == [(1024 // streams, streams)]
     with Engine(EngineConfig(default_model_path, n_ctx=1024, parallel=2, n_threads=2)) as e:
         assert (e.ctx.n_ctx, e.slot_ctx) == (1024, 512)
+
+
+def _documented_reply(op: str) -> set[str]:
+    text = DOC.read_text()
+    block = text[text.index(f"← {{type: \"{op}\""):]
+    block = block[:block.index("```")]
+    return set(re.findall(r"(\w+)[,}:]", block.replace("\n", " "))) - {"id", "type"}
+
+
+def test_every_op_has_a_section_and_the_new_replies_list_their_fields():
+    text = DOC.read_text()
+    headings = " ".join(re.findall(r"^#### (.*)$", text, re.M))
+    for op in P.OPS:
+        assert f"`{op}`" in headings, op
+    metrics = set(P.MetricsReply.__struct_fields__) - {"id"}
+    assert _documented_reply("metrics") == metrics
+    estimate = set(P.EstimateReply.__struct_fields__) - {"id"}
+    assert estimate <= _documented_reply("estimate")

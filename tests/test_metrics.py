@@ -90,6 +90,77 @@ def test_prometheus_text_of_a_runner(default_model_path):
     assert samples[("llama_runner_load_seconds", ())] > 0
 
 
+def test_the_metrics_op_counts_a_known_mix_exactly(default_model_path):
+    """Over the wire: completions that end by length, stop, error and
+    cancel, one refused busy, one refused as a bad request, one whose prompt
+    is too long, and an embedding; then every field of ``metrics`` against
+    what the callers received, and the CLI's Prometheus text against it."""
+    pytest.importorskip("prometheus_client")
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from runner.requests import InputTooLong
+
+    finals: list[Final] = []
+    with Runner.spawn(default_model_path, n_ctx=256, parallel=1, max_queue=0, n_threads=2,
+                      cache_ram_mb=0) as r:
+        zero = r.metrics(timeout=30)
+        assert zero.requests == dict.fromkeys(zero.requests, 0) and zero.steps == 0
+        for opts in ({"num_predict": 4, "temperature": 0.0, "ignore_eos": True},
+                     {"num_predict": 6, "ignore_eos": True, "seed": 3},
+                     {"grammar": 'root ::= "yes"', "num_predict": 8}):
+            finals.append(r.complete("Hello there", **opts).text()[1])
+        # ends with done_reason "error" at its first token, which the client raises
+        with pytest.raises(BadRequest, match="grammar cannot be satisfied"):
+            r.complete("Hello there", grammar="root ::= [z-a]", num_predict=8).text()
+        n_failed = len(r.tokenize("Hello there", add_special=True))
+        r.embed("some text")  # (an embedding leaves its slot empty: before the last completion)
+        stream = r.complete("Count:", num_predict=2000, ignore_eos=True)
+        assert type(next(stream)) is Chunk
+        busy = r.metrics(timeout=30)
+        assert (busy.running, busy.queue_depth) == (1, 0)
+        with pytest.raises(Busy):
+            r.complete("Too many", num_predict=2).text()
+        stream.cancel()
+        finals.append(list(stream)[-1])
+        with pytest.raises(BadRequest):
+            r.complete("x", no_such_option=1).text()
+        with pytest.raises(InputTooLong):
+            r.complete("word " * 400, num_predict=2, truncate=False).text()
+        m = r.metrics(timeout=30)
+        slots = r.info(timeout=30).engine["slots"]
+        out = subprocess.run([sys.executable, "-m", "runner.cli", "metrics", "--endpoint", r.endpoint],
+                             capture_output=True, text=True, timeout=60)
+    assert sorted(f.done_reason for f in finals) == ["cancelled", "length", "length", "stop"]
+    assert m.requests == {"stop": 1, "length": 2, "cancelled": 1, "error": 1, "busy": 1, "bad_request": 1,
+                          "input_too_long": 1, "not_ready": 0, "internal": 0}
+    assert m.generated_tokens == sum(f.eval_count for f in finals)  # the failed one generated none
+    assert m.prompt_tokens == sum(f.prompt_count for f in finals) + n_failed
+    assert m.prompt_eval_tokens + m.cached_tokens == m.prompt_tokens
+    assert m.cached_tokens >= sum(f.cached_count for f in finals)
+    assert m.embeddings == 1
+    assert m.queue_seconds.count == 5 == sum(m.queue_seconds.counts)  # every admitted completion
+    assert m.steps == m.step_seconds.count == m.batch_tokens.count == sum(m.batch_tokens.counts) > 0
+    assert m.batch_tokens.sum >= m.prompt_eval_tokens  # every evaluated prompt input went through a decode
+    assert (m.queue_depth, m.running, m.in_flight) == (0, 0, 0)
+    assert m.slot_kv_cells == [s["n_inputs"] for s in slots] and m.slot_kv_cells[0] > 0
+    assert {k: m.media_cache[k] for k in ("entries", "hits", "misses", "evictions")} == dict.fromkeys(
+        ("entries", "hits", "misses", "evictions"), 0)
+    assert (m.host_cache["max_bytes"], m.host_cache["saves"], m.host_cache["entries"]) == (0, 0, 0)
+    assert m.load_seconds > 0
+
+    assert out.returncode == 0, out.stderr
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for fam in text_string_to_metric_families(out.stdout) for s in fam.samples}
+    for outcome, n in m.requests.items():
+        assert samples[("llama_runner_requests_total", (("outcome", outcome),))] == n
+    for name in ("prompt_tokens", "prompt_eval_tokens", "cached_tokens", "generated_tokens",
+                 "embeddings", "steps"):
+        assert samples[(f"llama_runner_{name}_total", ())] == getattr(m, name), name
+    assert samples[("llama_runner_queue_seconds_count", ())] == 5
+    assert samples[("llama_runner_slot_kv_cells", (("slot", "0"),))] == m.slot_kv_cells[0]
+    assert samples[("llama_runner_media_cache_misses_total", ())] == 0
+
+
 def test_an_embedding_runner_refuses_completions(default_model_path):
     with Engine(EngineConfig(default_model_path, n_ctx=512, parallel=2, n_threads=2)) as plain:
         want = plain.embed("a sentence to embed").embedding
