@@ -230,7 +230,8 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
     """The ``load`` request's parameters not covered by _add_context_args."""
     g = p.add_argument_group("load")
     g.add_argument("--parallel", type=int, default=1, help="slots decoded together (default 1)")
-    g.add_argument("--main-gpu", type=int, default=0)
+    g.add_argument("--main-gpu", type=int, default=None, metavar="N",
+                   help="put the whole model on GPU N of those llama.cpp uses (default: split by layers)")
     g.add_argument("--tensor-split", default=None, help="comma-separated share per device")
     g.add_argument("--devices", default=None, help="comma-separated device names (see discover)")
     g.add_argument("--type-k", default="f16", help="K cache type (f16, q8_0, q4_0, ...)")

@@ -70,7 +70,7 @@ class EngineConfig:
     parallel: int = 1                 # slots = concurrent sequences
     n_threads: int | None = None      # CPU threads (None: all cores)
     n_gpu_layers: int | str = "auto"  # layers to offload: "auto" (placed by runner.placement), N, or -1 (all)
-    main_gpu: int = 0                 # GPU used when the model is not split
+    main_gpu: int | None = None       # one GPU (index among the GPUs llama.cpp uses) for the whole model; None: split
     tensor_split: list[float] | None = None  # share of the model per GPU
     devices: list[str] | None = None  # ggml device names to use (None: all)
     flash_attn: str = "auto"          # auto | on | off
@@ -199,7 +199,8 @@ class Engine:
         self._slot_dir, self._identity = self._slot_files(config)  # slot files: directory, model identity
         self.placement = placement.place_load(config)  # n_gpu_layers and tensor_split, with their estimate
         self.model = _llama.Model(config.model_path, n_gpu_layers=self.placement.n_gpu_layers,
-                                  main_gpu=config.main_gpu, tensor_split=self.placement.tensor_split,
+                                  main_gpu=config.main_gpu or 0, tensor_split=self.placement.tensor_split,
+                                  split_mode="layer" if config.main_gpu is None else "none",
                                   devices=config.devices, use_mmap=config.use_mmap,
                                   progress=progress)
         try:

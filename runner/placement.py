@@ -109,8 +109,9 @@ def devices_for(config: Any, discovered: Iterable[Mapping[str, Any]],
     """The devices llama.cpp will use for ``config`` (GPUs first, the CPU last),
     from ``discover``'s list: the load's ``devices`` by name, else the
     discrete GPUs (one per device id), else the integrated ones, as
-    llama_model_load picks them.  ``host_free`` replaces the CPU's free
-    memory (ggml reports the whole RAM as free)."""
+    llama_model_load picks them; with ``main_gpu`` N, the N-th of those alone
+    (split mode "none").  ``host_free`` replaces the CPU's free memory (ggml
+    reports the whole RAM as free)."""
     found = list(discovered)
     cpu = next((d for d in found if d["type"] == "cpu"), None)
     wanted = config.devices
@@ -128,6 +129,11 @@ def devices_for(config: Any, discovered: Iterable[Mapping[str, Any]],
                 ids.add(d.get("device_id"))
         if not gpus:
             gpus = [d for d in found if d["type"] == "igpu"]
+    if config.main_gpu is not None and gpus:  # llama.cpp's split mode "none": that GPU alone
+        if config.main_gpu >= len(gpus):
+            raise BadRequest(f"main_gpu {config.main_gpu}: there are {len(gpus)} GPUs "
+                             f"({', '.join(d['name'] for d in gpus)})")
+        gpus = [gpus[config.main_gpu]]
     out = [memory.Device(d["name"], d.get("description") or d["name"], d["type"], int(d["free"]), int(d["total"]))
            for d in gpus]
     if cpu is not None:

@@ -100,7 +100,7 @@ class Load(Request, tag="load"):
     parallel: Annotated[int, msgspec.Meta(ge=1, le=256)] = 1  # slots decoded together
     n_threads: Positive32 | None = None  # CPU threads; None = all cores
     n_gpu_layers: Literal["auto"] | Annotated[int, msgspec.Meta(ge=-1, le=2**31 - 1)] = "auto"  # "auto": placed by the runner; N; -1 = all
-    main_gpu: Count32 = 0                # device index for the whole model (split "none")
+    main_gpu: Count32 | None = None      # one GPU for the whole model (llama.cpp split "none"); None: split by layers
     tensor_split: list[Annotated[float, msgspec.Meta(ge=0, le=1e30)]] | None = None  # per-device share
     devices: list[str] | None = None     # device names to use (as ``discover`` lists them)
     flash_attn: Literal["auto", "on", "off"] = "auto"

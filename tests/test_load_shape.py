@@ -80,3 +80,20 @@ def test_every_op_has_a_section_and_the_new_replies_list_their_fields():
     assert _documented_reply("metrics") == metrics
     estimate = set(P.EstimateReply.__struct_fields__) - {"id"}
     assert estimate <= _documented_reply("estimate")
+
+
+def test_n_ctx_0_takes_the_trained_context_and_main_gpu_is_read(default_model_path):
+    """As documented: n_ctx 0 is the model's trained context, shared by the
+    slots, in the engine and in the estimate alike; main_gpu selects llama.cpp's
+    split mode "none" (on a machine without a GPU it places nothing)."""
+    from runner.engine import Engine
+    from runner.placement import estimate_load
+
+    config = EngineConfig(default_model_path, n_ctx=0, parallel=2, n_threads=2, main_gpu=0, cache_ram_mb=0)
+    with Engine(config) as e:
+        trained = e.model.n_ctx_train
+        assert (e.ctx.n_ctx, e.slot_ctx) == (trained, trained // 2)
+        placed = e.info()["placement"]
+    kv = estimate_load(config)["memory"]["kv_cache"]
+    assert (kv["n_ctx"], kv["kv_size"], kv["n_stream"]) == (trained, trained // 2, 2)
+    assert placed["devices"][-1]["kv"] == kv["total"]

@@ -42,7 +42,8 @@ def _model(tmp_path, n_layer: int = N_LAYER):
 
 def _config(**kw):
     """A load's settings with the load defaults (only the fields placement reads)."""
-    base = dict(n_ctx=4096, parallel=1, n_batch=512, n_gpu_layers="auto", tensor_split=None, devices=None,
+    base = dict(n_ctx=4096, parallel=1, n_batch=512, n_gpu_layers="auto", main_gpu=None, tensor_split=None,
+                devices=None,
                 flash_attn="auto", type_k="f16", type_v="f16", kv_unified=False, swa_full=False, embeddings=False,
                 cache_ram_mb=256)
     return SimpleNamespace(**{**base, **kw})
@@ -189,6 +190,11 @@ def test_devices_as_llama_cpp_picks_them():
     assert [d.id for d in chosen] == ["Vulkan0", "CPU"]
     with pytest.raises(BadRequest, match="unknown device 'CUDA7'"):
         placement.devices_for(_config(devices=["CUDA7"]), found)
+    # main_gpu: that one of llama.cpp's GPUs alone (split mode "none"); no GPU, no effect
+    assert [d.id for d in placement.devices_for(_config(main_gpu=1), found)] == ["CUDA1", "CPU"]
+    with pytest.raises(BadRequest, match=r"main_gpu 2: there are 2 GPUs \(CUDA0, CUDA1\)"):
+        placement.devices_for(_config(main_gpu=2), found)
+    assert [d.id for d in placement.devices_for(_config(main_gpu=0), found[:1])] == ["CPU"]
 
 
 # -- the real path, on this machine's devices ---------------------------------
