@@ -73,6 +73,8 @@ BASE_REQUESTS = [
      "options": {"num_predict": 1}},
     {"op": "cancel", "target": 12345},
     {"op": "load", "n_ctx": 256},
+    {"op": "estimate", "n_ctx": 256, "parallel": 2},
+    {"op": "metrics"},
 ]
 
 
