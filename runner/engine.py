@@ -525,7 +525,7 @@ class Engine:
     def metrics(self) -> dict:
         """Running totals and gauges, as the ``metrics`` op carries them (runner.metrics)."""
         with self._lock:
-            waiting = len(self._waiting)
+            waiting = len(self.scheduler.waiting)
             running = len(self._by_id) - waiting
         return {**self.totals.snapshot(), "queue_depth": waiting, "running": running,
                 "slot_kv_cells": [s["n_inputs"] for s in self.slots.snapshot()],

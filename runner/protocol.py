@@ -381,8 +381,7 @@ class ShutdownReply(Reply, tag="shutdown"):
 
 REPLY_TYPES = (ErrorReply, ChunkReply, ChunksReply, FinalReply, HealthReply, LoadReply, EmbeddingReply,
                TokenizeReply, DetokenizeReply, DiscoverReply, EstimateReply, InfoReply, MetricsReply,
-               CancelReply,
-               SlotFileReply, ShutdownReply)
+               CancelReply, SlotFileReply, ShutdownReply)
 AnyReply = Union[REPLY_TYPES]  # type: ignore[valid-type]
 
 
