@@ -86,27 +86,27 @@ class _TrackedArgs(dict):
     def _mark(self) -> None:
         self.tracker.read = True
 
-    def __getitem__(self, key):  # noqa: D105
+    def __getitem__(self, key):
         self._mark()
         return super().__getitem__(key)
 
-    def get(self, key, default=None):  # noqa: D102
+    def get(self, key, default=None):
         self._mark()
         return super().get(key, default)
 
-    def items(self):  # noqa: D102
+    def items(self):
         self._mark()
         return super().items()
 
-    def keys(self):  # noqa: D102
+    def keys(self):
         self._mark()
         return super().keys()
 
-    def values(self):  # noqa: D102
+    def values(self):
         self._mark()
         return super().values()
 
-    def __iter__(self):  # noqa: D105
+    def __iter__(self):
         self._mark()
         return super().__iter__()
 

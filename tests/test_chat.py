@@ -36,7 +36,7 @@ WEATHER_TOOL_JSON = ('{"type": "function", "function": {"name": "get_weather", "
                      '{"city": {"type": "string"}}, "required": ["city"]}}}')
 
 
-def chat(*pairs: str, **extra) -> list[dict]:
+def chat(*pairs: str) -> list[dict]:
     """Messages from (role, content) pairs given flat: chat("user", "Hi", ...)."""
     return [{"role": r, "content": c} for r, c in zip(pairs[::2], pairs[1::2])]
 
