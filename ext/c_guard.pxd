@@ -42,3 +42,9 @@ cdef extern from "fastsample.h" nogil:
     int32_t runner_fast_sample(runner_fast_sampler * s, const float * logits)
     int32_t runner_fast_distribution(runner_fast_sampler * s, const float * logits, int32_t * tokens,
                                      float * probs, int32_t cap)
+
+# ext/samplerows.h: one step's rows sampled on several threads.
+cdef extern from "samplerows.h" nogil:
+    ctypedef int32_t (*runner_argmax_fn)(const float * x, int32_t n) noexcept nogil
+    void runner_sample_rows(runner_fast_sampler ** fasts, const float ** logits, int32_t * toks,
+                            int32_t n, int32_t n_vocab, runner_argmax_fn argmax, int32_t n_threads)

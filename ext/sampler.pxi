@@ -327,14 +327,16 @@ cdef class Sampler:
         return llama_sampler_chain_n(self.chain) + (1 if self.grammar != NULL else 0)
 
 
-def sample_batch(Context ctx not None, list samplers not None, list rows not None):
+def sample_batch(Context ctx not None, list samplers not None, list rows not None, int n_threads=1):
     """Sample one token for each (sampler, batch row) pair: a list holding,
     per pair, the token or the exception that sampler raised.
 
     Native samplers (plain argmax or the one-pass chain) are all served in one
-    loop without the GIL, so a step pays one GIL release for its whole batch
-    instead of one per sequence (each release lets another Python thread in);
-    the others go through :meth:`Sampler.sample` one by one."""
+    call without the GIL, so a step pays one GIL release for its whole batch
+    instead of one per sequence (each release lets another Python thread in),
+    and their rows are spread over up to ``n_threads`` threads (each row is
+    independent; ext/samplerows.cpp).  The others go through
+    :meth:`Sampler.sample` one by one.  A sampler listed twice is refused."""
     ctx._check()
     cdef Py_ssize_t n = len(samplers), i, m = 0
     if len(rows) != n:
@@ -342,6 +344,8 @@ def sample_batch(Context ctx not None, list samplers not None, list rows not Non
     out = [None] * n
     if n == 0:
         return out
+    if len({id(x) for x in samplers}) != n:  # one sampler's state on two threads would race
+        raise ValueError("a sampler is listed twice")
     cdef runner_fast_sampler ** fasts = <runner_fast_sampler **> malloc(n * sizeof(void *))
     cdef const float ** logits = <const float **> malloc(n * sizeof(void *))
     cdef int32_t * toks = <int32_t *> malloc(n * sizeof(int32_t))
@@ -376,11 +380,7 @@ def sample_batch(Context ctx not None, list samplers not None, list rows not Non
             where[m] = i
             m += 1
         with nogil:
-            for i in range(m):
-                if fasts[i] == NULL:
-                    toks[i] = _argmax(logits[i], n_vocab)
-                else:
-                    toks[i] = runner_fast_sample(fasts[i], logits[i])
+            runner_sample_rows(fasts, logits, toks, <int32_t> m, n_vocab, _argmax, n_threads)
         for i in range(m):
             out[where[i]] = toks[i] if toks[i] >= 0 else SamplerError("sampling failed: no logit is a number")
     finally:

@@ -8,6 +8,7 @@ scheduler's (runner.scheduler), what a sampled token means is the engine's.
 from __future__ import annotations
 
 import logging
+import os
 
 import numpy as np
 
@@ -29,6 +30,10 @@ class Executor:
         self.batch = _llama.Batch(ctx.n_batch)  # token batch, rewritten each step
         self.mtmd = mtmd                      # media encoder (None: text only)
         self.media_cache = media_cache        # embedding rows of media seen before
+        # Threads that sample a step's rows: the decode threads are idle
+        # meanwhile, so every core the process may use.
+        self.sample_threads = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                               else os.cpu_count() or 1)
         # Media rows never share a batch with tokens: a batch of their own,
         # with four positions per row for M-RoPE.
         self.media_batch = None if mtmd is None else _llama.Batch(
@@ -122,9 +127,9 @@ class Executor:
         row), and the row's logits where ``want_logits`` (for
         log-probabilities; read before sampling, valid until the next
         decode).  The whole step is sampled in one binding call, the GIL
-        released once."""
+        released once, its rows spread over the cores."""
         logits = [self.ctx.logits(row) if want else None for row, want in zip(rows, want_logits)]
-        return _llama.sample_batch(self.ctx, samplers, rows), logits
+        return _llama.sample_batch(self.ctx, samplers, rows, self.sample_threads), logits
 
     # -- embeddings -----------------------------------------------------------
 

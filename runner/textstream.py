@@ -51,6 +51,7 @@ class _StopMatcher:
                 state = nxt
             self.found[state] = len(stop)
         self._link()
+        self.first = frozenset(self.goto[0])  # characters that can start a stop string
 
     def _link(self) -> None:
         """Fill failure links breadth-first; inherit matches along them."""
@@ -99,6 +100,7 @@ class TextStream:
         self._pending = ""  # decoded text held back: a possible stop-string prefix
         self._pending_feeds: list[int] = []  # feed index where each pending char's first byte came
         self._carry_feed = 0  # feed index where the decoder's buffered bytes began
+        self._carrying = False  # the decoder holds the start of a split UTF-8 character
         self._n_feeds = 0  # pieces fed so far
         self._closed = False  # finish() called or a stop string found
         self.stopped = False  # a stop string was found
@@ -111,16 +113,25 @@ class TextStream:
             raise RuntimeError("feed() after the stream stopped or finished")
         index = self._n_feeds
         self._n_feeds += 1
-        carried = bool(self._decoder.getstate()[0])
-        # The first new character starts in an earlier piece if bytes were carried over.
-        first_feed = self._carry_feed if carried else index
-        text = self._decoder.decode(piece)
-        if self._decoder.getstate()[0] and (text or not carried):
-            self._carry_feed = index  # a new incomplete sequence starts in this piece
+        if not self._carrying and piece.isascii():
+            # Most pieces: nothing split is pending and every byte is a character.
+            text = piece.decode("ascii")
+            first_feed = index
+        else:
+            carried = self._carrying
+            # The first new character starts in an earlier piece if bytes were carried over.
+            first_feed = self._carry_feed if carried else index
+            text = self._decoder.decode(piece)
+            self._carrying = bool(self._decoder.getstate()[0])
+            if self._carrying and (text or not carried):
+                self._carry_feed = index  # a new incomplete sequence starts in this piece
         if not text:
             return ""
-        if self._matcher is None:
+        matcher = self._matcher
+        if matcher is None:
             return text
+        if not self._state and matcher.first.isdisjoint(text):
+            return text  # nothing is held back, and no stop string can start in it
         return self._scan(text, first_feed, index)
 
     def finish(self) -> str:
@@ -129,6 +140,7 @@ class TextStream:
             return ""
         self._closed = True
         self._decoder.reset()
+        self._carrying = False
         out, self._pending, self._pending_feeds = self._pending, "", []
         return out
 

@@ -129,3 +129,54 @@ def test_what_stays_on_llama_cpp_chain(llama, model):
     assert not llama.Sampler(model, logit_bias={1: -1.0}).native
     assert llama.Sampler(model, temperature=0.0).native       # plain argmax
     assert llama.Sampler(model, temperature=0.0, repeat_penalty=1.1).native
+
+
+def _step_rows(llama, model, make_ctx, n_seqs):
+    """A context whose batch holds one output row per sequence, each after
+    a different prompt."""
+    ctx = make_ctx(n_ctx=128 * n_seqs, n_seq_max=n_seqs)
+    batch = llama.Batch(64 * n_seqs)
+    rows = []
+    for s in range(n_seqs):
+        tokens = model.tokenize(f"{s} {PROMPT[s:]}", add_special=True)
+        rows.append(batch.add_tokens(tokens, 0, s, output_last=True))
+    ctx.decode(batch)
+    batch.close()
+    return ctx, rows
+
+
+@pytest.mark.parametrize("n_seqs", [1, 3, 8])
+def test_a_step_sampled_on_several_threads_equals_one_thread(llama, model, make_ctx, n_seqs):
+    """Rows are independent: spreading them over threads changes no token,
+    for seeded chains, greedy rows and llama.cpp-chain rows mixed."""
+    ctx, rows = _step_rows(llama, model, make_ctx, n_seqs)
+
+    def samplers():
+        out = []
+        for s in range(n_seqs):
+            if s % 3 == 1:
+                out.append(llama.Sampler(model, temperature=0.0))
+            elif s % 3 == 2:
+                out.append(llama.Sampler(model, temperature=0.9, top_k=0, seed=s, native=False))
+            else:
+                out.append(llama.Sampler(model, temperature=1.2, top_k=200, repeat_penalty=1.1,
+                                         seed=100 + s))
+        return out
+
+    runs = []
+    for n_threads in (1, 2, 8):
+        ss = samplers()
+        picks = [llama.sample_batch(ctx, ss, rows, n_threads) for _ in range(5)]
+        runs.append(picks)
+        for s in ss:
+            s.close()
+    assert runs[0] == runs[1] == runs[2]
+    assert all(type(t) is int for picks in runs[0] for t in picks)
+
+
+def test_a_sampler_listed_twice_is_refused(llama, model, make_ctx):
+    ctx, rows = _step_rows(llama, model, make_ctx, 2)
+    s = llama.Sampler(model)
+    with pytest.raises(ValueError, match="twice"):
+        llama.sample_batch(ctx, [s, s], rows, 2)
+    s.close()
