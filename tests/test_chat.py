@@ -330,6 +330,13 @@ def test_the_sandbox_holds():
     assert ChatTemplate("{{ nothing.at[0].all }}|{{ messages[3].role == 'x' }}").render([]) == "|False"
 
 
+def test_chatml_fallback():
+    from runner.chat import CHATML_TEMPLATE
+
+    assert ChatTemplate(CHATML_TEMPLATE).render(chat("system", "S", "user", "Hi")) == (
+        "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+
+
 def test_bos_and_eos_dropped_only_when_the_tokenizer_adds_them():
     src = "{{ bos_token }}x{{ eos_token }}"
     assert ChatTemplate(src, "<s>", "</s>", add_bos=True).render([]) == "x</s>"
