@@ -13,7 +13,7 @@ took 17 minutes on 2 shared cores (about 20 with an empty ccache); a rebuild
 after a source change reuses build/{wheel_tag}-cpu (10-30 seconds), and a
 build in a new folder with a warm ccache takes under a minute.  With the
 wheel cached the tests here take about 30 seconds.  The dependencies'
-wheels (numpy, pyzmq, msgspec, at the versions of the running environment)
+wheels (numpy, pyzmq, msgspec, jinja2, MarkupSafe, at the versions of the running environment)
 are downloaded once into build/wheel-test/deps/ and installed with
 --no-index.
 """
@@ -41,7 +41,7 @@ DEPS = CACHE / "deps"
 SOURCES = ["CMakeLists.txt", "CMakePresets.json", "pyproject.toml", "README.md",
            "build_backend/*.py", "scripts/build_wheels.py", "ext/*", "runner/**/*.py",
            "vendor/.sync-state.json"]
-RUNTIME_DEPS = ("numpy", "pyzmq", "msgspec")
+RUNTIME_DEPS = ("numpy", "pyzmq", "msgspec", "jinja2", "MarkupSafe")
 
 pytestmark = pytest.mark.slow
 # The CPU wheel checked here is the Linux x86-64 one (14 CPU variants).
