@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import itertools
 import logging
 import os
@@ -543,12 +544,11 @@ def _put_all(items: list) -> None:
         sink.put(reply)
 
 
+_FINAL_FIELDS = tuple(f.name for f in dataclasses.fields(Final))  # FinalReply's, less id (tested)
+
+
 def _to_final(reply: P.FinalReply) -> Final:
-    return Final(done_reason=reply.done_reason, prompt_eval_count=reply.prompt_eval_count,
-                 prompt_eval_duration=reply.prompt_eval_duration, eval_count=reply.eval_count,
-                 eval_duration=reply.eval_duration, cached_count=reply.cached_count,
-                 prompt_count=reply.prompt_count, slot=reply.slot, error=reply.error,
-                 error_code=reply.error_code, message=reply.message)
+    return Final(**{name: getattr(reply, name) for name in _FINAL_FIELDS})
 
 
 def _event(reply: Any) -> Chunk | Final:

@@ -324,13 +324,13 @@ def _failure(request_id: Any, exc: BaseException) -> P.ErrorReply:
     return reply
 
 
+_FINAL_FIELDS = tuple(f.name for f in dataclasses.fields(Final))  # FinalReply's, less id (tested)
+
+
 def _final_reply(request_id: Any, final: Final) -> P.FinalReply:
-    code = P.known_code(final.error_code)
-    return P.FinalReply(
-        id=request_id, done_reason=final.done_reason, prompt_eval_count=final.prompt_eval_count,
-        prompt_eval_duration=final.prompt_eval_duration, eval_count=final.eval_count,
-        eval_duration=final.eval_duration, cached_count=final.cached_count,
-        prompt_count=final.prompt_count, slot=final.slot, error=final.error, error_code=code)
+    fields = {name: getattr(final, name) for name in _FINAL_FIELDS}
+    fields["error_code"] = P.known_code(final.error_code)
+    return P.FinalReply(id=request_id, **fields)
 
 
 def _slot_reply(request_id: Any, result) -> P.SlotFileReply:
