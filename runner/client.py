@@ -961,7 +961,7 @@ class Runner:
               media: Media = None) -> dict:
         request = {"op": "chat", "messages": messages, "options": options,
                    "add_generation_prompt": add_generation_prompt,
-                   "reasoning_format": reasoning_format}
+                   "reasoning_format": reasoning_format, "batch_chunks": True}
         if tools is not None:
             request["tools"] = tools
         if template_kwargs:

@@ -155,6 +155,7 @@ class Chat(Request, tag="chat"):
     template_kwargs: dict[str, Any] = {}  # extra template variables (enable_thinking, ...)
     reasoning_format: Literal["auto", "none"] = "auto"  # none: <think> text stays in content
     media: list[Media] = []              # placed by [img-N] or the projector's marker
+    batch_chunks: bool = False           # this client reads `chunks` replies (as completion's)
 
 
 class Embedding(Request, tag="embedding"):

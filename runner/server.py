@@ -931,7 +931,7 @@ class Server:
             raise NotReady("the runner is shutting down")
         key = self._new_key(peer, req.id)
         job = Job(peer, req.id, req.__struct_config__.tag, size,
-                  batch_chunks=type(req) is P.Completion and req.batch_chunks)
+                  batch_chunks=type(req) in (P.Completion, P.Chat) and req.batch_chunks)
         pool = self._heavy_pool if size > HEAVY_REQUEST_BYTES else self._pool
         self._budget.reserve(size)
         self._jobs[key] = job  # before the call starts: it may post replies at once
