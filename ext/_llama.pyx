@@ -19,7 +19,7 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.math cimport INFINITY
 from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
-from libc.string cimport memcpy, memmove, strlen
+from libc.string cimport memcpy, memmove, strlen, strncmp
 
 from c_ggml cimport *
 from c_llama cimport *
@@ -29,6 +29,7 @@ cimport c_mtmd
 import collections
 import logging
 import os
+import re
 import threading
 
 import numpy as np
@@ -43,3 +44,4 @@ include "context.pxi"
 include "sampler.pxi"
 include "lora.pxi"
 include "mtmd.pxi"
+include "rpc.pxi"

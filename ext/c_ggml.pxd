@@ -27,7 +27,10 @@ cdef extern from "ggml.h" nogil:
     ctypedef void (*ggml_log_callback)(ggml_log_level level, const char * text, void * user_data) noexcept
     ctypedef bint (*ggml_abort_callback)(void * data) noexcept
 
+    ctypedef void (*ggml_abort_callback_t)(const char * error_message) noexcept
+
     void ggml_log_set(ggml_log_callback log_callback, void * user_data)
+    ggml_abort_callback_t ggml_set_abort_callback(ggml_abort_callback_t callback)
     const char * ggml_type_name(ggml_type type)
     size_t ggml_row_size(ggml_type type, int64_t ne)
     const char * ggml_version()
@@ -81,6 +84,7 @@ cdef extern from "ggml-backend.h" nogil:
     ggml_backend_dev_t ggml_backend_reg_dev_get(ggml_backend_reg_t reg, size_t index)
     void * ggml_backend_reg_get_proc_address(ggml_backend_reg_t reg, const char * name)
 
+    void ggml_backend_register(ggml_backend_reg_t reg)
     size_t ggml_backend_reg_count()
     ggml_backend_reg_t ggml_backend_reg_get(size_t index)
     ggml_backend_reg_t ggml_backend_reg_by_name(const char * name)
@@ -91,3 +95,19 @@ cdef extern from "ggml-backend.h" nogil:
     ggml_backend_reg_t ggml_backend_load(const char * path)
     void ggml_backend_load_all()
     void ggml_backend_load_all_from_path(const char * dir_path)
+
+
+cdef extern from "ggml-rpc.h" nogil:
+    # The functions themselves are reached through the RPC registry's
+    # ggml_backend_reg_get_proc_address: with GGML_BACKEND_DL the backend is a
+    # module loaded at run time, so nothing may link against its symbols.
+    int RPC_PROTO_MAJOR_VERSION
+    int RPC_PROTO_MINOR_VERSION
+    int RPC_PROTO_PATCH_VERSION
+    int GGML_RPC_MAX_SERVERS
+
+# ggml_backend_rpc_add_server and ggml_backend_rpc_start_server, as pointers.
+ctypedef ggml_backend_reg_t (*ggml_backend_rpc_add_server_t)(const char * endpoint) noexcept nogil
+ctypedef void (*ggml_backend_rpc_start_server_t)(const char * endpoint, const char * cache_dir,
+                                                  size_t n_threads, size_t n_devices,
+                                                  ggml_backend_dev_t * devices) noexcept nogil

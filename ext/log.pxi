@@ -8,6 +8,9 @@
 _llama_logger = logging.getLogger("runner.llama")
 
 cdef int _log_threshold = GGML_LOG_LEVEL_WARN
+# A model load is recording llama.cpp's "load_tensors: layer N assigned to
+# device D" debug lines (Model.placement), whatever the threshold.
+cdef bint _capture_placement = False
 
 
 class _LogState:
@@ -45,6 +48,10 @@ cdef void _emit(int level, str line) noexcept:
 
 
 cdef void _log_callback(ggml_log_level level, const char * text, void * user_data) noexcept nogil:
+    if (_capture_placement and level == GGML_LOG_LEVEL_DEBUG
+            and strncmp(text, b"load_tensors: layer", 19) == 0):
+        with gil:
+            _record_placement(text)
     if level != GGML_LOG_LEVEL_CONT and level < _log_threshold:
         return
     if level == GGML_LOG_LEVEL_CONT and _log_threshold > GGML_LOG_LEVEL_DEBUG:
@@ -74,6 +81,16 @@ cdef void _log_piece(int level, const char * text) noexcept:
             if line.strip():
                 _emit(level, line)
         _log_state.pending = rest
+    except BaseException:
+        pass
+
+
+_placement_lines = []   # the load's "layer N assigned to device D" lines (under the GIL)
+
+
+cdef void _record_placement(const char * text) noexcept:
+    try:
+        _placement_lines.append(text.decode("utf-8", "replace"))
     except BaseException:
         pass
 

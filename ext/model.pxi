@@ -29,6 +29,29 @@ cdef bint _progress_trampoline(float progress, void * user_data) noexcept with g
     return True
 
 
+_placement_re = re.compile(r"layer\s+(\d+) assigned to device ([^,\s]+)")
+
+
+cdef void _start_placement(bint record):
+    global _capture_placement
+    _placement_lines.clear()
+    _capture_placement = record
+
+
+cdef dict _end_placement():
+    """The recorded "layer N assigned to device D" lines as {N: D}.  One load
+    records at a time: loads in two threads at once would mix their lines."""
+    global _capture_placement
+    _capture_placement = False
+    out = {}
+    for line in _placement_lines:
+        m = _placement_re.search(line)
+        if m:
+            out[int(m.group(1))] = m.group(2)
+    _placement_lines.clear()
+    return out
+
+
 cdef class Model:
     """A loaded model (llama_model) and its vocabulary.
 
@@ -42,6 +65,7 @@ cdef class Model:
     cdef readonly str path          # file the model was loaded from
     cdef readonly int32_t n_vocab   # vocabulary size (valid token ids: 0..n_vocab-1)
     cdef int open_contexts          # contexts not yet closed (guards close())
+    cdef dict layer_devices         # layer index (n_layer: the output layer) -> device name
     cdef object __weakref__
 
     def __cinit__(self, path, *, int n_gpu_layers=0, int main_gpu=0, str split_mode="layer",
@@ -100,9 +124,11 @@ cdef class Model:
                 params.progress_callback_user_data = <void *> state
             _log_state.last_error = ""
             mark = error_mark()
+            _start_placement(not vocab_only)
             with nogil:
                 model = llama_model_load_from_file(cpath, params)
         finally:
+            self.layer_devices = _end_placement()
             free(split)
             free(devs)
         if state.error is not None:
@@ -155,6 +181,18 @@ cdef class Model:
 
     def __exit__(self, *exc):
         self.close()
+
+    @property
+    def placement(self):
+        """Where llama.cpp put each layer: ``{"layers": [device name per
+        repeating layer], "output": device name}`` ("CPU", "CUDA0", "RPC0",
+        ...), from the assignment lines llama.cpp logs while loading.  Empty
+        lists and None for a vocab-only model.  Input embeddings always stay
+        on the CPU."""
+        self._check()
+        cdef int n = llama_model_n_layer(self.ptr)
+        return {"layers": [self.layer_devices[il] for il in range(n) if il in self.layer_devices],
+                "output": self.layer_devices.get(n)}
 
     # -- shape -----------------------------------------------------------
     @property

@@ -108,6 +108,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     path = resolve_model(args.model)
     options = CompletionOptions.from_dict(_completion_options(args))
     progress = _progress_bar() if sys.stderr.isatty() and not args.quiet else None
+    if args.rpc:
+        from runner import rpc
+
+        rpc.add_servers(rpc.parse_endpoints(args.rpc))
     from runner.engine import EngineConfig
     from runner.placement import place_load
 
@@ -145,7 +149,8 @@ def _generate_engine(args: argparse.Namespace) -> int:
     prompt, media = _media_prompt(args)
     config = EngineConfig(resolve_model(args.model), n_ctx=args.ctx, n_batch=args.batch,
                           n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
-                          flash_attn=args.flash_attn, projector_path=args.mmproj)
+                          flash_attn=args.flash_attn, projector_path=args.mmproj,
+                          rpc_servers=_rpc_list(args.rpc))
     with Engine(config) as engine:
         if args.chat:
             prompt = _chat_prompt(engine.model, args, prompt)
@@ -226,6 +231,12 @@ def _print_timings(n_prompt: int, prompt_s: float, n_gen: int, gen_s: float, don
           f"done: {done}{slot_text}", file=sys.stderr)
 
 
+def _add_rpc_arg(p) -> None:
+    p.add_argument("--rpc", default=None, metavar="HOST:PORT[,...]",
+                   help="add the devices of these 'llama-runner rpc-server's before loading; "
+                        "layers go to them like to GPUs (docs/rpc.md)")
+
+
 def _add_load_args(p: argparse.ArgumentParser) -> None:
     """The ``load`` request's parameters not covered by _add_context_args."""
     g = p.add_argument_group("load")
@@ -234,6 +245,7 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
                    help="put the whole model on GPU N of those llama.cpp uses (default: split by layers)")
     g.add_argument("--tensor-split", default=None, help="comma-separated share per device")
     g.add_argument("--devices", default=None, help="comma-separated device names (see discover)")
+    _add_rpc_arg(g)
     g.add_argument("--type-k", default="f16", help="K cache type (f16, q8_0, q4_0, ...)")
     g.add_argument("--type-v", default="f16", help="V cache type")
     g.add_argument("--no-mmap", action="store_true", help="read the model instead of mapping it")
@@ -261,6 +273,12 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
                    help="directory for 'llama-runner slot save/restore' files (default: those ops are off)")
 
 
+def _rpc_list(text: str | None) -> list[str] | None:
+    from runner.rpc import parse_endpoints
+
+    return parse_endpoints(text) or None
+
+
 def _load_params(args: argparse.Namespace) -> dict:
     def floats(text):
         return None if not text else [float(x) for x in text.split(",")]
@@ -270,6 +288,7 @@ def _load_params(args: argparse.Namespace) -> dict:
         "n_threads": args.threads, "n_gpu_layers": args.n_gpu_layers, "main_gpu": args.main_gpu,
         "tensor_split": floats(args.tensor_split),
         "devices": args.devices.split(",") if args.devices else None,
+        "rpc_servers": _rpc_list(args.rpc),
         "flash_attn": args.flash_attn, "type_k": args.type_k, "type_v": args.type_v,
         "use_mmap": not args.no_mmap, "lora_paths": args.lora, "projector_path": args.mmproj,
         "media_cache_bytes": args.media_cache_mb << 20, "cache_policy": args.cache_policy, "max_queue": args.max_queue,
@@ -363,6 +382,10 @@ def _cmd_slot(args: argparse.Namespace) -> int:
 def _cmd_discover(args: argparse.Namespace) -> int:
     from runner import _llama
 
+    if args.rpc:
+        from runner import rpc
+
+        rpc.add_servers(rpc.parse_endpoints(args.rpc))
     devices = _llama.devices()
     if args.json:
         print(json.dumps(devices, indent=2))
@@ -454,6 +477,16 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_rpc_server(args: argparse.Namespace) -> int:
+    from runner import _llama, rpc
+
+    _llama.set_plain_aborts()
+    devices = None if not args.device else [d for v in args.device for d in v.split(",") if d]
+    rpc.serve(args.host, args.port, devices=devices, n_threads=args.threads,
+              cache_dir=args.cache_dir, allow_network=args.allow_network)
+    return 0
+
+
 def _cmd_fetch_model(args: argparse.Namespace) -> int:
     from runner.models import fetch_default_model
 
@@ -484,6 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", action="append", default=[], metavar="FILE",
                    help="image or audio file placed by [img-N] in the prompt (repeatable; "
                         "prepended when the prompt places none)")
+    _add_rpc_arg(p)
     _add_context_args(p)
     _add_sampling_args(p)
     p.set_defaults(func=_cmd_generate)
@@ -554,6 +588,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("discover", help="devices ggml sees, with free/total memory")
     p.add_argument("--json", action="store_true")
+    _add_rpc_arg(p)
     p.set_defaults(func=_cmd_discover)
 
     p = sub.add_parser("keys", help="create CURVE key pairs for serve --curve-dir",
@@ -565,6 +600,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--client", action="append", default=[], metavar="NAME",
                    help="create and authorize a client key pair (repeatable)")
     p.set_defaults(func=_cmd_keys)
+
+    p = sub.add_parser("rpc-server", help="serve this host's devices to runners on other hosts "
+                                          "(ggml RPC; docs/rpc.md)",
+                       description="Serve this host's ggml devices over TCP with ggml's RPC "
+                       "protocol, for 'serve --rpc HOST:PORT' on another host. One client at a "
+                       "time. The protocol has no authentication or encryption: keep the "
+                       "default loopback address and reach it through an SSH tunnel "
+                       "(docs/rpc.md).")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="IPv4 address to listen on (default 127.0.0.1); any other than loopback "
+                        "needs --allow-network")
+    p.add_argument("--port", type=int, default=50052, help="TCP port (default 50052)")
+    p.add_argument("--device", action="append", default=[], metavar="NAME[,NAME...]",
+                   help="devices to serve, as 'discover' names them (default: every GPU, "
+                        "else the CPU)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for a served CPU device (default: half the cores)")
+    p.add_argument("--cache-dir", default=None, metavar="DIR",
+                   help="keep large tensors a client sends in DIR by hash, so a reload of the "
+                        "same model skips sending them")
+    p.add_argument("--allow-network", action="store_true",
+                   help="listen on a non-loopback --host. UNSAFE on any network you do not "
+                        "fully trust: the RPC protocol has no authentication or encryption, and "
+                        "whoever reaches the port can read and write this host's device memory "
+                        "and run computations on it")
+    p.set_defaults(func=_cmd_rpc_server)
 
     p = sub.add_parser("fetch-model", help="download the default model into the cache")
     p.set_defaults(func=_cmd_fetch_model)

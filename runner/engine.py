@@ -37,7 +37,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from runner import _llama, limits
+from runner import _llama, limits, rpc
 from runner.requests import (
     BadRequest, Busy, Chunk, CompletionOptions, CompletionRequest, EmbeddingResult,
     EngineError, Final, InputTooLong, InternalError, NotReady,
@@ -73,6 +73,7 @@ class EngineConfig:
     main_gpu: int | None = None       # one GPU (index among the GPUs llama.cpp uses) for the whole model; None: split
     tensor_split: list[float] | None = None  # share of the model per GPU
     devices: list[str] | None = None  # ggml device names to use (None: all)
+    rpc_servers: list[str] | None = None  # HOST:PORT of rpc-servers whose devices join before the load (runner.rpc)
     flash_attn: str = "auto"          # auto | on | off
     type_k: str = "f16"               # K cache type (f16, q8_0, q4_0)
     type_v: str = "f16"               # V cache type
@@ -197,6 +198,11 @@ class Engine:
         _llama.backend_init()
         check_model_file(config.model_path)  # refuse what llama.cpp would abort on
         self._slot_dir, self._identity = self._slot_files(config)  # slot files: directory, model identity
+        if config.rpc_servers:  # before the placement: their devices count in it
+            try:
+                rpc.add_servers(config.rpc_servers)
+            except rpc.RpcError as exc:
+                raise BadRequest(str(exc)) from None
         self.placement = placement.place_load(config)  # n_gpu_layers and tensor_split, with their estimate
         self.model = _llama.Model(config.model_path, n_gpu_layers=self.placement.n_gpu_layers,
                                   main_gpu=config.main_gpu or 0, tensor_split=self.placement.tensor_split,
@@ -520,6 +526,7 @@ class Engine:
             "steps": self.step_summary(),
             "totals": self.totals.snapshot(),
             "load_seconds": round(self.load_seconds, 6),
+            "layer_devices": self.model.placement,
         }
 
     def metrics(self) -> dict:

@@ -103,6 +103,7 @@ class Load(Request, tag="load"):
     main_gpu: Count32 | None = None      # one GPU for the whole model (llama.cpp split "none"); None: split by layers
     tensor_split: list[Annotated[float, msgspec.Meta(ge=0, le=1e30)]] | None = None  # per-device share
     devices: list[str] | None = None     # device names to use (as ``discover`` lists them)
+    rpc_servers: list[str] | None = None  # HOST:PORT of rpc-servers whose devices are added first
     flash_attn: Literal["auto", "on", "off"] = "auto"
     type_k: KVType = "f16"               # KV cache type of keys
     type_v: KVType = "f16"               # KV cache type of values
