@@ -1,0 +1,274 @@
+"""ggml's RPC backend (issue 20): rpc-server processes on 127.0.0.1 serving
+their CPU, runners placing the default model's layers across them and their
+own CPU, and what happens when a server is wrong, busy or killed."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from runner import rpc
+from runner.requests import BadRequest
+from polling import wait_until
+
+GREEDY = {"temperature": 0.0, "seed": 1}
+PROMPTS = ["The capital of France is", "Écris un haïku sur la mer 🌊 et les 東京 lights:"]
+
+
+# -- pure: endpoints and the loopback rule ------------------------------------
+
+@pytest.mark.parametrize("text, want", [
+    ("127.0.0.1:50052", ("127.0.0.1", 50052)),
+    ("gpu-box:1", ("gpu-box", 1)),
+    ("10.0.0.7:65535", ("10.0.0.7", 65535)),
+])
+def test_parse_endpoint_accepts_host_and_port(text, want):
+    assert rpc.parse_endpoint(text) == want
+
+
+@pytest.mark.parametrize("text, why", [
+    ("127.0.0.1", "HOST:PORT"),
+    ("", "HOST:PORT"),
+    (":50052", "no host"),
+    ("127.0.0.1:0", "1-65535"),
+    ("127.0.0.1:65536", "1-65535"),
+    ("127.0.0.1:http", "not a number"),
+    ("[::1]:50052", "HOST:PORT"),
+    ("host name:1", "no host"),
+])
+def test_parse_endpoint_refuses_with_the_reason(text, why):
+    with pytest.raises(rpc.RpcError, match=why):
+        rpc.parse_endpoint(text)
+
+
+def test_parse_endpoints_splits_commas_and_refuses_duplicates():
+    assert rpc.parse_endpoints("a:1, b:2,") == ["a:1", "b:2"]
+    assert rpc.parse_endpoints(None) == []
+    with pytest.raises(rpc.RpcError, match="twice"):
+        rpc.parse_endpoints(["a:1", "a:1"])
+
+
+@pytest.mark.parametrize("host, allow, ok", [
+    ("127.0.0.1", False, True),
+    ("127.0.0.2", False, True),
+    ("0.0.0.0", False, False),
+    ("192.168.1.20", False, False),
+    ("0.0.0.0", True, True),
+    ("192.168.1.20", True, True),
+])
+def test_bind_host_is_loopback_unless_allowed(host, allow, ok):
+    if ok:
+        rpc.check_bind_host(host, allow)
+    else:
+        with pytest.raises(rpc.RpcError, match="no authentication"):
+            rpc.check_bind_host(host, allow)
+
+
+def test_bind_host_must_be_an_ipv4_literal():
+    with pytest.raises(rpc.RpcError, match="IPv4"):
+        rpc.check_bind_host("localhost", True)
+
+
+def test_rpc_server_command_refuses_a_network_address(capsys):
+    from runner.cli import build_parser, main
+
+    assert main(["rpc-server", "--host", "0.0.0.0", "--port", str(_free_port())]) == 1
+    err = capsys.readouterr().err
+    assert "no authentication" in err and "--allow-network" in err
+    help_text = build_parser()._subparsers._group_actions[0].choices["rpc-server"].format_help()
+    assert "--allow-network" in help_text and "authentication" in help_text
+
+
+# -- probing (no model) --------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_probe_of_a_closed_port_says_unreachable(llama):
+    with pytest.raises(rpc.RpcError, match="unreachable"):
+        rpc.probe(f"127.0.0.1:{_free_port()}", timeout=5)
+
+
+def test_probe_of_a_silent_listener_times_out_saying_busy(llama):
+    """ggml's server serves one client at a time: the next one is accepted by
+    the kernel and then gets no answer.  A silent listener looks the same."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4)
+        endpoint = "127.0.0.1:%d" % listener.getsockname()[1]
+        with pytest.raises(rpc.RpcError, match="one client at a time"):
+            rpc.probe(endpoint, timeout=0.5)
+
+
+def test_probe_of_something_else_says_so(llama):
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4)
+        endpoint = "127.0.0.1:%d" % listener.getsockname()[1]
+
+        def answer_garbage():
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(64)
+                conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+
+        t = threading.Thread(target=answer_garbage)
+        t.start()
+        with pytest.raises(rpc.RpcError, match="unexpected reply size|dropped"):
+            rpc.probe(endpoint, timeout=5)
+        t.join()
+
+
+# -- rpc-server processes --------------------------------------------------------
+
+class RpcServer:
+    """A `llama-runner rpc-server` child serving its CPU on 127.0.0.1."""
+
+    def __init__(self) -> None:
+        self.port = _free_port()
+        self.endpoint = f"127.0.0.1:{self.port}"
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "runner.cli", "rpc-server", "--port", str(self.port),
+             "--threads", "1"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        wait_until(self._answers, timeout=60, interval=0.1)
+
+    def _answers(self) -> bool:
+        if self.process.poll() is not None:
+            raise AssertionError(f"rpc-server exited: {self.process.stderr.read().decode()}")
+        try:
+            rpc.probe(self.endpoint, timeout=5)
+        except rpc.RpcError:
+            return False
+        return True
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        self.process.stderr.close()
+
+
+@pytest.fixture
+def rpc_servers(llama):
+    """A factory of rpc-server processes, killed after the test."""
+    made: list[RpcServer] = []
+
+    def make(n: int) -> list[RpcServer]:
+        servers = [RpcServer() for _ in range(n)]
+        made.extend(servers)
+        return servers
+
+    yield make
+    for server in made:
+        server.kill()
+
+
+def test_probe_reports_version_and_free_memory(rpc_servers, llama):
+    (server,) = rpc_servers(1)
+    found = rpc.probe(server.endpoint)
+    assert found.version == tuple(llama.rpc_protocol_version())
+    (dev,) = found.devices
+    assert dev.index == 0 and 0 < dev.free <= dev.total
+
+
+def test_discover_lists_the_remote_devices_with_their_memory(rpc_servers):
+    servers = rpc_servers(2)
+    out = subprocess.run(
+        [sys.executable, "-m", "runner.cli", "discover", "--json", "--rpc",
+         ",".join(s.endpoint for s in servers)],
+        capture_output=True, text=True, check=True).stdout
+    remote = [d for d in json.loads(out) if d["backend"] == "RPC"]
+    assert [d["description"] for d in remote] == [s.endpoint for s in servers]
+    assert [d["name"] for d in remote] == ["RPC0", "RPC1"]
+    assert all(d["free"] > 0 and d["total"] >= d["free"] for d in remote)
+
+
+def _tokens(runner, prompt: str, n: int) -> tuple[list[int], object]:
+    tokens, final = [], None
+    for event in runner.complete(prompt, num_predict=n, **GREEDY):
+        if hasattr(event, "tokens"):
+            tokens += event.tokens
+        else:
+            final = event
+    return tokens, final
+
+
+def test_layers_split_across_two_servers_and_the_cpu_give_the_local_tokens(rpc_servers, spawn):
+    """30 layers: the first 10 stay on the runner's CPU, the last 20 and the
+    output layer go to RPC0 and RPC1 (llama.cpp puts remote devices first and
+    splits by free memory).  Greedy output is token for token the local one."""
+    servers = rpc_servers(2)
+    local = spawn(n_ctx=1024)
+    want = [_tokens(local, p, 48) for p in PROMPTS]
+    local.close()
+
+    split = spawn(n_ctx=1024, n_gpu_layers=21, rpc_servers=[s.endpoint for s in servers])
+    got = [_tokens(split, p, 48) for p in PROMPTS]
+    for (want_tokens, want_final), (got_tokens, got_final) in zip(want, got):
+        assert got_final.done_reason == want_final.done_reason != "error"
+        assert got_tokens == want_tokens and len(got_tokens) > 0
+
+    placement = split.info(timeout=60).engine["placement"]
+    layers = placement["layers"]
+    assert len(layers) == 30 and placement["output"] in ("RPC0", "RPC1")
+    assert layers[:10] == ["CPU"] * 10
+    assert set(layers[10:]) == {"RPC0", "RPC1"}
+    assert layers[10:] == sorted(layers[10:])  # contiguous runs, RPC0 first
+    assert split.info(timeout=60).engine["config"]["rpc_servers"] == [s.endpoint for s in servers]
+    names = {d.name: d for d in split.discover(timeout=60)}
+    assert names["RPC0"].description == servers[0].endpoint and names["RPC0"].free > 0
+
+
+def test_a_bad_rpc_endpoint_fails_the_load_with_the_reason(spawn):
+    """The runner answers health with bad_request and the reason (it does not
+    die: ggml would abort on the connect the probe saves it from)."""
+    port = _free_port()
+    with pytest.raises(BadRequest, match=f"127.0.0.1:{port} unreachable"):
+        spawn(rpc_servers=[f"127.0.0.1:{port}"])
+
+
+def test_a_busy_server_fails_the_second_runners_load_with_the_reason(rpc_servers, spawn):
+    """ggml's server takes one client at a time: a second runner's load is
+    refused after the probe's timeout instead of waiting forever."""
+    (server,) = rpc_servers(1)
+    first = spawn(n_gpu_layers=4, rpc_servers=[server.endpoint])
+    with pytest.raises(BadRequest, match="one client at a time"):
+        spawn(rpc_servers=[server.endpoint])
+    text, final = first.complete("Hello", num_predict=4, **GREEDY).text()
+    assert final.done_reason == "length"
+
+
+def test_a_server_killed_mid_stream_ends_the_runner_and_fails_every_stream(rpc_servers, spawn):
+    """ggml's RPC client aborts the process on a lost connection
+    (RPC_STATUS_ASSERT in ggml-rpc.cpp).  Both streams then fail with the
+    runner's exit and its one-line reason, and health says it is gone: no
+    stream, no call waits forever."""
+    from runner.client import RunnerGone
+
+    servers = rpc_servers(2)
+    runner = spawn(n_ctx=2048, parallel=2, n_gpu_layers=21,
+                   rpc_servers=[s.endpoint for s in servers])
+    streams = [runner.complete(p, num_predict=900, **GREEDY) for p in PROMPTS]
+    for stream in streams:
+        next(iter(stream))  # generating
+    servers[1].kill()
+    for stream in streams:
+        with pytest.raises(RunnerGone) as caught:
+            for event in stream:
+                assert getattr(event, "done_reason", None) != "length", "finished despite the kill"
+        message = str(caught.value)
+        assert "SIGABRT" in message and "ggml aborted" in message, message
+        assert "RPC server" in message, message
+    assert runner.returncode == -signal.SIGABRT
+    with pytest.raises(RunnerGone):
+        runner.health(timeout=30)
