@@ -148,8 +148,8 @@ def test_cpu_wheel_holds_only_what_it_needs(cpu_wheel):
     ext = [n for n in libs if n.startswith("_llama.")]
     assert len(ext) == 1
     # One file per library: no libllama.so.0 / .so.0.5.0 copies of symlinks.
-    assert libs - set(ext) == {"libllama.so", "libggml.so", "libggml-base.so", "libmtmd.so"} | {
-        f"libggml-cpu-{v}.so" for v in cpu}
+    assert libs - set(ext) == {"libllama.so", "libggml.so", "libggml-base.so", "libmtmd.so",
+                               "libggml-rpc.so"} | {f"libggml-cpu-{v}.so" for v in cpu}
     # What auditwheel grafted: OpenMP (ggml's threads), nothing else.
     grafted = [n for n in names if n.startswith("llama_runner.libs/")]
     assert [re.sub(r"-[0-9a-f]{8}", "", n) for n in grafted] == ["llama_runner.libs/libgomp.so.1.0.0"]
@@ -195,7 +195,7 @@ def test_info_names_the_variant_and_the_cpu_variant(venv, outside, package_dir):
     info = json.loads(proc.stdout)
     v = info["variant"]
     assert (v["variant"], v["distribution"], v["backends"], v["backend_dl"]) == (
-        "cpu", "llama-runner", ["cpu"], True)
+        "cpu", "llama-runner", ["cpu", "rpc"], True)
     # ggml loaded one of the wheel's CPU variants from the package folder.
     assert v["cpu_variant"] in v["cpu_variants"], v
     assert Path(v["cpu_library"]).parent == package_dir
@@ -203,7 +203,7 @@ def test_info_names_the_variant_and_the_cpu_variant(venv, outside, package_dir):
 
     proc = run([venv / "bin" / "llama-runner", "info"], cwd=outside, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert "variant: cpu (llama-runner; backends cpu loaded from the package folder)" in proc.stdout
+    assert "variant: cpu (llama-runner; backends cpu, rpc loaded from the package folder)" in proc.stdout
     assert f"cpu variant: {v['cpu_variant']} (picked from 14: libggml-cpu-{v['cpu_variant']}.so)" in proc.stdout
 
 
@@ -282,7 +282,7 @@ def test_cuda_variant_configures(cuda, tmp_path):
     variant = (tmp_path / "_variant.py").read_text()
     assert f'VARIANT = "cuda{major}"' in variant
     assert f'DISTRIBUTION = "llama-runner-cuda{major}"' in variant
-    assert 'BACKENDS = ("cpu", "cuda",)' in variant
+    assert 'BACKENDS = ("cpu", "cuda", "rpc",)' in variant
     # ggml-cuda finds NVIDIA's runtime wheels next to the package.
     ninja = (tmp_path / "build.ninja").read_text()
     link = ninja[ninja.index("build bin/libggml-cuda.so:"):]
