@@ -687,6 +687,11 @@ class Device:
     def is_gpu(self) -> bool:
         return self.type in ("gpu", "igpu")
 
+    @property
+    def is_rpc(self) -> bool:
+        """A remote device of ggml's RPC backend (ggml names them RPC0, RPC1, ...; type "gpu")."""
+        return self.id.startswith("RPC")
+
     @classmethod
     def from_mapping(cls, d: Mapping[str, Any]) -> Device:
         """Build from a dict with keys id, type, free, total and optionally name (other keys are ignored)."""
@@ -819,7 +824,8 @@ def plan_layers(
 
     llama.cpp offloads the *last* n_gpu_layers of the n_layer + 1 layers (the
     output layer counts as the last) and hands them to the GPUs in device
-    order, in contiguous runs of the sizes given by tensor_split. Each GPU
+    order (remote RPC devices first, as llama.cpp orders them), in
+    contiguous runs of the sizes given by tensor_split. Each GPU
     that receives layers needs their weights and KV cache plus a compute
     buffer (the full-offload graph when everything is offloaded, else the
     partial one); the first GPU also holds the projector. On top, every GPU
@@ -832,7 +838,10 @@ def plan_layers(
     """
     opts = options or LoadOptions()
     devs = [d if isinstance(d, Device) else Device.from_mapping(d) for d in devices]
-    gpus = [d for d in devs if d.is_gpu]
+    # llama.cpp puts remote (RPC) devices ahead of the local GPUs in a model's
+    # device list, to keep the network hops few (src/llama.cpp, "add RPC
+    # servers at the front"); tensor_split follows that list.
+    gpus = sorted((d for d in devs if d.is_gpu), key=lambda d: not d.is_rpc)
     cpu = next((d for d in devs if d.type == "cpu"), Device("CPU", "CPU", "cpu", 0, 0))
     notes: list[str] = []
 

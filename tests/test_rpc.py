@@ -85,6 +85,23 @@ def test_rpc_server_command_refuses_a_network_address(capsys):
     assert "--allow-network" in help_text and "authentication" in help_text
 
 
+def test_the_layer_plan_puts_remote_devices_first_as_llama_cpp_does(default_model_path):
+    """llama.cpp lists RPC devices before local GPUs in the model's devices,
+    and tensor_split follows that order: so does the plan, whatever order
+    discover lists them in (local backends register first)."""
+    from runner.gguf import read_gguf
+    from runner.memory import Device, plan_layers
+
+    devices = [Device("CPU", "cpu", "cpu", 8 << 30, 8 << 30),
+               Device("CUDA0", "gpu", "gpu", 4 << 30, 8 << 30),
+               Device("RPC0", "127.0.0.1:50052", "gpu", 4 << 30, 8 << 30)]
+    plan = plan_layers(read_gguf(default_model_path), devices)
+    assert [u.device.id for u in plan.usage] == ["RPC0", "CUDA0", "CPU"]
+    assert plan.fully_offloaded and len(plan.tensor_split) == 2
+    layers = {u.device.id: u.layers for u in plan.usage}
+    assert layers["RPC0"] and layers["CUDA0"] and max(layers["RPC0"]) < min(layers["CUDA0"])
+
+
 # -- probing (no model) --------------------------------------------------------
 
 def _free_port() -> int:
