@@ -89,3 +89,19 @@ def test_peers_script_smoke(tmp_path):
     # Same model, same pooling: both sides embed alike.
     assert doc["embeddings"]["min_cosine"] > 0.99
     assert "runner/server" in proc.stdout
+
+
+def test_rpc_bench_smoke(tmp_path):
+    """benchmarks/bench_rpc.py on the tiny model: two loopback rpc-servers,
+    both runner sides, the bytes the servers' connections carried."""
+    out = tmp_path / "rpc.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_rpc.py"), "--smoke",
+                           "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert doc["tok_s"]["runner_local"] > 0 and doc["tok_s"]["runner_split"] > 0
+    assert set(doc["placement"]["layers"]) == {"RPC0"} and doc["placement"]["output"] == "RPC1"
+    # The output layer is remote: at least the logits (n_vocab = 49152 f32,
+    # the default model's vocabulary) come back for every token.
+    assert doc["bytes_per_generated_token"] > 4 * 49152
