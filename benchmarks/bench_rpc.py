@@ -160,7 +160,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.smoke:
         args.model, args.pp, args.tg, args.repeat = "tiny", 8, 8, 1
-    model = str(tiny_model.resolve(args.model) or resolve_model(args.model))
+    model = str(resolve_model(tiny_model.resolve(args.model)))
     peer = not args.smoke and (PEERS / "ggml-rpc-server").exists() and (PEERS / "llama-batched-bench").exists()
     ngl = 99 if args.n_gpu_layers < 0 else args.n_gpu_layers
 
@@ -171,7 +171,7 @@ def main() -> int:
         common = {"n_ctx": 2048, "n_threads": args.threads}
         local = Runner.spawn(model, n_gpu_layers=0, **common)
         split = Runner.spawn(model, n_gpu_layers=args.n_gpu_layers, rpc_servers=ours.endpoints, **common)
-        placement = split.info(timeout=60).engine["placement"]
+        placement = split.info(timeout=60).engine["layer_devices"]
         with local, split:
             for side in (local, split):  # warm-up
                 completion(side, filler_text(7, args.pp), 2)

@@ -235,13 +235,16 @@ def test_layers_split_across_two_servers_and_the_cpu_give_the_local_tokens(rpc_s
         assert got_final.done_reason == want_final.done_reason != "error"
         assert got_tokens == want_tokens and len(got_tokens) > 0
 
-    placement = split.info(timeout=60).engine["placement"]
+    placement = split.info(timeout=60).engine["layer_devices"]
     layers = placement["layers"]
     assert len(layers) == 30 and placement["output"] in ("RPC0", "RPC1")
     assert layers[:10] == ["CPU"] * 10
     assert set(layers[10:]) == {"RPC0", "RPC1"}
     assert layers[10:] == sorted(layers[10:])  # contiguous runs, RPC0 first
-    assert split.info(timeout=60).engine["config"]["rpc_servers"] == [s.endpoint for s in servers]
+    engine = split.info(timeout=60).engine
+    assert engine["config"]["rpc_servers"] == [s.endpoint for s in servers]
+    # The load's plan counted the remote devices, ahead of the CPU as llama.cpp orders them.
+    assert [d["name"] for d in engine["placement"]["devices"]] == ["RPC0", "RPC1", "CPU"]
     names = {d.name: d for d in split.discover(timeout=60)}
     assert names["RPC0"].description == servers[0].endpoint and names["RPC0"].free > 0
 
