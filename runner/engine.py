@@ -466,7 +466,8 @@ class Engine:
         data = slotfile.read_file(path, name, slotfile.MAX_FILE_BYTES)
         saved = slotfile.decode(data, model=self._identity, type_k=self.config.type_k,
                                 type_v=self.config.type_v, kv_streams=self._kv_streams,
-                                max_inputs=self.slot_ctx, name=name)
+                                max_inputs=self.slot_ctx, name=name,
+                                plain_kv=not self.model.is_recurrent and self.model.n_swa == 0)
         job = self._run_slot_job(SlotJob(self._slot_id(slot), restore=saved), timeout)
         return SlotFileResult(slot, name, len(saved.tokens), len(data), job.seconds,
                               time.perf_counter() - t0)

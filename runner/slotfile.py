@@ -16,8 +16,17 @@ Only slots holding tokens are saved: a slot holding media rows is refused
 
 Reading checks, in this order, before anything touches a slot: the magic,
 the version, the length the header announces (a truncated file), the
-checksum (a corrupted one), the model identity, the KV cache types, and the
-slot's capacity.  Every refusal is a :class:`BadRequest` naming what is wrong.
+checksum (a corrupted one), the model identity, the KV cache types, the KV
+streams, and the slot's capacity.  Every refusal is a :class:`BadRequest`
+naming what is wrong.
+
+KV streams: llama.cpp writes a sequence's state as one block per KV stream of
+the context (every block but the sequence's own empty) and reads it back only
+into a context with as many streams.  For an ordinary KV cache the state is
+rewritten to the reading context's stream count (:func:`restream`); the
+states of sliding-window, recurrent and hybrid memories chain several
+caches whose block lengths only llama.cpp can parse, so theirs restore only
+where the stream count is the same.
 
 File names are confined to one directory given at load (``slot_save_dir``):
 a name is a plain file name (no separator, no ``..``, not absolute) and the
@@ -42,7 +51,7 @@ from runner.gguf import read_gguf
 from runner.requests import BadRequest
 
 __all__ = ["FORMAT_VERSION", "MAGIC", "MAX_FILE_BYTES", "SlotFile", "SlotHeader", "encode", "decode",
-           "model_identity", "slot_path", "write_atomic", "read_file"]
+           "model_identity", "restream", "slot_path", "write_atomic", "read_file"]
 
 MAGIC = b"LLRSLOT\0"
 FORMAT_VERSION = 1
@@ -52,6 +61,12 @@ _DIGEST = 32                        # sha256
 MAX_HEADER_BYTES = 64 << 10         # a header is a few hundred bytes; more is not a slot file
 MAX_FILE_BYTES = 16 << 30           # larger files are refused before they are read
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+# A sequence state as llama_state_seq_get_data writes it starts with this
+# magic (llama-context.cpp io_magic) and the sequence id, then the memory's
+# part: for an ordinary KV cache, the stream count and one u32 cell count
+# per stream, each followed by that stream's cells when not zero.
+STATE_MAGIC = 0xAF143CD8
+_STATE_HEAD = struct.Struct("<IiI")  # magic, seq_id, n_stream
 
 
 class SlotHeader(msgspec.Struct, forbid_unknown_fields=False):
@@ -113,8 +128,10 @@ def encode(header: SlotHeader, tokens: Sequence[int], state: bytes) -> list[byte
 
 
 def decode(data: bytes, *, model: str, type_k: str, type_v: str, kv_streams: int,
-           max_inputs: int, name: str = "") -> SlotFile:
-    """Check and decode a slot file's bytes; BadRequest says why it is refused."""
+           max_inputs: int, name: str = "", plain_kv: bool = False) -> SlotFile:
+    """Check and decode a slot file's bytes; BadRequest says why it is refused.
+    ``plain_kv``: the reading model's memory is an ordinary KV cache, whose
+    state :func:`restream` can move to another stream count."""
     what = f"slot file {name!r}" if name else "slot file"
     if not data or data[:len(MAGIC)] != MAGIC[:len(data)]:
         raise BadRequest(f"{what} is not a llama-runner slot file (bad magic)")
@@ -146,17 +163,60 @@ def decode(data: bytes, *, model: str, type_k: str, type_v: str, kv_streams: int
     if (header.type_k, header.type_v) != (type_k, type_v):
         raise BadRequest(f"{what} holds a {header.type_k}/{header.type_v} KV cache; this runner's "
                          f"is {type_k}/{type_v}")
-    if header.kv_streams != kv_streams:
-        # llama.cpp writes a sequence's state once per KV stream and reads
-        # it back only into a context with as many streams.
-        raise BadRequest(f"{what} was saved by a context with {header.kv_streams} KV stream(s); "
-                         f"this runner has {kv_streams}: load with the same parallel, or "
-                         "kv_unified on both")
+    if header.kv_streams != kv_streams and not plain_kv:
+        raise BadRequest(f"{what} was saved by a context with {header.kv_streams} KV stream(s) "
+                         f"and this runner has {kv_streams}; the state of a sliding-window, "
+                         "recurrent or hybrid model restores only into as many streams: load "
+                         f"with parallel={header.kv_streams}, or kv_unified on both")
     if header.n_inputs > max_inputs:
         raise BadRequest(f"{what} holds {header.n_inputs} inputs; a slot holds at most {max_inputs}")
     tokens_end = body + 4 * header.n_inputs
     tokens = np.frombuffer(data, dtype="<u4", count=header.n_inputs, offset=body).tolist()
-    return SlotFile(header, tokens, memoryview(data)[tokens_end:tokens_end + header.n_state])
+    state = memoryview(data)[tokens_end:tokens_end + header.n_state]
+    if header.kv_streams != kv_streams:
+        try:
+            state = memoryview(restream(state, kv_streams))
+        except ValueError as exc:
+            raise BadRequest(f"{what}: its state cannot be moved from {header.kv_streams} to "
+                             f"{kv_streams} KV streams ({exc})") from None
+    return SlotFile(header, tokens, state)
+
+
+def restream(state: bytes | memoryview, n_stream: int) -> bytes:
+    """An ordinary KV cache's sequence state rewritten for a context with
+    ``n_stream`` KV streams.  The state holds the cells of one sequence,
+    so all its stream blocks but one are empty (a u32 zero); the other
+    block moves to the first stream, which llama.cpp reads into the
+    restored sequence's own stream whatever its index.  ValueError when
+    the bytes are not laid out that way (another kind of memory)."""
+    if n_stream < 1:
+        raise ValueError(f"n_stream must be >= 1, got {n_stream}")
+    view = memoryview(state).cast("B")
+    if len(view) < _STATE_HEAD.size:
+        raise ValueError("the state is too short")
+    magic, seq_id, n_old = _STATE_HEAD.unpack_from(view)
+    if magic != STATE_MAGIC:
+        raise ValueError("the state does not start with llama.cpp's sequence state magic")
+    counts = _STATE_HEAD.size
+    if n_old < 1 or counts + 4 * n_old > len(view):
+        raise ValueError(f"the state announces {n_old} streams")
+    # Only the counts up to the first non-empty stream sit at fixed offsets;
+    # that stream's cells follow its count, and the streams after it, all
+    # empty, leave their zero counts at the very end.
+    first = next((k for k in range(n_old)
+                  if struct.unpack_from("<I", view, counts + 4 * k)[0]), None)
+    head = _STATE_HEAD.pack(magic, seq_id, n_stream)
+    if first is None:  # no cells at all
+        if len(view) != counts + 4 * n_old:
+            raise ValueError("an empty state with trailing bytes")
+        return head + bytes(4 * n_stream)
+    tail = 4 * (n_old - first - 1)
+    end = len(view) - tail
+    if end <= counts + 4 * first + 4 or any(view[end:]):
+        raise ValueError("more than one stream holds cells")
+    block = view[counts + 4 * first:end]
+    rest = n_stream - 1
+    return b"".join((head, block, bytes(4 * rest)))
 
 
 def write_atomic(path: str, parts: Sequence[bytes]) -> int:

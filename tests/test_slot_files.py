@@ -63,10 +63,59 @@ def test_a_file_of_another_model_cache_layout_or_too_long_is_refused():
         decode(file_bytes(model="b" * 64))
     with pytest.raises(BadRequest, match="q8_0/f16 KV cache"):
         decode(file_bytes(type_k="q8_0"))
-    with pytest.raises(BadRequest, match="1 KV stream.*this runner has 2"):
+    with pytest.raises(BadRequest, match="1 KV stream.*this runner has 2.*parallel=1"):
         decode(file_bytes(kv_streams=1))
     with pytest.raises(BadRequest, match="holds 3 inputs; a slot holds at most 2"):
         decode(file_bytes(), max_inputs=2)
+
+
+def kv_state(counts: list[int], block: bytes = b"cells", seq: int = 1) -> bytes:
+    """A sequence state laid out as an ordinary KV cache writes it: magic,
+    sequence, stream count, then per stream its cell count and, when not
+    zero, its cells (``block``)."""
+    out = struct.pack("<IiI", slotfile.STATE_MAGIC, seq, len(counts))
+    for c in counts:
+        out += struct.pack("<I", c) + (block if c else b"")
+    return out
+
+
+@pytest.mark.parametrize("counts, n_stream, want", [
+    ([0, 7, 0], 1, [7]),
+    ([7], 3, [7, 0, 0]),
+    ([0, 0, 0, 7], 2, [7, 0]),
+    ([7, 0], 2, [7, 0]),
+    ([0, 0], 3, [0, 0, 0]),
+])
+def test_restream_moves_the_one_stream_with_cells(counts, n_stream, want):
+    assert slotfile.restream(kv_state(counts), n_stream) == kv_state(want)
+    assert slotfile.restream(memoryview(kv_state(counts)), n_stream) == kv_state(want)
+
+
+@pytest.mark.parametrize("state, message", [
+    (b"\0" * 8, "too short"),
+    (struct.pack("<IiI", 0x12345678, 0, 1) + struct.pack("<I", 0), "magic"),
+    (struct.pack("<IiI", slotfile.STATE_MAGIC, 0, 4) + b"\0" * 8, "announces 4 streams"),
+    (kv_state([3, 3]), "more than one stream"),
+    (kv_state([3, 0]) + b"\1", "more than one stream"),
+    (kv_state([0, 0]) + b"x", "trailing bytes"),
+])
+def test_restream_refuses_what_is_not_one_stream_of_cells(state, message):
+    with pytest.raises(ValueError, match=message):
+        slotfile.restream(state, 2)
+
+
+def test_a_file_from_another_stream_count_is_rewritten_for_an_ordinary_kv_cache():
+    data = file_bytes(state=kv_state([0, 0, 5, 0]), kv_streams=4)
+    saved = slotfile.decode(data, model=MODEL, type_k="f16", type_v="f16", kv_streams=2,
+                            max_inputs=100, plain_kv=True)
+    assert bytes(saved.state) == kv_state([5, 0]) and saved.header.kv_streams == 4
+    with pytest.raises(BadRequest, match="sliding-window, recurrent or hybrid.*parallel=4"):
+        slotfile.decode(data, model=MODEL, type_k="f16", type_v="f16", kv_streams=2,
+                        max_inputs=100)
+    odd = file_bytes(state=b"not a state at all", kv_streams=4)
+    with pytest.raises(BadRequest, match="cannot be moved from 4 to 2 KV streams.*magic"):
+        slotfile.decode(odd, model=MODEL, type_k="f16", type_v="f16", kv_streams=2,
+                        max_inputs=100, plain_kv=True)
 
 
 @pytest.mark.parametrize("name", ["../x", "..", ".", "a/b", "/etc/passwd", "a\\b", "", ".hidden",
@@ -192,6 +241,42 @@ def test_restored_slot_continues_as_if_it_never_left(default_model_path, tmp_pat
         fresh.restore_slot(1, "a")
         got, final = run(fresh, follow)
         assert (got, final.cached_count, final.slot) == (want, held, 1)
+
+
+@pytest.mark.model
+def test_a_file_restores_into_another_parallel_and_kv_unified(default_model_path, tmp_path):
+    """A slot saved with 2 KV streams (parallel 2) continues with the greedy
+    tokens of the slot that never left in a runner with 1 slot, with 3, and
+    with 3 sharing one unified stream; and the files those write restore
+    back into 2 streams, continuing as they do where they were written."""
+    from runner.engine import Engine, EngineConfig
+
+    def config(parallel, **kw):
+        return EngineConfig(default_model_path, n_ctx=1024 * parallel, parallel=parallel,
+                            n_threads=2, cache_ram_mb=0, slot_save_dir=str(tmp_path), **kw)
+
+    with Engine(config(2)) as e:
+        a, _ = prompts(e)
+        reply, first = run(e, a)
+        e.save_slot(first.slot, "a")
+        follow = a + reply + e.tokenize(" Tell me more.")
+        want, kept = run(e, follow)              # where it never left
+    held = len(a) + len(reply) - 1
+    assert kept.cached_count == held
+    again = {}
+    for name, cfg in [("one", config(1)), ("three", config(3)),
+                      ("unified", config(3, kv_unified=True))]:
+        with Engine(cfg) as other:
+            assert other.restore_slot(cfg.parallel - 1, "a").n_inputs == held
+            got, final = run(other, follow)
+            assert (got, final.cached_count, final.slot) == (want, held, cfg.parallel - 1), name
+            other.save_slot(final.slot, name)
+            again[name] = run(other, follow)[0]  # from the slot as saved, cut back by one
+    with Engine(config(2)) as back:
+        for name in again:
+            assert back.restore_slot(0, name).n_inputs == len(follow) + len(want) - 1
+            got, final = run(back, follow)
+            assert (got, final.cached_count, final.slot) == (again[name], len(follow) - 1, 0), name
 
 
 @pytest.mark.model
