@@ -301,6 +301,30 @@ cdef class Context:
             raise LlamaError(f"state_seq_get wrote {n} of {size} bytes")
         return out
 
+    def state_seq_size(self, llama_seq_id seq):
+        """Bytes the state of ``seq`` takes now (what :meth:`state_seq_get`
+        would return); a walk over the cells, no copy."""
+        self._check_seq(seq)
+        return llama_state_seq_get_size(self.ptr, seq)
+
+    def state_seq_get_into(self, llama_seq_id seq, uint8_t[::1] out not None):
+        """Write the state of ``seq`` into the start of ``out`` (a writable
+        buffer of at least :meth:`state_seq_size` bytes) without allocating;
+        returns the bytes written.  ``out`` is held for the call only."""
+        self._check_seq(seq)
+        cdef size_t size = llama_state_seq_get_size(self.ptr, seq)
+        cdef size_t n
+        if size == 0:
+            raise LlamaError(_with_last_error("state_seq_get_into: no state size"))
+        if <size_t> out.shape[0] < size:
+            raise ValueError(f"state_seq_get_into: the state is {size} bytes, the buffer "
+                             f"{out.shape[0]}")
+        with nogil:
+            n = llama_state_seq_get_data(self.ptr, &out[0], size, seq)
+        if n != size:
+            raise LlamaError(f"state_seq_get_into wrote {n} of {size} bytes")
+        return n
+
     def state_seq_set(self, const uint8_t[::1] data, llama_seq_id seq):
         """Restore a sequence from :meth:`state_seq_get` bytes."""
         self._check_seq(seq)

@@ -245,6 +245,30 @@ def test_state_seq_round_trip(llama, model, make_ctx):
         assert ctx.seq_pos_max(1) == len(toks) - 1
 
 
+def test_state_seq_into_a_caller_buffer(llama, model, make_ctx):
+    ctx = make_ctx(n_seq_max=2)
+    toks = model.tokenize("Copied straight into a buffer", add_special=True)
+    with llama.Batch(64) as batch:
+        batch.add_tokens(toks, 0, 1, output_last=True)
+        ctx.decode(batch)
+    blob = ctx.state_seq_get(1)
+    assert ctx.state_seq_size(1) == len(blob)
+    out = np.full(len(blob) + 7, 0xAB, dtype=np.uint8)
+    assert ctx.state_seq_get_into(1, out) == len(blob)
+    assert out[:len(blob)].tobytes() == blob and (out[len(blob):] == 0xAB).all()
+    ba = bytearray(len(blob))
+    assert ctx.state_seq_get_into(1, ba) == len(blob) and bytes(ba) == blob
+    with pytest.raises(ValueError, match=f"the state is {len(blob)} bytes, the buffer {len(blob) - 1}"):
+        ctx.state_seq_get_into(1, np.zeros(len(blob) - 1, dtype=np.uint8))
+    with pytest.raises((ValueError, BufferError, TypeError)):
+        ctx.state_seq_get_into(1, blob)            # read-only
+    with pytest.raises(TypeError):
+        ctx.state_seq_get_into(1, None)
+    ctx.clear()
+    ctx.state_seq_set(out[:len(blob)], 0)           # what it wrote restores
+    assert ctx.seq_pos_max(0) == len(toks) - 1
+
+
 def test_embeddings_context(llama, model, make_ctx):
     ctx = make_ctx(embeddings=True, pooling="mean")
     toks = model.tokenize("embed me", add_special=True)
