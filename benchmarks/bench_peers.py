@@ -109,9 +109,10 @@ class RunnerSide:
 
     name = "runner"
 
-    def __init__(self, model: str, threads: int, n_ctx: int, n_batch: int, parallel: int) -> None:
+    def __init__(self, model: str, threads: int, n_ctx: int, n_batch: int, parallel: int,
+                 **load: Any) -> None:
         self.runner = Runner.spawn(model, n_ctx=n_ctx, n_batch=n_batch, parallel=parallel,
-                                   n_threads=threads)
+                                   n_threads=threads, **load)
         self.n_vocab = self.runner.info(timeout=60).engine["model"]["n_vocab"]
 
     def stream(self, prompt: str | list[int], n_predict: int,
@@ -144,7 +145,7 @@ class ServerSide:
     name = "llama-server"
 
     def __init__(self, model: str, threads: int, n_ctx: int, n_batch: int, parallel: int,
-                 embedding: bool = False) -> None:
+                 embedding: bool = False, extra_args: tuple[str, ...] = ()) -> None:
         args = ["-m", model, "-c", str(n_ctx), "-b", str(n_batch), "-ub", str(n_batch),
                 "-t", str(threads), "-tb", str(threads), "-np", str(parallel), "-fa", "auto"]
         if embedding:
@@ -155,7 +156,7 @@ class ServerSide:
             args += ["--embedding", "--pooling", "mean", "-kvu"]
         else:
             args += ["-no-kvu"]   # one KV stream per slot, like the runner
-        self.server = LlamaServer(args)
+        self.server = LlamaServer(args + list(extra_args))
 
     def stream(self, prompt: str | list[int], n_predict: int,
                on_arrival: OnArrival | None = None) -> Stream:
