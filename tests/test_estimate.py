@@ -95,6 +95,41 @@ def test_estimate_brackets_what_llama_cpp_allocates(llama, caplog, models, arch,
     assert 0.98 * total <= estimated <= 1.02 * total
 
 
+PROJECTOR_WEIGHTS = re.compile(r"load_hparams: model size:\s+([\d.]+) MiB")
+
+
+@pytest.mark.parametrize("pair", ["mlp", "gemma3", "qwen2vl"])
+def test_projector_weights_match_what_mtmd_loads(llama, caplog, default_model_path, tmp_path, pair):
+    """The projector's weights as mtmd reports them (its encode graph is a
+    heuristic outside the bracket: see docs/design.md)."""
+    import gemma3_models
+    import mmproj
+    import qwen2vl_models
+
+    if pair == "mlp":  # vision and audio encoders in one file: mtmd logs each
+        model = default_model_path
+        proj = mmproj.write_projector(tmp_path / "p.gguf", vision=mmproj.VisionEncoder(), audio=mmproj.AudioEncoder())
+    elif pair == "gemma3":
+        model = gemma3_models.write_gemma3_text_model(tmp_path / "g.gguf")
+        proj = gemma3_models.write_gemma3_projector(tmp_path / "gp.gguf")
+    else:
+        model = qwen2vl_models.write_qwen2vl_text_model(tmp_path / "q.gguf")
+        proj = qwen2vl_models.write_qwen2vl_projector(tmp_path / "qp.gguf")
+    config = EngineConfig(str(model), n_ctx=512, n_threads=2, cache_ram_mb=0, projector_path=str(proj))
+    report = placement.estimate_load(config)
+    llama.set_log_level(logging.INFO)
+    try:
+        with caplog.at_level(logging.INFO, logger="runner.llama"):
+            caplog.clear()
+            with Engine(config):
+                pass
+    finally:
+        llama.set_log_level(logging.WARNING)
+    sizes = [float(m.group(1)) * MiB for r in caplog.records if (m := PROJECTOR_WEIGHTS.search(r.getMessage()))]
+    assert sizes and all(abs(size - report["memory"]["projector"]["weights"]) <= ROUNDING for size in sizes)
+    assert report["placement"]["devices"][-1]["projector"] == sum(report["memory"]["projector"].values())
+
+
 def test_the_estimate_op_inspect_and_the_load_agree(default_model_path, capsys):
     """Before a load, ``estimate`` answers with what ``inspect`` prints for
     the same flags; the load then places as estimated, and a load the
