@@ -1,6 +1,7 @@
 """Where a load puts the model: ``n_gpu_layers: "auto"`` and the ``estimate`` op.
 
-One function, :func:`place`, turns a load's settings (an ``EngineConfig``),
+One function, :func:`plan_for` (and :func:`place`, which refuses what does
+not fit), turns a load's settings (an ``EngineConfig``),
 the model's GGUF header and the devices ``discover`` reports into a
 :class:`Placement`: the ``n_gpu_layers`` and ``tensor_split`` llama.cpp gets,
 and the estimate (``runner.memory``) they came from.  The engine loads with
@@ -15,9 +16,11 @@ Policy (compare llama.cpp's ``common/fit.cpp``, see docs/design.md):
   device), spread over the GPUs in proportion to their room, in whole layers,
   as llama.cpp's ``tensor_split`` places them.  With no GPU, or no room for a
   single layer, it is 0: the CPU.
-* A count (-1 = all) is passed through as given; the plan then only reports.
-* The host side (weights of the layers left on the CPU, their KV cache, the
-  CPU compute buffer and the prefix cache's host tier) must fit the memory
+* A count (-1 = all) is passed through as given; the plan reports a GPU it
+  overfills, and llama.cpp judges.
+* For any count, the host side (weights of the layers left on the CPU, their
+  KV cache, the CPU compute and output buffers and the prefix cache's host
+  tier) must fit the memory
   the host has available, or the load is refused saying what it needed and
   what was free.  llama.cpp's fit takes host memory as unlimited; a runner
   that swaps or is killed serves no one, so we check it.
