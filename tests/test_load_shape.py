@@ -97,3 +97,10 @@ def test_n_ctx_0_takes_the_trained_context_and_main_gpu_is_read(default_model_pa
     kv = estimate_load(config)["memory"]["kv_cache"]
     assert (kv["n_ctx"], kv["kv_size"], kv["n_stream"]) == (trained, trained // 2, 2)
     assert placed["devices"][-1]["kv"] == kv["total"]
+
+
+def test_the_foreign_client_knows_every_terminal_reply():
+    from wire import TERMINAL
+
+    tags = {t.__struct_config__.tag for t in P.REPLY_TYPES}
+    assert TERMINAL == tags - {"chunk", "chunks"}

@@ -15,7 +15,8 @@ import msgpack
 import zmq
 
 TERMINAL = frozenset({"final", "error", "health", "load", "embedding", "tokenize", "detokenize",
-                      "discover", "info", "cancel", "shutdown"})  # every reply type but "chunk"
+                      "discover", "estimate", "info", "metrics", "cancel", "slot_file",
+                      "shutdown"})  # every reply type but "chunk" and "chunks" (tests/test_load_shape.py)
 
 
 _OWN_ID = object()  # RawClient.send: the id is the message's own
