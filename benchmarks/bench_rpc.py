@@ -22,7 +22,8 @@ are what the servers' connections carried both ways (the kernel's tcp_info
 bytes_received + bytes_sent of each server's socket, read with ``ss -ti``)
 during a completion: per generated token from the difference between a ``1 + tg`` and
 a one-token completion of equal-length prompts, and per prompt token from the
-one-token completion.  Medians of ``--repeat`` runs, the sides taking turns.
+one-token completion.  Medians of ``--repeat`` runs, the four sides taking
+turns within each.
 On a loaded machine every rate is noisy; the ratios in the same run are what
 to compare.
 """
@@ -165,8 +166,13 @@ def main() -> int:
     ngl = 99 if args.n_gpu_layers < 0 else args.n_gpu_layers
 
     rates: dict[str, list[float]] = {"runner_local": [], "runner_split": []}
+    if peer:
+        rates["llama_local"], rates["llama_split"] = [], []
+    else:
+        print(f"(no llama.cpp side: build it with\n  {PEER_BUILD})", file=sys.stderr)
     moved: list[dict] = []
     ours = Servers(args.threads)
+    theirs = Servers(args.threads, peer=True) if peer else None  # idle ones wait in accept()
     try:
         common = {"n_ctx": 2048, "n_threads": args.threads}
         local = Runner.spawn(model, n_gpu_layers=0, **common)
@@ -175,25 +181,20 @@ def main() -> int:
         with local, split:
             for side in (local, split):  # warm-up
                 completion(side, filler_text(7, args.pp), 2)
+            # The four sides take turns within every repeat: a loaded
+            # machine's drift then touches all of them alike.
             for r in range(args.repeat):
                 rates["runner_local"].append(runner_rate(local, 100 + r, args.pp, args.tg))
                 rates["runner_split"].append(runner_rate(split, 200 + r, args.pp, args.tg))
+                if theirs is not None:
+                    rates["llama_local"].append(batched_bench(model, args.threads, 0, args.pp, args.tg, None))
+                    rates["llama_split"].append(batched_bench(model, args.threads, ngl, args.pp, args.tg,
+                                                              ",".join(theirs.endpoints)))
                 moved.append(runner_bytes(split, ours, 300 + 2 * r, args.pp, args.tg))
     finally:
         ours.close()
-
-    if peer:
-        rates["llama_local"], rates["llama_split"] = [], []
-        theirs = Servers(args.threads, peer=True)
-        try:
-            for _ in range(args.repeat):
-                rates["llama_local"].append(batched_bench(model, args.threads, 0, args.pp, args.tg, None))
-                rates["llama_split"].append(batched_bench(model, args.threads, ngl, args.pp, args.tg,
-                                                          ",".join(theirs.endpoints)))
-        finally:
+        if theirs is not None:
             theirs.close()
-    else:
-        print(f"(no llama.cpp side: build it with\n  {PEER_BUILD})", file=sys.stderr)
 
     med = {k: statistics.median(v) for k, v in rates.items()}
     result = {
