@@ -271,6 +271,8 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
                    help="sample every request with llama.cpp's CPU chain instead of the native one")
     g.add_argument("--slot-save-dir", default=None, metavar="DIR",
                    help="directory for 'llama-runner slot save/restore' files (default: those ops are off)")
+    g.add_argument("--draft-room", type=int, default=32,
+                   help="speculative requests' proposals fill a step up to this many inputs (0: never; default 32)")
 
 
 def _rpc_list(text: str | None) -> list[str] | None:
@@ -296,6 +298,7 @@ def _load_params(args: argparse.Namespace) -> dict:
         "embeddings": args.embeddings, "prefill_budget": args.prefill_budget,
         "kv_unified": args.kv_unified, "delivery": args.delivery,
         "native_sampler": not args.no_native_sampler, "slot_save_dir": args.slot_save_dir,
+        "draft_room": args.draft_room,
     }
 
 

@@ -91,6 +91,7 @@ class EngineConfig:
     delivery: str = "auto"            # thread | inline | auto (see Engine.delivery_mode)
     native_sampler: bool = True       # False: llama.cpp's CPU chain for every request (see _llama.Sampler)
     slot_save_dir: str | None = None  # directory of save_slot/restore_slot files (None: those ops are off)
+    draft_room: int = 32              # speculative proposals fill a step up to this many inputs (0: never)
 
 
 @dataclass
@@ -253,7 +254,8 @@ class Engine:
         self._wake = threading.Condition(self._lock)
         self.scheduler = Scheduler(self.slots, n_batch=self.n_batch, slot_ctx=self.slot_ctx,
                                    prefill_budget=config.prefill_budget, lock=self._lock,
-                                   n_swa=self.model.n_swa, pos_min=self.ctx.seq_pos_min)
+                                   n_swa=self.model.n_swa, pos_min=self.ctx.seq_pos_min,
+                                   draft_room=self._draft_room(config))
         self._embeds: collections.deque[EmbeddingJob] = collections.deque()  # pending embedding jobs
         self._slot_jobs: collections.deque[SlotJob] = collections.deque()  # pending slot saves/restores
         self._by_id: dict[str, Sequence] = {}   # every unfinished request
@@ -310,6 +312,18 @@ class Engine:
         # first request's time to first token.
         self.mtmd = _llama.MtmdContext(self.model, config.projector_path, n_threads=config.n_threads,
                                        use_gpu=self.placement.n_gpu_layers != 0, warmup=True)
+
+    def _draft_room(self, config: EngineConfig) -> int:
+        """Inputs a step may reach with speculative proposals.  0 where the
+        memory cannot drop rejected proposals exactly: a recurrent state
+        cannot be cut back, and a sliding-window cache (without swa_full)
+        may already have dropped the cells the proposals pushed out of the
+        window."""
+        if config.draft_room < 0:
+            raise BadRequest(f"draft_room must be >= 0, got {config.draft_room}")
+        if self.model.is_recurrent or (self.model.n_swa > 0 and not config.swa_full):
+            return 0
+        return config.draft_room
 
     @staticmethod
     def _pick_delivery(config: EngineConfig) -> str:
@@ -748,6 +762,7 @@ class Engine:
             eval_duration=(now - seq.t_first) if seq.t_first else 0.0,
             cached_count=seq.n_cached, prompt_count=len(seq.inputs),
             slot=seq.slot.id if seq.slot is not None else -1,
+            draft_proposed=seq.n_proposed, draft_accepted=seq.n_accepted,
             error=str(error) if error else None, error_code=error.code if error else None)
         self._out.put(SeqEnded(seq, final))
 
@@ -782,8 +797,9 @@ class Engine:
         """Sample the next token of every sequence with an output row; returns
         how many tokens were generated.  One binding call samples the whole
         step (the GIL released once), and the step's tokens go to delivery as
-        one record; ends follow their sequence's last token."""
-        seqs, rows = [], []
+        one record; ends follow their sequence's last token.  A speculating
+        sequence may take several tokens in one step (:meth:`_verify`)."""
+        entries, rows = [], []
         for entry in plan.entries:
             seq, idx = entry.seq, entry.out_index
             if idx < 0 or seq.ended:
@@ -792,48 +808,105 @@ class Engine:
                 seq.prompt_duration = seq.t_tokenize + (time.perf_counter() - seq.t_admitted)
                 self._end(seq, "length")
                 continue
-            seqs.append(seq)
+            entries.append(entry)
             rows.append(idx)
-        if not seqs:
+        if not entries:
             return 0
-        sampled, lps = self.executor.sample(
-            [seq.sampler for seq in seqs], rows,
-            [seq.options.logprobs or seq.options.top_logprobs > 0 for seq in seqs])
+        runs = self._verify(entries, rows)
         now = time.perf_counter()
         toks: list[tuple] = []  # (seq, token, logprob entry or None), for delivery
         ends: list[tuple] = []  # (seq, reason, error), after the tokens
-        is_eog = self.model.is_eog
-        for seq, token, logits in zip(seqs, sampled, lps):
-            if type(token) is not int:
-                if isinstance(token, _llama.NoTokenError):
-                    ends.append((seq, "error", BadRequest(f"grammar cannot be satisfied: {token}")))
-                else:  # this request fails; the others go on
-                    log.error("sampling failed for request %s: %s", seq.handle.id, token)
-                    ends.append((seq, "error", InternalError(f"sampling failed: {token}")))
-                continue
-            if not seq.t_first:
-                seq.t_first = now
-                seq.prompt_duration = seq.t_tokenize + (now - seq.t_admitted)
-            if is_eog(token) and (not seq.options.ignore_eos or seq.sampler.has_grammar):
-                # The EOG token is neither returned nor cached.  A grammar
-                # offers it only once its text is complete: that ends the
-                # request even with ignore_eos, which would otherwise go on
-                # generating end tokens with no text forever.
-                ends.append((seq, "stop", None))
-                continue
-            lp = None if logits is None else logprob_entry(self.model, logits, token,
-                                                           seq.options.top_logprobs)
-            seq.generated.append(token)
-            toks.append((seq, token, lp))
-            if seq.n_predict and len(seq.generated) >= seq.n_predict:
-                ends.append((seq, "length", None))  # the last token is returned, never decoded
-            else:
-                seq.next_token = token
+        for entry, run in zip(entries, runs):
+            seq = entry.seq
+            if entry.draft:
+                accepted = len(run) - 1  # each sampled token after the first confirmed a proposal
+                self.scheduler.keep_accepted(entry, accepted)
+                seq.n_proposed += len(entry.draft)
+                seq.n_accepted += accepted
+                seq.lookup.note(len(entry.draft), accepted)
+            for token, logits in run:
+                end = self._take(seq, token, logits, now, toks)
+                if end is not None:
+                    ends.append(end)
+                    break
         if toks:
             self._out.put(StepTokens(toks))
         for seq, reason, error in ends:
             self._end(seq, reason, error)
         return len(toks)
+
+    def _verify(self, entries: list, rows: list[int]) -> list[list[tuple]]:
+        """Per entry, the tokens sampled from its output rows, in order, each
+        with its row's logits (or None): (token or exception, logits) pairs.
+
+        Every entry's first row is sampled; a speculating entry's row i+1
+        only when the token sampled from row i equals proposal i and ends
+        nothing.  The sampler draws each token from the target model's
+        distribution given exactly the tokens before it, as one token per
+        step would; a proposal is accepted when the draw equals it.  For a
+        proposal fixed before the draw (prompt lookup) this keeps the output
+        distribution of the target model: every returned token is a draw
+        from it, and a seeded request returns the same tokens with
+        speculation on and off.  Rounds sample all entries still accepting
+        in one binding call each (one sampler per call)."""
+        want = [e.seq.options.logprobs or e.seq.options.top_logprobs > 0 for e in entries]
+        sampled, lps = self.executor.sample([e.seq.sampler for e in entries], rows, want)
+        runs = [[pair] for pair in zip(sampled, lps)]
+        live = [i for i, e in enumerate(entries) if e.draft]
+        r = 0
+        while live:
+            going = []
+            for i in live:
+                seq, run = entries[i].seq, runs[i]
+                token = run[-1][0]
+                if (type(token) is int and token == entries[i].draft[r]
+                        and not self._run_ends(seq, token, len(run))):
+                    going.append(i)
+            if not going:
+                break
+            sampled, lps = self.executor.sample(
+                [entries[i].seq.sampler for i in going], [rows[i] + r + 1 for i in going],
+                [want[i] for i in going])
+            for i, token, logits in zip(going, sampled, lps):
+                runs[i].append((token, logits))
+            r += 1
+            live = [i for i in going if r < len(entries[i].draft)]
+        return runs
+
+    def _run_ends(self, seq: Sequence, token: int, n_run: int) -> bool:
+        """Whether ``token``, the ``n_run``-th token sampled for ``seq`` this
+        step, ends it (an end of generation, or the n_predict limit)."""
+        if self.model.is_eog(token) and (not seq.options.ignore_eos or seq.sampler.has_grammar):
+            return True
+        return bool(seq.n_predict) and len(seq.generated) + n_run >= seq.n_predict
+
+    def _take(self, seq: Sequence, token, logits, now: float, toks: list) -> tuple | None:
+        """Turn one sampled token of ``seq`` into generated text (appended to
+        ``toks``) or an end; returns the end (seq, reason, error), or None
+        when the token is the next step's input."""
+        if type(token) is not int:
+            if isinstance(token, _llama.NoTokenError):
+                return (seq, "error", BadRequest(f"grammar cannot be satisfied: {token}"))
+            # this request fails; the others go on
+            log.error("sampling failed for request %s: %s", seq.handle.id, token)
+            return (seq, "error", InternalError(f"sampling failed: {token}"))
+        if not seq.t_first:
+            seq.t_first = now
+            seq.prompt_duration = seq.t_tokenize + (now - seq.t_admitted)
+        if self.model.is_eog(token) and (not seq.options.ignore_eos or seq.sampler.has_grammar):
+            # The EOG token is neither returned nor cached.  A grammar
+            # offers it only once its text is complete: that ends the
+            # request even with ignore_eos, which would otherwise go on
+            # generating end tokens with no text forever.
+            return (seq, "stop", None)
+        lp = None if logits is None else logprob_entry(self.model, logits, token,
+                                                       seq.options.top_logprobs)
+        seq.generated.append(token)
+        toks.append((seq, token, lp))
+        if seq.n_predict and len(seq.generated) >= seq.n_predict:
+            return (seq, "length", None)  # the last token is returned, never decoded
+        seq.next_token = token
+        return None
 
     # -- embeddings -----------------------------------------------------
 

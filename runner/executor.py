@@ -63,7 +63,10 @@ class Executor:
         for e in plan.entries:
             seq = e.seq
             if e.generating:
-                e.out_index = batch.add(seq.next_token, seq.position(e.start), seq.slot.id, True)
+                pos = seq.position(e.start)
+                e.out_index = batch.add(seq.next_token, pos, seq.slot.id, True)
+                for i, tok in enumerate(e.draft, 1):  # rows out_index + i verify the proposals
+                    batch.add(tok, pos + i, seq.slot.id, True)
             else:
                 idx = batch.add_tokens(seq.inputs[e.start:e.start + e.n_inputs],
                                        seq.position(e.start), seq.slot.id,

@@ -121,6 +121,7 @@ class Load(Request, tag="load"):
     delivery: Literal["auto", "thread", "inline"] = "auto"  # where tokens become text and events
     native_sampler: bool = True          # False: llama.cpp's CPU sampler chain for every request
     slot_save_dir: str | None = None     # directory of save_slot/restore_slot files (None: ops off)
+    draft_room: Count32 = 32             # speculative proposals fill a step up to this many inputs (0: never)
 
 
 class Estimate(Load, tag="estimate"):
@@ -262,6 +263,8 @@ class FinalReply(Reply, tag="final"):
     error: str | None = None             # message when done_reason is "error"
     error_code: ErrorCode | None = None  # its code
     message: ChatMessage | None = None   # chat requests: the answer parsed (runner/chatparse.py)
+    draft_proposed: int = 0              # speculative: tokens proposed and verified
+    draft_accepted: int = 0              # of those, accepted
 
 
 class HealthReply(Reply, tag="health"):

@@ -57,6 +57,7 @@ MAX_STOP_CHARS = 1024                 # characters per stop string
 MAX_SCHEMA_DEPTH = 64                 # nesting of a json_schema (objects and arrays)
 MAX_TOP_LOGPROBS = 20                 # alternatives reported per token
 MAX_GRAMMAR_NESTING = 256             # parentheses open at once in a grammar
+MAX_DRAFT = 64                        # tokens proposed per step for speculative decoding
 
 
 @dataclass(frozen=True)
@@ -108,8 +109,9 @@ _NUMBERS: dict[str, _Number] = {
     "seed": _Number(int, -2**63, 2**64 - 1),
     "top_logprobs": _Number(int, 0, MAX_TOP_LOGPROBS),
     "num_keep": _Number(int, 0, INT32_MAX),
+    "draft_max": _Number(int, 1, MAX_DRAFT),
 }
-_FLAGS = ("logprobs", "truncate", "shift", "ignore_eos")
+_FLAGS = ("logprobs", "truncate", "shift", "ignore_eos", "speculative")
 
 
 def _bad(name: str, problem: str) -> BadRequest:
@@ -209,6 +211,8 @@ class CompletionOptions:
     truncate: bool = False           # cut a too-long prompt instead of failing
     shift: bool = True               # shift the context when generation fills the slot
     ignore_eos: bool = False         # keep generating past end-of-generation tokens (benchmarks)
+    speculative: bool = False        # propose tokens by prompt lookup; the model verifies them (runner.speculative)
+    draft_max: int = 16              # most tokens proposed per step when speculative
 
     def validate(self) -> "CompletionOptions":
         """Check every field; raises :class:`BadRequest` naming the first bad one."""
@@ -310,6 +314,8 @@ class Final:
     error: str | None = None         # message when done_reason == "error"
     error_code: str | None = None    # protocol code of that error
     message: Any = None              # chat requests: runner.chatparse.ChatMessage
+    draft_proposed: int = 0          # speculative: tokens proposed and verified
+    draft_accepted: int = 0          # of those, accepted (the target model sampled the same token)
 
 
 @dataclass

@@ -14,6 +14,13 @@ sequences in a rotating order.  While any sequence is generating, prompt
 chunks are capped at ``prefill_budget`` inputs per step, which bounds the gap
 between two tokens of a generating stream to one decode of about
 ``prefill_budget + parallel`` inputs, however long an arriving prompt is.
+
+Speculation yields: proposed tokens (runner.speculative) are added last, only
+into the room the step has left below ``draft_room`` inputs after every
+generating sequence's token and the prompt chunks, shared evenly among the
+speculating sequences (in rotating order).  A batch full of other sequences'
+work therefore verifies no proposals at all, and a step never grows past
+``draft_room`` inputs because of them.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from typing import Callable
 from runner.media import MediaSpan
 from runner.sequence import Sequence
 from runner.slots import NoFreeSlot, SlotCache
+from runner.speculative import NgramLookup
 
 
 @dataclass(slots=True)
@@ -39,6 +47,8 @@ class Scheduled:
     wants_output: bool     # the last input's logits are sampled after the decode
     out_index: int = -1    # batch row of those logits (set by the executor; -1: none)
     span: MediaSpan | None = None  # media steps: the chunk these rows belong to
+    draft: list[int] = field(default_factory=list)  # generating: proposed tokens after the input,
+                                   # each with an output row (n_inputs = 1 + len(draft))
 
 
 @dataclass
@@ -70,7 +80,7 @@ class Scheduler:
 
     def __init__(self, slots: SlotCache, *, n_batch: int, slot_ctx: int, prefill_budget: int,
                  lock: threading.Lock, n_swa: int = 0,
-                 pos_min: Callable[[int], int] | None = None):
+                 pos_min: Callable[[int], int] | None = None, draft_room: int = 32):
         self.slots = slots                      # the slot cache (and through it the KV memory)
         self.n_batch = n_batch                  # most inputs one decode takes
         self.slot_ctx = slot_ctx                # context of one slot
@@ -81,6 +91,8 @@ class Scheduler:
         self.waiting: collections.deque[Sequence] = collections.deque()  # FIFO of queued requests
         self.active: list[Sequence] = []        # admitted and not ended
         self._rotate = 0                        # prefill start offset, advanced each step
+        self.draft_room = min(draft_room, n_batch)  # proposals fill a step up to this many inputs
+        self._draft_rotate = 0                  # first speculating sequence served, advanced each step
 
     # -- sequences in and out ---------------------------------------------
 
@@ -187,7 +199,40 @@ class Scheduler:
                 entries.append(Scheduled(seq, seq.n_sched, n, False, stop == len(seq.inputs)))
                 seq.n_sched = stop
                 budget -= n
+        self._add_drafts(plan)
         return plan
+
+    def _add_drafts(self, plan: StepPlan) -> None:
+        """Give speculating generating entries their proposed tokens, within
+        the room left below ``draft_room`` (see the module docstring)."""
+        speculating = [e for e in plan.entries if e.generating and e.seq.options.speculative]
+        room = self.draft_room - plan.n_inputs()
+        if not speculating or room <= 0:
+            return
+        start = self._draft_rotate % len(speculating)
+        self._draft_rotate += 1
+        order = speculating[start:] + speculating[:start]
+        for i, entry in enumerate(order):
+            share = room // (len(order) - i)
+            seq = entry.seq
+            limit = min(seq.options.draft_max, share, self.slot_ctx - entry.start - 1)
+            if seq.n_predict > 0:  # k proposals verify k + 1 tokens; the limit's last is never decoded
+                limit = min(limit, seq.n_predict - len(seq.generated) - 1)
+            if limit <= 0:
+                continue
+            if seq.lookup is None:
+                seq.lookup = NgramLookup.build(seq.inputs)
+            seq.lookup.sync(seq.generated)
+            draft = seq.lookup.propose(limit)
+            entry.draft = draft
+            entry.n_inputs = 1 + len(draft)
+            room -= len(draft)
+
+    def keep_accepted(self, entry: Scheduled, n_accepted: int) -> None:
+        """After verification: the slot keeps the entry's input and its first
+        ``n_accepted`` proposals; the rejected ones leave the KV memory."""
+        if entry.draft:
+            entry.seq.slot.truncate(entry.start + 1 + n_accepted)
 
     def _make_room(self, seq: Sequence, plan: StepPlan) -> bool:
         """The slot is full: shift it, or end the sequence with 'length'."""
@@ -243,7 +288,7 @@ class Scheduler:
         for entry in plan.entries:
             seq = entry.seq
             if entry.generating:
-                record(seq.slot, [seq.next_token])
+                record(seq.slot, [seq.next_token, *entry.draft])
                 seq.next_token = None
             else:
                 record(seq.slot, seq.inputs[entry.start:entry.start + entry.n_inputs])
@@ -258,6 +303,10 @@ class Scheduler:
             if kept == count:
                 continue
             trimmed = True
+            if entry.generating and kept > 0:  # proposals cut; the decoded rows keep their outputs
+                del entry.draft[kept - 1:]
+                entry.n_inputs = kept
+                continue
             if not entry.generating:
                 entry.seq.n_sched -= count - kept
             entry.n_inputs = kept

@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from runner import _llama
     from runner.engine import Handle
     from runner.slots import Slot
+    from runner.speculative import NgramLookup
 
 
 @dataclass(eq=False)
@@ -55,6 +56,9 @@ class Sequence:
     error: EngineError | None = None  # why the sequence failed, if it did
     final: Final | None = None        # completed by the delivery side, sent after the release
     n_predict: int = 0                # generation limit in tokens (0: none; -1: prompt only)
+    lookup: "NgramLookup | None" = None  # speculative: prompt lookup over prompt + generated (built on first use)
+    n_proposed: int = 0               # speculative: tokens proposed and decoded for verification
+    n_accepted: int = 0               # speculative: of those, accepted
     shrink_ends: list[int] = field(init=False)  # ends of the spans that give positions back
     shrinks: list[int] = field(init=False)      # positions given back before index i:
                                                 # shrinks[bisect_right(shrink_ends, i)]

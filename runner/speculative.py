@@ -1,0 +1,113 @@
+"""Prompt lookup: proposals for speculative decoding from the text so far.
+
+A speculating sequence (option ``speculative``) proposes, each step, up to
+``draft_max`` tokens that continue the most recent earlier occurrence of its
+last n tokens in the prompt and the tokens generated so far, trying the
+longest n first (:data:`NGRAM_MAX` down to :data:`NGRAM_MIN`).  Text that
+repeats its input (a code edit, a JSON rewrite, quotes in a summary) is
+proposed correctly for long runs; the target model verifies every proposed
+token in the same decode (runner.scheduler plans it, the engine's update
+phase accepts the longest run the target agrees with).
+
+How many tokens are proposed adapts to how the last proposals fared
+(:meth:`NgramLookup.note`): a fully accepted proposal doubles the next one's
+length (up to ``draft_max``), a partly rejected one cuts it to one more than
+was accepted.  Text that does not repeat its input then costs one or two
+verified tokens per step, not ``draft_max``.
+
+The lookup is pure: no model, no context.  Finding a proposal costs one dict
+lookup per n; appending a token costs one insert per n.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from runner.requests import MAX_DRAFT
+
+NGRAM_MAX = 4   # longest suffix looked up
+NGRAM_MIN = 1   # shortest suffix looked up
+NOT_A_TOKEN = -1  # stands for a media input in the history: never matched, never proposed
+FIRST_CAP = 4     # tokens proposed at most before any verification
+
+
+@dataclass
+class NgramLookup:
+    """The history of one sequence (prompt tokens, then generated tokens) and,
+    per suffix length n, where each n-gram last occurred.
+
+    Invariant: ``index[n][g] = p`` means ``history[p-n:p] == g`` with the
+    largest such ``p < len(history)``, so ``history[p]`` is the token that
+    followed ``g`` there: every indexed n-gram has a continuation."""
+
+    history: list[int] = field(default_factory=list)  # token ids; NOT_A_TOKEN for media rows
+    index: dict[int, dict[tuple, int]] = field(default_factory=dict)  # n -> n-gram -> position after it
+    n_generated: int = 0      # tokens of the sequence's generated list already in the history
+    cap: int = FIRST_CAP      # most tokens the next proposal may have (see note())
+
+    @classmethod
+    def build(cls, prompt: list) -> "NgramLookup":
+        """A lookup over ``prompt`` (token ids; anything else is a media row)."""
+        hist = [t if type(t) is int else NOT_A_TOKEN for t in prompt]
+        look = cls(history=hist)
+        size = len(hist)
+        for n in range(NGRAM_MIN, NGRAM_MAX + 1):
+            # n-grams starting at 0 .. size-n-1 (each has a continuation);
+            # later occurrences overwrite earlier ones.
+            count = max(0, size - n)
+            grams = zip(*(hist[k:k + count] for k in range(n)))
+            look.index[n] = dict(zip(grams, range(n, n + count)))
+        return look
+
+    def extend(self, tokens: list[int]) -> None:
+        """Append ``tokens`` to the history."""
+        hist = self.history
+        index = self.index
+        for tok in tokens:
+            hist.append(tok)
+            end = len(hist) - 1  # the new token continues the n-grams ending before it
+            for n in range(NGRAM_MIN, NGRAM_MAX + 1):
+                if end >= n:
+                    index[n][tuple(hist[end - n:end])] = end
+
+    def sync(self, generated: list[int]) -> None:
+        """Take in the generated tokens not seen yet.  A shorter list than
+        seen (the sequence was evaluated again after a context shift) starts
+        the count over; the history keeps what it had."""
+        if len(generated) < self.n_generated:
+            self.n_generated = 0
+        if len(generated) > self.n_generated:
+            self.extend(generated[self.n_generated:])
+            self.n_generated = len(generated)
+
+    def note(self, n_proposed: int, n_accepted: int) -> None:
+        """A proposal of ``n_proposed`` tokens had its first ``n_accepted``
+        accepted: adapt the length of the next (see the module docstring)."""
+        if n_proposed <= 0:
+            return
+        if n_accepted >= n_proposed:
+            self.cap = min(max(self.cap, n_proposed) * 2, MAX_DRAFT)
+        else:
+            self.cap = n_accepted + 1
+
+    def propose(self, n_max: int) -> list[int]:
+        """Up to ``min(n_max, cap)`` tokens continuing the longest suffix of
+        the history that occurred before (nothing when none did)."""
+        hist = self.history
+        size = len(hist)
+        n_max = min(n_max, self.cap)
+        if n_max <= 0:
+            return []
+        for n in range(min(NGRAM_MAX, size), NGRAM_MIN - 1, -1):
+            key = tuple(hist[size - n:])
+            if NOT_A_TOKEN in key:
+                continue
+            start = self.index[n].get(key)
+            if start is None:
+                continue
+            out = hist[start:start + n_max]
+            if NOT_A_TOKEN in out:
+                out = out[:out.index(NOT_A_TOKEN)]
+            if out:
+                return out
+        return []

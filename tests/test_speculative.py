@@ -1,0 +1,266 @@
+"""Speculative decoding by prompt lookup.
+
+Without a model: the lookup (runner.speculative) proposes what followed the
+longest earlier match, and the scheduler places proposals only in the room a
+step has left (over the recording fake KV of tests/test_slots.py), trims them
+on rollback, and cuts rejected ones from the slot.  With the default model:
+greedy and seeded output is token-identical with speculation on and off, and
+stop strings, num_predict and end of generation inside an accepted run end the
+request exactly where they would without it."""
+
+from __future__ import annotations
+
+import pytest
+
+from runner.speculative import FIRST_CAP, NgramLookup
+
+from test_scheduler import make, run_decode, seq, shape
+
+
+# -- the lookup ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("history, n_max, want", [
+    # the last 4 tokens (2 3 4 5) occurred at 1..4: propose what followed
+    ([1, 2, 3, 4, 5, 6, 7, 8, 2, 3, 4, 5], 3, [6, 7, 8]),
+    # the longest match wins over a more recent shorter one: "3 4" occurs at
+    # the end of "9 3 4" too, but "2 3 4" only after 1
+    ([2, 3, 4, 10, 11, 9, 3, 4, 12, 2, 3, 4], 2, [10, 11]),
+    # the most recent earlier occurrence of the same length wins
+    ([5, 6, 1, 5, 6, 2, 5, 6], 1, [2]),
+    # nothing occurred before: no proposal
+    ([1, 2, 3], 4, []),
+    # the continuation stops at the end of the history (overlapping repeats)
+    ([7, 7, 7], 4, [7]),
+    # a media row (anything not an int) is never proposed, nor matched
+    ([1, 2, ("img", 0), 9, 1, 2], 4, []),
+    ([1, 2, 3, ("img", 0), 1, 2], 4, [3]),
+])
+def test_lookup_proposes_the_continuation_of_the_longest_earlier_match(history, n_max, want):
+    look = NgramLookup.build(history)
+    look.cap = 64
+    assert look.propose(n_max) == want
+
+
+def test_lookup_extends_incrementally_like_a_rebuild():
+    tokens = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2, 3, 8, 4, 6, 2, 6, 4, 3, 3, 8, 3, 2, 7]
+    grown = NgramLookup.build(tokens[:5])
+    grown.sync(tokens[5:12])
+    grown.sync(tokens[5:])
+    whole = NgramLookup.build(tokens)
+    assert grown.history == whole.history and grown.index == whole.index
+
+
+def test_lookup_cap_adapts_to_acceptance():
+    look = NgramLookup.build(list(range(40)) + list(range(10)))
+    assert look.propose(16) == list(range(10, 10 + FIRST_CAP))
+    look.note(FIRST_CAP, FIRST_CAP)                  # all accepted: twice as many next
+    assert len(look.propose(16)) == 2 * FIRST_CAP
+    look.note(8, 2)                                  # two accepted: three next
+    assert len(look.propose(16)) == 3
+    look.note(3, 0)
+    assert len(look.propose(16)) == 1
+
+
+# -- the scheduler -----------------------------------------------------------------
+
+
+def _generating(sched, kv, rid, prompt, next_token, **options):
+    """A sequence admitted, its prompt decoded, ``next_token`` sampled."""
+    return _all_generating(sched, kv, [(rid, prompt, next_token, options)])[0]
+
+
+def _all_generating(sched, kv, specs):
+    """Sequences admitted together, their prompts decoded, each with a token sampled."""
+    made = [seq(rid, prompt, speculative=True, **options) for rid, prompt, _, options in specs]
+    sched.waiting.extend(made)
+    sched.admit(lambda: True)
+    while any(s.prefilling for s in made):
+        run_decode(sched, sched.schedule(), kv)
+    for s, (_, _, token, _) in zip(made, specs):
+        s.generated.append(token)
+        s.next_token = token
+    return made
+
+
+def _decode_with_drafts(sched, plan, kv, n_decoded=None):
+    """run_decode for plans whose generating entries carry proposals."""
+    n = plan.n_inputs() if n_decoded is None else n_decoded
+    done = 0
+    for e in plan.entries:
+        items = ([e.seq.next_token, *e.draft] if e.generating
+                 else e.seq.inputs[e.start:e.start + e.n_inputs])
+        cells = kv.kv.setdefault(e.seq.slot.id, {})
+        for i, item in enumerate(items[:max(0, n - done)]):
+            cells[e.start + i] = item
+        done += len(items)
+    sched.update(plan, n)
+
+
+def test_proposals_follow_the_generating_token_and_are_recorded():
+    sched, cache, kv = make(parallel=1, n_batch=16)
+    a = _generating(sched, kv, "a", [1, 2, 3, 4, 5, 6, 1, 2], 3)
+    plan = sched.schedule()
+    assert shape(plan) == [("a", 8, 1 + FIRST_CAP, True, True)]
+    assert plan.entries[0].draft == [4, 5, 6, 1]
+    _decode_with_drafts(sched, plan, kv)
+    assert a.slot.inputs == [1, 2, 3, 4, 5, 6, 1, 2, 3, 4, 5, 6, 1]
+    # the target accepted two proposals: the rest leave the slot and the KV
+    sched.keep_accepted(plan.entries[0], 2)
+    assert a.slot.inputs == [1, 2, 3, 4, 5, 6, 1, 2, 3, 4, 5]
+    assert kv.calls[-1] == ("rm", a.slot.id, 11, -1)
+    assert sorted(kv.kv[a.slot.id]) == list(range(11))
+
+
+def test_speculation_yields_to_other_work():
+    # draft_room 8: two generating tokens and a 4-input prompt chunk leave 2
+    sched, cache, kv = make(parallel=3, n_batch=16, prefill_budget=4)
+    sched.draft_room = 8
+    a, b = _all_generating(sched, kv, [("a", [1, 2, 3, 1, 2, 3, 1], 2, {"draft_max": 8}),
+                                       ("b", [9, 8, 7, 9, 8, 7, 9], 8, {"draft_max": 8})])
+    c = seq("c", range(100, 120))
+    sched.waiting.append(c)
+    sched.admit(lambda: True)
+    plan = sched.schedule()
+    drafts = {e.seq.id: len(e.draft) for e in plan.entries if e.generating}
+    assert plan.n_inputs() == 8 and drafts == {"a": 1, "b": 1}
+    assert shape(plan)[-1] == ("c", 0, 4, False, False)
+    # a full batch of other work: no proposals at all
+    sched.draft_room = 6
+    plan2 = sched.schedule()
+    assert all(not e.draft for e in plan2.entries)
+    assert plan2.n_inputs() == 6
+
+
+def test_proposals_respect_num_predict_and_the_slot():
+    sched, cache, kv = make(parallel=1, n_batch=32, slot_ctx=12)
+    a = _generating(sched, kv, "a", [1, 2, 3, 4, 5, 6, 1, 2], 3, draft_max=16)
+    a.lookup = None
+    plan = sched.schedule()
+    # slot_ctx 12 holds 8 inputs: the token and at most 3 proposals
+    assert plan.entries[0].n_inputs == 4
+    sched2, _, kv2 = make(parallel=1, n_batch=32)
+    b = _generating(sched2, kv2, "b", [1, 2, 3, 4, 5, 6, 1, 2], 3)
+    b.n_predict = 3  # as Engine.submit sets it from num_predict
+    plan = sched2.schedule()
+    # 1 token generated, 2 to go: one proposal verifies both
+    assert plan.entries[0].draft == [4]
+
+
+def test_a_halved_batch_cuts_proposals_and_keeps_the_decoded_rows():
+    sched, cache, kv = make(parallel=1, n_batch=16)
+    a = _generating(sched, kv, "a", [1, 2, 3, 4, 5, 6, 1, 2], 3)
+    plan = sched.schedule()
+    _decode_with_drafts(sched, plan, kv, n_decoded=2)
+    e = plan.entries[0]
+    assert (e.n_inputs, e.draft, e.wants_output) == (2, [4], True)
+    assert a.slot.inputs == [1, 2, 3, 4, 5, 6, 1, 2, 3, 4]
+
+
+# -- on the default model ------------------------------------------------------------
+
+GREEDY = dict(temperature=0.0, repeat_penalty=1.0)
+RECORD = ('{"id": 7, "name": "Ada Lovelace", "born": 1815, "fields": ["mathematics", '
+          '"computing"], "city": "London"}')
+# Repeats its input: the answer copies the record, so lookup proposals are accepted.
+COPY = (f"<|im_start|>user\nRepeat this JSON record exactly, with nothing else:\n{RECORD}"
+        f"<|im_end|>\n<|im_start|>assistant\n")
+
+
+@pytest.fixture(scope="module")
+def engine(default_model_path):
+    from runner.engine import Engine, EngineConfig
+
+    e = Engine(EngineConfig(default_model_path, n_ctx=3072, parallel=3, n_threads=2))
+    yield e
+    e.close()
+
+
+def _run(engine, prompt, **options):
+    from runner.requests import Chunk, CompletionOptions, CompletionRequest
+
+    events = list(engine.submit(CompletionRequest(prompt=prompt,
+                                                  options=CompletionOptions.from_dict(options))))
+    chunks = [e for e in events if isinstance(e, Chunk)]
+    return "".join(c.text for c in chunks), [t for c in chunks for t in c.tokens], events[-1]
+
+
+def _pair(engine, prompt, **options):
+    """The same request without and with speculation, after a run that puts
+    the prompt in a slot, so both find the same cached prefix (a prompt
+    evaluated in one batch and one found cached can differ in the last bits
+    of its logits)."""
+    _run(engine, prompt, **{**options, "num_predict": 1})
+    off = _run(engine, prompt, **options)
+    on = _run(engine, prompt, speculative=True, **options)
+    return off, on
+
+
+def _check_slot(engine, prompt_tokens, tokens, final):
+    """The slot holds exactly what was decoded: the prompt and the returned
+    tokens (the last one, never decoded, may be missing), no rejected proposal."""
+    held = engine.slots.slots[final.slot].inputs
+    whole = prompt_tokens + tokens
+    assert held == whole[:len(held)] and len(held) >= len(whole) - 1
+    assert engine.ctx.seq_pos_max(final.slot) == len(held) - 1
+
+
+def test_greedy_output_is_identical_and_proposals_are_accepted(engine):
+    (t0, k0, f0), (t1, k1, f1) = _pair(engine, COPY, num_predict=40, **GREEDY)
+    assert k1 == k0 and t1 == t0 and f1.done_reason == f0.done_reason
+    assert f0.draft_proposed == f0.draft_accepted == 0
+    assert 0 < f1.draft_accepted <= f1.draft_proposed
+    assert f1.eval_count == f0.eval_count == len(k0)
+    _check_slot(engine, engine.tokenize(COPY, add_special=True, parse_special=True), k1, f1)
+
+
+def test_seeded_sampling_with_default_options_is_identical(engine):
+    # Default options (temperature 0.8, top-k 40, top-p 0.9, repeat penalty
+    # 1.1): each returned token is the sampler's draw given the tokens before
+    # it, so a seed gives the same text either way.
+    (t0, k0, f0), (t1, k1, f1) = _pair(engine, COPY, num_predict=40, seed=1234)
+    assert k1 == k0 and t1 == t0
+    assert f1.draft_proposed > 0
+
+
+@pytest.mark.parametrize("num_predict", [1, 2, 5, 13])
+def test_num_predict_inside_an_accepted_run(engine, num_predict):
+    (t0, k0, f0), (t1, k1, f1) = _pair(engine, COPY, num_predict=num_predict, **GREEDY)
+    assert k1 == k0 and len(k1) == num_predict == f1.eval_count
+    assert f1.done_reason == f0.done_reason == "length"
+
+
+def test_stop_string_and_end_of_generation_inside_an_accepted_run(engine):
+    (t0, k0, f0), _ = _pair(engine, COPY, num_predict=60, **GREEDY)
+    assert "Lovelace" in t0  # the answer copies the record
+    (s0, _, g0), (s1, _, g1) = _pair(engine, COPY, num_predict=60, stop=["Lovelace"], **GREEDY)
+    assert s1 == s0 == t0[:t0.index("Lovelace")]
+    assert g1.done_reason == g0.done_reason == "stop"
+    # The copy ends with an end-of-generation token well inside the limit.
+    (e0, q0, h0), (e1, q1, h1) = _pair(engine, COPY, num_predict=120, **GREEDY)
+    assert h0.done_reason == h1.done_reason == "stop" and h0.eval_count < 120
+    assert q1 == q0 and e1 == e0
+    _check_slot(engine, engine.tokenize(COPY, add_special=True, parse_special=True), q1, h1)
+
+
+def test_several_speculating_streams_at_once(engine):
+    import threading
+
+    prompts = [COPY, COPY.replace("Ada Lovelace", "Alan Turing"), COPY.replace("London", "Zürich 🚀")]
+    results = [None] * 3
+
+    def one(i):
+        results[i] = _run(engine, prompts[i], num_predict=30, speculative=True, draft_max=8,
+                          **GREEDY)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for prompt, (text, tokens, final) in zip(prompts, results):
+        assert final.done_reason in ("length", "stop") and final.eval_count == len(tokens) > 0
+        assert final.draft_accepted <= final.draft_proposed
+        assert text == engine.detokenize(tokens)
+        _check_slot(engine, engine.tokenize(prompt, add_special=True, parse_special=True),
+                    tokens, final)
