@@ -138,7 +138,8 @@ def timed_completion(runner, prompt: str, options: dict) -> RequestSample:
         cached_count=final.cached_count, prompt_eval_s=final.prompt_eval_duration,
         eval_count=final.eval_count, eval_s=final.eval_duration,
         ttft_s=(first if first is not None else end) - t0, total_s=end - t0,
-        gaps_s=gaps, done_reason=final.done_reason)
+        gaps_s=gaps, done_reason=final.done_reason, draft_proposed=final.draft_proposed,
+        draft_accepted=final.draft_accepted)
 
 
 def run_requests(runner, prompts: list[str], options: dict, parallel: int) -> tuple[float, list]:
@@ -173,8 +174,8 @@ def run_requests(runner, prompts: list[str], options: dict, parallel: int) -> tu
 
 
 def run_benchmark(runner, *, requests: int, parallel: int, prompt_tokens: int, max_tokens: int,
-                  warmup: int, epochs: int,
-                  progress: Callable[[str], Any] | None = None) -> tuple[dict, list[RunSample]]:
+                  warmup: int, epochs: int, progress: Callable[[str], Any] | None = None,
+                  speculative: dict | None = None) -> tuple[dict, list[RunSample]]:
     """Warm up, then time ``epochs`` runs; (model summary from ``info``, runs)."""
     info = runner.info(timeout=60)
     if info.engine is None:
@@ -189,7 +190,7 @@ def run_benchmark(runner, *, requests: int, parallel: int, prompt_tokens: int, m
     builder = PromptBuilder(lambda text, special: runner.tokenize(text, add_special=special,
                                                                   timeout=60),
                             lambda tokens: runner.detokenize(tokens, timeout=60))
-    options = greedy_options(max_tokens)
+    options = {**greedy_options(max_tokens), **(speculative or {})}
     # Seeds run on across the warm-up and the epochs: no two prompts share a prefix.
     seeds = itertools.count(1)
     warm = [builder.build(prompt_tokens, next(seeds))[0] for _ in range(warmup)]
@@ -226,6 +227,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed requests first (default 1)")
     p.add_argument("--epochs", type=int, default=3, help="timed runs (default 3)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads of a spawned runner (default: all)")
+    p.add_argument("--speculative", action="store_true",
+                   help="requests use speculative decoding by prompt lookup; the report adds the acceptance")
+    p.add_argument("--draft-max", type=int, default=None,
+                   help="with --speculative: tokens proposed per step at most (default: the option's, 16)")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     p.add_argument("--plot", metavar="FILE", default=None, help="also draw the report as a PNG (needs matplotlib)")
 
@@ -235,10 +240,21 @@ DEFAULT_NUM_CTX = 2048
 
 def _check(args: argparse.Namespace) -> None:
     for name, low in (("requests", 1), ("parallel", 1), ("prompt_tokens", 1), ("max_tokens", 1),
-                      ("warmup", 0), ("epochs", 1), ("num_ctx", 1), ("threads", 1)):
+                      ("warmup", 0), ("epochs", 1), ("num_ctx", 1), ("threads", 1),
+                      ("draft_max", 1)):
         value = getattr(args, name)
         if value is not None and value < low:
             raise ValueError(f"--{name.replace('_', '-')} must be at least {low}")
+
+
+def _speculative(args: argparse.Namespace) -> dict | None:
+    """The speculative options of the requests (None: off)."""
+    if not args.speculative:
+        return None
+    out = {"speculative": True}
+    if args.draft_max is not None:
+        out["draft_max"] = args.draft_max
+    return out
 
 
 def cpu_model() -> str:
@@ -264,6 +280,10 @@ def _command(args: argparse.Namespace) -> str:
         value = getattr(args, name)
         if value is not None:
             words += [f"--{name.replace('_', '-')}", str(value)]
+    if args.speculative:
+        words.append("--speculative")
+        if args.draft_max is not None:
+            words += ["--draft-max", str(args.draft_max)]
     if args.json:
         words.append("--json")
     if args.plot:
@@ -301,7 +321,8 @@ def run(args: argparse.Namespace) -> int:
     with _connect(args) as runner:
         model, runs = run_benchmark(runner, requests=args.requests, parallel=args.parallel,
                                     prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens,
-                                    warmup=args.warmup, epochs=args.epochs, progress=progress)
+                                    warmup=args.warmup, epochs=args.epochs, progress=progress,
+                                    speculative=_speculative(args))
     if args.endpoint is not None:
         if args.num_ctx and args.num_ctx != model["slot_ctx"]:
             print(f"note: --num-ctx applies to a spawned runner; this one gives each request "
@@ -313,7 +334,7 @@ def run(args: argparse.Namespace) -> int:
         "requests": args.requests, "parallel": args.parallel, "prompt_tokens": args.prompt_tokens,
         "max_tokens": args.max_tokens, "warmup": args.warmup, "epochs": args.epochs,
         "num_ctx": args.num_ctx, "threads": args.threads, "endpoint": args.endpoint,
-        "spawned": args.endpoint is None, "options": OPTIONS,
+        "spawned": args.endpoint is None, "options": {**OPTIONS, **(_speculative(args) or {})},
     }
     extra = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -41,6 +41,8 @@ class RequestSample:
     total_s: float             # client: submit -> final reply
     gaps_s: list[float] = field(default_factory=list)  # client: between consecutive chunks
     done_reason: str = ""      # stop | length | ...
+    draft_proposed: int = 0    # speculative: tokens proposed and verified
+    draft_accepted: int = 0    # of those, accepted
 
 
 @dataclass
@@ -90,6 +92,10 @@ def _pooled(requests: list[RequestSample]) -> dict[str, Any]:
                                  sum(r.prompt_eval_s for r in requests)),
         "eval_rate": rate(sum(max(r.eval_count - 1, 0) for r in requests),
                           sum(r.eval_s for r in requests)),
+        "draft_proposed": sum(r.draft_proposed for r in requests),
+        "draft_accepted": sum(r.draft_accepted for r in requests),
+        "acceptance": rate(sum(r.draft_accepted for r in requests),
+                           sum(r.draft_proposed for r in requests)),
     }
 
 
@@ -233,6 +239,9 @@ def format_table(report: dict[str, Any]) -> str:
     lines.append(f"throughput {t['median']:.1f} tok/s median of {s['runs']} runs "
                  f"(min {t['min']:.1f}, max {t['max']:.1f}); "
                  f"{s['generated_tokens']} tokens generated, {s['prompt_tokens']} prompt tokens")
+    if s.get("draft_proposed"):
+        lines.append(f"speculative {s['draft_proposed']} tokens proposed, {s['draft_accepted']} "
+                     f"accepted (acceptance {s['acceptance']:.1%})")
     return "\n".join(lines)
 
 

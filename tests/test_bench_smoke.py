@@ -23,7 +23,7 @@ PEERS = [ROOT / "build" / "peers" / "bin" / name for name in ("llama-batched-ben
 def test_cli_bench_json_on_a_spawned_runner(default_model_path, capsys):
     assert main(["bench", "--model", default_model_path, "--requests", "2", "--parallel", "2",
                  "--prompt-tokens", "16", "--max-tokens", "4", "--epochs", "1", "--warmup", "1",
-                 "--threads", "2", "--num-ctx", "128", "--json"]) == 0
+                 "--threads", "2", "--num-ctx", "128", "--speculative", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     m = report["model"]
     assert (m["architecture"], m["quantization"]) == ("llama", "Q4_1")
@@ -45,6 +45,10 @@ def test_cli_bench_json_on_a_spawned_runner(default_model_path, capsys):
         assert run[key] > 0, key
     summary = report["summary"]
     assert summary["requests"] == 2 and summary["generated_tokens"] == 8
+    # --speculative: the requests asked for it, the finals' counts came over the wire
+    assert report["config"]["options"]["speculative"] is True and "--speculative" in report["command"]
+    assert 0 <= summary["draft_accepted"] <= summary["draft_proposed"]
+    assert 0.0 <= summary["acceptance"] <= 1.0
     assert summary["prompt_eval_rate"] > 0 and summary["eval_rate"] > 0
     for key in ("ttft_s", "total_s", "inter_token_s"):
         d = summary[key]

@@ -77,6 +77,17 @@ def test_summarize_run_pools_rates_and_takes_medians():
     assert row["requests_per_s"] == pytest.approx(1.5)
 
 
+def test_speculative_acceptance_is_pooled_and_shown():
+    a, b = sample(0.1, 1.0), sample(0.1, 1.0)
+    a.draft_proposed, a.draft_accepted = 30, 12
+    b.draft_proposed, b.draft_accepted = 10, 8
+    s = summarize([RunSample(epoch=1, wall_s=1.0, requests=[a, b])])
+    assert (s["draft_proposed"], s["draft_accepted"]) == (40, 20)
+    assert s["acceptance"] == pytest.approx(0.5)
+    plain = summarize([RunSample(epoch=1, wall_s=1.0, requests=[sample(0.1, 1.0)])])
+    assert plain["draft_proposed"] == 0 and plain["acceptance"] == 0.0
+
+
 def test_summarize_over_runs():
     runs = [RunSample(epoch=e, wall_s=w, requests=[sample(0.1 * e, 1.0, gaps=[0.01 * e] * 4)])
             for e, w in ((1, 1.0), (2, 2.0), (3, 0.5))]

@@ -175,6 +175,7 @@ FIELDS: dict[str, Field] = {
     "truncate": Field(st.booleans(), st.one_of(st.integers(0, 1), st.none().map(lambda _: "no"))),
     "shift": Field(st.booleans(), st.one_of(st.integers(0, 1), st.just("true"))),
     "ignore_eos": Field(st.booleans(), st.one_of(st.integers(0, 1), st.just([]))),
+    "speculative": Field(st.booleans(), st.one_of(st.integers(0, 1), st.just("on"))),
 }
 UNKNOWN_NAMES = ["Temperature", "no_such_option", "format", "num_ctx", "", "stop "]
 

@@ -163,6 +163,11 @@ GREEDY = dict(temperature=0.0, repeat_penalty=1.0)
 RECORD = ('{"id": 7, "name": "Ada Lovelace", "born": 1815, "fields": ["mathematics", '
           '"computing"], "city": "London"}')
 # Repeats its input: the answer copies the record, so lookup proposals are accepted.
+# The answer copies the record and ends (end of generation) well inside 80 tokens.
+REWRITE = ("<|im_start|>user\nRewrite this JSON with the key \"city\" renamed to \"town\". Reply "
+           "with the JSON only.\n{\"name\": \"Alice Smith\", \"age\": 31, \"email\": "
+           "\"alice@example.com\", \"city\": \"Paris\", \"tags\": [\"admin\", \"editor\"]}"
+           "<|im_end|>\n<|im_start|>assistant\n")
 COPY = (f"<|im_start|>user\nRepeat this JSON record exactly, with nothing else:\n{RECORD}"
         f"<|im_end|>\n<|im_start|>assistant\n")
 
@@ -230,17 +235,18 @@ def test_num_predict_inside_an_accepted_run(engine, num_predict):
     assert f1.done_reason == f0.done_reason == "length"
 
 
-def test_stop_string_and_end_of_generation_inside_an_accepted_run(engine):
-    (t0, k0, f0), _ = _pair(engine, COPY, num_predict=60, **GREEDY)
-    assert "Lovelace" in t0  # the answer copies the record
-    (s0, _, g0), (s1, _, g1) = _pair(engine, COPY, num_predict=60, stop=["Lovelace"], **GREEDY)
-    assert s1 == s0 == t0[:t0.index("Lovelace")]
+def test_end_of_generation_and_stop_string_inside_an_accepted_run(engine):
+    # The answer copies most of the record and ends with an end-of-generation
+    # token well inside the limit.
+    (t0, k0, f0), (t1, k1, f1) = _pair(engine, REWRITE, num_predict=80, **GREEDY)
+    assert f0.done_reason == f1.done_reason == "stop" and f0.eval_count < 80
+    assert k1 == k0 and t1 == t0 and f1.draft_accepted > 0
+    _check_slot(engine, engine.tokenize(REWRITE, add_special=True, parse_special=True), k1, f1)
+    # A stop string inside the copied text ends both at the same place.
+    assert "Smith" in t0
+    (s0, _, g0), (s1, _, g1) = _pair(engine, REWRITE, num_predict=80, stop=["Smith"], **GREEDY)
+    assert s1 == s0 == t0[:t0.index("Smith")]
     assert g1.done_reason == g0.done_reason == "stop"
-    # The copy ends with an end-of-generation token well inside the limit.
-    (e0, q0, h0), (e1, q1, h1) = _pair(engine, COPY, num_predict=120, **GREEDY)
-    assert h0.done_reason == h1.done_reason == "stop" and h0.eval_count < 120
-    assert q1 == q0 and e1 == e0
-    _check_slot(engine, engine.tokenize(COPY, add_special=True, parse_special=True), q1, h1)
 
 
 def test_several_speculating_streams_at_once(engine):
