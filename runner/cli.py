@@ -273,6 +273,9 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
                    help="directory for 'llama-runner slot save/restore' files (default: those ops are off)")
     g.add_argument("--draft-room", type=int, default=32,
                    help="speculative requests' proposals fill a step up to this many inputs (0: never; default 32)")
+    g.add_argument("--draft-model", default=None, metavar="GGUF",
+                   help="draft model with the model's vocabulary: it proposes for speculative requests "
+                        "(default: prompt lookup)")
 
 
 def _rpc_list(text: str | None) -> list[str] | None:
@@ -298,7 +301,7 @@ def _load_params(args: argparse.Namespace) -> dict:
         "embeddings": args.embeddings, "prefill_budget": args.prefill_budget,
         "kv_unified": args.kv_unified, "delivery": args.delivery,
         "native_sampler": not args.no_native_sampler, "slot_save_dir": args.slot_save_dir,
-        "draft_room": args.draft_room,
+        "draft_room": args.draft_room, "draft_model": args.draft_model,
     }
 
 

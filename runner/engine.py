@@ -43,15 +43,17 @@ from runner.requests import (
     EngineError, Final, InputTooLong, InternalError, NotReady,
 )
 from runner.delivery import Delivery, SeqEnded, SeqReleased, Shutdown, StepTokens
+from runner.drafter import Drafter
 from runner.executor import Executor
 from runner.hostcache import HostCache
-from runner.load_checks import check_model_file
+from runner.load_checks import ModelFileError, check_model_file
 from runner.media import DEFAULT_CACHE_BYTES, MediaCache, MediaSpan, build_prompt
 from runner.metrics import EngineTotals
 from runner.sampling import logprob_entry, make_sampler
 from runner import placement, slotfile
 from runner.scheduler import Scheduler, StepPlan
 from runner.sequence import Sequence
+from runner.speculative import next_cap
 from runner.slots import NoFreeSlot, PositionedKV, Slot, SlotCache, truncate_prompt
 
 log = logging.getLogger("runner.engine")
@@ -92,6 +94,7 @@ class EngineConfig:
     native_sampler: bool = True       # False: llama.cpp's CPU chain for every request (see _llama.Sampler)
     slot_save_dir: str | None = None  # directory of save_slot/restore_slot files (None: those ops are off)
     draft_room: int = 32              # speculative proposals fill a step up to this many inputs (0: never)
+    draft_model: str | None = None    # GGUF of a draft model with the same vocabulary (None: prompt lookup)
 
 
 @dataclass
@@ -231,6 +234,16 @@ class Engine:
                 self.ctx.close()
                 self.model.close()
                 raise
+        self.drafter: Drafter | None = None  # proposes for speculative requests (None: prompt lookup)
+        if config.draft_model:
+            try:
+                self.drafter = self._load_drafter(config)
+            except BaseException:
+                if self.mtmd is not None:
+                    self.mtmd.close()
+                self.ctx.close()
+                self.model.close()
+                raise
         self.media_cache = MediaCache(config.media_cache_bytes)
         self.n_batch = self.ctx.n_batch
         self.slot_ctx = self.ctx.n_ctx // config.parallel
@@ -255,7 +268,8 @@ class Engine:
         self.scheduler = Scheduler(self.slots, n_batch=self.n_batch, slot_ctx=self.slot_ctx,
                                    prefill_budget=config.prefill_budget, lock=self._lock,
                                    n_swa=self.model.n_swa, pos_min=self.ctx.seq_pos_min,
-                                   draft_room=self._draft_room(config))
+                                   draft_room=self._draft_room(config),
+                                   draft_model=self.drafter is not None)
         self._embeds: collections.deque[EmbeddingJob] = collections.deque()  # pending embedding jobs
         self._slot_jobs: collections.deque[SlotJob] = collections.deque()  # pending slot saves/restores
         self._by_id: dict[str, Sequence] = {}   # every unfinished request
@@ -312,6 +326,21 @@ class Engine:
         # first request's time to first token.
         self.mtmd = _llama.MtmdContext(self.model, config.projector_path, n_threads=config.n_threads,
                                        use_gpu=self.placement.n_gpu_layers != 0, warmup=True)
+
+    def _load_drafter(self, config: EngineConfig) -> Drafter:
+        """The draft model, on the GPU when the model is (all its layers),
+        with a context of the model's cells and sequences."""
+        path = config.draft_model
+        if not os.path.isfile(path):
+            raise BadRequest(f"draft_model {path}: no such file")
+        try:
+            check_model_file(path)
+            return Drafter.load(path, self.model, n_ctx=self.ctx.n_ctx, n_batch=self.ctx.n_batch,
+                                parallel=config.parallel, n_threads=config.n_threads,
+                                n_gpu_layers=-1 if self.placement.n_gpu_layers != 0 else 0,
+                                kv_unified=config.kv_unified)
+        except (ModelFileError, _llama.LlamaError) as exc:
+            raise BadRequest(f"draft_model {path}: {exc}") from None
 
     def _draft_room(self, config: EngineConfig) -> int:
         """Inputs a step may reach with speculative proposals.  0 where the
@@ -594,6 +623,8 @@ class Engine:
         self.executor.close()
         if self.mtmd is not None:
             self.mtmd.close()
+        if self.drafter is not None:
+            self.drafter.close()
         self.ctx.close()
         for a in self._loras:
             a.close()
@@ -704,6 +735,8 @@ class Engine:
             self._end(seq, reason)
         if not plan.entries:
             return
+        if self.drafter is not None:
+            self.drafter.fill(plan)
         t1 = time.perf_counter()
         idle = t1 - self._last_decode_end if self._last_decode_end else 0.0
         n_tokens = plan.n_inputs()
@@ -823,7 +856,7 @@ class Engine:
                 self.scheduler.keep_accepted(entry, accepted)
                 seq.n_proposed += len(entry.draft)
                 seq.n_accepted += accepted
-                seq.lookup.note(len(entry.draft), accepted)
+                seq.draft_cap = next_cap(seq.draft_cap, len(entry.draft), accepted)
             for token, logits in run:
                 end = self._take(seq, token, logits, now, toks)
                 if end is not None:

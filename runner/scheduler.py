@@ -49,6 +49,7 @@ class Scheduled:
     span: MediaSpan | None = None  # media steps: the chunk these rows belong to
     draft: list[int] = field(default_factory=list)  # generating: proposed tokens after the input,
                                    # each with an output row (n_inputs = 1 + len(draft))
+    draft_limit: int = 0           # draft model: tokens it is to propose (the executor's drafter fills draft)
 
 
 @dataclass
@@ -80,7 +81,8 @@ class Scheduler:
 
     def __init__(self, slots: SlotCache, *, n_batch: int, slot_ctx: int, prefill_budget: int,
                  lock: threading.Lock, n_swa: int = 0,
-                 pos_min: Callable[[int], int] | None = None, draft_room: int = 32):
+                 pos_min: Callable[[int], int] | None = None, draft_room: int = 32,
+                 draft_model: bool = False):
         self.slots = slots                      # the slot cache (and through it the KV memory)
         self.n_batch = n_batch                  # most inputs one decode takes
         self.slot_ctx = slot_ctx                # context of one slot
@@ -93,6 +95,7 @@ class Scheduler:
         self._rotate = 0                        # prefill start offset, advanced each step
         self.draft_room = min(draft_room, n_batch)  # proposals fill a step up to this many inputs
         self._draft_rotate = 0                  # first speculating sequence served, advanced each step
+        self.draft_model = draft_model          # a draft model proposes (else prompt lookup)
 
     # -- sequences in and out ---------------------------------------------
 
@@ -215,10 +218,14 @@ class Scheduler:
         for i, entry in enumerate(order):
             share = room // (len(order) - i)
             seq = entry.seq
-            limit = min(seq.options.draft_max, share, self.slot_ctx - entry.start - 1)
+            limit = min(seq.options.draft_max, seq.draft_cap, share, self.slot_ctx - entry.start - 1)
             if seq.n_predict > 0:  # k proposals verify k + 1 tokens; the limit's last is never decoded
                 limit = min(limit, seq.n_predict - len(seq.generated) - 1)
             if limit <= 0:
+                continue
+            if self.draft_model and not seq.spans:  # the drafter proposes exactly `limit` tokens
+                entry.draft_limit = limit
+                room -= limit
                 continue
             if seq.lookup is None:
                 seq.lookup = NgramLookup.build(seq.inputs)

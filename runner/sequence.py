@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from runner.media import MediaSpan
 from runner.requests import CompletionOptions, EngineError, Final
+from runner.speculative import FIRST_CAP
 
 if TYPE_CHECKING:  # pragma: no cover
     from runner import _llama
@@ -59,6 +60,7 @@ class Sequence:
     lookup: "NgramLookup | None" = None  # speculative: prompt lookup over prompt + generated (built on first use)
     n_proposed: int = 0               # speculative: tokens proposed and decoded for verification
     n_accepted: int = 0               # speculative: of those, accepted
+    draft_cap: int = FIRST_CAP        # speculative: most tokens the next proposal may have (runner.speculative.next_cap)
     shrink_ends: list[int] = field(init=False)  # ends of the spans that give positions back
     shrinks: list[int] = field(init=False)      # positions given back before index i:
                                                 # shrinks[bisect_right(shrink_ends, i)]

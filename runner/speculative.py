@@ -10,10 +10,11 @@ token in the same decode (runner.scheduler plans it, the engine's update
 phase accepts the longest run the target agrees with).
 
 How many tokens are proposed adapts to how the last proposals fared
-(:meth:`NgramLookup.note`): a fully accepted proposal doubles the next one's
-length (up to ``draft_max``), a partly rejected one cuts it to one more than
-was accepted.  Text that does not repeat its input then costs one or two
-verified tokens per step, not ``draft_max``.
+(:func:`next_cap`, for prompt lookup and a draft model alike): a fully
+accepted proposal doubles the next one's length (up to ``draft_max``), a
+partly rejected one cuts it to one more than was accepted.  Text that does
+not repeat its input then costs one or two verified tokens per step, not
+``draft_max``.
 
 The lookup is pure: no model, no context.  Finding a proposal costs one dict
 lookup per n; appending a token costs one insert per n.
@@ -31,6 +32,16 @@ NOT_A_TOKEN = -1  # stands for a media input in the history: never matched, neve
 FIRST_CAP = 4     # tokens proposed at most before any verification
 
 
+def next_cap(cap: int, n_proposed: int, n_accepted: int) -> int:
+    """The most tokens the next proposal may have, after a proposal of
+    ``n_proposed`` tokens had its first ``n_accepted`` accepted."""
+    if n_proposed <= 0:
+        return cap
+    if n_accepted >= n_proposed:
+        return min(max(cap, n_proposed) * 2, MAX_DRAFT)
+    return n_accepted + 1
+
+
 @dataclass
 class NgramLookup:
     """The history of one sequence (prompt tokens, then generated tokens) and,
@@ -43,7 +54,6 @@ class NgramLookup:
     history: list[int] = field(default_factory=list)  # token ids; NOT_A_TOKEN for media rows
     index: dict[int, dict[tuple, int]] = field(default_factory=dict)  # n -> n-gram -> position after it
     n_generated: int = 0      # tokens of the sequence's generated list already in the history
-    cap: int = FIRST_CAP      # most tokens the next proposal may have (see note())
 
     @classmethod
     def build(cls, prompt: list) -> "NgramLookup":
@@ -80,22 +90,11 @@ class NgramLookup:
             self.extend(generated[self.n_generated:])
             self.n_generated = len(generated)
 
-    def note(self, n_proposed: int, n_accepted: int) -> None:
-        """A proposal of ``n_proposed`` tokens had its first ``n_accepted``
-        accepted: adapt the length of the next (see the module docstring)."""
-        if n_proposed <= 0:
-            return
-        if n_accepted >= n_proposed:
-            self.cap = min(max(self.cap, n_proposed) * 2, MAX_DRAFT)
-        else:
-            self.cap = n_accepted + 1
-
     def propose(self, n_max: int) -> list[int]:
-        """Up to ``min(n_max, cap)`` tokens continuing the longest suffix of
-        the history that occurred before (nothing when none did)."""
+        """Up to ``n_max`` tokens continuing the longest suffix of the
+        history that occurred before (nothing when none did)."""
         hist = self.history
         size = len(hist)
-        n_max = min(n_max, self.cap)
         if n_max <= 0:
             return []
         for n in range(min(NGRAM_MAX, size), NGRAM_MIN - 1, -1):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from runner.speculative import FIRST_CAP, NgramLookup
+from runner.speculative import FIRST_CAP, NgramLookup, next_cap
 
 from test_scheduler import make, run_decode, seq, shape
 
@@ -37,9 +37,7 @@ from test_scheduler import make, run_decode, seq, shape
     ([1, 2, 3, ("img", 0), 1, 2], 4, [3]),
 ])
 def test_lookup_proposes_the_continuation_of_the_longest_earlier_match(history, n_max, want):
-    look = NgramLookup.build(history)
-    look.cap = 64
-    assert look.propose(n_max) == want
+    assert NgramLookup.build(history).propose(n_max) == want
 
 
 def test_lookup_extends_incrementally_like_a_rebuild():
@@ -51,15 +49,16 @@ def test_lookup_extends_incrementally_like_a_rebuild():
     assert grown.history == whole.history and grown.index == whole.index
 
 
-def test_lookup_cap_adapts_to_acceptance():
-    look = NgramLookup.build(list(range(40)) + list(range(10)))
-    assert look.propose(16) == list(range(10, 10 + FIRST_CAP))
-    look.note(FIRST_CAP, FIRST_CAP)                  # all accepted: twice as many next
-    assert len(look.propose(16)) == 2 * FIRST_CAP
-    look.note(8, 2)                                  # two accepted: three next
-    assert len(look.propose(16)) == 3
-    look.note(3, 0)
-    assert len(look.propose(16)) == 1
+@pytest.mark.parametrize("cap, proposed, accepted, want", [
+    (4, 4, 4, 8),      # all accepted: twice as many next
+    (8, 3, 3, 16),     # a short proposal (room, history) all accepted: the cap still grows
+    (64, 64, 64, 64),  # at most MAX_DRAFT
+    (8, 8, 2, 3),      # two accepted: three next
+    (8, 3, 0, 1),
+    (8, 0, 0, 8),      # nothing proposed: unchanged
+])
+def test_the_proposal_cap_adapts_to_acceptance(cap, proposed, accepted, want):
+    assert next_cap(cap, proposed, accepted) == want
 
 
 # -- the scheduler -----------------------------------------------------------------
@@ -270,3 +269,60 @@ def test_several_speculating_streams_at_once(engine):
         assert text == engine.detokenize(tokens)
         _check_slot(engine, engine.tokenize(prompt, add_special=True, parse_special=True),
                     tokens, final)
+
+
+# -- a draft model -------------------------------------------------------------------
+
+
+def test_a_draft_model_proposes_and_output_is_identical(default_model_path):
+    from runner.engine import Engine, EngineConfig
+
+    # The model as its own draft: greedy proposals are what the model picks.
+    with Engine(EngineConfig(default_model_path, n_ctx=1024, parallel=2, n_threads=2,
+                             draft_model=default_model_path)) as e:
+        (t0, k0, f0), (t1, k1, f1) = _pair(e, REWRITE, num_predict=40, **GREEDY)
+        assert k1 == k0 and t1 == t0 and f1.done_reason == f0.done_reason
+        assert f1.draft_proposed > 0 and f1.draft_accepted >= f1.draft_proposed * 0.8
+        _check_slot(e, e.tokenize(REWRITE, add_special=True, parse_special=True), k1, f1)
+        # requests without the option do not speculate
+        assert f0.draft_proposed == 0
+
+
+def test_a_tiny_draft_model_with_the_default_vocabulary(default_model_path, tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from tiny_model import write_tiny_llama
+
+    from runner.engine import Engine, EngineConfig
+
+    tiny = str(write_tiny_llama(tmp_path / "draft.gguf"))
+    with Engine(EngineConfig(default_model_path, n_ctx=1024, parallel=2, n_threads=2,
+                             draft_model=tiny)) as e:
+        (t0, k0, f0), (t1, k1, f1) = _pair(e, REWRITE, num_predict=24, seed=5)
+        assert k1 == k0 and t1 == t0
+        assert f1.draft_proposed > 0 and 0 <= f1.draft_accepted <= f1.draft_proposed
+
+
+def test_a_draft_model_with_another_vocabulary_is_refused(default_model_path, tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from tiny_model import write_tiny_llama
+
+    from runner.engine import Engine, EngineConfig
+    from runner.gguf import read_gguf
+    from runner.requests import BadRequest
+
+    tokens = list(read_gguf(default_model_path).fields["tokenizer.ggml.tokens"].value)
+    tokens[1000] = "zzzz-not-in-the-model"
+    other = str(write_tiny_llama(tmp_path / "other.gguf", n_layer=1,
+                                 tokenizer_replace={"tokenizer.ggml.tokens": tokens}))
+    with pytest.raises(BadRequest, match="token 1000 is '\\(\\)' in the model and "
+                                         "'zzzz-not-in-the-model' in the draft"):
+        Engine(EngineConfig(default_model_path, n_ctx=512, n_threads=2, draft_model=other))
+    with pytest.raises(BadRequest):
+        Engine(EngineConfig(default_model_path, n_ctx=512, n_threads=2,
+                            draft_model=str(tmp_path / "missing.gguf")))
