@@ -171,6 +171,8 @@ cdef extern from "llama.h" nogil:
     bint llama_model_has_decoder(const llama_model * model)
     bint llama_model_is_recurrent(const llama_model * model)
     bint llama_model_is_hybrid(const llama_model * model)
+    uint32_t llama_model_n_cls_out(const llama_model * model)
+    const char * llama_model_cls_label(const llama_model * model, uint32_t i)
 
     # -- LoRA ----------------------------------------------------------------
     llama_adapter_lora * llama_adapter_lora_init(llama_model * model, const char * path_lora)
@@ -229,8 +231,10 @@ cdef extern from "llama.h" nogil:
     llama_token llama_vocab_eot(const llama_vocab * vocab)
     llama_token llama_vocab_nl(const llama_vocab * vocab)
     llama_token llama_vocab_pad(const llama_vocab * vocab)
+    llama_token llama_vocab_sep(const llama_vocab * vocab)
     bint llama_vocab_get_add_bos(const llama_vocab * vocab)
     bint llama_vocab_get_add_eos(const llama_vocab * vocab)
+    bint llama_vocab_get_add_sep(const llama_vocab * vocab)
     int32_t llama_tokenize(const llama_vocab * vocab, const char * text, int32_t text_len,
                            llama_token * tokens, int32_t n_tokens_max,
                            bint add_special, bint parse_special)

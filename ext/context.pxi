@@ -232,12 +232,17 @@ cdef class Context:
         return _float_array(p, self.n_embd, self)
 
     def embeddings_seq(self, llama_seq_id seq_id):
-        """Pooled embedding of a sequence as a float32[n_embd] view."""
+        """Pooled embedding of a sequence as a float32 view: n_embd values, or
+        under rank pooling the model's n_cls_out scores (llama.cpp keeps only
+        those for the sequence)."""
         self._check()
         cdef float * p = llama_get_embeddings_seq(self.ptr, seq_id)
         if p == NULL:
             raise IndexError(f"no pooled embeddings for sequence {seq_id}")
-        return _float_array(p, self.n_embd, self)
+        cdef int32_t n = self.n_embd
+        if llama_get_pooling_type(self.ptr) == LLAMA_POOLING_TYPE_RANK:
+            n = llama_model_n_cls_out(self.model.ptr)
+        return _float_array(p, n, self)
 
     # -- KV memory -------------------------------------------------------
     cdef inline int _check_seq(self, llama_seq_id seq) except -1:

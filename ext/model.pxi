@@ -264,6 +264,21 @@ cdef class Model:
         self._check()
         return bool(llama_model_is_recurrent(self.ptr) or llama_model_is_hybrid(self.ptr))
 
+    @property
+    def n_cls_out(self):
+        """Classifier outputs of a reranker / classifier head (1 unless the
+        GGUF lists labels); the length of a sequence's score under rank pooling."""
+        self._check()
+        return llama_model_n_cls_out(self.ptr)
+
+    def cls_label(self, uint32_t i):
+        """The label of classifier output ``i``, or None when the GGUF names none."""
+        self._check()
+        if i >= llama_model_n_cls_out(self.ptr):
+            raise IndexError(f"classifier output {i} out of range")
+        cdef const char * label = llama_model_cls_label(self.ptr, i)
+        return None if label == NULL else _str(label)
+
     def chat_template(self, name=None):
         """The model's chat template (Jinja source), or None."""
         self._check()
@@ -339,6 +354,18 @@ cdef class Model:
     def eos(self):
         self._check()
         return llama_vocab_eos(self.vocab)
+
+    @property
+    def add_sep(self):
+        """True when the model joins two texts with SEP (rerankers)."""
+        self._check()
+        return bool(llama_vocab_get_add_sep(self.vocab))
+
+    @property
+    def sep(self):
+        """The separator token (-1: none)."""
+        self._check()
+        return llama_vocab_sep(self.vocab)
 
     @property
     def eot(self):

@@ -50,6 +50,7 @@ from runner.load_checks import ModelFileError, check_model_file
 from runner.media import DEFAULT_CACHE_BYTES, MediaCache, MediaSpan, build_prompt
 from runner.metrics import EngineTotals
 from runner.sampling import logprob_entry, make_sampler
+from runner import lora as lora_sets
 from runner import placement, slotfile
 from runner.scheduler import Scheduler, StepPlan
 from runner.sequence import Sequence
@@ -80,7 +81,7 @@ class EngineConfig:
     type_k: str = "f16"               # K cache type (f16, q8_0, q4_0)
     type_v: str = "f16"               # V cache type
     use_mmap: bool = True             # map the model file instead of reading it
-    lora_paths: tuple = ()            # LoRA adapters applied with scale 1
+    lora_paths: tuple = ()            # LoRA adapters, ids 0.. in order (runner.lora; default scale 1)
     projector_path: str | None = None # multimodal projector (mmproj GGUF) for media inputs
     media_cache_bytes: int = DEFAULT_CACHE_BYTES  # bound on cached media embeddings
     cache_policy: str = "single"      # single | multi (see runner.slots)
@@ -217,10 +218,11 @@ class Engine:
             pooling = None if self.model.meta(f"{self._arch}.pooling_type") else "mean"
             self.ctx = self._make_context(config, pooling)
             self._loras = [_llama.LoraAdapter(self.model, p) for p in config.lora_paths]
+            self.lora_default = lora_sets.default_key(len(self._loras))  # requests without `lora`
             if config.embeddings:  # an embedding runner: no per-request switching
                 self.ctx.set_embeddings(True)
             if self._loras:
-                self.ctx.set_loras([(a, 1.0) for a in self._loras])
+                self.ctx.set_loras([(a, s) for a, s in zip(self._loras, self.lora_default)])
         except BaseException:
             if getattr(self, "ctx", None) is not None:  # a model with an open context will not close
                 self.ctx.close()
@@ -256,10 +258,12 @@ class Engine:
         self._states = _StateKV(self.ctx, self.model)  # per-sequence state copies (loop thread)
         self.host_cache = HostCache(self._states, config.cache_ram_mb << 20)
         self.slots = SlotCache(kv, config.parallel, self.slot_ctx, config.cache_policy,
-                               host=self.host_cache if self.host_cache.enabled else None)
+                               host=self.host_cache if self.host_cache.enabled else None,
+                               base_lora=self.lora_default)
         if isinstance(kv, PositionedKV):
             kv.inputs_of = lambda seq: self.slots.slots[seq].inputs
-        self.executor = Executor(self.ctx, self.model.n_embd_inp, self.mtmd, self.media_cache)
+        self.executor = Executor(self.ctx, self.model.n_embd_inp, self.mtmd, self.media_cache,
+                                 loras=self._loras, lora=self.lora_default)
         self.timings: collections.deque[StepTiming] = collections.deque(maxlen=4096)
         self.totals = EngineTotals()              # running totals (runner.metrics; any thread)
 
@@ -427,12 +431,13 @@ class Engine:
                                    f"of {self.slot_ctx} tokens (n_ctx {self.ctx.n_ctx} / parallel "
                                    f"{self.config.parallel})")
             inputs = truncate_prompt(inputs, self.slot_ctx, options.num_keep)
+        lora_key = lora_sets.resolve(options.lora, len(self._loras))
         sampler = make_sampler(self.model, options, self.slot_ctx,  # grammar errors surface here
                                self.config.native_sampler)
         rid = request.id or f"r{next(self._ids)}"
         handle = Handle(self, rid, on_event)
         seq = Sequence(handle=handle, options=options, inputs=inputs, spans=spans, t_tokenize=t_tok,
-                   t_queued=time.perf_counter(), sampler=sampler)
+                   t_queued=time.perf_counter(), sampler=sampler, lora=lora_key)
         seq.n_predict = options.num_predict if options.num_predict > 0 else 0
         if options.num_predict == 0:
             seq.n_predict = -1  # nothing to generate: finish right after the prompt
@@ -567,6 +572,9 @@ class Engine:
                 "mrope": self.mtmd.uses_mrope},
             "media_cache": self.media_cache.info(),
             "host_cache": self.host_cache.info(),
+            "lora": {"adapters": [{"id": i, "path": a.path, "scale": s}
+                                  for i, (a, s) in enumerate(zip(self._loras, self.lora_default))],
+                     "switches": self.executor.lora_switches},
             "steps": self.step_summary(),
             "totals": self.totals.snapshot(),
             "load_seconds": round(self.load_seconds, 6),
@@ -958,6 +966,7 @@ class Engine:
                     self._embeds.appendleft(job)
                 return
             try:
+                self.executor.use_lora(self.lora_default)
                 job.result = self.executor.embed(job.tokens, slot.id, self.config.embeddings)
                 self.totals.embedded()
                 self.slots.record(slot, job.tokens)
@@ -999,6 +1008,10 @@ class Engine:
         if any(type(t) is not int for t in slot.inputs):
             raise BadRequest(f"slot: slot {slot.id} holds media inputs; only slots of tokens "
                              "can be saved")
+        if slot.lora != self.lora_default:
+            raise BadRequest(f"slot: slot {slot.id} was computed under LoRA scales "
+                             f"{lora_sets.describe(slot.lora)}; only slots of the load's default "
+                             f"adapter set ({lora_sets.describe(self.lora_default)}) can be saved")
         job.tokens = list(slot.inputs)
         job.state = self._states.state_get(slot.id)
 

@@ -25,8 +25,11 @@ class Executor:
     sampled tokens, on one context."""
 
     def __init__(self, ctx: _llama.Context, n_embd_inp: int, mtmd: "_llama.MtmdContext | None",
-                 media_cache: MediaCache):
+                 media_cache: MediaCache, loras: list | None = None, lora: tuple | None = None):
         self.ctx = ctx                        # the context decoded into
+        self.loras = loras or []              # the loaded LoraAdapters, in load order
+        self.lora: tuple | None = lora        # the adapter scales applied to ctx (None: not yet set)
+        self.lora_switches = 0                # times the applied set changed (each a graph reservation)
         self.batch = _llama.Batch(ctx.n_batch)  # token batch, rewritten each step
         self.mtmd = mtmd                      # media encoder (None: text only)
         self.media_cache = media_cache        # embedding rows of media seen before
@@ -52,10 +55,24 @@ class Executor:
         Raises EngineError when the decode failed (the plan's sequences
         fail), after which nothing of the plan is in the KV memory that
         counts: the scheduler records only what :meth:`execute` returned."""
+        self.use_lora(plan.lora)
         if plan.media:
             return self._execute_media(plan)
         self._write(plan)
         return self._decode(self.batch)
+
+    def use_lora(self, key: tuple) -> None:
+        """Apply the adapter set ``key`` (runner.lora.LoraKey) to the context
+        unless it is applied already."""
+        if key == self.lora:
+            return
+        try:
+            self.ctx.set_loras([(a, s) for a, s in zip(self.loras, key) if s != 0.0])
+        except (_llama.LlamaError, ValueError) as exc:
+            raise InternalError(f"applying LoRA adapters failed: {exc}") from None
+        if self.lora is not None:
+            self.lora_switches += 1
+        self.lora = key
 
     def _write(self, plan: StepPlan) -> None:
         batch = self.batch

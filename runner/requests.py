@@ -58,6 +58,8 @@ MAX_SCHEMA_DEPTH = 64                 # nesting of a json_schema (objects and ar
 MAX_TOP_LOGPROBS = 20                 # alternatives reported per token
 MAX_GRAMMAR_NESTING = 256             # parentheses open at once in a grammar
 MAX_DRAFT = 64                        # tokens proposed per step for speculative decoding
+MAX_LORA_ENTRIES = 64                 # entries of one request's lora list
+MAX_LORA_SCALE = 1e6                  # |scale| of an adapter: weights stay finite in float32
 
 
 @dataclass(frozen=True)
@@ -162,6 +164,29 @@ def _check_schema(schema: Any) -> None:
             raise _bad("json_schema", f"at '{where}': {_show(value)} is not JSON data")
 
 
+def _check_lora(value: Any) -> None:
+    """The shape of a ``lora`` option, llama-server's ``[{id, scale}, ...]``
+    (ids are checked against the loaded adapters by runner.lora.resolve)."""
+    if type(value) is not list:
+        raise _bad("lora", f"must be a list of {{id, scale}} maps, got {_show(value)}")
+    if len(value) > MAX_LORA_ENTRIES:
+        raise _bad("lora", f"at most {MAX_LORA_ENTRIES} entries, got {len(value)}")
+    for i, entry in enumerate(value):
+        if type(entry) is not dict:
+            raise _bad("lora", f"item {i} must be a map {{id, scale}}, got {_show(entry)}")
+        unknown = sorted(str(k)[:32] for k in entry if k not in ("id", "scale"))
+        if unknown:
+            raise _bad("lora", f"item {i} has unknown field(s): {', '.join(unknown)}")
+        if type(entry.get("id")) is not int:
+            raise _bad("lora", f"item {i} needs an integer id, got {_show(entry.get('id'))}")
+        scale = entry.get("scale", 0.0)
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise _bad("lora", f"item {i}: scale must be a number, got {_show(scale)}")
+        if not (math.isfinite(scale) and abs(scale) <= MAX_LORA_SCALE):
+            raise _bad("lora", f"item {i}: scale must be finite and within "
+                               f"[-{MAX_LORA_SCALE:g}, {MAX_LORA_SCALE:g}], got {_show(scale)}")
+
+
 # The parts of a GBNF text that can hold a parenthesis without opening a group:
 # comments, string literals and character classes (an unterminated one runs
 # to the end); then the parentheses themselves.
@@ -213,6 +238,7 @@ class CompletionOptions:
     ignore_eos: bool = False         # keep generating past end-of-generation tokens (benchmarks)
     speculative: bool = False        # propose tokens by prompt lookup; the model verifies them (runner.speculative)
     draft_max: int = 16              # most tokens proposed per step when speculative
+    lora: list | None = None         # [{id, scale}]: adapter scales (runner.lora); None: the load's
 
     def validate(self) -> "CompletionOptions":
         """Check every field; raises :class:`BadRequest` naming the first bad one."""
@@ -235,6 +261,8 @@ class CompletionOptions:
             raise _bad("grammar", f"must be a GBNF grammar string, got {_show(self.grammar)}")
         if self.grammar and _grammar_nesting(self.grammar) > MAX_GRAMMAR_NESTING:
             raise _bad("grammar", f"groups nested deeper than {MAX_GRAMMAR_NESTING} levels")
+        if self.lora is not None:
+            _check_lora(self.lora)
         if self.json_schema is not None:
             _check_schema(self.json_schema)
             if self.grammar:

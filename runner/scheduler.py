@@ -21,6 +21,18 @@ generating sequence's token and the prompt chunks, shared evenly among the
 speculating sequences (in rotating order).  A batch full of other sequences'
 work therefore verifies no proposals at all, and a step never grows past
 ``draft_room`` inputs because of them.
+
+LoRA policy: llama.cpp applies adapters to the whole context, so one decode
+runs under one adapter set (runner.lora.LoraKey), and each sequence carries
+its set.  Every step serves one *group* (the sequences of one set): the
+plan holds only that group's entries and names its set (``StepPlan.lora``).
+A group keeps the turn for up to ``lora_turn_steps`` steps while it has
+work, then the turn passes to the next set with work, in the sets' sort
+order, wrapping around; a set alone with work keeps the turn.  So no group
+waits longer than ``lora_turn_steps`` steps per other group with work, and
+the executor switches adapters (which makes llama.cpp reserve its compute
+graph again) at most once per turn.  Admission stays first come first
+served: a queued request takes the next free slot whatever its set.
 """
 
 from __future__ import annotations
@@ -34,6 +46,11 @@ from runner.media import MediaSpan
 from runner.sequence import Sequence
 from runner.slots import NoFreeSlot, SlotCache
 from runner.speculative import NgramLookup
+
+# Steps one adapter set keeps the turn while others wait (see the LoRA policy
+# above): a switch costs one graph reservation, so a turn of several steps
+# keeps that cost small against the decodes it serves.
+LORA_TURN_STEPS = 8
 
 
 @dataclass(slots=True)
@@ -61,6 +78,7 @@ class StepPlan:
     entries: list[Scheduled] = field(default_factory=list)  # batch order
     ended: list[tuple[Sequence, str]] = field(default_factory=list)  # (seq, reason) ended while planning
     media: bool = False    # the one entry is media rows (the media batch), not tokens
+    lora: tuple = ()       # the adapter set every entry runs under (runner.lora.LoraKey)
 
     def n_prompt(self) -> int:
         """Prompt inputs in the plan."""
@@ -82,7 +100,7 @@ class Scheduler:
     def __init__(self, slots: SlotCache, *, n_batch: int, slot_ctx: int, prefill_budget: int,
                  lock: threading.Lock, n_swa: int = 0,
                  pos_min: Callable[[int], int] | None = None, draft_room: int = 32,
-                 draft_model: bool = False):
+                 draft_model: bool = False, lora_turn_steps: int = LORA_TURN_STEPS):
         self.slots = slots                      # the slot cache (and through it the KV memory)
         self.n_batch = n_batch                  # most inputs one decode takes
         self.slot_ctx = slot_ctx                # context of one slot
@@ -96,6 +114,9 @@ class Scheduler:
         self.draft_room = min(draft_room, n_batch)  # proposals fill a step up to this many inputs
         self._draft_rotate = 0                  # first speculating sequence served, advanced each step
         self.draft_model = draft_model          # a draft model proposes (else prompt lookup)
+        self.lora_turn_steps = lora_turn_steps  # steps an adapter set keeps the turn while others wait
+        self.lora: tuple = slots.base_lora      # the adapter set whose turn it is
+        self._turn = 0                          # steps the current set has had in this turn
 
     # -- sequences in and out ---------------------------------------------
 
@@ -128,7 +149,7 @@ class Scheduler:
                     break
                 seq = self.waiting.popleft()
             try:
-                seq.slot, seq.n_cached = self.slots.acquire(seq.inputs)
+                seq.slot, seq.n_cached = self.slots.acquire(seq.inputs, seq.lora)
             except NoFreeSlot:
                 with self.lock:
                     self.waiting.appendleft(seq)
@@ -169,9 +190,10 @@ class Scheduler:
     def schedule(self) -> StepPlan:
         """The next text step: one token per generating sequence first, then
         prompt chunks up to the budget, in rotating order."""
-        plan = StepPlan()
+        group = self._take_turn()
+        plan = StepPlan(lora=group)
         entries = plan.entries
-        for seq in [s for s in self.active if s.next_token is not None]:
+        for seq in [s for s in self.active if s.next_token is not None and s.lora == group]:
             n = len(seq.slot.inputs)
             if n + 1 > self.slot_ctx:
                 if not self._make_room(seq, plan):
@@ -183,7 +205,7 @@ class Scheduler:
         budget = self.n_batch - len(entries)
         if entries:
             budget = min(budget, self.prefill_budget)
-        prefilling = [s for s in self.active if s.prefilling]
+        prefilling = [s for s in self.active if s.prefilling and s.lora == group]
         if prefilling and budget > 0:
             start = self._rotate % len(prefilling)
             self._rotate += 1
@@ -240,6 +262,17 @@ class Scheduler:
         ``n_accepted`` proposals; the rejected ones leave the KV memory."""
         if entry.draft:
             entry.seq.slot.truncate(entry.start + 1 + n_accepted)
+    def _take_turn(self) -> tuple:
+        """The adapter set this step serves (the LoRA policy above)."""
+        groups = {s.lora for s in self.active if s.next_token is not None or s.prefilling}
+        cur = self.lora
+        if not groups or (cur in groups and (len(groups) == 1 or self._turn < self.lora_turn_steps)):
+            self._turn += 1
+            return cur
+        order = sorted(groups)
+        self.lora = next((g for g in order if g > cur), order[0])
+        self._turn = 1
+        return self.lora
 
     def _make_room(self, seq: Sequence, plan: StepPlan) -> bool:
         """The slot is full: shift it, or end the sequence with 'length'."""
@@ -264,8 +297,9 @@ class Scheduler:
         prefilling sequence whose next input is media, or None.  One sequence
         per step, and no more than ``prefill_budget`` rows while others
         generate, as for text; a chunk needing non-causal attention is
-        decoded whole."""
-        waiting = [s for s in self.active if s.prefilling and s.spans]
+        decoded whole.  Only sequences of the adapter set whose turn it is
+        (chosen by the last :meth:`schedule`)."""
+        waiting = [s for s in self.active if s.prefilling and s.spans and s.lora == self.lora]
         if not waiting:
             return None
         start = self._rotate % len(waiting)
@@ -281,7 +315,7 @@ class Scheduler:
             entry = Scheduled(seq, seq.n_sched, n, False, seq.n_sched + n == len(seq.inputs),
                               span=span)
             seq.n_sched += n
-            return StepPlan([entry], media=True)
+            return StepPlan([entry], media=True, lora=self.lora)
         return None
 
     # -- after the decode ---------------------------------------------------

@@ -61,6 +61,7 @@ class Sequence:
     n_proposed: int = 0               # speculative: tokens proposed and decoded for verification
     n_accepted: int = 0               # speculative: of those, accepted
     draft_cap: int = FIRST_CAP        # speculative: most tokens the next proposal may have (runner.speculative.next_cap)
+    lora: tuple = ()                  # adapter scales it runs under (runner.lora.LoraKey)
     shrink_ends: list[int] = field(init=False)  # ends of the spans that give positions back
     shrinks: list[int] = field(init=False)      # positions given back before index i:
                                                 # shrinks[bisect_right(shrink_ends, i)]

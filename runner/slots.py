@@ -32,6 +32,12 @@ With a host tier (:class:`runner.hostcache.HostCache`), a slot about to lose
 inputs to another prompt is saved there first, and :meth:`SlotCache.acquire`
 restores a saved state when it serves a longer prefix than any slot (and the
 copy costs less than evaluating the difference).
+
+LoRA: a slot's KV content depends on the adapter set it was computed under
+(:mod:`runner.lora`), recorded as ``Slot.lora``.  A prefix is reused, forked
+or restored only for a prompt of the same set; a slot lent to another set is
+cleared first.  The host tier and slot files hold only prefixes computed
+under the load's default set (``base_lora``).
 """
 
 from __future__ import annotations
@@ -223,6 +229,7 @@ class Slot:
     in_use: bool = False  # borrowed by a request between acquire() and release()
     last_used: int = 0  # logical clock of the last acquire/release; larger = more recent
     cached: bool = True  # False while lent by acquire_uncached(): emptied on release
+    lora: tuple = ()  # adapter scales the KV content was computed under (runner.lora.LoraKey)
 
     def truncate(self, n: int) -> int:
         """Forget every input from position ``n`` on; return how many remain.
@@ -277,7 +284,8 @@ class SlotCache:
     """
 
     def __init__(self, backend: KVBackend, n_slots: int, slot_ctx: int,
-                 policy: Policy = "single", host: HostCache | None = None) -> None:
+                 policy: Policy = "single", host: HostCache | None = None,
+                 base_lora: tuple = ()) -> None:
         if n_slots < 1:
             raise ValueError(f"n_slots must be at least 1, got {n_slots}")
         if slot_ctx < 2:
@@ -290,6 +298,9 @@ class SlotCache:
         self.slots = [Slot(i, backend) for i in range(n_slots)]  # index == sequence id
         self._clock = 0  # logical time source for Slot.last_used
         self.host = host  # host-memory tier saving and restoring slot states (None: none)
+        self.base_lora = base_lora  # the load's default adapter set: the only one the host tier keeps
+        for s in self.slots:
+            s.lora = base_lora
 
     # -- lending ----------------------------------------------------------
 
@@ -298,8 +309,10 @@ class SlotCache:
         """Number of slots not in use."""
         return sum(not s.in_use for s in self.slots)
 
-    def acquire(self, prompt: Sequence[Hashable]) -> tuple[Slot, int]:
-        """Lend a slot for ``prompt``; return ``(slot, n_cached)``.
+    def acquire(self, prompt: Sequence[Hashable], lora: tuple | None = None) -> tuple[Slot, int]:
+        """Lend a slot for ``prompt`` computed under adapter set ``lora``
+        (None: ``base_lora``); return ``(slot, n_cached)``.  Only slots of
+        the same set offer a prefix.
 
         On return ``slot.inputs == list(prompt[:n_cached])`` and the KV holds
         exactly that, so the engine evaluates ``prompt[n_cached:]``, which is
@@ -318,10 +331,11 @@ class SlotCache:
         if not free:
             raise NoFreeSlot(f"all {len(self.slots)} slots are in use")
         limit = len(prompt) - 1  # at least one input must remain to evaluate
-        slot, src, n_cached = self._plan(free, prompt, limit)
-        restored = self._restore(free, prompt, limit, n_cached)
+        lora = self.base_lora if lora is None else lora
+        slot, src, n_cached = self._plan(free, prompt, limit, lora)
+        restored = self._restore(free, prompt, limit, n_cached) if lora == self.base_lora else None
         if restored is _REFUSED:  # the target slot was emptied: choose again
-            slot, src, n_cached = self._plan(free, prompt, limit)
+            slot, src, n_cached = self._plan(free, prompt, limit, lora)
         elif restored is not None:
             slot, n_cached = restored
         if restored is None or restored is _REFUSED:
@@ -331,6 +345,7 @@ class SlotCache:
                 self._save(slot, n_cached)
             if slot.truncate(n_cached) < n_cached:
                 n_cached = 0  # the memory refused a partial removal; the slot was cleared
+        slot.lora = lora
         self._lend(slot, cached=True)
         return slot, n_cached
 
@@ -346,6 +361,7 @@ class SlotCache:
         slot = min(free, key=lambda s: (bool(s.inputs), s.last_used))
         self._save(slot, 0)
         slot._clear()
+        slot.lora = self.base_lora
         self._lend(slot, cached=False)
         return slot
 
@@ -391,6 +407,7 @@ class SlotCache:
             raise ValueError(f"slot {slot.id} is in use")
         self._save(slot, 0)
         slot._clear()
+        slot.lora = self.base_lora  # slot files hold prefixes of the default set
         if not set_state():
             slot.inputs.clear()  # the memory emptied the sequence
             return False
@@ -439,36 +456,37 @@ class SlotCache:
     # -- internals --------------------------------------------------------
 
     def _pick_longest(self, free: list[Slot], prompt: Sequence[Hashable],
-                      limit: int) -> tuple[Slot, int]:
+                      limit: int, lora: tuple) -> tuple[Slot, int]:
         """'single' policy: most reusable prefix, then nothing lost, then LRU."""
         def rank(s: Slot) -> tuple[int, bool, int]:
-            n = reusable_prefix(s.inputs, prompt, limit)
+            n = reusable_prefix(s.inputs, prompt, limit) if s.lora == lora else 0
             return (-n, len(s.inputs) > n, s.last_used)
 
         chosen = min(free, key=rank)
         return chosen, -rank(chosen)[0]
 
     def _plan(self, free: list[Slot], prompt: Sequence[Hashable],
-              limit: int) -> tuple[Slot, Slot, int]:
+              limit: int, lora: tuple) -> tuple[Slot, Slot, int]:
         """``(slot, source, n)``: lend ``slot`` holding ``prompt[:n]``,
         forked from ``source`` when that is another slot."""
         if self.policy == "single":
-            slot, n = self._pick_longest(free, prompt, limit)
+            slot, n = self._pick_longest(free, prompt, limit, lora)
             return slot, slot, n
-        return self._pick_multi(free, prompt, limit)
+        return self._pick_multi(free, prompt, limit, lora)
 
     def _pick_multi(self, free: list[Slot], prompt: Sequence[Hashable],
-                    limit: int) -> tuple[Slot, Slot, int]:
+                    limit: int, lora: tuple) -> tuple[Slot, Slot, int]:
         """'multi' policy: exact-prefix free slot or LRU victim, with the slot to fork from."""
-        exact = [s for s in free if common_prefix(s.inputs, prompt) == len(s.inputs)]
+        exact = [s for s in free if not s.inputs
+                 or (s.lora == lora and common_prefix(s.inputs, prompt) == len(s.inputs))]
         if exact:
             dst = min(exact, key=lambda s: (-len(s.inputs), s.last_used))
         else:
             dst = min(free, key=lambda s: s.last_used)
-        n_dst = reusable_prefix(dst.inputs, prompt, limit)
+        n_dst = reusable_prefix(dst.inputs, prompt, limit) if dst.lora == lora else 0
         src, n_src = dst, n_dst
         for s in self.slots:
-            n = reusable_prefix(s.inputs, prompt, limit)
+            n = reusable_prefix(s.inputs, prompt, limit) if s.lora == lora else 0
             if s is not dst and n > n_src:
                 src, n_src = s, n
         return dst, src, n_src
@@ -484,8 +502,8 @@ class SlotCache:
 
     def _save(self, slot: Slot, keep: int) -> None:
         """Copy ``slot`` to the host tier if it is about to lose inputs
-        (it keeps only its first ``keep``)."""
-        if self.host is not None and len(slot.inputs) > keep:
+        (it keeps only its first ``keep``) and holds the default adapter set's KV."""
+        if self.host is not None and len(slot.inputs) > keep and slot.lora == self.base_lora:
             self.host.save(slot.id, slot.inputs)
 
     def _restore(self, free: list[Slot], prompt: Sequence[Hashable], limit: int,

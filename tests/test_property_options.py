@@ -176,6 +176,12 @@ FIELDS: dict[str, Field] = {
     "shift": Field(st.booleans(), st.one_of(st.integers(0, 1), st.just("true"))),
     "ignore_eos": Field(st.booleans(), st.one_of(st.integers(0, 1), st.just([]))),
     "speculative": Field(st.booleans(), st.one_of(st.integers(0, 1), st.just("on"))),
+    # This runner loads no adapter: only the empty list is valid; any id is refused.
+    "lora": Field(st.just([]), st.one_of(
+        st.lists(st.fixed_dictionaries({"id": st.integers(-2, 3), "scale": st.floats(-2, 2)}),
+                 min_size=1, max_size=3),
+        st.just({"id": 0}), st.just([{"id": "0"}]), st.just([{"id": 0, "scale": math.inf}]),
+        st.just([{"id": 0, "x": 1}]), st.just("0:1"))),
 }
 UNKNOWN_NAMES = ["Temperature", "no_such_option", "format", "num_ctx", "", "stop "]
 

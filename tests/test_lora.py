@@ -1,0 +1,140 @@
+"""LoRA on the real extension: the benchmarks' tiny llama with two tiny random
+adapters written by tests/lora_models.py.  Greedy text is the observable:
+an adapter at scale 1 changes it, scale 0 gives the base model's, and
+requests of different adapter sets in flight at once each get what they get
+alone (the scheduler never mixes sets in one decode, runner.scheduler)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from runner.engine import Engine, EngineConfig
+from runner.requests import BadRequest, CompletionOptions, CompletionRequest
+
+from lora_models import write_lora
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from tiny_model import write_tiny_llama  # noqa: E402
+
+pytestmark = pytest.mark.model
+
+N = 24  # tokens per completion
+PROMPTS = ["The capital of France is", "Once upon a time, 🐉 und Drachen", "def f(x):\n    return"]
+
+
+def greedy(lora=None, **kw):
+    opts = dict(temperature=0.0, repeat_penalty=1.0, num_predict=N, ignore_eos=True, **kw)
+    if lora is not None:
+        opts["lora"] = lora
+    return opts
+
+
+A = [{"id": 0, "scale": 1.0}]          # adapter 0 alone
+B = [{"id": 1, "scale": 1.0}]          # adapter 1 alone
+A_HALF = [{"id": 0, "scale": 0.5}]
+BASE = [{"id": 0, "scale": 0.0}]       # every adapter at 0: the base model
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("lora")
+    model = write_tiny_llama(d / "tiny.gguf")
+    return model, write_lora(model, d / "a.gguf", seed=1), write_lora(model, d / "b.gguf", seed=2)
+
+
+@pytest.fixture(scope="module")
+def base_engine(files):
+    e = Engine(EngineConfig(str(files[0]), n_ctx=1024, parallel=2, n_threads=2))
+    yield e
+    e.close()
+
+
+@pytest.fixture(scope="module")
+def engine(files):
+    e = Engine(EngineConfig(str(files[0]), n_ctx=2048, parallel=4, n_threads=2,
+                            lora_paths=(str(files[1]), str(files[2]))))
+    yield e
+    e.close()
+
+
+def text(engine, prompt, **options):
+    out, final = engine.complete(prompt, **options)
+    assert final.done_reason == "length", final
+    return out
+
+
+def test_scale_zero_is_the_base_model_and_a_scale_changes_it(engine, base_engine):
+    for prompt in PROMPTS:
+        base = text(base_engine, prompt, **greedy())
+        assert text(engine, prompt, **greedy(BASE)) == base
+        assert text(engine, prompt, **greedy([{"id": 0, "scale": 0.0}, {"id": 1, "scale": 0.0}])) == base
+        with_a = text(engine, prompt, **greedy(A))
+        with_b = text(engine, prompt, **greedy(B))
+        assert with_a != base and with_b != base and with_a != with_b
+        assert text(engine, prompt, **greedy(A_HALF)) not in (base, with_a)
+
+
+def test_no_option_runs_every_adapter_at_scale_one(engine):
+    both = [{"id": 0, "scale": 1.0}, {"id": 1, "scale": 1.0}]
+    for prompt in PROMPTS:
+        assert text(engine, prompt, **greedy()) == text(engine, prompt, **greedy(both))
+        assert text(engine, prompt, **greedy([])) == text(engine, prompt, **greedy(both))
+
+
+def test_sets_in_flight_at_once_each_equal_their_solo_runs(engine):
+    sets = [A, B, BASE, A_HALF, None]
+    solo = {(p, i): text(engine, p, **greedy(s)) for p in PROMPTS[:2] for i, s in enumerate(sets)}
+    switches = engine.info()["lora"]["switches"]
+    handles = {(p, i): engine.submit(CompletionRequest(p, CompletionOptions.from_dict(greedy(s))))
+               for p in PROMPTS[:2] for i, s in enumerate(sets)}  # 10 requests, 4 slots
+    for key, h in handles.items():
+        out, final = h.result()
+        assert final.done_reason == "length"
+        assert out == solo[key], key
+    assert engine.info()["lora"]["switches"] > switches  # the sets did take turns
+
+
+def test_a_cached_prefix_serves_only_its_own_set(files):
+    """One slot, adapter 0 loaded (default set: scale 1).  A prefix computed
+    under one set is never reused under another; the host tier keeps (and
+    restores) only the default set's prefixes."""
+    e = Engine(EngineConfig(str(files[0]), n_ctx=512, parallel=1, n_threads=2,
+                            lora_paths=(str(files[1]),)))
+    try:
+        prompt = PROMPTS[0] * 4
+
+        def run(lora):
+            out, final = e.complete(prompt, **greedy(lora))
+            return out, final.cached_count
+
+        half, cached = run(A_HALF)
+        assert cached == 0
+        base, cached = run(BASE)
+        assert cached == 0
+        assert run(BASE) == (base, len(e.tokenize(prompt, add_special=True)) - 1)  # the slot serves it
+        assert run(A_HALF) == (half, 0)        # BASE's slot does not; nothing kept for A_HALF
+        default, cached = run(None)
+        assert cached == 0 and default not in (base, half)
+        assert run(BASE) == (base, 0)
+        assert run(None) == (default, len(e.tokenize(prompt, add_special=True)) - 1)  # from the host tier
+    finally:
+        e.close()
+
+
+def test_bad_lora_options_fail_the_request_only(engine, base_engine):
+    with pytest.raises(BadRequest, match=r"invalid option lora: no adapter with id 2 is loaded \(loaded: ids 0..1\)"):
+        engine.complete("x", **greedy([{"id": 2, "scale": 1.0}]))
+    with pytest.raises(BadRequest, match=r"no adapter with id 0 is loaded \(loaded: none\)"):
+        base_engine.complete("x", **greedy(A))
+    with pytest.raises(BadRequest, match="invalid option lora: must be a list"):
+        engine.complete("x", **greedy({"id": 0}))
+    assert text(engine, "x", **greedy(A))  # the engine goes on
+
+
+def test_info_lists_the_adapters(engine, files):
+    info = engine.info()["lora"]
+    assert info["adapters"] == [{"id": 0, "path": str(files[1]), "scale": 1.0},
+                                {"id": 1, "path": str(files[2]), "scale": 1.0}]
