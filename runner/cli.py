@@ -261,6 +261,8 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-queue", type=int, default=64, help="requests queued beyond the slots")
     g.add_argument("--embeddings", action="store_true",
                    help="an embedding runner: the context stays in embeddings mode, completions are refused")
+    g.add_argument("--pooling", choices=["none", "mean", "cls", "last", "rank"], default=None,
+                   help="embedding pooling (default: the model's own, mean when it names none; rank: rerankers)")
     g.add_argument("--prefill-budget", type=int, default=256,
                    help="prompt inputs per step while other sequences generate (default 256)")
     g.add_argument("--kv-unified", action="store_true",
@@ -298,7 +300,7 @@ def _load_params(args: argparse.Namespace) -> dict:
         "use_mmap": not args.no_mmap, "lora_paths": args.lora, "projector_path": args.mmproj,
         "media_cache_bytes": args.media_cache_mb << 20, "cache_policy": args.cache_policy, "max_queue": args.max_queue,
         "cache_ram_mb": args.cache_ram_mb, "swa_full": args.swa_full,
-        "embeddings": args.embeddings, "prefill_budget": args.prefill_budget,
+        "embeddings": args.embeddings, "pooling": args.pooling, "prefill_budget": args.prefill_budget,
         "kv_unified": args.kv_unified, "delivery": args.delivery,
         "native_sampler": not args.no_native_sampler, "slot_save_dir": args.slot_save_dir,
         "draft_room": args.draft_room, "draft_model": args.draft_model,
@@ -341,11 +343,25 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     else:
         runner = Runner.spawn(args.model, log_level=args.log_level, **_load_params(args))
     with runner:
-        for text in args.text:
-            result = runner.embed(text, normalize=args.normalize)
-            values = [round(float(v), 6) for v in result.embedding]
+        results = runner.embed_many(args.text, normalize=args.normalize, truncate=args.truncate)
+        for text, result in zip(args.text, results):
+            values = result.embedding.astype(float).round(6).tolist()  # rows under pooling none
             print(json.dumps({"text": text, "tokens": result.prompt_eval_count, "embedding": values}
                              if args.json else values))
+    return 0
+
+
+def _cmd_rerank(args: argparse.Namespace) -> int:
+    from runner.client import Runner
+
+    if args.endpoint:
+        runner = _connect(args)
+    else:
+        runner = Runner.spawn(args.model, log_level=args.log_level, **_load_params(args))
+    with runner:
+        scores = runner.rerank(args.query, args.document, truncate=args.truncate)
+    for i in sorted(range(len(scores)), key=lambda i: -scores[i]):
+        print(json.dumps({"index": i, "score": round(scores[i], 6), "document": args.document[i]}))
     return 0
 
 
@@ -560,10 +576,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("text", nargs="+")
     _add_connect_args(p, "use the runner listening there")
     p.add_argument("--normalize", action="store_true", help="scale to unit length")
+    p.add_argument("--truncate", action="store_true", help="cut texts over the embedding limit")
     p.add_argument("--json", action="store_true", help="objects with text and token count")
     _add_context_args(p)
     _add_load_args(p)
     p.set_defaults(func=_cmd_embed)
+
+    p = sub.add_parser("rerank", help="score documents for a query with a reranker (JSON lines, best first)")
+    _add_model_arg(p)
+    p.add_argument("query")
+    p.add_argument("document", nargs="+")
+    _add_connect_args(p, "use the runner listening there")
+    p.add_argument("--truncate", action="store_true", help="cut pairs over the embedding limit")
+    _add_context_args(p)
+    _add_load_args(p)
+    p.set_defaults(func=_cmd_rerank)
 
     p = sub.add_parser("tokenize", help="print the tokens of a text")
     _add_model_arg(p)

@@ -682,9 +682,20 @@ class AsyncCompletionStream(_StreamBase):
         self.close()
 
 
+def _vector(blob: bytes, reply: P.EmbeddingReply) -> np.ndarray:
+    """One text's float32 values; under pooling none, rows of n_embd (one per token)."""
+    vec = np.frombuffer(blob, dtype="<f4").astype(np.float32)
+    return vec.reshape(-1, reply.n_embd) if reply.pooling == "none" and reply.n_embd else vec
+
+
 def _embedding(reply: P.EmbeddingReply) -> EmbeddingResult:
-    return EmbeddingResult(embedding=np.frombuffer(reply.embedding, dtype="<f4").astype(np.float32),
+    return EmbeddingResult(embedding=_vector(reply.embedding, reply),
                            prompt_eval_count=reply.prompt_eval_count)
+
+
+def _embeddings(reply: P.EmbeddingReply) -> list[EmbeddingResult]:
+    return [EmbeddingResult(embedding=_vector(blob, reply), prompt_eval_count=n)
+            for blob, n in zip(reply.embeddings or [], reply.token_counts or [])]
 
 
 class Runner:
@@ -858,9 +869,22 @@ class Runner:
                      stream._queue.put)
         return stream
 
-    def embed(self, text: str, *, normalize: bool = False,
+    def embed(self, text: str, *, normalize: bool = False, truncate: bool = False,
               timeout: float | None = None) -> EmbeddingResult:
-        return _embedding(self._call({"op": "embedding", "text": text, "normalize": normalize}, timeout))
+        return _embedding(self._call({"op": "embedding", "text": text, "normalize": normalize,
+                                      "truncate": truncate}, timeout))
+
+    def embed_many(self, texts: list[str], *, normalize: bool = False, truncate: bool = False,
+                   timeout: float | None = None) -> list[EmbeddingResult]:
+        """One result per text, in order; the runner batches them into as few decodes as fit."""
+        return _embeddings(self._call({"op": "embedding", "text": list(texts), "normalize": normalize,
+                                       "truncate": truncate}, timeout))
+
+    def rerank(self, query: str, documents: list[str], *, truncate: bool = False,
+               timeout: float | None = None) -> list[float]:
+        """The relevance score of each document for ``query``, in order (a reranker runner)."""
+        return self._call({"op": "rerank", "query": query, "documents": list(documents),
+                           "truncate": truncate}, timeout).scores
 
     def tokenize(self, text: str, *, add_special: bool = False, parse_special: bool = False,
                  timeout: float | None = None) -> list[int]:
@@ -924,10 +948,20 @@ class Runner:
                      stream.sink())
         return stream
 
-    async def aembed(self, text: str, *, normalize: bool = False,
+    async def aembed(self, text: str, *, normalize: bool = False, truncate: bool = False,
                      timeout: float | None = None) -> EmbeddingResult:
         return _embedding(await self._acall({"op": "embedding", "text": text,
-                                             "normalize": normalize}, timeout))
+                                             "normalize": normalize, "truncate": truncate}, timeout))
+
+    async def aembed_many(self, texts: list[str], *, normalize: bool = False, truncate: bool = False,
+                          timeout: float | None = None) -> list[EmbeddingResult]:
+        return _embeddings(await self._acall({"op": "embedding", "text": list(texts),
+                                              "normalize": normalize, "truncate": truncate}, timeout))
+
+    async def arerank(self, query: str, documents: list[str], *, truncate: bool = False,
+                      timeout: float | None = None) -> list[float]:
+        return (await self._acall({"op": "rerank", "query": query, "documents": list(documents),
+                                   "truncate": truncate}, timeout)).scores
 
     async def atokenize(self, text: str, *, add_special: bool = False,
                         parse_special: bool = False, timeout: float | None = None) -> list[int]:

@@ -48,6 +48,7 @@ from runner.executor import Executor
 from runner.hostcache import HostCache
 from runner.load_checks import ModelFileError, check_model_file
 from runner.media import DEFAULT_CACHE_BYTES, MediaCache, MediaSpan, build_prompt
+from runner.rerank import rerank_inputs
 from runner.metrics import EngineTotals
 from runner.sampling import logprob_entry, make_sampler
 from runner import lora as lora_sets
@@ -89,6 +90,7 @@ class EngineConfig:
     swa_full: bool = False            # sliding-window layers keep every position: prefixes stay reusable
     max_queue: int = 64               # requests waiting beyond `parallel` before "busy"
     embeddings: bool = False          # an embedding runner: completions refused, context kept in embeddings mode
+    pooling: str | None = None        # none | mean | cls | last | rank; None: the model's own (mean without one)
     prefill_budget: int = 256         # prompt inputs per step while others generate
     kv_unified: bool = False          # one KV buffer shared by all slots (see _StreamKV)
     delivery: str = "auto"            # thread | inline | auto (see Engine.delivery_mode)
@@ -112,11 +114,14 @@ class StepTiming:
 
 @dataclass(slots=True)
 class EmbeddingJob:
-    """One embedding request, from the caller's thread to the loop and back."""
+    """One embedding or rerank request, from the caller's thread to the loop
+    and back.  The loop decodes its texts a batch at a time, one batch per
+    loop step, so running completions keep their pace."""
 
-    tokens: list[int]                                        # the text's tokens
-    done: threading.Event = field(default_factory=threading.Event)  # set when result or error is
-    result: np.ndarray | None = None                         # the pooled embedding
+    texts: list[list[int]]                                   # each text's tokens
+    results: list = field(default_factory=list)              # per text: its rows (see embed_many); None until decoded
+    n_done: int = 0                                          # texts decoded
+    done: threading.Event = field(default_factory=threading.Event)  # set when results or error are
     error: Exception | None = None                           # why it failed
 
 
@@ -215,8 +220,7 @@ class Engine:
                                   devices=config.devices, use_mmap=config.use_mmap,
                                   progress=progress)
         try:
-            pooling = None if self.model.meta(f"{self._arch}.pooling_type") else "mean"
-            self.ctx = self._make_context(config, pooling)
+            self.ctx = self._make_context(config, self._pooling(config))
             self._loras = [_llama.LoraAdapter(self.model, p) for p in config.lora_paths]
             self.lora_default = lora_sets.default_key(len(self._loras))  # requests without `lora`
             if config.embeddings:  # an embedding runner: no per-request switching
@@ -304,6 +308,26 @@ class Engine:
         if not os.path.isdir(path):
             raise BadRequest(f"slot_save_dir: {path} is not a directory")
         return path, slotfile.model_identity(config.model_path, config.lora_paths)
+
+    def _pooling(self, config: EngineConfig) -> str | None:
+        """The context's pooling: the load's choice, else the model's own
+        (None lets llama.cpp read it), else mean.  Rank needs the classifier
+        head of a reranker (``cls.*`` tensors) or a model that declares it."""
+        declared = self.model.meta(f"{self._arch}.pooling_type")
+        if config.pooling is None:
+            return None if declared else "mean"
+        if config.pooling not in ("none", "mean", "cls", "last", "rank"):
+            raise BadRequest(f"pooling must be none, mean, cls, last or rank, got {config.pooling!r}")
+        if config.pooling == "rank" and declared != str(4) and not self._has_classifier(config):
+            raise BadRequest("pooling 'rank' needs a reranker: this model has no classifier head "
+                             "(cls.* tensors) and does not declare rank pooling")
+        return config.pooling
+
+    @staticmethod
+    def _has_classifier(config: EngineConfig) -> bool:
+        from runner.gguf import read_gguf
+
+        return any(t.name.startswith("cls.") for t in read_gguf(config.model_path).tensors)
 
     def _make_context(self, config: EngineConfig, pooling: str | None) -> _llama.Context:
         """The llama context; ``n_ctx`` 0 takes the model's trained context,
@@ -472,22 +496,74 @@ class Engine:
             self._wake.notify()
         return True
 
-    def embed(self, text: str, normalize: bool = False, timeout: float | None = None) -> EmbeddingResult:
-        """Embedding of ``text`` with the model's pooling (mean for plain LMs)."""
-        data = limits.text_bytes("text", text, InputTooLong)
-        tokens = self.model.tokenize(data, add_special=True, parse_special=False)
-        if not tokens:
-            raise BadRequest("cannot embed empty text")
-        if len(tokens) > min(self.n_batch, self.slot_ctx):
-            raise InputTooLong(f"input of {len(tokens)} tokens exceeds the embedding limit of "
-                               f"{min(self.n_batch, self.slot_ctx)}")
-        job = self._hand_to_loop(self._embeds, EmbeddingJob(tokens), timeout, "embedding")
-        vec = job.result
-        if normalize:
-            norm = float(np.linalg.norm(vec))
-            if norm > 0:
-                vec = vec / norm
-        return EmbeddingResult(embedding=vec, prompt_eval_count=len(tokens))
+    def embed(self, text: str, normalize: bool = False, timeout: float | None = None,
+              truncate: bool = False) -> EmbeddingResult:
+        """Embedding of ``text`` with the context's pooling (see :meth:`embed_many`)."""
+        return self.embed_many([text], normalize, timeout, truncate)[0]
+
+    def embed_many(self, texts: list[str], normalize: bool = False, timeout: float | None = None,
+                   truncate: bool = False) -> list[EmbeddingResult]:
+        """Embeddings of ``texts``, in order, decoded several texts per
+        batch (one sequence each, as many as there are free slots and room
+        in ``n_batch``).  Each result is the pooled vector (n_embd values;
+        under rank pooling the classifier's n_cls_out scores), or under
+        pooling ``none`` one row per token.  ``normalize`` scales each
+        vector (each row) to unit L2 norm.  A text longer than the
+        embedding limit (min(n_batch, slot context)) is refused, or with
+        ``truncate`` cut to its first tokens."""
+        if not texts:
+            raise BadRequest("no text to embed")
+        limits.check_count("texts", len(texts), limits.MAX_EMBED_TEXTS)
+        token_lists = []
+        for i, text in enumerate(texts):
+            data = limits.text_bytes("text", text, InputTooLong)
+            tokens = self.model.tokenize(data, add_special=True, parse_special=False)
+            if not tokens:
+                raise BadRequest("cannot embed empty text" if len(texts) == 1
+                                 else f"cannot embed empty text (text {i})")
+            token_lists.append(self._embedding_tokens(tokens, truncate, i if len(texts) > 1 else None))
+        job = self._hand_to_loop(self._embeds, self._embedding_job(token_lists), timeout, "embedding")
+        out = []
+        for tokens, vec in zip(token_lists, job.results):
+            if normalize and self.ctx.pooling != "rank":
+                norms = np.linalg.norm(vec, axis=-1, keepdims=True)
+                vec = np.divide(vec, norms, out=np.zeros_like(vec), where=norms > 0)
+            out.append(EmbeddingResult(embedding=vec, prompt_eval_count=len(tokens)))
+        return out
+
+    def rerank(self, query: str, documents: list[str], timeout: float | None = None,
+               truncate: bool = False) -> tuple[list[float], int]:
+        """The relevance score of each document for ``query`` (a reranker
+        model, loaded with pooling ``rank``), in the documents' order, and
+        the tokens evaluated.  Each pair is one sequence, formatted as
+        llama-server's /rerank does (runner.rerank)."""
+        if self.ctx.pooling != "rank":
+            raise BadRequest(f"rerank needs a reranker loaded with pooling 'rank'; this runner's "
+                             f"pooling is {self.ctx.pooling!r}")
+        if not documents:
+            raise BadRequest("rerank needs at least one document")
+        limits.check_count("documents", len(documents), limits.MAX_EMBED_TEXTS)
+        q = limits.text_bytes("query", query, InputTooLong)
+        docs = [limits.text_bytes("documents", d, InputTooLong) for d in documents]
+        pairs = [self._embedding_tokens(t, truncate, i) for i, t in
+                 enumerate(rerank_inputs(self.model, q, docs))]
+        job = self._hand_to_loop(self._embeds, self._embedding_job(pairs), timeout, "rerank")
+        return [float(r[0]) for r in job.results], sum(len(t) for t in pairs)
+
+    @staticmethod
+    def _embedding_job(texts: list[list[int]]) -> EmbeddingJob:
+        return EmbeddingJob(texts, [None] * len(texts))
+
+    def _embedding_tokens(self, tokens: list[int], truncate: bool, index: int | None) -> list[int]:
+        """``tokens`` if they fit one embedding decode, else cut (``truncate``) or refused."""
+        limit = min(self.n_batch, self.slot_ctx)
+        if len(tokens) <= limit:
+            return tokens
+        if truncate:
+            return tokens[:limit]
+        which = "" if index is None else f" (text {index})"
+        raise InputTooLong(f"input of {len(tokens)} tokens{which} exceeds the embedding limit of "
+                           f"{limit} (min of n_batch and the slot context); truncate cuts it")
 
     def save_slot(self, slot: int, name: str, timeout: float | None = None) -> SlotFileResult:
         """Write slot ``slot``'s inputs and sequence state to the file ``name``
@@ -952,29 +1028,58 @@ class Engine:
     # -- embeddings -----------------------------------------------------
 
     def _run_embeddings(self) -> None:
-        """Embeddings run alone in a decode of their own, in a slot that
-        neither reuses nor keeps a cached prompt."""
-        while True:
-            with self._lock:
-                if not self._embeds:
-                    return
-                job = self._embeds.popleft()
-            try:
-                slot = self.slots.acquire_uncached()
-            except NoFreeSlot:
-                with self._lock:
-                    self._embeds.appendleft(job)
+        """One decode of the first embedding job's next texts, each in a slot
+        of its own that neither reuses nor keeps a cached prompt; the job
+        stays first until all its texts are done.
+
+        A pooled embedding needs its whole text in one micro-batch, and with
+        one KV stream per slot llama.cpp splits a batch into micro-batches
+        of equal tokens per sequence (``split_equal``), taking consecutive
+        sequence ids together.  So without ``kv_unified`` (and unless the
+        pooling is ``none``) a decode holds texts of one length only, in
+        increasing slot order: consecutive ids then share a micro-batch
+        whole, others get one each."""
+        with self._lock:
+            if not self._embeds:
                 return
-            try:
-                self.executor.use_lora(self.lora_default)
-                job.result = self.executor.embed(job.tokens, slot.id, self.config.embeddings)
-                self.totals.embedded()
-                self.slots.record(slot, job.tokens)
-            except Exception as exc:  # the request fails, the engine goes on
-                job.error = exc if isinstance(exc, EngineError) else InternalError(f"embedding failed: {exc}")
-            finally:
+            job = self._embeds[0]
+        equal = not self.config.kv_unified and self.ctx.pooling != "none"
+        picked, n = [], 0
+        for i, tokens in enumerate(job.texts):
+            if len(picked) == self.slots.n_free:
+                break
+            if job.results[i] is not None or (picked and n + len(tokens) > self.n_batch):
+                continue
+            if equal and picked and len(tokens) != len(job.texts[picked[0]]):
+                continue
+            picked.append(i)
+            n += len(tokens)
+        if not picked:
+            return  # no free slot: the next step tries again
+        slots = []
+        try:
+            for _ in picked:
+                slots.append(self.slots.acquire_uncached())
+            slots.sort(key=lambda slot: slot.id)
+            items = [(job.texts[i], slot.id) for i, slot in zip(picked, slots)]
+            self.executor.use_lora(self.lora_default)
+            for i, rows in zip(picked, self.executor.embed(items, self.config.embeddings)):
+                job.results[i] = rows
+            job.n_done += len(picked)
+            for slot, (tokens, _) in zip(slots, items):
+                self.slots.record(slot, tokens)
+        except Exception as exc:  # the request fails, the engine goes on
+            job.error = exc if isinstance(exc, EngineError) else InternalError(f"embedding failed: {exc}")
+        finally:
+            for slot in slots:
                 self.slots.release(slot)
-                job.done.set()
+        if job.error is None and job.n_done < len(job.texts):
+            return
+        with self._lock:
+            self._embeds.popleft()
+        if job.error is None:
+            self.totals.embedded()
+        job.done.set()
 
     # -- slot files -----------------------------------------------------
 

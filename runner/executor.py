@@ -153,19 +153,33 @@ class Executor:
 
     # -- embeddings -----------------------------------------------------------
 
-    def embed(self, tokens: list[int], seq_id: int, embeddings_runner: bool) -> np.ndarray:
-        """Decode ``tokens`` alone as sequence ``seq_id``, every token an
-        output, and return the pooled embedding."""
+    def embed(self, items: list[tuple[list[int], int]], embeddings_runner: bool) -> list[np.ndarray]:
+        """Decode each ``(tokens, seq_id)`` as a sequence of its own in one
+        batch, every token an output, and return per item a copy of its
+        pooled embedding (float32[n_embd], or the n_cls_out scores under
+        rank pooling), or under pooling ``none`` its token rows
+        (float32[n_tokens, n_embd])."""
         batch = self.batch
         batch.clear()
-        batch.add_tokens(tokens, 0, seq_id, output_last=True)
+        starts = []
+        for tokens, seq_id in items:
+            starts.append(len(batch))
+            batch.add_tokens(tokens, 0, seq_id, output_last=True)
         for i in range(len(batch)):
             batch.set_output(i, True)
+        ctx = self.ctx
+        per_token = ctx.pooling == "none"
         if not embeddings_runner:
-            self.ctx.set_embeddings(True)
+            ctx.set_embeddings(True)
         try:
-            self.ctx.decode(batch)
-            return np.array(self.ctx.embeddings_seq(seq_id), dtype=np.float32)
+            try:
+                ctx.decode(batch)
+            except _llama.DecodeError as exc:  # no KV slot, aborted (closing), or failed
+                raise InternalError(f"embedding decode failed: {exc}") from None
+            if per_token:
+                return [np.array([ctx.embeddings(start + j) for j in range(len(tokens))], dtype=np.float32)
+                        for start, (tokens, _) in zip(starts, items)]
+            return [np.array(ctx.embeddings_seq(seq_id), dtype=np.float32) for _, seq_id in items]
         finally:
             if not embeddings_runner:
-                self.ctx.set_embeddings(False)
+                ctx.set_embeddings(False)

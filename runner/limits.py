@@ -54,3 +54,15 @@ def check_tokens(field: str, n: int, error: type = BadRequest) -> None:
     """A token list's length within MAX_TOKENS."""
     if n > MAX_TOKENS:
         raise error(f"{field} has {n} tokens, over the limit of {MAX_TOKENS}")
+
+
+MAX_EMBED_TEXTS = 2048
+"""Texts in one ``embedding`` request, documents in one ``rerank`` request
+(each text is bounded by the embedding limit, min(n_batch, slot context)
+tokens, and MAX_TEXT_BYTES)."""
+
+
+def check_count(field: str, n: int, limit: int) -> None:
+    """A list's length within ``limit`` (``bad_request`` naming the field)."""
+    if n > limit:
+        raise BadRequest(f"{field} has {n} items, over the limit of {limit}")

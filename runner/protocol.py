@@ -108,7 +108,7 @@ class Load(Request, tag="load"):
     type_k: KVType = "f16"               # KV cache type of keys
     type_v: KVType = "f16"               # KV cache type of values
     use_mmap: bool = True
-    lora_paths: list[str] = []           # LoRA adapters applied at scale 1
+    lora_paths: list[str] = []           # LoRA adapters, ids 0.. in order; requests pick scales (option lora)
     projector_path: str | None = None    # multimodal projector (mmproj) file
     media_cache_bytes: NonNegative = 256 << 20  # bound on cached media embeddings (0: no cache)
     cache_policy: Literal["single", "multi"] = "single"  # slot choice (runner/slots.py)
@@ -116,6 +116,7 @@ class Load(Request, tag="load"):
     swa_full: bool = False               # full-size sliding-window cache: prefixes stay reusable
     max_queue: Count32 = 64              # requests waiting beyond the slots
     embeddings: bool = False             # an embedding runner: completions are refused
+    pooling: Literal["none", "mean", "cls", "last", "rank"] | None = None  # embedding pooling; None: the model's (mean without one)
     prefill_budget: Positive32 = 256     # prompt inputs per step while other sequences generate
     kv_unified: bool = False             # one KV buffer shared by all slots (else one stream per slot)
     delivery: Literal["auto", "thread", "inline"] = "auto"  # where tokens become text and events
@@ -161,9 +162,23 @@ class Chat(Request, tag="chat"):
     batch_chunks: bool = False           # this client reads `chunks` replies (as completion's)
 
 
+EmbedTexts = Annotated[list[str], msgspec.Meta(min_length=1, max_length=limits.MAX_EMBED_TEXTS)]
+
+
 class Embedding(Request, tag="embedding"):
-    text: str
-    normalize: bool = False              # scale to unit L2 norm
+    """Embeddings of one text, or of a list of texts (batched together)."""
+
+    text: str | EmbedTexts               # one text, or several: the reply then carries `embeddings`
+    normalize: bool = False              # scale each vector (each token row) to unit L2 norm
+    truncate: bool = False               # cut a text over the embedding limit instead of failing
+
+
+class Rerank(Request, tag="rerank"):
+    """Relevance scores of documents for a query (a reranker: pooling rank)."""
+
+    query: str
+    documents: EmbedTexts                # scored in this order
+    truncate: bool = False               # cut a pair over the embedding limit instead of failing
 
 
 class Tokenize(Request, tag="tokenize"):
@@ -213,7 +228,7 @@ class Shutdown(Request, tag="shutdown"):
     drain: bool = True
 
 
-REQUEST_TYPES = (Health, Discover, Load, Estimate, Completion, Chat, Embedding, Tokenize, Detokenize,
+REQUEST_TYPES = (Health, Discover, Load, Estimate, Completion, Chat, Embedding, Rerank, Tokenize, Detokenize,
                  Cancel, Info, Metrics, SaveSlot, RestoreSlot, Shutdown)
 OPS = tuple(t.__struct_config__.tag for t in REQUEST_TYPES)
 AnyRequest = Union[REQUEST_TYPES]  # type: ignore[valid-type]
@@ -283,9 +298,18 @@ class LoadReply(Reply, tag="load"):
     state: State                         # "loading" once accepted
 
 
-class EmbeddingReply(Reply, tag="embedding"):
-    embedding: bytes                     # little-endian float32, n_embd of them
-    prompt_eval_count: int               # tokens evaluated
+class EmbeddingReply(Reply, tag="embedding", omit_defaults=True):
+    embedding: bytes                     # the (first) text's: little-endian float32, rows of n_embd
+    prompt_eval_count: int               # tokens evaluated (all texts)
+    embeddings: list[bytes] | None = None  # `text` was a list: each text's, in order
+    token_counts: list[int] | None = None  # `text` was a list: each text's tokens
+    n_embd: int = 0                      # values per row (pooled: one row; pooling none: one per token)
+    pooling: str = ""                    # the runner's pooling: none | mean | cls | last | rank
+
+
+class RerankReply(Reply, tag="rerank"):
+    scores: list[float]                  # one per document, in the request's order
+    prompt_eval_count: int               # tokens evaluated (all pairs)
 
 
 class TokenizeReply(Reply, tag="tokenize"):
@@ -385,7 +409,7 @@ class ShutdownReply(Reply, tag="shutdown"):
     drain: bool
 
 
-REPLY_TYPES = (ErrorReply, ChunkReply, ChunksReply, FinalReply, HealthReply, LoadReply, EmbeddingReply,
+REPLY_TYPES = (ErrorReply, ChunkReply, ChunksReply, FinalReply, HealthReply, LoadReply, EmbeddingReply, RerankReply,
                TokenizeReply, DetokenizeReply, DiscoverReply, EstimateReply, InfoReply, MetricsReply,
                CancelReply, SlotFileReply, ShutdownReply)
 AnyReply = Union[REPLY_TYPES]  # type: ignore[valid-type]

@@ -419,7 +419,7 @@ class Server:
         self._handlers: dict[type, Callable[[bytes, Any, int], None]] = {
             P.Health: self._health, P.Discover: self._discover, P.Load: self._load,
             P.Estimate: self._estimate,
-            P.Completion: self._completion, P.Chat: self._chat, P.Embedding: self._embedding,
+            P.Completion: self._completion, P.Chat: self._chat, P.Embedding: self._embedding, P.Rerank: self._rerank,
             P.Tokenize: self._tokenize, P.Detokenize: self._detokenize, P.Cancel: self._cancel,
             P.Info: self._info, P.Metrics: self._metrics, P.SaveSlot: self._save_slot, P.RestoreSlot: self._restore_slot,
             P.Shutdown: self._shutdown,
@@ -839,10 +839,25 @@ class Server:
         engine = self._ready_engine()
 
         def run(job: Job) -> P.Reply:
-            result = engine.embed(req.text, normalize=req.normalize)
-            vector = np.ascontiguousarray(result.embedding, dtype="<f4")
-            return P.EmbeddingReply(id=req.id, embedding=vector.tobytes(),
-                                    prompt_eval_count=result.prompt_eval_count)
+            many = not isinstance(req.text, str)
+            results = engine.embed_many(req.text if many else [req.text], normalize=req.normalize,
+                                        truncate=req.truncate)
+            blobs = [np.ascontiguousarray(r.embedding, dtype="<f4").tobytes() for r in results]
+            counts = [r.prompt_eval_count for r in results]
+            return P.EmbeddingReply(id=req.id, embedding=blobs[0], prompt_eval_count=sum(counts),
+                                    embeddings=blobs if many else None,
+                                    token_counts=counts if many else None,
+                                    n_embd=int(results[0].embedding.shape[-1]),
+                                    pooling=engine.ctx.pooling)
+
+        self._start_work(peer, req, size, run)
+
+    def _rerank(self, peer: bytes, req: P.Rerank, size: int) -> None:
+        engine = self._ready_engine()
+
+        def run(job: Job) -> P.Reply:
+            scores, n = engine.rerank(req.query, req.documents, truncate=req.truncate)
+            return P.RerankReply(id=req.id, scores=scores, prompt_eval_count=n)
 
         self._start_work(peer, req, size, run)
 
