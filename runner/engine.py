@@ -1028,9 +1028,9 @@ class Engine:
     # -- embeddings -----------------------------------------------------
 
     def _run_embeddings(self) -> None:
-        """One decode of the first embedding job's next texts, each in a slot
-        of its own that neither reuses nor keeps a cached prompt; the job
-        stays first until all its texts are done.
+        """One decode of queued embedding texts, taken from the jobs in
+        arrival order, each in a slot of its own that neither reuses nor
+        keeps a cached prompt; a job is answered once all its texts are.
 
         A pooled embedding needs its whole text in one micro-batch, and with
         one KV stream per slot llama.cpp splits a batch into micro-batches
@@ -1040,20 +1040,21 @@ class Engine:
         increasing slot order: consecutive ids then share a micro-batch
         whole, others get one each."""
         with self._lock:
-            if not self._embeds:
-                return
-            job = self._embeds[0]
+            jobs = list(self._embeds)
         equal = not self.config.kv_unified and self.ctx.pooling != "none"
-        picked, n = [], 0
-        for i, tokens in enumerate(job.texts):
-            if len(picked) == self.slots.n_free:
-                break
-            if job.results[i] is not None or (picked and n + len(tokens) > self.n_batch):
-                continue
-            if equal and picked and len(tokens) != len(job.texts[picked[0]]):
-                continue
-            picked.append(i)
-            n += len(tokens)
+        free = self.slots.n_free
+        picked: list[tuple[EmbeddingJob, int]] = []  # (job, text index)
+        n = 0
+        for job in jobs:
+            for i, tokens in enumerate(job.texts):
+                if len(picked) == free:
+                    break
+                if job.results[i] is not None or (picked and n + len(tokens) > self.n_batch):
+                    continue
+                if equal and picked and len(tokens) != len(picked[0][0].texts[picked[0][1]]):
+                    continue
+                picked.append((job, i))
+                n += len(tokens)
         if not picked:
             return  # no free slot: the next step tries again
         slots = []
@@ -1061,25 +1062,29 @@ class Engine:
             for _ in picked:
                 slots.append(self.slots.acquire_uncached())
             slots.sort(key=lambda slot: slot.id)
-            items = [(job.texts[i], slot.id) for i, slot in zip(picked, slots)]
+            items = [(job.texts[i], slot.id) for (job, i), slot in zip(picked, slots)]
             self.executor.use_lora(self.lora_default)
-            for i, rows in zip(picked, self.executor.embed(items, self.config.embeddings)):
+            for (job, i), rows in zip(picked, self.executor.embed(items, self.config.embeddings)):
                 job.results[i] = rows
-            job.n_done += len(picked)
+                job.n_done += 1
             for slot, (tokens, _) in zip(slots, items):
                 self.slots.record(slot, tokens)
-        except Exception as exc:  # the request fails, the engine goes on
-            job.error = exc if isinstance(exc, EngineError) else InternalError(f"embedding failed: {exc}")
+        except Exception as exc:  # these requests fail, the engine goes on
+            error = exc if isinstance(exc, EngineError) else InternalError(f"embedding failed: {exc}")
+            for job, _ in picked:
+                job.error = error
         finally:
             for slot in slots:
                 self.slots.release(slot)
-        if job.error is None and job.n_done < len(job.texts):
-            return
+        finished = list({id(job): job for job, _ in picked
+                         if job.error is not None or job.n_done == len(job.texts)}.values())
         with self._lock:
-            self._embeds.popleft()
-        if job.error is None:
-            self.totals.embedded()
-        job.done.set()
+            for job in finished:
+                self._embeds.remove(job)
+        for job in finished:
+            if job.error is None:
+                self.totals.embedded()
+            job.done.set()
 
     # -- slot files -----------------------------------------------------
 

@@ -264,8 +264,10 @@ class Scheduler:
             entry.seq.slot.truncate(entry.start + 1 + n_accepted)
     def _take_turn(self) -> tuple:
         """The adapter set this step serves (the LoRA policy above)."""
-        groups = {s.lora for s in self.active if s.next_token is not None or s.prefilling}
         cur = self.lora
+        if not cur:  # no adapters loaded: every key is ()
+            return cur
+        groups = {s.lora for s in self.active if s.next_token is not None or s.prefilling}
         if not groups or (cur in groups and (len(groups) == 1 or self._turn < self.lora_turn_steps)):
             self._turn += 1
             return cur

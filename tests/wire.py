@@ -14,7 +14,7 @@ from typing import Any
 import msgpack
 import zmq
 
-TERMINAL = frozenset({"final", "error", "health", "load", "embedding", "tokenize", "detokenize",
+TERMINAL = frozenset({"final", "error", "health", "load", "embedding", "rerank", "tokenize", "detokenize",
                       "discover", "estimate", "info", "metrics", "cancel", "slot_file",
                       "shutdown"})  # every reply type but "chunk" and "chunks" (tests/test_load_shape.py)
 
