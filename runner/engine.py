@@ -278,6 +278,7 @@ class Engine:
                                    n_swa=self.model.n_swa, pos_min=self.ctx.seq_pos_min,
                                    draft_room=self._draft_room(config),
                                    draft_model=self.drafter is not None)
+        self._switch_cost = lora_sets.SwitchCost()  # adapter switch cost -> the scheduler's turn (loop thread)
         self._embeds: collections.deque[EmbeddingJob] = collections.deque()  # pending embedding jobs
         self._slot_jobs: collections.deque[SlotJob] = collections.deque()  # pending slot saves/restores
         self._by_id: dict[str, Sequence] = {}   # every unfinished request
@@ -650,7 +651,8 @@ class Engine:
             "host_cache": self.host_cache.info(),
             "lora": {"adapters": [{"id": i, "path": a.path, "scale": s}
                                   for i, (a, s) in enumerate(zip(self._loras, self.lora_default))],
-                     "switches": self.executor.lora_switches},
+                     "switches": self.executor.lora_switches,
+                     "turn_steps": self.scheduler.lora_turn_steps},
             "steps": self.step_summary(),
             "totals": self.totals.snapshot(),
             "load_seconds": round(self.load_seconds, 6),
@@ -825,11 +827,15 @@ class Engine:
         idle = t1 - self._last_decode_end if self._last_decode_end else 0.0
         n_tokens = plan.n_inputs()
         n_prompt = plan.n_prompt()
+        switches = self.executor.lora_switches
         decoded = self._execute(plan)
         t2 = time.perf_counter()
         self._last_decode_end = t2
         if not decoded:
             return
+        if self._loras and n_prompt == 0:  # adapter switches: what one costs sets the turn
+            self._switch_cost.note(t2 - t1, self.executor.lora_switches != switches)
+            self.scheduler.lora_turn_steps = self._switch_cost.turn_steps()
         if n_prompt >= 32:  # mostly prompt: the tier's evaluation rate
             self.host_cache.note_eval(n_tokens, t2 - t1)
         n_gen = self._sample(plan)

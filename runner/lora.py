@@ -20,11 +20,13 @@ does.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from runner.requests import BadRequest
 
-__all__ = ["LoraKey", "default_key", "describe", "resolve"]
+__all__ = ["LoraKey", "SwitchCost", "default_key", "describe", "resolve"]
 
 LoraKey = tuple  # tuple[float, ...]: the scale of each loaded adapter, in load order
 
@@ -63,3 +65,46 @@ def describe(key: LoraKey) -> str:
     """A key as people read it: ``base`` or ``0:1, 1:0.5`` (zero scales left out)."""
     parts = [f"{i}:{s:g}" for i, s in enumerate(key) if s != 0.0]
     return ", ".join(parts) if parts else "base"
+
+
+class SwitchCost:
+    """What changing adapter sets costs, measured on the engine's own decodes,
+    and the turn length (runner.scheduler's ``lora_turn_steps``) that keeps
+    that cost near ``overhead`` of a turn's decode time.
+
+    A switch makes llama.cpp reserve its compute graph again in the next
+    decode: a fixed cost that is small beside a slow decode and many times a
+    fast one (benchmarks/bench_lora.py; docs/design.md, "LoRA").  The
+    measure compares generation-only decodes right after a switch with
+    those without one (exponential averages); until both are known the turn
+    is ``min_steps``.  Loop thread only."""
+
+    def __init__(self, min_steps: int = 8, max_steps: int = 64, overhead: float = 0.1,
+                 weight: float = 0.2):
+        self.min_steps = min_steps      # shortest turn (also the turn before any measurement)
+        self.max_steps = max_steps      # longest turn: what another set may wait, per set
+        self.overhead = overhead        # target share of a turn's time spent on its switch
+        self.weight = weight            # weight of the newest decode in the averages
+        self.step_s: float | None = None    # average decode without a switch, seconds
+        self.extra_s: float | None = None   # average extra time of a decode after a switch
+
+    def note(self, seconds: float, switched: bool) -> None:
+        """One generation-only decode took ``seconds``; ``switched``: the
+        adapter set changed just before it."""
+        if not switched:
+            self.step_s = seconds if self.step_s is None else _mix(self.step_s, seconds, self.weight)
+        elif self.step_s is not None:
+            extra = max(0.0, seconds - self.step_s)
+            self.extra_s = extra if self.extra_s is None else _mix(self.extra_s, extra, self.weight)
+
+    def turn_steps(self) -> int:
+        """Steps per turn: enough that one switch costs about ``overhead``
+        of the turn, within [min_steps, max_steps]."""
+        if self.step_s is None or self.extra_s is None or self.step_s <= 0:
+            return self.min_steps
+        need = math.ceil(self.extra_s / (self.overhead * self.step_s) - 1e-9)  # 10.000000001 is 10
+        return max(self.min_steps, min(self.max_steps, need))
+
+
+def _mix(old: float, new: float, weight: float) -> float:
+    return old + weight * (new - old)

@@ -31,7 +31,8 @@ work, then the turn passes to the next set with work, in the sets' sort
 order, wrapping around; a set alone with work keeps the turn.  So no group
 waits longer than ``lora_turn_steps`` steps per other group with work, and
 the executor switches adapters (which makes llama.cpp reserve its compute
-graph again) at most once per turn.  Admission stays first come first
+graph again) at most once per turn.  The engine lengthens the turn when
+that reservation is dear beside a decode (runner.lora.SwitchCost).  Admission stays first come first
 served: a queued request takes the next free slot whatever its set.
 """
 
@@ -48,8 +49,8 @@ from runner.slots import NoFreeSlot, SlotCache
 from runner.speculative import NgramLookup
 
 # Steps one adapter set keeps the turn while others wait (see the LoRA policy
-# above): a switch costs one graph reservation, so a turn of several steps
-# keeps that cost small against the decodes it serves.
+# above), until the engine has measured what a switch costs and sets
+# ``Scheduler.lora_turn_steps`` from it (runner.lora.SwitchCost: 8 to 64).
 LORA_TURN_STEPS = 8
 
 

@@ -249,3 +249,33 @@ def test_the_host_tier_keeps_only_the_default_set():
     assert [e.inputs for e in host.entries()] == [tuple(range(20, 28))]
     assert serve(list(range(20, 30)), A) == 0     # A may not restore BASE's state
     assert serve(list(range(20, 30)), BASE) == 8  # BASE does
+
+
+# -- the turn length from the measured switch cost ---------------------
+
+def test_switch_cost_sets_the_turn():
+    cost = lora.SwitchCost(min_steps=8, max_steps=64, overhead=0.1, weight=1.0)
+    assert cost.turn_steps() == 8                 # nothing measured
+    cost.note(0.010, switched=True)               # a switch before any plain decode: not used
+    assert cost.extra_s is None and cost.turn_steps() == 8
+    cost.note(0.010, switched=False)              # plain decodes: 10 ms
+    assert cost.turn_steps() == 8                 # no switch measured yet
+    cost.note(0.012, switched=True)               # +2 ms: 2 steps would do; at least 8
+    assert cost.turn_steps() == 8
+    cost.note(0.030, switched=True)               # +20 ms: 20 steps keep it at 10%
+    assert cost.turn_steps() == 20
+    cost.note(0.500, switched=True)               # +490 ms: capped
+    assert cost.turn_steps() == 64
+    cost.note(0.005, switched=True)               # faster than a plain decode: extra 0
+    assert cost.extra_s == 0.0 and cost.turn_steps() == 8
+
+
+def test_switch_cost_averages():
+    cost = lora.SwitchCost(weight=0.5)
+    for seconds in (0.010, 0.020):
+        cost.note(seconds, switched=False)
+    assert cost.step_s == pytest.approx(0.015)
+    cost.note(0.035, switched=True)
+    cost.note(0.025, switched=True)
+    assert cost.extra_s == pytest.approx(0.015)   # 0.020, then halfway to 0.010
+    assert cost.turn_steps() == 10
