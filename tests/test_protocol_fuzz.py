@@ -62,6 +62,9 @@ BASE_REQUESTS = [
     {"op": "tokenize", "text": "Hello world", "add_special": True, "parse_special": False},
     {"op": "detokenize", "tokens": [9906, 1917]},
     {"op": "embedding", "text": "Hello", "normalize": True},
+    {"op": "embedding", "text": ["Hello", "wörld 🐉", "x"], "truncate": True},
+    {"op": "rerank", "query": "q", "documents": ["a", "b"]},  # not a reranker: bad_request
+    {"op": "completion", "prompt": "Hi", "options": {"num_predict": 1, "lora": [{"id": 0, "scale": 1}]}},
     {"op": "completion", "prompt": "Hi", "options": {"num_predict": 2, "temperature": 0}},
     {"op": "completion", "prompt": [1, 2, 3], "options": {"num_predict": 1}, "add_special": False},
     {"op": "chat", "messages": [{"role": "user", "content": "Hi"}],
