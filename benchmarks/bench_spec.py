@@ -10,7 +10,11 @@ repeat penalty), each answer up to ``--tokens`` tokens:
   a 4-token lookup and 16-token drafts, the closest to the runner's lookup),
   in the same run on the same prompts; the acceptance each reports;
 * aggregate: B = 1, 4, 8 streams at once (the tasks in turn), generated
-  tokens per wall second of the runner without and with speculation.
+  tokens per wall second of the runner without and with speculation;
+* draft model: the single-stream case again with a draft model instead of
+  prompt lookup: the tiny random-weight model of benchmarks/tiny_model.py
+  (the default vocabulary; it proposes noise, so this measures the cost of
+  drafting and verifying with next to nothing accepted).
 
 Generation rates are the engines' own (eval_count / eval_duration for the
 runner, ``timings.predicted_per_second`` for llama-server).  Every number is
@@ -34,6 +38,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from llama_server import LlamaServer  # noqa: E402
+from tiny_model import write_tiny_llama  # noqa: E402
 
 from runner.engine import Engine, EngineConfig  # noqa: E402
 from runner.models import default_model_path  # noqa: E402
@@ -140,6 +145,17 @@ def run(args: argparse.Namespace) -> dict:
                 results["aggregate"].setdefault(b, {})["on" if spec else "off"] = statistics.median(rates)
     finally:
         engine.close()
+    if not args.no_draft:
+        draft = str(write_tiny_llama())
+        engine = Engine(EngineConfig(model, n_ctx=2048, parallel=1, n_threads=args.threads,
+                                     draft_model=draft))
+        try:
+            for name, prompt in TASKS.items():
+                engine.complete(prompt, **GREEDY, num_predict=1)
+                runs = [runner_stream(engine, prompt, args.tokens, True) for _ in range(args.reps)]
+                results["single"][name]["tiny draft"] = median_row(runs)
+        finally:
+            engine.close()
     if not args.no_server:
         common = ["-m", model, "-c", "2048", "-t", str(args.threads), "-tb", str(args.threads),
                   "-np", "1", "-fa", "auto"]
@@ -162,7 +178,7 @@ def report(results: dict, args: argparse.Namespace) -> str:
     lines.append(head)
     for name, sides in results["single"].items():
         for label, row in sides.items():
-            base = sides.get(label.replace(" on", " off"), row)["rate"]
+            base = sides["server off" if label.startswith("server") else "runner off"]["rate"]
             ratio = row["rate"] / base if base else 0.0
             lines.append(f"{name:22} {label:12} {row['rate']:8.1f} {ratio:7.2f} {row['tokens']:7d} "
                          f"{row['proposed']:9d} {row['accepted']:9d}")
@@ -185,6 +201,7 @@ def main() -> int:
                                             "--spec-ngram-simple-size-m 16",
                    help="llama-server's speculative flags")
     p.add_argument("--no-server", action="store_true", help="skip llama-server")
+    p.add_argument("--no-draft", action="store_true", help="skip the draft model case")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     results = run(args)

@@ -273,8 +273,8 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
                    help="sample every request with llama.cpp's CPU chain instead of the native one")
     g.add_argument("--slot-save-dir", default=None, metavar="DIR",
                    help="directory for 'llama-runner slot save/restore' files (default: those ops are off)")
-    g.add_argument("--draft-room", type=int, default=32,
-                   help="speculative requests' proposals fill a step up to this many inputs (0: never; default 32)")
+    g.add_argument("--draft-room", type=int, default=16,
+                   help="speculative requests' proposals fill a step up to this many inputs (0: never; default 16)")
     g.add_argument("--draft-model", default=None, metavar="GGUF",
                    help="draft model with the model's vocabulary: it proposes for speculative requests "
                         "(default: prompt lookup)")

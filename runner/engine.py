@@ -96,7 +96,7 @@ class EngineConfig:
     delivery: str = "auto"            # thread | inline | auto (see Engine.delivery_mode)
     native_sampler: bool = True       # False: llama.cpp's CPU chain for every request (see _llama.Sampler)
     slot_save_dir: str | None = None  # directory of save_slot/restore_slot files (None: those ops are off)
-    draft_room: int = 32              # speculative proposals fill a step up to this many inputs (0: never)
+    draft_room: int = 16              # speculative proposals fill a step up to this many inputs (0: never)
     draft_model: str | None = None    # GGUF of a draft model with the same vocabulary (None: prompt lookup)
 
 

@@ -100,7 +100,7 @@ class Scheduler:
 
     def __init__(self, slots: SlotCache, *, n_batch: int, slot_ctx: int, prefill_budget: int,
                  lock: threading.Lock, n_swa: int = 0,
-                 pos_min: Callable[[int], int] | None = None, draft_room: int = 32,
+                 pos_min: Callable[[int], int] | None = None, draft_room: int = 16,
                  draft_model: bool = False, lora_turn_steps: int = LORA_TURN_STEPS):
         self.slots = slots                      # the slot cache (and through it the KV memory)
         self.n_batch = n_batch                  # most inputs one decode takes
