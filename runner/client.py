@@ -5,8 +5,9 @@ owns its monitor socket.  Callers, from any thread or event loop, hand it
 encoded requests through a locked deque and a wake-up pipe (an inproc PAIR
 socket would need one socket per calling thread, since it is no more
 thread-safe than the DEALER); it routes every reply by request id to the
-caller's sink (``SimpleQueue.put`` for blocking calls,
-``loop.call_soon_threadsafe`` for asyncio).  A blocking completion that is
+caller's sink (a :class:`runner.handoff.Handoff` for blocking streams, whose
+wake-up runs without the GIL; one ``loop.call_soon_threadsafe`` per burst for
+asyncio).  A blocking completion that is
 the only request in flight receives on its caller's thread instead, under
 the lock that guards the socket (:meth:`_Connection.receive_here`).  When a spawned runner exits, the
 I/O thread sees it through a pidfd and fails every pending call at once with
@@ -39,6 +40,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from runner import protocol as P
 from runner import security
+from runner.handoff import new_handoff
 from runner.requests import BadRequest, Busy, Chunk, EmbeddingResult, Final, InternalError
 
 log = logging.getLogger("runner.client")
@@ -307,7 +309,7 @@ class _Connection:
 
     # -- a blocking caller receiving on its own thread -----------------------------
 
-    def receive_here(self, request_id: Any, replies: queue.SimpleQueue) -> None:
+    def receive_here(self, request_id: Any, replies: Any) -> None:
         """Receive on the calling thread until ``replies`` has an item, while
         ``request_id`` is the only request in flight; otherwise return at once
         and let the caller wait on ``replies`` as usual."""
@@ -318,12 +320,13 @@ class _Connection:
             poller.register(self._direct_wake.read_fd, select.POLLIN)
         wake_fd = self._direct_wake.read_fd
         io = self._io
-        if self._direct == request_id:
-            io.acquire()  # only the I/O thread's turn can hold it up: it is not watching the socket
-        elif len(self._sinks) != 1 or not io.acquire(blocking=False):
-            # Several requests in flight, or the I/O thread is in a turn (it
-            # watches the socket, since _direct is not ours): use the queue.
-            return
+        if len(self._sinks) != 1:
+            return  # several requests in flight: the I/O thread routes them
+        # Only the I/O thread's turn can hold the lock up (it releases it
+        # before it waits).  Waiting for the turn to end matters: the
+        # handoff wakes this thread while the I/O thread is still in the
+        # turn that received its reply.
+        io.acquire()
         try:
             if (self._gone is not None or self._inbox or len(self._sinks) != 1
                     or request_id not in self._sinks):
@@ -608,7 +611,7 @@ class CompletionStream(_StreamBase):
 
     def __init__(self, runner: "Runner", request_id: int) -> None:
         super().__init__(runner, request_id)
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._queue = new_handoff()  # replies, put by the I/O thread (runner.handoff)
 
     def __iter__(self) -> "CompletionStream":
         return self

@@ -29,7 +29,6 @@ import dataclasses
 import itertools
 import logging
 import os
-import queue
 import threading
 import time
 from dataclasses import dataclass, field
@@ -45,6 +44,7 @@ from runner.requests import (
 from runner.delivery import Delivery, SeqEnded, SeqReleased, Shutdown, StepTokens
 from runner.drafter import Drafter
 from runner.executor import Executor
+from runner.handoff import new_handoff
 from runner.hostcache import HostCache
 from runner.load_checks import ModelFileError, check_model_file
 from runner.media import DEFAULT_CACHE_BYTES, MediaCache, MediaSpan, build_prompt
@@ -162,7 +162,7 @@ class Handle:
     def __init__(self, engine: "Engine", request_id: str, sink: Sink | None):
         self.id = request_id              # engine-unique request id
         self._engine = engine
-        self._queue: queue.SimpleQueue | None = None if sink else queue.SimpleQueue()
+        self._queue = None if sink else new_handoff()  # events, when there is no sink
         self._sink = sink or self._queue.put  # called by the delivery thread only
         self.final: Final | None = None   # set once the Final event was delivered
 

@@ -20,6 +20,15 @@ from runner.scheduler import StepPlan
 log = logging.getLogger("runner.engine")
 
 
+def sample_threads() -> int:
+    """Threads that sample a step's rows: every core the process may use (the
+    decode threads are idle meanwhile), or LLAMA_RUNNER_SAMPLE_THREADS."""
+    value = os.environ.get("LLAMA_RUNNER_SAMPLE_THREADS", "")
+    if value.strip().isdigit() and int(value) > 0:
+        return int(value)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 class Executor:
     """Plan -> batch -> decode (halving the batch while no KV slot fits) ->
     sampled tokens, on one context."""
@@ -33,10 +42,7 @@ class Executor:
         self.batch = _llama.Batch(ctx.n_batch)  # token batch, rewritten each step
         self.mtmd = mtmd                      # media encoder (None: text only)
         self.media_cache = media_cache        # embedding rows of media seen before
-        # Threads that sample a step's rows: the decode threads are idle
-        # meanwhile, so every core the process may use.
-        self.sample_threads = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                               else os.cpu_count() or 1)
+        self.sample_threads = sample_threads()  # threads that sample a step's rows
         # Media rows never share a batch with tokens: a batch of their own,
         # with four positions per row for M-RoPE.
         self.media_batch = None if mtmd is None else _llama.Batch(
