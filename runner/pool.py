@@ -44,7 +44,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import msgspec
 
@@ -188,31 +188,35 @@ class RunnerPool:
         are the completion options (``Runner.complete``).
         """
         lease = _wait(self._request(model, keep_alive), timeout, model)
-        try:
-            stream = lease.runner.complete(prompt, add_special=add_special, media=media, **options)
-        except RunnerGone as exc:
-            raise lease.crashed(exc) from exc
-        except BaseException:
-            lease.release()
-            raise
-        return PoolStream(lease, stream)
+        return PoolStream(lease, _start(lease, lease.runner.complete, prompt, add_special=add_special,
+                                        media=media, **options))
 
     async def acomplete(self, model: str, prompt: str | list[int], *, timeout: float | None = None,
                         keep_alive: float | None = None, add_special: bool = True,
                         media: Media = None, **options: Any) -> "AsyncPoolStream":
         """The asyncio flavour of :meth:`complete`: ``async for`` over the result."""
+        lease = await self._alease(model, timeout, keep_alive)
+        return AsyncPoolStream(lease, _start(lease, lease.runner.acomplete, prompt,
+                                             add_special=add_special, media=media, **options))
+
+    def chat(self, model: str, messages: list[dict], *, timeout: float | None = None,
+             keep_alive: float | None = None, **fields: Any) -> "PoolStream":
+        """A chat completion on ``model``'s runner (``Runner.chat``'s fields:
+        tools, add_generation_prompt, ..., and the completion options)."""
+        lease = _wait(self._request(model, keep_alive), timeout, model)
+        return PoolStream(lease, _start(lease, lease.runner.chat, messages, **fields))
+
+    async def achat(self, model: str, messages: list[dict], *, timeout: float | None = None,
+                    keep_alive: float | None = None, **fields: Any) -> "AsyncPoolStream":
+        """The asyncio flavour of :meth:`chat`."""
+        lease = await self._alease(model, timeout, keep_alive)
+        return AsyncPoolStream(lease, _start(lease, lease.runner.achat, messages, **fields))
+
+    async def _alease(self, model: str, timeout: float | None, keep_alive: float | None) -> "Lease":
         future = self._request_known(model, keep_alive)
         if future is None:
             future = await asyncio.to_thread(self._request, model, keep_alive)
-        lease = await _await(future, timeout, model)
-        try:
-            stream = lease.runner.acomplete(prompt, add_special=add_special, media=media, **options)
-        except RunnerGone as exc:
-            raise lease.crashed(exc) from exc
-        except BaseException:
-            lease.release()
-            raise
-        return AsyncPoolStream(lease, stream)
+        return await _await(future, timeout, model)
 
     def hold(self, model: str, *, timeout: float | None = None,
              keep_alive: float | None = None) -> "_Hold":
@@ -762,6 +766,18 @@ def _release_granted(future: concurrent.futures.Future) -> None:
     """A waiter gave up after its lease was granted: give the lease back."""
     if not future.cancelled() and future.exception() is None:
         future.result().release(answered=False)
+
+
+def _start(lease: "Lease", call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Start a request on the leased runner; a failure to start gives the
+    lease back (a runner found dead is reported as a crash)."""
+    try:
+        return call(*args, **kwargs)
+    except RunnerGone as exc:
+        raise lease.crashed(exc) from exc
+    except BaseException:
+        lease.release()
+        raise
 
 
 def _wait(future: concurrent.futures.Future, timeout: float | None, model: str) -> Lease:

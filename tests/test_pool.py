@@ -259,3 +259,26 @@ def test_streams_for_two_models_through_one_runner_slot_all_finish(tiny):
     assert sorted(f.eval_count for f in finals) == sorted([3, 3, 4, 4, 5, 5, 6, 6, 2, 2, 2, 2])
     assert state["queues"] == {"waiting_for_room": [], "waiting_for_load": {}}
     assert all(m.get("in_flight", 0) == 0 for m in state["models"].values())
+
+
+def test_chats_through_the_pool_equal_the_runners_own(default_model_path):
+    """pool.chat / achat are Runner.chat / achat on the leased runner: the
+    same greedy answer, parsed into the final's message; the lease is given
+    back at the end, and a bad chat fails that request only."""
+    model = str(default_model_path)
+    messages = [{"role": "system", "content": "Answer in one short sentence."},
+                {"role": "user", "content": "What is the capital of France? ☕"}]
+    with RunnerPool(load=LOAD) as pool:
+        text, final = pool.chat(model, messages, num_predict=12, temperature=0).text()
+        with pool.hold(model) as runner:
+            want, want_final = runner.chat(messages, num_predict=12, temperature=0).text()
+        assert text == want and final.message == want_final.message
+        assert final.message is not None and final.message.content.strip() == text.strip()
+
+        async def main():
+            return await (await pool.achat(model, messages, num_predict=12, temperature=0)).text()
+
+        assert asyncio.run(main())[0] == want
+        with pytest.raises(BadRequest):
+            pool.chat(model, [{"role": "user", "content": 7}]).text()
+        assert pool.state()["models"][model]["in_flight"] == 0
