@@ -17,6 +17,9 @@ cdef extern from "guard.h" nogil:
     int runner_grammar_allows(llama_sampler * grammar, llama_token token, char * err, size_t err_len)
     llama_sampler * runner_grammar_init(const llama_vocab * vocab, const char * grammar,
                                         const char * root, char * err, size_t err_len)
+    llama_sampler * runner_dry_init(const llama_vocab * vocab, float multiplier, float base,
+                                    int32_t allowed_length, int32_t penalty_last_n,
+                                    const char ** breakers, size_t n_breakers, char * err, size_t err_len)
     int32_t RUNNER_THREW
     int32_t runner_tokenize(const llama_vocab * vocab, const char * text, int32_t text_len,
                             llama_token * tokens, int32_t n_tokens_max, bint add_special,
@@ -48,3 +51,7 @@ cdef extern from "samplerows.h" nogil:
     ctypedef int32_t (*runner_argmax_fn)(const float * x, int32_t n) noexcept nogil
     void runner_sample_rows(runner_fast_sampler ** fasts, const float ** logits, int32_t * toks,
                             int32_t n, int32_t n_vocab, runner_argmax_fn argmax, int32_t n_threads)
+
+# ext/jsonschema.h: llama.cpp's JSON-schema-to-GBNF converter behind a C entry point.
+cdef extern from "jsonschema.h" nogil:
+    char * runner_json_schema_to_grammar(const char * schema, size_t len, char * err, size_t err_len)

@@ -258,6 +258,12 @@ cdef extern from "llama.h" nogil:
     llama_sampler * llama_sampler_init_min_p(float p, size_t min_keep)
     llama_sampler * llama_sampler_init_typical(float p, size_t min_keep)
     llama_sampler * llama_sampler_init_temp(float t)
+    llama_sampler * llama_sampler_init_temp_ext(float t, float delta, float exponent)
+    llama_sampler * llama_sampler_init_xtc(float p, float t, size_t min_keep, uint32_t seed)
+    llama_sampler * llama_sampler_init_top_n_sigma(float n)
+    llama_sampler * llama_sampler_init_mirostat(int32_t n_vocab, uint32_t seed, float tau, float eta,
+                                                int32_t m)
+    llama_sampler * llama_sampler_init_mirostat_v2(uint32_t seed, float tau, float eta)
     llama_sampler * llama_sampler_init_grammar(const llama_vocab * vocab, const char * grammar_str,
                                                const char * grammar_root)
     llama_sampler * llama_sampler_init_penalties(int32_t n_vocab, int32_t penalty_last_n,
@@ -265,5 +271,10 @@ cdef extern from "llama.h" nogil:
                                                  float penalty_present)
     llama_sampler * llama_sampler_init_logit_bias(int32_t n_vocab, int32_t n_logit_bias,
                                                   const llama_logit_bias * logit_bias)
+    llama_sampler * llama_sampler_init_dry(const llama_vocab * vocab, float dry_multiplier, float dry_base,
+                                           int32_t dry_allowed_length, int32_t dry_penalty_last_n,
+                                           const char ** seq_breakers, size_t num_breakers)
+    llama_sampler * llama_sampler_init_adaptive_p(float target, float decay, uint32_t seed)
+    llama_sampler * llama_sampler_init_infill(const llama_vocab * vocab)
     uint32_t llama_sampler_get_seed(const llama_sampler * smpl)
     llama_token llama_sampler_sample(llama_sampler * smpl, llama_context * ctx, int32_t idx)

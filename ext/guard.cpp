@@ -140,6 +140,21 @@ extern "C" llama_sampler * runner_grammar_init(const llama_vocab * vocab, const 
     return nullptr;
 }
 
+extern "C" llama_sampler * runner_dry_init(const llama_vocab * vocab, float multiplier, float base,
+                                           int32_t allowed_length, int32_t penalty_last_n,
+                                           const char ** breakers, size_t n_breakers, char * err,
+                                           size_t err_len) {
+    try {
+        return llama_sampler_init_dry(vocab, multiplier, base, allowed_length, penalty_last_n, breakers,
+                                      n_breakers);
+    } catch (const std::exception & e) {
+        set_error(err, err_len, e.what());
+    } catch (...) {
+        set_error(err, err_len, "unknown C++ exception");
+    }
+    return nullptr;
+}
+
 #define RUNNER_GUARD_VOCAB(call)                       \
     try {                                              \
         return call;                                   \

@@ -43,6 +43,13 @@ int runner_grammar_allows(struct llama_sampler * grammar, llama_token token, cha
 struct llama_sampler * runner_grammar_init(const struct llama_vocab * vocab, const char * grammar,
                                            const char * root, char * err, size_t err_len);
 
+/* llama_sampler_init_dry with exceptions caught (it searches the vocabulary
+ * for the tokens that can spell each sequence breaker): NULL with err set. */
+struct llama_sampler * runner_dry_init(const struct llama_vocab * vocab, float multiplier, float base,
+                                       int32_t allowed_length, int32_t penalty_last_n,
+                                       const char ** breakers, size_t n_breakers, char * err,
+                                       size_t err_len);
+
 /* The vocabulary calls with exceptions caught: llama.cpp's own return value
  * (see llama.h), or INT32_MIN with err set when it threw (a vocabulary that
  * lacks byte tokens makes tokenize throw std::out_of_range, for example). */

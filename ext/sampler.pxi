@@ -82,6 +82,24 @@ cdef class Sampler:
     token raises :class:`NoTokenError`, anything else :class:`SamplerError`;
     the process never aborts.
 
+    ``stages`` replaces the keyword options above with an explicit chain:
+    a sequence of tuples, each a llama.cpp sampler and its parameters, in
+    the order they run, the last one picking the token::
+
+        ("logit_bias", [(token, bias), ...])    # bias may be -inf
+        ("penalties", last_n, repeat, frequency, presence)
+        ("dry", multiplier, base, allowed_length, penalty_last_n, [breaker, ...])
+        ("top_n_sigma", n)      ("top_k", k)      ("typical", p, min_keep)
+        ("top_p", p, min_keep)  ("min_p", p, min_keep)
+        ("xtc", probability, threshold, min_keep)
+        ("temp", t, dynatemp_range, dynatemp_exponent)     ("infill",)
+        picking: ("dist",) ("greedy",) ("mirostat", tau, eta, m)
+                 ("mirostat_v2", tau, eta) ("adaptive_p", target, decay)
+
+    Every stage that draws (xtc, dist, mirostat, adaptive_p) uses ``seed``.
+    The chain never runs natively then; which stages a request gets, and in
+    what order, is decided in runner/sampling.py.
+
     Without a grammar, logit bias or typical-p, and with ``top_k`` in
     1..1024 (or greedy), the chain runs natively (ext/fastsample.cpp) with
     the same stages and the same distribution, but in one pass over the
@@ -105,15 +123,13 @@ cdef class Sampler:
                   int32_t repeat_last_n=64, float repeat_penalty=1.0,
                   float frequency_penalty=0.0, float presence_penalty=0.0,
                   seed=None, grammar=None, str grammar_root="root", logit_bias=None,
-                  bint native=True):
+                  bint native=True, stages=None):
         model._check()
         self.model = model
         self.err[0] = 0
         cdef bytes bgrammar, broot
         cdef const char * cgrammar
         cdef const char * croot
-        cdef llama_logit_bias * biases = NULL
-        cdef Py_ssize_t nb
         if grammar:
             bgrammar = grammar.encode() if isinstance(grammar, str) else bytes(grammar)
             broot = grammar_root.encode()
@@ -127,17 +143,11 @@ cdef class Sampler:
             if self.grammar == NULL:
                 raise GrammarError("invalid GBNF grammar: " + self._grammar_failure(mark))
         self.chain = llama_sampler_chain_init(llama_sampler_chain_default_params())
+        if stages is not None:
+            self._build(list(stages), seed)
+            return
         if logit_bias:
-            nb = len(logit_bias)
-            biases = <llama_logit_bias *> malloc(nb * sizeof(llama_logit_bias))
-            try:
-                for i, (tok, bias) in enumerate(dict(logit_bias).items()):
-                    model._check_token(tok)
-                    biases[i].token = tok
-                    biases[i].bias = bias
-                llama_sampler_chain_add(self.chain, llama_sampler_init_logit_bias(model.n_vocab, <int32_t> nb, biases))
-            finally:
-                free(biases)
+            llama_sampler_chain_add(self.chain, self._logit_bias(dict(logit_bias).items()))
         if repeat_last_n != 0 and (repeat_penalty != 1.0 or frequency_penalty != 0.0 or presence_penalty != 0.0):
             if repeat_penalty <= 0:
                 raise ValueError("repeat_penalty must be > 0")
@@ -171,6 +181,121 @@ cdef class Sampler:
         if plain:  # NULL (llama.cpp's chain) when top_k is out of its range
             self.fast = runner_fast_new(model.n_vocab, temperature, top_k, top_p, min_p, repeat_last_n,
                                         repeat_penalty, frequency_penalty, presence_penalty, self.seed)
+
+    cdef llama_sampler * _logit_bias(self, pairs) except NULL:
+        """A logit-bias stage from (token, bias) pairs."""
+        pairs = list(pairs)
+        cdef Py_ssize_t i, nb = len(pairs)
+        cdef llama_logit_bias * biases = <llama_logit_bias *> malloc(max(nb, 1) * sizeof(llama_logit_bias))
+        if biases == NULL:
+            raise MemoryError()
+        try:
+            for i, (tok, bias) in enumerate(pairs):
+                self.model._check_token(tok)
+                biases[i].token = tok
+                biases[i].bias = bias
+            return llama_sampler_init_logit_bias(self.model.n_vocab, <int32_t> nb, biases)
+        finally:
+            free(biases)
+
+    cdef llama_sampler * _dry(self, float multiplier, float base, int32_t allowed_length,
+                              int32_t penalty_last_n, breakers) except NULL:
+        encoded = [b.encode("utf-8") if isinstance(b, str) else bytes(b) for b in breakers]
+        cdef Py_ssize_t i, n = len(encoded)
+        cdef const char ** cb = <const char **> malloc(max(n, 1) * sizeof(char *))
+        cdef llama_sampler * smpl
+        if cb == NULL:
+            raise MemoryError()
+        try:
+            for i in range(n):
+                if b"\0" in encoded[i]:
+                    raise ValueError("a DRY sequence breaker contains a NUL character")
+                cb[i] = encoded[i]
+            with nogil:  # searches the vocabulary once per breaker
+                smpl = runner_dry_init(self.model.vocab, multiplier, base, allowed_length,
+                                       penalty_last_n, cb, <size_t> n, self.err, sizeof(self.err))
+            if smpl == NULL:
+                raise SamplerError(f"DRY sampler: {self._last_err()}")
+            return smpl
+        finally:
+            free(cb)
+
+    cdef llama_sampler * _stage(self, tuple stage) except NULL:
+        """The llama.cpp sampler for one stage tuple (see the class docstring)."""
+        name, args = stage[0], stage[1:]
+        cdef int32_t n_vocab = self.model.n_vocab
+        if name in ("infill", "dist", "greedy") and args:
+            raise TypeError(f"takes no parameters, got {len(args)}")
+        if name == "logit_bias":
+            (pairs,) = args
+            return self._logit_bias(pairs)
+        if name == "penalties":
+            last_n, repeat, freq, present = args
+            if not repeat > 0:
+                raise ValueError("the repeat penalty must be > 0")
+            return llama_sampler_init_penalties(n_vocab, last_n, repeat, freq, present)
+        if name == "dry":
+            multiplier, base, allowed_length, last_n, breakers = args
+            return self._dry(multiplier, base, allowed_length, last_n, breakers)
+        if name == "top_n_sigma":
+            (n,) = args
+            return llama_sampler_init_top_n_sigma(n)
+        if name == "top_k":
+            (k,) = args
+            return llama_sampler_init_top_k(k)
+        if name == "typical":
+            p, min_keep = args
+            return llama_sampler_init_typical(p, min_keep)
+        if name == "top_p":
+            p, min_keep = args
+            return llama_sampler_init_top_p(p, min_keep)
+        if name == "min_p":
+            p, min_keep = args
+            return llama_sampler_init_min_p(p, min_keep)
+        if name == "xtc":
+            p, t, min_keep = args
+            return llama_sampler_init_xtc(p, t, min_keep, self.seed)
+        if name == "temp":
+            t, delta, exponent = args
+            return llama_sampler_init_temp_ext(t, delta, exponent)
+        if name == "infill":
+            return llama_sampler_init_infill(self.model.vocab)
+        if name == "dist":
+            return llama_sampler_init_dist(self.seed)
+        if name == "greedy":
+            return llama_sampler_init_greedy()
+        if name == "mirostat":
+            tau, eta, m = args
+            if not m > 0:
+                raise ValueError("mirostat's m must be > 0")
+            return llama_sampler_init_mirostat(n_vocab, self.seed, tau, eta, m)
+        if name == "mirostat_v2":
+            tau, eta = args
+            return llama_sampler_init_mirostat_v2(self.seed, tau, eta)
+        if name == "adaptive_p":
+            target, decay = args
+            return llama_sampler_init_adaptive_p(target, decay, self.seed)
+        raise ValueError(f"unknown sampler stage {name!r}")
+
+    cdef int _build(self, list stages, seed) except -1:
+        """Fill the chain from ``stages`` (the explicit form; see the class docstring)."""
+        picking = ("dist", "greedy", "mirostat", "mirostat_v2", "adaptive_p")
+        cdef Py_ssize_t n = len(stages)
+        if n == 0 or stages[n - 1][0] not in picking:
+            raise ValueError(f"the last stage must pick the token (one of {', '.join(picking)})")
+        for stage in stages[:n - 1]:
+            if stage[0] in picking:
+                raise ValueError(f"stage {stage[0]!r} picks the token: it must come last")
+        if seed is None or seed < 0:
+            seed = int.from_bytes(os.urandom(4), "little")
+        self.seed = <uint32_t> (seed & 0xFFFFFFFF)
+        self.greedy = stages[n - 1][0] == "greedy"
+        for stage in stages:
+            try:
+                llama_sampler_chain_add(self.chain, self._stage(tuple(stage)))
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"sampler stage {stage[0]!r}: {exc}") from None
+        return 0
 
     cdef void _free(self) noexcept:
         if self.chain != NULL:

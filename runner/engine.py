@@ -50,7 +50,7 @@ from runner.load_checks import ModelFileError, check_model_file
 from runner.media import DEFAULT_CACHE_BYTES, MediaCache, MediaSpan, build_prompt
 from runner.rerank import rerank_inputs
 from runner.metrics import EngineTotals
-from runner.sampling import logprob_entry, make_sampler
+from runner.sampling import logprob_entry, make_sampler, prompt_tokens_to_accept
 from runner import lora as lora_sets
 from runner import placement, slotfile
 from runner.scheduler import Scheduler, StepPlan
@@ -893,10 +893,11 @@ class Engine:
         """A sequence was admitted into a slot."""
         seq.t_admitted = time.perf_counter()
         self.totals.admitted(seq.t_admitted - seq.t_queued)
-        # The penalties look at the prompt too (the grammar does not: it
-        # constrains the generated text only; see _llama.Sampler).
-        if seq.wants_penalty_history():
-            for tok in seq.inputs[-max(seq.options.repeat_last_n, 0) or None:]:
+        # The penalties and DRY look at the prompt too (the grammar does
+        # not: it constrains the generated text only; see _llama.Sampler).
+        n_seen = prompt_tokens_to_accept(seq.options, self.slot_ctx)
+        if n_seen:
+            for tok in seq.inputs[-n_seen:]:
                 if type(tok) is int:  # media rows are not tokens
                     seq.sampler.accept(tok)
 

@@ -29,6 +29,11 @@ first choice does not satisfy, on the engine's loop thread."""
 MAX_SCHEMA_BYTES = 64 << 10
 """Bytes of a ``json_schema`` written as compact JSON."""
 
+MAX_SCHEMA_REFS = 256
+"""``$ref`` entries in one ``json_schema``: llama.cpp's converter recurses
+into each one it follows, so a long chain of them could exhaust the stack of
+the thread that converts it."""
+
 MAX_SCHEMA_ALTERNATIVES = 1_000
 """Values in one ``enum``, or subschemas in one ``anyOf`` / ``oneOf``, of a
 ``json_schema``: each becomes an alternative the grammar sampler tracks."""

@@ -60,6 +60,37 @@ MAX_GRAMMAR_NESTING = 256             # parentheses open at once in a grammar
 MAX_DRAFT = 64                        # tokens proposed per step for speculative decoding
 MAX_LORA_ENTRIES = 64                 # entries of one request's lora list
 MAX_LORA_SCALE = 1e6                  # |scale| of an adapter: weights stay finite in float32
+MAX_LOGIT_BIAS = 4096                 # entries of a logit_bias
+MAX_DRY_BREAKERS = 64                 # DRY sequence breakers per request
+DRY_BREAKER_BYTES = 40                # llama.cpp uses this many bytes of a breaker
+DEFAULT_DRY_BREAKERS = ("\n", ":", "\"", "*")  # llama-server's dry_sequence_breakers
+
+# The sampler stages a request may order with ``samplers`` (llama-server's
+# names; common/sampling.cpp), each with its one-letter code, and the order
+# they run in by default.
+SAMPLER_STAGES = {"penalties": "e", "dry": "d", "top_n_sigma": "s", "top_k": "k", "typ_p": "y",
+                  "top_p": "p", "min_p": "m", "xtc": "x", "temperature": "t", "infill": "i",
+                  "adaptive_p": "a"}
+DEFAULT_SAMPLERS = ("penalties", "dry", "top_n_sigma", "top_k", "typ_p", "top_p", "min_p", "xtc",
+                    "temperature")
+MAX_SAMPLERS = 32                     # stages in one ``samplers`` list
+
+
+def _sampler_aliases() -> dict[str, str]:
+    """Every spelling llama-server takes for a stage: the name, with '-' for
+    '_' (top-k), without '_' (topk), and nucleus / temp / typ."""
+    names = {}
+    for name in SAMPLER_STAGES:
+        names[name] = name
+        if "_" in name:
+            names[name.replace("_", "-")] = name
+            names[name.replace("_", "")] = name
+    names.update(nucleus="top_p", temp="temperature", typ="typ_p")
+    return names
+
+
+_SAMPLER_NAMES = _sampler_aliases()
+_SAMPLER_CODES = {code: name for name, code in SAMPLER_STAGES.items()}
 
 
 @dataclass(frozen=True)
@@ -112,6 +143,21 @@ _NUMBERS: dict[str, _Number] = {
     "top_logprobs": _Number(int, 0, MAX_TOP_LOGPROBS),
     "num_keep": _Number(int, 0, INT32_MAX),
     "draft_max": _Number(int, 1, MAX_DRAFT),
+    "min_keep": _Number(int, 0, INT32_MAX),
+    "top_n_sigma": _Number(float, -PENALTY_MAX, PENALTY_MAX),
+    "xtc_probability": _Number(float, 0.0, 1.0),
+    "xtc_threshold": _Number(float, 0.0, 1.0),
+    "dynatemp_range": _Number(float, 0.0, PENALTY_MAX),
+    "dynatemp_exponent": _Number(float, 0.0, PENALTY_MAX),
+    "mirostat": _Number(int, 0, 2),
+    "mirostat_tau": _Number(float, 0.0, PENALTY_MAX),
+    "mirostat_eta": _Number(float, 0.0, 1.0),
+    "dry_multiplier": _Number(float, 0.0, PENALTY_MAX),
+    "dry_base": _Number(float, 1.0, PENALTY_MAX),
+    "dry_allowed_length": _Number(int, 0, INT32_MAX),
+    "dry_penalty_last_n": _Number(int, -1, INT32_MAX),
+    "adaptive_target": _Number(float, -PENALTY_MAX, 1.0),
+    "adaptive_decay": _Number(float, 0.0, 0.99),
 }
 _FLAGS = ("logprobs", "truncate", "shift", "ignore_eos", "speculative")
 
@@ -134,6 +180,85 @@ def _show(value: Any) -> str:
     text = repr(value)
     text = text if len(text) <= 40 else text[:37] + "..."
     return f"{type(value).__name__} {text}"
+
+
+def logit_bias_pairs(value: Any) -> list[tuple[int | str, float]]:
+    """A ``logit_bias`` in the shapes llama-server takes, as (token id or
+    text, bias) pairs; a bias of ``false`` bans the token (-inf).
+
+    Shapes: ``[[token, bias], ...]`` where token is an id or a text, or
+    ``{key: bias}`` where a key of decimal digits (or an integer key) is an
+    id and any other key a text.  Texts are tokenized later (each of their
+    tokens gets the bias).  Raises :class:`BadRequest` for anything else,
+    where llama-server would skip the entry silently."""
+    if isinstance(value, dict):
+        items = list(value.items())
+    elif isinstance(value, list):
+        items = []
+        for i, pair in enumerate(value):
+            if type(pair) not in (list, tuple) or len(pair) != 2:
+                raise _bad("logit_bias", f"item {i} must be a [token, bias] pair, got {_show(pair)}")
+            items.append((pair[0], pair[1]))
+    else:
+        raise _bad("logit_bias", "must be a map of tokens to biases or a list of [token, bias] "
+                                 f"pairs, got {_show(value)}")
+    if len(items) > MAX_LOGIT_BIAS:
+        raise _bad("logit_bias", f"at most {MAX_LOGIT_BIAS} entries, got {len(items)}")
+    pairs: list[tuple[int | str, float]] = []
+    for key, bias in items:
+        if type(key) is str and key.isascii() and key.isdigit():
+            key = int(key)
+        if type(key) is int:
+            if not 0 <= key <= INT32_MAX:
+                raise _bad("logit_bias", f"token id {_show(key)} is not a token id")
+        elif type(key) is str:
+            if not key:
+                raise _bad("logit_bias", "a token text must not be empty")
+            if len(key) > MAX_STOP_CHARS:
+                raise _bad("logit_bias", f"a token text has {len(key)} characters; "
+                                         f"at most {MAX_STOP_CHARS}")
+        else:
+            raise _bad("logit_bias", f"a token must be an id or a text, got {_show(key)}")
+        if bias is False:
+            bias = -math.inf
+        elif isinstance(bias, (int, float)) and not isinstance(bias, bool):
+            bias = float(bias)
+            if not -PENALTY_MAX <= bias <= PENALTY_MAX:
+                raise _bad("logit_bias", f"bias of {_show(key)} must be false or within "
+                                         f"[-{_num(PENALTY_MAX)}, {_num(PENALTY_MAX)}], got {_show(bias)}")
+        else:
+            raise _bad("logit_bias", f"bias of {_show(key)} must be a number or false, got {_show(bias)}")
+        pairs.append((key, bias))
+    return pairs
+
+
+def sampler_order(value: Any) -> tuple[str, ...]:
+    """A ``samplers`` value as llama-server takes it -- a list of stage names
+    (any case; ``top-k``, ``topk``, ``nucleus``, ``temp``, ``typ`` spellings
+    too) or a string of one-letter codes (``"edskypmxt"``) -- as canonical
+    names in order.  An unknown name or code is a :class:`BadRequest` (where
+    llama-server would skip it with a warning)."""
+    if type(value) is str:
+        if len(value) > MAX_SAMPLERS:
+            raise _bad("samplers", f"at most {MAX_SAMPLERS} stages, got {len(value)}")
+        unknown = [c for c in value if c not in _SAMPLER_CODES]
+        if unknown:
+            raise _bad("samplers", f"unknown stage code {unknown[0]!r}; codes: "
+                                   f"{''.join(SAMPLER_STAGES.values())}")
+        return tuple(_SAMPLER_CODES[c] for c in value)
+    if type(value) is not list:
+        raise _bad("samplers", f"must be a list of stage names or a string of stage codes, "
+                               f"got {_show(value)}")
+    if len(value) > MAX_SAMPLERS:
+        raise _bad("samplers", f"at most {MAX_SAMPLERS} stages, got {len(value)}")
+    names = []
+    for i, item in enumerate(value):
+        name = _SAMPLER_NAMES.get(item.lower()) if type(item) is str else None
+        if name is None:
+            raise _bad("samplers", f"item {i}: unknown stage {_show(item)}; stages: "
+                                   f"{', '.join(SAMPLER_STAGES)}")
+        names.append(name)
+    return tuple(names)
 
 
 def _check_schema(schema: Any) -> None:
@@ -210,7 +335,9 @@ def _grammar_nesting(grammar: str) -> int:
 
 @dataclass
 class CompletionOptions:
-    """Per-request sampling and stopping options (Ollama's option names).
+    """Per-request sampling and stopping options (Ollama's option names, which
+    are llama-server's where both have one; the stages only llama-server
+    offers under its names).
 
     :meth:`validate` checks every field's type and range; the ranges are in
     ``_NUMBERS`` and documented in docs/protocol.md.
@@ -239,6 +366,26 @@ class CompletionOptions:
     speculative: bool = False        # propose tokens by prompt lookup; the model verifies them (runner.speculative)
     draft_max: int = 16              # most tokens proposed per step when speculative
     lora: list | None = None         # [{id, scale}]: adapter scales (runner.lora); None: the load's
+    # The other stages of llama.cpp's sampler chain, with llama-server's names and meaning
+    # (docs/protocol.md, "Sampling"):
+    min_keep: int = 0                # top_p, min_p, typical_p and xtc keep at least this many
+    top_n_sigma: float = -1.0        # keep logits within n standard deviations of the top; <= 0: off
+    xtc_probability: float = 0.0     # chance that XTC removes the top choices; 0: off
+    xtc_threshold: float = 0.1       # XTC removes choices above this probability; > 0.5: off
+    dynatemp_range: float = 0.0      # temperature varies by entropy within +- this; 0: off
+    dynatemp_exponent: float = 1.0   # how entropy maps to the dynamic temperature
+    mirostat: int = 0                # 1: Mirostat, 2: Mirostat 2.0 (replaces the stages); 0: off
+    mirostat_tau: float = 5.0        # Mirostat's target surprise
+    mirostat_eta: float = 0.1        # Mirostat's learning rate
+    dry_multiplier: float = 0.0      # DRY repetition penalty multiplier; 0: off
+    dry_base: float = 1.75           # DRY penalty base (>= 1)
+    dry_allowed_length: int = 2      # repeats up to this long are not penalised by DRY
+    dry_penalty_last_n: int = 64     # DRY's window; -1 = slot size, 0: off
+    dry_sequence_breakers: list[str] = field(default_factory=lambda: list(DEFAULT_DRY_BREAKERS))  # end a DRY match
+    adaptive_target: float = -1.0    # adaptive-p: pick tokens near this probability; < 0: off
+    adaptive_decay: float = 0.9      # adaptive-p's moving-average decay
+    logit_bias: dict | list | None = None  # token id or text -> bias (false: banned); see logit_bias_pairs
+    samplers: list[str] | str | None = None  # stage order (names or codes); None: DEFAULT_SAMPLERS
 
     def validate(self) -> "CompletionOptions":
         """Check every field; raises :class:`BadRequest` naming the first bad one."""
@@ -257,6 +404,22 @@ class CompletionOptions:
                 raise _bad("stop", f"item {i} must be a non-empty string, got {_show(s)}")
             if len(s) > MAX_STOP_CHARS:
                 raise _bad("stop", f"item {i} has {len(s)} characters; at most {MAX_STOP_CHARS}")
+        breakers = self.dry_sequence_breakers
+        if type(breakers) is not list or not breakers:
+            raise _bad("dry_sequence_breakers", f"must be a non-empty list of strings, got {_show(breakers)}")
+        if len(breakers) > MAX_DRY_BREAKERS:
+            raise _bad("dry_sequence_breakers", f"at most {MAX_DRY_BREAKERS} strings, got {len(breakers)}")
+        for i, s in enumerate(breakers):
+            if type(s) is not str or not s or "\0" in s:
+                raise _bad("dry_sequence_breakers", f"item {i} must be a non-empty string without NUL, "
+                                                    f"got {_show(s)}")
+            if len(s) > MAX_STOP_CHARS:
+                raise _bad("dry_sequence_breakers", f"item {i} has {len(s)} characters; "
+                                                    f"at most {MAX_STOP_CHARS}")
+        if self.logit_bias is not None:
+            logit_bias_pairs(self.logit_bias)
+        if self.samplers is not None:
+            sampler_order(self.samplers)
         if self.grammar is not None and type(self.grammar) is not str:
             raise _bad("grammar", f"must be a GBNF grammar string, got {_show(self.grammar)}")
         if self.grammar and _grammar_nesting(self.grammar) > MAX_GRAMMAR_NESTING:

@@ -6,7 +6,8 @@ import numpy as np
 
 from runner import _llama, limits
 from runner.grammar import JSON_GBNF, json_schema_to_gbnf
-from runner.requests import BadRequest, CompletionOptions
+from runner.requests import (DEFAULT_SAMPLERS, BadRequest, CompletionOptions, logit_bias_pairs,
+                             sampler_order)
 
 
 def grammar_for(options: CompletionOptions) -> str | None:
@@ -22,28 +23,141 @@ def grammar_for(options: CompletionOptions) -> str | None:
     try:
         return json_schema_to_gbnf(options.json_schema)
     except ValueError as exc:
-        raise BadRequest(f"invalid option json_schema: unsupported schema: {exc}") from exc
-    except RecursionError:  # a long $ref chain: the depth check in validate() cannot see it
-        raise BadRequest("invalid option json_schema: references or nesting too deep") from None
+        raise BadRequest(f"invalid option json_schema: {exc}") from exc
+
+
+def _penalties_on(o: CompletionOptions) -> bool:
+    return o.repeat_last_n != 0 and (o.repeat_penalty != 1.0 or o.frequency_penalty != 0.0
+                                     or o.presence_penalty != 0.0)
+
+
+def _dry_on(o: CompletionOptions) -> bool:
+    return o.dry_multiplier != 0.0 and o.dry_penalty_last_n != 0
+
+
+def _xtc_on(o: CompletionOptions) -> bool:
+    return o.xtc_probability > 0.0 and o.xtc_threshold <= 0.5
+
+
+def _window(n: int, slot_ctx: int) -> int:
+    """A penalty window (-1: the slot) capped at the slot: a longer one sees
+    nothing more, and llama.cpp allocates (and zeroes) the whole window up
+    front (2**31 tokens took 8 GiB)."""
+    return slot_ctx if n == -1 else min(n, slot_ctx)
+
+
+def prompt_tokens_to_accept(options: CompletionOptions, slot_ctx: int) -> int:
+    """How many trailing prompt tokens the sampler must see before the first
+    pick: the widest window of a stage that looks back (penalties, DRY), 0
+    when none does.  (The grammar never sees the prompt.)"""
+    n = 0
+    if _penalties_on(options):
+        n = _window(options.repeat_last_n, slot_ctx)
+    if _dry_on(options) and options.mirostat == 0:
+        n = max(n, _window(options.dry_penalty_last_n, slot_ctx))
+    return n
+
+
+def _plain(o: CompletionOptions, order: tuple[str, ...]) -> bool:
+    """Whether the request needs only the stages of the keyword chain
+    (penalties, top-k, top-p, min-p, temperature, draw) in llama-server's
+    default order: then the binding's native chain can serve it."""
+    return (order == DEFAULT_SAMPLERS and o.mirostat == 0 and o.logit_bias is None
+            and not _dry_on(o) and not _xtc_on(o) and o.top_n_sigma <= 0.0
+            and not 0.0 < o.typical_p < 1.0 and o.dynatemp_range == 0.0 and o.min_keep <= 1)
+
+
+def resolve_logit_bias(model: _llama.Model, value) -> list[tuple[int, float]]:
+    """(token id, bias) pairs for a request's ``logit_bias``: texts become
+    every token of their tokenization (no BOS, special-token text kept as
+    text), as in llama-server; an id outside the vocabulary is refused."""
+    out = []
+    for key, bias in logit_bias_pairs(value):
+        if isinstance(key, str):
+            out.extend((tok, bias) for tok in model.tokenize(key))
+        elif key >= model.n_vocab:
+            raise BadRequest(f"invalid option logit_bias: token id {key} is outside the "
+                             f"vocabulary [0, {model.n_vocab})")
+        else:
+            out.append((key, bias))
+    return out
+
+
+def sampler_stages(options: CompletionOptions, slot_ctx: int,
+                   biases: list[tuple[int, float]]) -> list[tuple]:
+    """The explicit chain (see _llama.Sampler's ``stages``) that llama-server
+    builds for these options (common/sampling.cpp): logit bias; then either
+    temperature and Mirostat, or the stages of ``samplers`` in its order
+    followed by the draw (adaptive-p when listed, greedy at temperature <=
+    0).  A stage whose options turn it off is left out, as the native chain
+    and the keyword chain leave it out."""
+    o = options
+    stages: list[tuple] = [("logit_bias", biases)] if biases else []
+    if o.mirostat:
+        stages.append(("temp", o.temperature, 0.0, 1.0))
+        if o.mirostat == 1:
+            stages.append(("mirostat", o.mirostat_tau, o.mirostat_eta, 100))
+        else:
+            stages.append(("mirostat_v2", o.mirostat_tau, o.mirostat_eta))
+        return stages
+    order = DEFAULT_SAMPLERS if o.samplers is None else sampler_order(o.samplers)
+    adaptive = False
+    for name in order:
+        if name == "penalties" and _penalties_on(o):
+            stages.append(("penalties", _window(o.repeat_last_n, slot_ctx), o.repeat_penalty,
+                           o.frequency_penalty, o.presence_penalty))
+        elif name == "dry" and _dry_on(o):
+            stages.append(("dry", o.dry_multiplier, o.dry_base, o.dry_allowed_length,
+                           _window(o.dry_penalty_last_n, slot_ctx), o.dry_sequence_breakers))
+        elif name == "top_n_sigma" and o.top_n_sigma > 0.0:
+            stages.append(("top_n_sigma", o.top_n_sigma))
+        elif name == "top_k" and o.top_k > 0:
+            stages.append(("top_k", o.top_k))
+        elif name == "typ_p" and 0.0 < o.typical_p < 1.0:
+            stages.append(("typical", o.typical_p, o.min_keep))
+        elif name == "top_p" and 0.0 < o.top_p < 1.0:
+            stages.append(("top_p", o.top_p, o.min_keep))
+        elif name == "min_p" and o.min_p > 0.0:
+            stages.append(("min_p", o.min_p, o.min_keep))
+        elif name == "xtc" and _xtc_on(o):
+            stages.append(("xtc", o.xtc_probability, o.xtc_threshold, o.min_keep))
+        elif name == "temperature":
+            stages.append(("temp", o.temperature, o.dynatemp_range, o.dynatemp_exponent))
+        elif name == "infill":
+            stages.append(("infill",))
+        elif name == "adaptive_p":
+            adaptive = True
+    if adaptive:
+        stages.append(("adaptive_p", o.adaptive_target, o.adaptive_decay))
+    elif o.temperature <= 0.0 and o.dynatemp_range == 0.0 and "temperature" in order:
+        stages.append(("greedy",))  # the temperature stage left one token
+    else:
+        stages.append(("dist",))
+    return stages
 
 
 def make_sampler(model: _llama.Model, options: CompletionOptions, slot_ctx: int,
                  native: bool = True) -> _llama.Sampler:
     """Build the sampler chain for one request (``native``: the binding's
     one-pass chain where the options allow it; see _llama.Sampler)."""
-    # A window longer than the slot sees nothing more, and llama.cpp allocates
-    # (and zeroes) the whole window up front: 2**31 tokens took 8 GiB.
-    last_n = slot_ctx if options.repeat_last_n == -1 else min(options.repeat_last_n, slot_ctx)
+    order = DEFAULT_SAMPLERS if options.samplers is None else sampler_order(options.samplers)
+    grammar = grammar_for(options)
+    seed = None if options.seed < 0 else options.seed
     try:
-        return _llama.Sampler(
-            model, temperature=options.temperature, top_k=options.top_k, top_p=options.top_p,
-            min_p=options.min_p, typical_p=options.typical_p, repeat_last_n=last_n,
-            repeat_penalty=options.repeat_penalty, frequency_penalty=options.frequency_penalty,
-            presence_penalty=options.presence_penalty,
-            seed=None if options.seed < 0 else options.seed, grammar=grammar_for(options),
-            native=native)
+        if _plain(options, order):
+            return _llama.Sampler(
+                model, temperature=options.temperature, top_k=options.top_k, top_p=options.top_p,
+                min_p=options.min_p, typical_p=options.typical_p,
+                repeat_last_n=_window(options.repeat_last_n, slot_ctx),
+                repeat_penalty=options.repeat_penalty, frequency_penalty=options.frequency_penalty,
+                presence_penalty=options.presence_penalty, seed=seed, grammar=grammar, native=native)
+        biases = resolve_logit_bias(model, options.logit_bias) if options.logit_bias is not None else []
+        stages = sampler_stages(options, slot_ctx, biases)
+        return _llama.Sampler(model, seed=seed, grammar=grammar, stages=stages)
     except _llama.GrammarError as exc:
         raise BadRequest(f"invalid option grammar: {exc}") from exc
+    except _llama.SamplerError as exc:  # the DRY stage's search of the vocabulary threw
+        raise BadRequest(f"invalid option dry_sequence_breakers: {exc}") from exc
 
 
 def logprob_entry(model: _llama.Model, logits: np.ndarray, token: int, top_n: int) -> dict:

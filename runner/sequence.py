@@ -98,8 +98,3 @@ class Sequence:
         i = bisect.bisect_right(self.spans, pos, key=lambda sp: sp.end)
         return self.spans[i] if i < len(self.spans) else None
 
-    def wants_penalty_history(self) -> bool:
-        """Whether the sampler's penalties look back at the prompt."""
-        o = self.options
-        return bool(o.repeat_last_n) and (o.repeat_penalty != 1.0 or o.frequency_penalty != 0.0
-                                          or o.presence_penalty != 0.0)
