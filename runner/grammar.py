@@ -7,10 +7,11 @@ llama-server applies to ``json_schema``), compiled into the extension: a
 schema constrains the output here exactly as it does there.  What it covers:
 
 * ``type`` (one or a list), ``enum``, ``const``, ``anyOf`` / ``oneOf`` (as
-  alternatives), ``allOf`` (merged), local ``$ref`` (``#/$defs/X``,
-  ``#/definitions/X``; recursive ones too);
-* objects: ``properties`` (in declared order), ``required``,
-  ``additionalProperties`` (false, true or a schema; absent means allowed);
+  alternatives), ``allOf`` (object schemas, merged), local ``$ref``
+  (``#/$defs/X``, ``#/definitions/X``; recursive ones too);
+* objects: ``properties`` (the required ones first, then the others, each
+  group in declared order), ``required``, ``additionalProperties`` (false,
+  true or a schema; absent: none beside ``properties``, any without them);
 * arrays: ``items``, ``prefixItems`` (tuples), ``minItems``, ``maxItems``;
 * strings: ``minLength``, ``maxLength``, ``pattern`` (a regular expression
   anchored with ``^...$``), ``format`` (``date``, ``time``, ``date-time``,
@@ -39,7 +40,8 @@ __all__ = ["JSON_GBNF", "JSON_VALUE_GBNF", "json_schema_to_gbnf"]
 
 
 def json_schema_to_gbnf(schema: dict[str, Any] | bool) -> str:
-    """Return a GBNF grammar (``root`` rule first) accepting instances of ``schema``.
+    """Return a GBNF grammar (rules in name order, ``root`` among them)
+    accepting instances of ``schema``.
 
     Raises ValueError for a schema that is not JSON, one llama.cpp's
     converter refuses, or one over :mod:`runner.limits` (MAX_SCHEMA_BYTES,

@@ -312,16 +312,24 @@ def _check_lora(value: Any) -> None:
                                f"[-{MAX_LORA_SCALE:g}, {MAX_LORA_SCALE:g}], got {_show(scale)}")
 
 
-# The parts of a GBNF text that can hold a parenthesis without opening a group:
-# comments, string literals and character classes (an unterminated one runs
-# to the end); then the parentheses themselves.
-_GBNF_SCAN = re.compile(r'#[^\n]*|"(?:\\.|[^"\\])*"?|\[(?:\\.|[^\]\\])*\]?|[()]', re.S)
+# The parts of a GBNF text that can hold a parenthesis or a brace without
+# being one: comments, string literals and character classes (an unterminated
+# one runs to the end); then the parentheses and the {m,n} repetitions.
+_GBNF_SCAN = re.compile(r'#[^\n]*|"(?:\\.|[^"\\])*"?|\[(?:\\.|[^\]\\])*\]?|[()]'
+                        r'|\{\s*(\d+)\s*,\s*(\d+)\s*\}', re.S)
 
 
-def _grammar_nesting(grammar: str) -> int:
-    """How deeply a GBNF text nests its groups.  llama.cpp's parser recurses
-    once per level, so a deep enough one overflows the thread's stack
-    (20,000 levels did on an 8 MiB stack)."""
+def grammar_problem(grammar: str) -> str | None:
+    """Why llama.cpp's grammar parser must not be given ``grammar``, or None.
+
+    * Groups nested deeper than MAX_GRAMMAR_NESTING: the parser recurses once
+      per level, so a deep enough one overflows the thread's stack (20,000
+      levels did on an 8 MiB stack).
+    * A repetition ``{m,n}`` with n < m: the parser computes n - m unsigned
+      and adds that many rules (llama-grammar.cpp, handle_repetitions), until
+      the process runs out of memory.  A JSON schema whose maxItems or
+      maxLength is below its minimum converts to one.
+    """
     depth = deepest = 0
     for m in _GBNF_SCAN.finditer(grammar):
         token = m.group()
@@ -330,7 +338,11 @@ def _grammar_nesting(grammar: str) -> int:
             deepest = max(deepest, depth)
         elif token == ")":
             depth -= 1
-    return deepest
+        elif m.group(1) is not None and int(m.group(2)) < int(m.group(1)):
+            return f"repetition {token} has a maximum below its minimum"
+    if deepest > MAX_GRAMMAR_NESTING:
+        return f"groups nested deeper than {MAX_GRAMMAR_NESTING} levels"
+    return None
 
 
 @dataclass
@@ -422,8 +434,9 @@ class CompletionOptions:
             sampler_order(self.samplers)
         if self.grammar is not None and type(self.grammar) is not str:
             raise _bad("grammar", f"must be a GBNF grammar string, got {_show(self.grammar)}")
-        if self.grammar and _grammar_nesting(self.grammar) > MAX_GRAMMAR_NESTING:
-            raise _bad("grammar", f"groups nested deeper than {MAX_GRAMMAR_NESTING} levels")
+        problem = grammar_problem(self.grammar) if self.grammar else None
+        if problem:
+            raise _bad("grammar", problem)
         if self.lora is not None:
             _check_lora(self.lora)
         if self.json_schema is not None:

@@ -6,8 +6,8 @@ import numpy as np
 
 from runner import _llama, limits
 from runner.grammar import JSON_GBNF, json_schema_to_gbnf
-from runner.requests import (DEFAULT_SAMPLERS, BadRequest, CompletionOptions, logit_bias_pairs,
-                             sampler_order)
+from runner.requests import (DEFAULT_SAMPLERS, BadRequest, CompletionOptions, grammar_problem,
+                             logit_bias_pairs, sampler_order)
 
 
 def grammar_for(options: CompletionOptions) -> str | None:
@@ -21,9 +21,13 @@ def grammar_for(options: CompletionOptions) -> str | None:
     if not options.json_schema:
         return JSON_GBNF
     try:
-        return json_schema_to_gbnf(options.json_schema)
+        grammar = json_schema_to_gbnf(options.json_schema)
     except ValueError as exc:
         raise BadRequest(f"invalid option json_schema: {exc}") from exc
+    problem = grammar_problem(grammar)
+    if problem:  # e.g. maxItems below minItems
+        raise BadRequest(f"invalid option json_schema: the grammar made from it: {problem}")
+    return grammar
 
 
 def _penalties_on(o: CompletionOptions) -> bool:
@@ -154,8 +158,9 @@ def make_sampler(model: _llama.Model, options: CompletionOptions, slot_ctx: int,
         biases = resolve_logit_bias(model, options.logit_bias) if options.logit_bias is not None else []
         stages = sampler_stages(options, slot_ctx, biases)
         return _llama.Sampler(model, seed=seed, grammar=grammar, stages=stages)
-    except _llama.GrammarError as exc:
-        raise BadRequest(f"invalid option grammar: {exc}") from exc
+    except _llama.GrammarError as exc:  # llama.cpp's parser refused it (a converted schema too)
+        field = "grammar" if options.grammar else "json_schema"
+        raise BadRequest(f"invalid option {field}: {exc}") from exc
     except _llama.SamplerError as exc:  # the DRY stage's search of the vocabulary threw
         raise BadRequest(f"invalid option dry_sequence_breakers: {exc}") from exc
 

@@ -80,7 +80,8 @@ def test_schema_limits_name_the_option(schema, fragment):
 
 def test_schema_at_the_alternatives_limit_converts():
     grammar = json_schema_to_gbnf({"enum": list(range(limits.MAX_SCHEMA_ALTERNATIVES))})
-    assert grammar.count(" | ") == limits.MAX_SCHEMA_ALTERNATIVES - 1
+    root = next(line for line in grammar.splitlines() if line.startswith("root ::= "))
+    assert root.count(" | ") == limits.MAX_SCHEMA_ALTERNATIVES - 1
 
 
 @pytest.mark.parametrize("op,field", [("completion", "prompt"), ("detokenize", "tokens")])
