@@ -138,3 +138,72 @@ def test_runner_survives_constrained_requests(default_model_path):
         events = list(r.complete("Give JSON:", json_schema={"type": "object"}, num_predict=40))
         assert events[-1].done_reason in ("stop", "length")
         assert r.health(timeout=10).state == "ready"
+
+
+# -- constrained output with the other options (issue 19) ------------------------------
+
+ORDER = {"type": "object", "properties": {
+    "item": {"type": "string", "pattern": "^[a-z]{2,8}$"},
+    "count": {"type": "integer", "minimum": 1, "maximum": 20},
+    "tags": {"type": "array", "items": {"enum": ["new", "sale", "gift"]}, "maxItems": 3}},
+    "required": ["item", "count", "tags"], "additionalProperties": False}
+
+# Every stage family beside the schema; each several times in flight at once.
+WITH_SCHEMA = [
+    {},                                                             # the defaults
+    {"temperature": 0.0},
+    {"repeat_penalty": 1.5, "frequency_penalty": 0.5, "presence_penalty": 0.5, "repeat_last_n": -1},
+    {"mirostat": 1}, {"mirostat": 2, "mirostat_tau": 3.0},
+    {"dry_multiplier": 0.8, "dry_penalty_last_n": -1},
+    {"xtc_probability": 0.5, "xtc_threshold": 0.1},
+    {"top_n_sigma": 1.0}, {"typical_p": 0.8, "min_keep": 2}, {"dynatemp_range": 0.5},
+    {"samplers": "mta", "min_p": 0.05, "adaptive_target": 0.3},
+    {"samplers": ["temperature", "top_k"], "temperature": 1.5},
+    {"logit_bias": {"new": -3.0}, "logprobs": True, "top_logprobs": 3},
+    {"stop": ["sale"]},
+]
+
+
+def test_schema_with_every_sampler_stage_at_once(engine):
+    import jsonschema
+
+    jobs = [(o, seed) for o in WITH_SCHEMA for seed in (5, 6)]
+    handles = [engine.submit(CompletionRequest(prompt="An order as JSON:", options=CompletionOptions.from_dict(
+        {**o, "json_schema": ORDER, "seed": seed, "num_predict": 120}))) for o, seed in jobs]
+    for (o, seed), h in zip(jobs, handles):
+        events = list(h)
+        text = "".join(e.text for e in events if isinstance(e, Chunk))
+        final = events[-1]
+        assert final.done_reason == "stop", (o, final, text)
+        if "stop" in o and "sale" in text:
+            pytest.fail(f"a stop string was returned: {text!r}")
+        if "stop" in o and not text.rstrip().endswith("}"):
+            continue  # cut at "sale": what came before is a prefix of valid output
+        jsonschema.validate(json.loads(text), ORDER)
+        chunks = [e for e in events if isinstance(e, Chunk)]
+        if o.get("logprobs"):
+            assert all(c.logprobs and len(c.logprobs) == len(c.tokens) for c in chunks)
+            assert all(len(entry["top"]) == 3 for c in chunks for entry in c.logprobs)
+
+
+def test_seeded_schema_output_repeats(engine):
+    def once(seed):
+        return run(engine, "An order as JSON:", json_schema=ORDER, seed=seed, num_predict=120,
+                   dry_multiplier=0.5, xtc_probability=0.3)[0]
+
+    assert once(42) == once(42)
+
+
+@pytest.mark.parametrize("options,field", [
+    ({"grammar": 'root ::= "a"{3,1}'}, "grammar"),                        # used to exhaust memory
+    ({"json_schema": {"type": "array", "minItems": 3, "maxItems": 2}}, "json_schema"),
+    ({"json_schema": {"type": "string", "minLength": 4, "maxLength": 1}}, "json_schema"),
+    ({"json_schema": {"$defs": {"A": {"anyOf": [{"$ref": "#/$defs/A"}, {"type": "null"}]}},
+                      "$ref": "#/$defs/A"}}, "json_schema"),              # left recursion
+    ({"json_schema": {"type": "string", "pattern": "^(a$"}}, "json_schema"),
+])
+def test_impossible_grammars_are_refused_naming_the_field(engine, options, field):
+    with pytest.raises(BadRequest) as info:
+        engine.submit(CompletionRequest(prompt="x", options=CompletionOptions.from_dict(options)))
+    assert str(info.value).startswith(f"invalid option {field}: ")
+    test_engine_serves_after_failures(engine)

@@ -182,6 +182,27 @@ FIELDS: dict[str, Field] = {
                  min_size=1, max_size=3),
         st.just({"id": 0}), st.just([{"id": "0"}]), st.just([{"id": 0, "scale": math.inf}]),
         st.just([{"id": 0, "x": 1}]), st.just("0:1"))),
+    "dry_sequence_breakers": Field(
+        st.lists(odd_text.filter(lambda s: 0 < len(s) <= MAX_STOP_CHARS and "\x00" not in s),
+                 min_size=1, max_size=4),
+        st.one_of(st.just([]), st.just([""]), st.just("\n"), st.just([1]), st.just(["a\x00"]),
+                  st.just(["b"] * 65))),
+    "logit_bias": Field(
+        st.one_of(
+            st.dictionaries(st.integers(0, 49151).map(str),
+                            st.one_of(floats(-100.0, 100.0), st.just(False)), max_size=4),
+            st.lists(st.tuples(st.one_of(st.integers(0, 49151), odd_text.filter(bool).map(lambda s: s[:20])),
+                               st.one_of(floats(-1e6, 1e6), st.just(False))).map(list), max_size=4)),
+        st.one_of(st.just(5), st.just("x"), st.just({"1": True}), st.just({"1": "2"}),
+                  st.just([[1, 2, 3]]), st.just([[-1, 1.0]]), st.just({"1": math.nan}),
+                  st.just({"1": 1e9}), st.just([[1.5, 0.0]]))),
+    "samplers": Field(
+        st.one_of(st.lists(st.sampled_from(["penalties", "dry", "top_n_sigma", "top-k", "TOPK", "typ_p",
+                                            "nucleus", "min_p", "xtc", "temp", "temperature", "infill",
+                                            "adaptive_p"]), max_size=10),
+                  st.text(alphabet="edskypmxtia", max_size=12)),
+        st.one_of(st.just(["top_k", "nope"]), st.just("kq"), st.just(3), st.just([None]),
+                  st.just(["t"] * 40))),
 }
 UNKNOWN_NAMES = ["Temperature", "no_such_option", "format", "num_ctx", "", "stop "]
 
