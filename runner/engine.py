@@ -55,7 +55,7 @@ from runner import lora as lora_sets
 from runner import placement, slotfile
 from runner.scheduler import Scheduler, StepPlan
 from runner.sequence import Sequence
-from runner.speculative import next_cap
+from runner.speculative import next_cap, wait_after
 from runner.slots import NoFreeSlot, PositionedKV, Slot, SlotCache, truncate_prompt
 
 log = logging.getLogger("runner.engine")
@@ -948,6 +948,8 @@ class Engine:
                 seq.n_proposed += len(entry.draft)
                 seq.n_accepted += accepted
                 seq.draft_cap = next_cap(seq.draft_cap, len(entry.draft), accepted)
+                seq.draft_misses = 0 if accepted else seq.draft_misses + 1
+                seq.draft_wait = wait_after(seq.draft_misses)
             for token, logits in run:
                 end = self._take(seq, token, logits, now, toks)
                 if end is not None:

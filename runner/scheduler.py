@@ -241,6 +241,9 @@ class Scheduler:
         for i, entry in enumerate(order):
             share = room // (len(order) - i)
             seq = entry.seq
+            if seq.draft_wait > 0:  # backing off after rejected proposals (runner.speculative)
+                seq.draft_wait -= 1
+                continue
             limit = min(seq.options.draft_max, seq.draft_cap, share, self.slot_ctx - entry.start - 1)
             if seq.n_predict > 0:  # k proposals verify k + 1 tokens; the limit's last is never decoded
                 limit = min(limit, seq.n_predict - len(seq.generated) - 1)

@@ -61,6 +61,8 @@ class Sequence:
     n_proposed: int = 0               # speculative: tokens proposed and decoded for verification
     n_accepted: int = 0               # speculative: of those, accepted
     draft_cap: int = FIRST_CAP        # speculative: most tokens the next proposal may have (runner.speculative.next_cap)
+    draft_misses: int = 0             # speculative: proposals in a row with nothing accepted
+    draft_wait: int = 0               # speculative: generating steps left without proposals (wait_after)
     lora: tuple = ()                  # adapter scales it runs under (runner.lora.LoraKey)
     shrink_ends: list[int] = field(init=False)  # ends of the spans that give positions back
     shrinks: list[int] = field(init=False)      # positions given back before index i:

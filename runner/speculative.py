@@ -14,7 +14,10 @@ How many tokens are proposed adapts to how the last proposals fared
 accepted proposal doubles the next one's length (up to ``draft_max``), a
 partly rejected one cuts it to one more than was accepted.  Text that does
 not repeat its input then costs one or two verified tokens per step, not
-``draft_max``.
+``draft_max``.  A proposal with nothing accepted also makes the sequence
+skip proposing for a few steps (:func:`wait_after`: 1, 3, 7, 15 steps after
+1, 2, 3, 4 such proposals in a row, at most :data:`MAX_WAIT`), so text that
+does not repeat its input soon costs next to nothing.
 
 The lookup is pure: no model, no context.  Finding a proposal costs one dict
 lookup per n; appending a token costs one insert per n.
@@ -30,6 +33,7 @@ NGRAM_MAX = 4   # longest suffix looked up
 NGRAM_MIN = 1   # shortest suffix looked up
 NOT_A_TOKEN = -1  # stands for a media input in the history: never matched, never proposed
 FIRST_CAP = 4     # tokens proposed at most before any verification
+MAX_WAIT = 16     # most steps a sequence skips proposing after rejected proposals
 
 
 def next_cap(cap: int, n_proposed: int, n_accepted: int) -> int:
@@ -40,6 +44,12 @@ def next_cap(cap: int, n_proposed: int, n_accepted: int) -> int:
     if n_accepted >= n_proposed:
         return min(max(cap, n_proposed) * 2, MAX_DRAFT)
     return n_accepted + 1
+
+
+def wait_after(misses: int) -> int:
+    """Steps to skip proposing after ``misses`` proposals in a row had
+    nothing accepted (0: propose at the next step)."""
+    return 0 if misses <= 0 else min((1 << min(misses, 8)) - 1, MAX_WAIT)
 
 
 @dataclass

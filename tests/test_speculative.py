@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from runner.speculative import FIRST_CAP, NgramLookup, next_cap
+from runner.speculative import FIRST_CAP, NgramLookup, next_cap, wait_after
 
 from test_scheduler import make, run_decode, seq, shape
 
@@ -59,6 +59,11 @@ def test_lookup_extends_incrementally_like_a_rebuild():
 ])
 def test_the_proposal_cap_adapts_to_acceptance(cap, proposed, accepted, want):
     assert next_cap(cap, proposed, accepted) == want
+
+
+@pytest.mark.parametrize("misses, want", [(0, 0), (1, 1), (2, 3), (3, 7), (4, 15), (5, 16), (60, 16)])
+def test_rejected_proposals_back_off(misses, want):
+    assert wait_after(misses) == want
 
 
 # -- the scheduler -----------------------------------------------------------------
@@ -129,6 +134,16 @@ def test_speculation_yields_to_other_work():
     plan2 = sched.schedule()
     assert all(not e.draft for e in plan2.entries)
     assert plan2.n_inputs() == 6
+
+
+def test_a_sequence_backing_off_proposes_nothing_for_its_wait():
+    sched, cache, kv = make(parallel=1, n_batch=16)
+    a = _generating(sched, kv, "a", [1, 2, 3, 4, 5, 6, 1, 2], 3)
+    a.draft_wait = 2
+    for left in (1, 0):
+        plan = sched.schedule()
+        assert shape(plan) == [("a", 8, 1, True, True)] and a.draft_wait == left
+    assert sched.schedule().entries[0].draft == [4, 5, 6, 1]
 
 
 def test_proposals_respect_num_predict_and_the_slot():
