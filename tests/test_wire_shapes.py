@@ -36,7 +36,7 @@ def test_chunk_and_chunk_reply_have_the_same_fields():
 def test_a_final_crosses_the_wire_unchanged():
     final = Final(done_reason="error", prompt_eval_count=3, prompt_eval_duration=0.25, eval_count=7,
                   eval_duration=1.5, cached_count=2, prompt_count=5, slot=1, error="bad thing",
-                  error_code="bad_request")
+                  error_code="bad_request", draft_proposed=11, draft_accepted=4)
     for f in dataclasses.fields(Final):  # any field added later must be set here to count
         if f.name != "message":
             assert getattr(final, f.name) != f.default, f"set {f.name} in this test"
