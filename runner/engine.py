@@ -711,6 +711,7 @@ class Engine:
             self.mtmd.close()
         if self.drafter is not None:
             self.drafter.close()
+        self.host_cache.close()
         self.ctx.close()
         for a in self._loras:
             a.close()
@@ -1223,6 +1224,12 @@ class _StateKV:
 
     def state_get(self, seq: int) -> bytes:
         return self._ctx.state_seq_get(seq)
+
+    def state_size(self, seq: int) -> int:
+        return self._ctx.state_seq_size(seq)
+
+    def state_get_into(self, seq: int, out) -> int:
+        return self._ctx.state_seq_get_into(seq, out)
 
     def state_set(self, seq: int, data: bytes) -> bool:
         try:

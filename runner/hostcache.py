@@ -32,6 +32,16 @@ Rules (each one tested in tests/test_hostcache.py with a fake backend):
   through :meth:`HostCache.note_eval`; restores time themselves), starting
   from the priors below.
 
+* **Save without page faults on the loop.**  A save stalls every other
+  sequence for its length, and writing into fresh memory faults each page
+  in, which cost far more than the copy itself (runner.hostbuffers).  The
+  state is sized first (a walk over the cells) and copied by llama.cpp
+  straight into memory touched before: the spare buffer a helper thread made
+  at the size :meth:`HostCache.expect` asked for after the last change of
+  the free slots, or else the buffer of an entry this save evicts; only when
+  neither exists is a fresh buffer used.  Dropped buffers are freed on the
+  helper thread.  The spare counts against ``max_bytes`` with the entries.
+
 Not thread-safe except :meth:`HostCache.info`: the engine's loop thread
 saves and restores; ``info`` may be read from any thread (each counter is
 read once, so the set may be a step out of date).
@@ -44,6 +54,9 @@ import time
 from collections.abc import Callable, Hashable, Sequence
 from typing import Protocol
 
+import numpy as np
+
+from runner.hostbuffers import HostBuffers
 from runner.slots import reusable_prefix
 
 __all__ = ["HostCache", "HostCacheStats", "HostEntry", "StateBackend"]
@@ -61,11 +74,16 @@ RATE_WEIGHT = 0.3  # weight of the newest measurement in the exponential average
 class StateBackend(Protocol):
     """The per-sequence state operations the tier needs (``llama_state_seq_*``)."""
 
-    def state_get(self, seq: int) -> bytes:
-        """The whole state of sequence ``seq`` (its KV cells, or its recurrent state)."""
+    def state_size(self, seq: int) -> int:
+        """Bytes of the whole state of sequence ``seq`` now."""
         ...
 
-    def state_set(self, seq: int, data: bytes) -> bool:
+    def state_get_into(self, seq: int, out: np.ndarray) -> int:
+        """Write the whole state of sequence ``seq`` (its KV cells, or its
+        recurrent state) into the start of ``out``; returns the bytes written."""
+        ...
+
+    def state_set(self, seq: int, data) -> bool:
         """Replace sequence ``seq`` with a saved state.  False when the
         memory refuses it (no room, other shape); the sequence is then empty."""
         ...
@@ -82,7 +100,7 @@ class HostEntry:
     """One saved sequence state."""
 
     inputs: tuple         # the inputs whose KV the state holds, position by position
-    data: bytes           # the state as state_get returned it
+    data: np.ndarray      # the state as state_get_into wrote it (uint8, owns its memory)
     min_keep: int         # shortest prefix the restored state may be cut back to
     last_used: int        # logical clock of the last save or restore; larger = more recent
 
@@ -108,11 +126,14 @@ class HostCacheStats:
     covered: int = 0          # saves skipped because an entry already covered the inputs
     replaced: int = 0         # entries dropped because a longer save covered them
     evictions: int = 0        # entries dropped to stay under max_bytes
-    too_large: int = 0        # states copied but not kept: larger than max_bytes
+    too_large: int = 0        # states not copied: larger than max_bytes
     restore_failures: int = 0  # restores the memory refused (the entry is dropped)
-    save_seconds: float = 0.0     # time in state_get
+    into_spare: int = 0       # saves copied into the spare buffer
+    into_evicted: int = 0     # saves copied into the buffer of an entry they evicted
+    into_fresh: int = 0       # saves copied into fresh memory (faulted in on the loop)
+    save_seconds: float = 0.0     # time of the saves that copied (sizing, buffer, copy, bookkeeping)
     restore_seconds: float = 0.0  # time in state_set
-    max_save_seconds: float = 0.0  # longest single state_get (a stall of the loop)
+    max_save_seconds: float = 0.0  # longest single save (a stall of the loop)
 
 
 class HostCache:
@@ -121,7 +142,8 @@ class HostCache:
     def __init__(self, backend: StateBackend, max_bytes: int, *, min_inputs: int = 16,
                  restore_bytes_per_s: float = PRIOR_RESTORE_BYTES_PER_S,
                  eval_s_per_input: float = PRIOR_EVAL_S_PER_INPUT,
-                 clock: Callable[[], float] = time.perf_counter) -> None:
+                 clock: Callable[[], float] = time.perf_counter,
+                 buffers: HostBuffers | None = None) -> None:
         if max_bytes < 0:
             raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
         if min_inputs < 1:
@@ -136,6 +158,10 @@ class HostCache:
         self._clock = clock             # seconds, for the timings and the measured restore rate
         self._entries: list[HostEntry] = []  # in no particular order; few (bytes-bounded)
         self._tick = 0                  # logical clock for HostEntry.last_used
+        self.bytes_per_input = 0.0      # state bytes per input of the last sizing (0: none yet)
+        self._pinned: HostEntry | None = None  # touched for a restore: its buffer is not reused
+        # spare buffers made off the loop thread (None: the tier is off)
+        self.buffers = (buffers or HostBuffers()) if max_bytes > 0 else None
 
     @property
     def enabled(self) -> bool:
@@ -161,26 +187,87 @@ class HostCache:
                 e.last_used = self._next()
                 self.stats.covered += 1
                 return False
-        min_keep = min(max(0, self.backend.min_keep(seq, key)), len(key))
         t0 = self._clock()
-        data = self.backend.state_get(seq)
-        dt = self._clock() - t0
-        self.stats.save_seconds += dt
-        self.stats.max_save_seconds = max(self.stats.max_save_seconds, dt)
-        if len(data) > self.max_bytes:
+        min_keep = min(max(0, self.backend.min_keep(seq, key)), len(key))
+        size = self.backend.state_size(seq)
+        self.bytes_per_input = size / len(key)
+        if size > self.max_bytes:
             self.stats.too_large += 1
             return False
-        entry = HostEntry(key, data, min_keep, self._next())
-        for old in [e for e in self._entries if entry.covers(e.inputs)]:
-            self._drop(old)
+        # The entries the new one covers go, then the least recently used
+        # until it fits; their buffers may take the copy.
+        gone = [e for e in self._entries if _covering(key, min_keep, e.inputs)]
+        for e in gone:
+            self._drop(e)
             self.stats.replaced += 1
-        while self.bytes + entry.nbytes > self.max_bytes:
-            self._drop(min(self._entries, key=lambda e: e.last_used))
+        while self.bytes + size > self.max_bytes:
+            victim = min(self._entries, key=lambda e: e.last_used)
+            self._drop(victim)
+            gone.append(victim)
             self.stats.evictions += 1
+        buf = self._buffer(size, gone)
+        try:
+            n = self.backend.state_get_into(seq, buf)
+        except BaseException:
+            self.buffers.discard(buf)
+            raise
+        finally:
+            for e in gone:
+                if e.data is not buf and e is not self._pinned:
+                    self.buffers.discard(e.data)
+        if n != size:
+            buf.resize(n, refcheck=False)
+        entry = HostEntry(key, buf, min_keep, self._next())
         self._entries.append(entry)
         self.bytes += entry.nbytes
         self.stats.saves += 1
+        dt = self._clock() - t0
+        self.stats.save_seconds += dt
+        self.stats.max_save_seconds = max(self.stats.max_save_seconds, dt)
         return True
+
+    def expect(self, n_inputs: Sequence[tuple[int, int]]) -> None:
+        """Have the spare ready for the next save: ``n_inputs`` lists the
+        ``(seq, inputs held)`` of the slots a save may copy next (the free
+        ones).  Sized for the largest of them from the measured bytes per
+        input (a sizing walk of the first one before any is known), within
+        the room the bound leaves."""
+        if not self.enabled:
+            return
+        n = [(seq, k) for seq, k in n_inputs if k >= self.min_inputs]
+        if not n:
+            return
+        if not self.bytes_per_input:
+            seq, k = n[0]
+            self.bytes_per_input = self.backend.state_size(seq) / k
+        need = int(self.bytes_per_input * max(k for _, k in n))
+        self.buffers.prepare(max(0, min(need, self.max_bytes - self.bytes)))
+
+    def _buffer(self, size: int, gone: list[HostEntry]) -> np.ndarray:
+        """Where a ``size``-byte state is copied: the spare if it is large
+        enough, else the largest buffer of an entry this save drops if that
+        is, else the larger of the two grown (its new pages fault in on the
+        loop), else fresh memory; resized in place to ``size``.  The spare
+        is spent either way (it counted against the bound)."""
+        spare = self.buffers.take()
+        reusable = [e.data for e in gone if e is not self._pinned
+                    and isinstance(e.data, np.ndarray) and e.data.flags.owndata]
+        evicted = max(reusable, key=len, default=None)
+        if spare is not None and (len(spare) >= size or evicted is None
+                                  or (len(evicted) < size and len(spare) >= len(evicted))):
+            buf = spare
+            self.stats.into_spare += 1
+        elif evicted is not None:
+            buf = evicted
+            if spare is not None:
+                self.buffers.discard(spare)
+            self.stats.into_evicted += 1
+        else:
+            self.stats.into_fresh += 1
+            return np.empty(size, dtype=np.uint8)
+        if len(buf) != size:
+            buf.resize(size, refcheck=False)
+        return buf
 
     # -- restoring --------------------------------------------------------
 
@@ -205,14 +292,20 @@ class HostCache:
         return gain > cost
 
     def touch(self, entry: HostEntry) -> None:
-        """Mark ``entry`` most recently used (before a save that could evict it)."""
+        """Mark ``entry`` most recently used and keep its buffer from reuse
+        until :meth:`restore` (a save before it could evict it)."""
         entry.last_used = self._next()
+        self._pinned = entry
 
     def restore(self, entry: HostEntry, seq: int) -> bool:
         """Write ``entry``'s state into ``seq``; False (and the entry
         dropped) when the memory refused it, leaving ``seq`` empty."""
         t0 = self._clock()
-        ok = self.backend.state_set(seq, entry.data)
+        try:
+            ok = self.backend.state_set(seq, entry.data)
+        finally:
+            if self._pinned is entry:
+                self._pinned = None
         dt = self._clock() - t0
         self.stats.restore_seconds += dt
         if not ok:
@@ -244,16 +337,26 @@ class HostCache:
     def info(self) -> dict:
         """Bound, contents, counters and rates, as plain data (any thread)."""
         s = self.stats
-        return {"max_bytes": self.max_bytes, "bytes": self.bytes, "entries": len(self._entries),
+        spare = self.buffers.spare_bytes if self.buffers is not None else 0
+        return {"max_bytes": self.max_bytes, "bytes": self.bytes, "spare_bytes": spare,
+                "entries": len(self._entries),
                 "lookups": s.lookups, "hits": s.hits, "misses": s.misses,
                 "hit_inputs": s.hit_inputs, "saves": s.saves, "covered": s.covered,
                 "replaced": s.replaced, "evictions": s.evictions, "too_large": s.too_large,
-                "restore_failures": s.restore_failures,
+                "restore_failures": s.restore_failures, "into_spare": s.into_spare,
+                "into_evicted": s.into_evicted, "into_fresh": s.into_fresh,
                 "save_seconds": round(s.save_seconds, 6),
                 "max_save_seconds": round(s.max_save_seconds, 6),
                 "restore_seconds": round(s.restore_seconds, 6),
                 "restore_bytes_per_s": round(self.restore_bytes_per_s),
                 "eval_s_per_input": round(self.eval_s_per_input, 9)}
+
+    def close(self) -> None:
+        """Stop the buffer thread and drop every entry."""
+        self._entries.clear()
+        self.bytes = 0
+        if self.buffers is not None:
+            self.buffers.close()
 
     # -- internals --------------------------------------------------------
 
@@ -265,6 +368,13 @@ class HostCache:
     def _next(self) -> int:
         self._tick += 1
         return self._tick
+
+
+def _covering(inputs: tuple, min_keep: int, other: Sequence[Hashable]) -> bool:
+    """Whether a state of ``inputs`` (cut back no shorter than ``min_keep``)
+    covers ``other`` (HostEntry.covers before the entry exists)."""
+    n = len(other)
+    return min_keep <= n <= len(inputs) and inputs[:n] == tuple(other)
 
 
 def _average(old: float, new: float) -> float:

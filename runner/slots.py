@@ -347,6 +347,7 @@ class SlotCache:
                 n_cached = 0  # the memory refused a partial removal; the slot was cleared
         slot.lora = lora
         self._lend(slot, cached=True)
+        self._expect()
         return slot, n_cached
 
     def acquire_uncached(self) -> Slot:
@@ -363,6 +364,7 @@ class SlotCache:
         slot._clear()
         slot.lora = self.base_lora
         self._lend(slot, cached=False)
+        self._expect()
         return slot
 
     def release(self, slot: Slot, kept_inputs: Sequence[Hashable] | None = None) -> None:
@@ -382,6 +384,7 @@ class SlotCache:
         slot.in_use = False
         slot.cached = True
         slot.last_used = self._tick()
+        self._expect()
 
     def record(self, slot: Slot, inputs: Sequence[Hashable]) -> None:
         """Note that ``inputs`` were decoded into ``slot`` after what it holds.
@@ -413,6 +416,7 @@ class SlotCache:
             return False
         slot.inputs[:] = inputs
         slot.last_used = self._tick()
+        self._expect()
         return True
 
     # -- context shift ----------------------------------------------------
@@ -505,6 +509,11 @@ class SlotCache:
         (it keeps only its first ``keep``) and holds the default adapter set's KV."""
         if self.host is not None and len(slot.inputs) > keep and slot.lora == self.base_lora:
             self.host.save(slot.id, slot.inputs)
+
+    def _expect(self) -> None:
+        """Tell the host tier which slots a save may copy next: the free ones."""
+        if self.host is not None:
+            self.host.expect([(s.id, len(s.inputs)) for s in self.slots if not s.in_use])
 
     def _restore(self, free: list[Slot], prompt: Sequence[Hashable], limit: int,
                  n_slot: int) -> tuple[Slot, int] | object | None:

@@ -8,11 +8,13 @@ cost decision uses exactly the rates each test sets.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_slots import FakeKV, assert_consistent
 
+from runner.hostbuffers import HostBuffers
 from runner.hostcache import RESTORE_OVERHEAD_S, HostCache
 from runner.slots import SlotCache
 
@@ -38,8 +40,16 @@ class FakeState:
         self.saved[data] = cells
         return data
 
-    def state_set(self, seq: int, data: bytes) -> bool:
-        cells = self.saved[data]
+    def state_size(self, seq: int) -> int:
+        return PER_INPUT * len(self.kv.kv.get(seq, {}))
+
+    def state_get_into(self, seq: int, out) -> int:
+        data = self.state_get(seq)
+        out[:len(data)] = np.frombuffer(data, dtype=np.uint8)
+        return len(data)
+
+    def state_set(self, seq: int, data) -> bool:
+        cells = self.saved[bytes(data)]
         self.calls.append(("set", seq, len(cells)))
         self.kv.kv[seq] = {} if self.refuse else dict(cells)
         return not self.refuse
@@ -54,7 +64,8 @@ def make(n_slots=1, *, max_entries=4, policy="single", slot_ctx=256, min_inputs=
     kv = FakeKV()
     state = FakeState(kv, **state_opts)
     host = HostCache(state, max_entries * 20 * PER_INPUT, min_inputs=min_inputs,
-                     restore_bytes_per_s=bps, eval_s_per_input=eval_s, clock=lambda: 0.0)
+                     restore_bytes_per_s=bps, eval_s_per_input=eval_s, clock=lambda: 0.0,
+                     buffers=HostBuffers(thread=False))
     return SlotCache(kv, n_slots, slot_ctx, policy, host=host), kv, state, host
 
 
@@ -176,6 +187,87 @@ def test_states_larger_than_the_bound_are_not_kept():
     serve(cache, kv, conv(1, 30))
     serve(cache, kv, conv(2))
     assert len(host) == 0 and host.stats.too_large == 1 and host.bytes == 0
+    assert state.calls == []  # sized, never copied
+
+
+# -- where a save is copied to ------------------------------------------------
+
+def test_saves_go_into_the_spare_made_after_the_last_release():
+    cache, kv, state, host = make(max_entries=4)
+    serve(cache, kv, conv(1, 30))     # released: the spare is sized for its 30 inputs
+    assert host.buffers.spare_bytes == 30 * PER_INPUT
+    assert host.info()["spare_bytes"] == 30 * PER_INPUT
+    spare = host.buffers._spare
+    serve(cache, kv, conv(2))         # saves conv 1 into that very buffer
+    entry, = host.entries()
+    assert entry.data is spare and entry.nbytes == 30 * PER_INPUT
+    assert (host.stats.into_spare, host.stats.into_evicted, host.stats.into_fresh) == (1, 0, 0)
+    # the next spare (for conv 2, released) fits in what the bound leaves
+    assert host.buffers.spare_bytes == 20 * PER_INPUT
+    assert host.bytes + host.buffers.spare_bytes <= host.max_bytes
+
+
+def test_a_full_store_copies_into_the_buffer_it_evicts():
+    cache, kv, state, host = make(max_entries=2)
+    for c in (1, 2, 3):
+        serve(cache, kv, conv(c))     # saves 1 and 2: the store is full
+    assert keys(host) == [(1, 20), (2, 20)] and host.buffers.spare_bytes == 0
+    evicted = host.entries()[0].data
+    serve(cache, kv, conv(4))         # saves 3, evicting 1 and reusing its buffer
+    assert keys(host) == [(2, 20), (3, 20)] and host.entries()[1].data is evicted
+    assert host.stats.into_evicted == 1
+    assert state.saved[bytes(evicted)] == dict(enumerate(conv(3)))
+
+
+def test_the_entry_being_restored_keeps_its_buffer_when_the_save_before_evicts_it():
+    cache, kv, state, host = make(n_slots=1, max_entries=1)
+    serve(cache, kv, conv(1))
+    serve(cache, kv, conv(2))         # saves 1: the store is full
+    kept = bytes(host.entries()[0].data)
+    # conversation 1 returns: its entry is restored into the slot, whose
+    # conv 2 is saved first and evicts it; the copy must not land in its buffer
+    assert serve(cache, kv, conv(1) + [5]) == (0, 20)
+    assert state.calls[-2:] == [("get", 0, 20), ("set", 0, 20)]
+    assert cache.slots[0].inputs[:20] == conv(1) and keys(host) == [(2, 20)]
+    assert state.saved[kept] == dict(enumerate(conv(1)))
+    assert host.stats.into_evicted == 0
+
+
+def test_the_buffer_thread_makes_touched_spares_and_frees_dropped_buffers():
+    from polling import wait_until
+
+    buffers = HostBuffers()
+    try:
+        assert buffers.take() is None
+        buffers.prepare(3 * 4096 + 5)
+        assert buffers.spare_bytes == 3 * 4096 + 5         # counted while it is being made
+        wait_until(lambda: buffers.made == 1)
+        buffers.prepare(100)                               # large enough: kept
+        assert buffers.made == 1 and buffers.spare_bytes == 3 * 4096 + 5
+        got = buffers.take()
+        assert got.shape == (3 * 4096 + 5,) and got.dtype == np.uint8 and got.flags.owndata
+        assert buffers.spare_bytes == 0 and buffers.take() is None and buffers.taken == 1
+        buffers.discard(got)
+        buffers.prepare(1 << 16)
+        buffers.prepare(1 << 17)                           # wanted larger before it was made
+        wait_until(lambda: buffers.spare_bytes == 1 << 17 and buffers._spare is not None)
+        assert len(buffers.take()) == 1 << 17
+    finally:
+        buffers.close()
+    assert not buffers._thread.is_alive()
+
+
+def test_a_small_spare_gives_way_to_a_large_enough_evicted_buffer():
+    cache, kv, state, host = make(max_entries=3)
+    serve(cache, kv, conv(1, 40))
+    serve(cache, kv, conv(2, 20))     # saves conv 1 (400 bytes): 200 of 600 left
+    serve(cache, kv, conv(3, 40))     # saves conv 2 (200 bytes): 0 left, no spare
+    big = host.entries()[0].data      # conv 1's 400 bytes
+    host.buffers.prepare(100)         # a spare smaller than the next state
+    serve(cache, kv, conv(4))         # saves conv 3 (400 bytes), evicting conv 1
+    assert keys(host) == [(2, 20), (3, 40)] and host.entries()[1].data is big
+    assert host.stats.into_evicted == 1
+    assert state.saved[bytes(big)] == dict(enumerate(conv(3, 40)))
 
 
 def test_short_slots_are_not_saved():
@@ -300,8 +392,10 @@ def test_random_traffic_keeps_every_invariant(ops, n_slots, max_entries, policy,
         cache.release(slot, prompt + [7] * reply)
         assert_consistent(cache, kv)
         assert host.bytes == sum(e.nbytes for e in host.entries()) <= host.max_bytes
+        if host.enabled:  # the spare counts against the bound too
+            assert host.bytes + host.buffers.spare_bytes <= host.max_bytes
         for a in host.entries():
-            assert state.saved[a.data] == dict(enumerate(a.inputs))  # the state holds its key
+            assert state.saved[bytes(a.data)] == dict(enumerate(a.inputs))  # the state holds its key
             assert not any(b is not a and b.covers(a.inputs) for b in host.entries())
 
 
