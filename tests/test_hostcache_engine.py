@@ -211,3 +211,78 @@ def test_recurrent_state_is_restored_only_for_prompts_extending_it(tmp_path):
     _, kept_tokens, kept_final, _, kept_info = session(2)
     assert kept_info["hits"] == 0 and kept_final.cached_count == held
     assert tokens == kept_tokens
+
+
+def write_lfm2(path, seed: int = 0, *, n_embd: int = 32, n_head: int = 4, n_head_kv: int = 2,
+               n_ff: int = 64, l_cache: int = 3, kinds: str = "ca"):
+    """A tiny random-weight LFM2 (hybrid: short-convolution layers, whose
+    state is recurrent, beside attention layers with a KV cache): the keys
+    and tensors vendor/llama.cpp/src/models/lfm2.cpp reads, one layer per
+    letter of ``kinds`` ("c" convolution, "a" attention; a layer is
+    recurrent where its KV head count is 0), the LM head tied to
+    token_embd, with the default model's tokenizer."""
+    import gguf
+
+    rng = np.random.default_rng(seed)
+    arch, head = "lfm2", n_embd // n_head
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_string("general.name", "llama-runner test lfm2")
+    for key, value in (("context_length", 4096), ("embedding_length", n_embd),
+                       ("block_count", len(kinds)), ("feed_forward_length", n_ff),
+                       ("attention.head_count", n_head), ("shortconv.l_cache", l_cache)):
+        w.add_uint32(f"{arch}.{key}", value)
+    w.add_array(f"{arch}.attention.head_count_kv", [0 if k == "c" else n_head_kv for k in kinds])
+    w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)
+    w.add_float32(f"{arch}.rope.freq_base", 10000.0)
+    n_vocab = copy_tokenizer(w)
+    w.add_tensor("token_embd.weight", _matrix(rng, n_vocab, n_embd))
+    w.add_tensor("token_embd_norm.weight", _ones(n_embd))
+    for il, kind in enumerate(kinds):
+        b = f"blk.{il}"
+        w.add_tensor(f"{b}.attn_norm.weight", _ones(n_embd))
+        w.add_tensor(f"{b}.ffn_norm.weight", _ones(n_embd))
+        w.add_tensor(f"{b}.ffn_gate.weight", _matrix(rng, n_ff, n_embd))
+        w.add_tensor(f"{b}.ffn_up.weight", _matrix(rng, n_ff, n_embd))
+        w.add_tensor(f"{b}.ffn_down.weight", _matrix(rng, n_embd, n_ff))
+        if kind == "c":
+            w.add_tensor(f"{b}.shortconv.conv.weight", _normal(rng, n_embd, l_cache))
+            w.add_tensor(f"{b}.shortconv.in_proj.weight", _matrix(rng, 3 * n_embd, n_embd))
+            w.add_tensor(f"{b}.shortconv.out_proj.weight", _matrix(rng, n_embd, n_embd))
+        else:
+            w.add_tensor(f"{b}.attn_q_norm.weight", _ones(head))
+            w.add_tensor(f"{b}.attn_k_norm.weight", _ones(head))
+            w.add_tensor(f"{b}.attn_q.weight", _matrix(rng, n_embd, n_embd))
+            w.add_tensor(f"{b}.attn_k.weight", _matrix(rng, n_head_kv * head, n_embd))
+            w.add_tensor(f"{b}.attn_v.weight", _matrix(rng, n_head_kv * head, n_embd))
+            w.add_tensor(f"{b}.attn_output.weight", _matrix(rng, n_embd, n_embd))
+    finish_gguf(w)
+    return path
+
+
+def test_hybrid_state_is_restored_only_for_prompts_extending_it(tmp_path):
+    """A hybrid memory (LFM2: convolution state beside a KV cache) cannot be
+    cut back either: the tier treats it as recurrent.  The returning
+    conversation is restored whole and generates what an engine that kept
+    it generates; an edit inside it is evaluated again."""
+    path = str(write_lfm2(tmp_path / "lfm2.gguf"))
+    config = dict(n_ctx=1024, n_threads=2)
+
+    def session(parallel):
+        with Engine(EngineConfig(path, parallel=parallel, **config)) as e:
+            assert e.model.is_recurrent and e.model.n_swa == 0
+            a = e.tokenize("one two three four five six seven eight nine ten " * 4)
+            b = e.tokenize("completely different words about the sea " * 4)
+            reply, _ = run(e, a, num_predict=6)
+            run(e, b, num_predict=6)
+            follow = a + reply + e.tokenize(" and more")
+            tokens, final = run(e, follow, num_predict=6)
+            run(e, b, num_predict=6)
+            _, edit = run(e, a[:10] + e.tokenize(" elsewhere"), num_predict=6)
+            return len(a) + len(reply) - 1, tokens, final, edit, e.info()["host_cache"]
+
+    held, tokens, final, edit, info = session(1)
+    assert final.cached_count == held and edit.cached_count == 0
+    assert info["hits"] == 1 and info["restore_failures"] == 0
+    _, kept_tokens, kept_final, _, kept_info = session(2)
+    assert kept_info["hits"] == 0 and kept_final.cached_count == held
+    assert tokens == kept_tokens
