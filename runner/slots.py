@@ -511,9 +511,11 @@ class SlotCache:
             self.host.save(slot.id, slot.inputs)
 
     def _expect(self) -> None:
-        """Tell the host tier which slots a save may copy next: the free ones."""
+        """Tell the host tier which slots a save may copy next: the free ones
+        holding the default adapter set's KV (the only ones it saves)."""
         if self.host is not None:
-            self.host.expect([(s.id, len(s.inputs)) for s in self.slots if not s.in_use])
+            self.host.expect([(s.id, len(s.inputs)) for s in self.slots
+                              if not s.in_use and s.lora == self.base_lora])
 
     def _restore(self, free: list[Slot], prompt: Sequence[Hashable], limit: int,
                  n_slot: int) -> tuple[Slot, int] | object | None:
