@@ -214,10 +214,20 @@ cdef class Context:
         with nogil:
             llama_synchronize(self.ptr)
 
+    cdef void _sync(self) noexcept:
+        """Wait for the last decode without the GIL.  Every read of its
+        outputs synchronizes first; doing that wait under the GIL blocks
+        every Python thread meanwhile, and deadlocks when a backend thread
+        (ggml-rpc's dispatcher) logs through our callback, which takes the
+        GIL, before the decode can finish."""
+        with nogil:
+            llama_synchronize(self.ptr)
+
     # -- outputs (valid until the next decode) ----------------------------
     def logits(self, int32_t i):
         """Logits of batch entry ``i`` (-1 = last output) as a float32[n_vocab] view."""
         self._check()
+        self._sync()
         cdef float * p = llama_get_logits_ith(self.ptr, i)
         if p == NULL:
             raise IndexError(f"no logits for batch index {i} (output flag not set?)")
@@ -226,6 +236,7 @@ cdef class Context:
     def embeddings(self, int32_t i):
         """Embedding of batch entry ``i`` as a float32[n_embd] view."""
         self._check()
+        self._sync()
         cdef float * p = llama_get_embeddings_ith(self.ptr, i)
         if p == NULL:
             raise IndexError(f"no embeddings for batch index {i}")
@@ -236,6 +247,7 @@ cdef class Context:
         under rank pooling the model's n_cls_out scores (llama.cpp keeps only
         those for the sequence)."""
         self._check()
+        self._sync()
         cdef float * p = llama_get_embeddings_seq(self.ptr, seq_id)
         if p == NULL:
             raise IndexError(f"no pooled embeddings for sequence {seq_id}")

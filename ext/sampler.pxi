@@ -366,6 +366,7 @@ cdef class Sampler:
         ctx._check()
         if ctx.model is not self.model:
             raise ValueError("sampler and context belong to different models")
+        ctx._sync()
         if llama_get_logits_ith(ctx.ptr, idx) == NULL:
             raise IndexError(f"no logits for batch index {idx}")
         cdef llama_token tok = -1
@@ -426,6 +427,7 @@ cdef class Sampler:
         ctx._check()
         if self.fast == NULL:
             raise ValueError("only a native sampler exposes its distribution")
+        ctx._sync()
         cdef float * logits = llama_get_logits_ith(ctx.ptr, idx)
         if logits == NULL:
             raise IndexError(f"no logits for batch index {idx}")
@@ -471,6 +473,7 @@ def sample_batch(Context ctx not None, list samplers not None, list rows not Non
         return out
     if len({id(x) for x in samplers}) != n:  # one sampler's state on two threads would race
         raise ValueError("a sampler is listed twice")
+    ctx._sync()
     cdef runner_fast_sampler ** fasts = <runner_fast_sampler **> malloc(n * sizeof(void *))
     cdef const float ** logits = <const float **> malloc(n * sizeof(void *))
     cdef int32_t * toks = <int32_t *> malloc(n * sizeof(int32_t))
