@@ -21,17 +21,16 @@ log = logging.getLogger("runner.engine")
 
 
 def sample_threads() -> int:
-    """Threads that sample a step's rows, or LLAMA_RUNNER_SAMPLE_THREADS: the
-    cores the process may use but one (the decode threads are idle
-    meanwhile; the delivery and I/O threads keep one).  On 2 cores that is
-    1, no pool: there the pool's worker competed with the delivery thread
-    (tiny model in-process, B=64: a step gap of 0.89 ms with 2 sampling
-    threads against 0.74 ms with 1)."""
+    """Threads that sample a step's rows: LLAMA_RUNNER_SAMPLE_THREADS, else 1.
+    The pool is opt-in: on the 2-core VM its worker waited for a core behind
+    the decode's OpenMP threads, which spin after each graph, and the default
+    model's throughput through the process stopped growing with the streams
+    (141 tok/s at B=1, 4 and 8 against 254 at B=8 without it).  Its gain on a
+    many-core or GPU host is not measured yet."""
     value = os.environ.get("LLAMA_RUNNER_SAMPLE_THREADS", "")
     if value.strip().isdigit() and int(value) > 0:
         return int(value)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores - 1)
+    return 1
 
 
 class Executor:
