@@ -22,11 +22,12 @@ log = logging.getLogger("runner.engine")
 
 def sample_threads() -> int:
     """Threads that sample a step's rows: LLAMA_RUNNER_SAMPLE_THREADS, else 1.
-    The pool is opt-in: on the 2-core VM its worker waited for a core behind
-    the decode's OpenMP threads, which spin after each graph, and the default
-    model's throughput through the process stopped growing with the streams
-    (141 tok/s at B=1, 4 and 8 against 254 at B=8 without it).  Its gain on a
-    many-core or GPU host is not measured yet."""
+    The pool is opt-in: on the 2-core VM it showed no gain (B=8, default
+    options: 210 us per step against 217 on the loaded VM) and, in-process on
+    the tiny model at B=64, a longer step gap (0.89 ms with 2 sampling
+    threads against 0.74 with 1), its worker competing with the delivery
+    thread and the decode's OpenMP threads.  Its gain on a many-core or GPU
+    host is not measured yet."""
     value = os.environ.get("LLAMA_RUNNER_SAMPLE_THREADS", "")
     if value.strip().isdigit() and int(value) > 0:
         return int(value)
