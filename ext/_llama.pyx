@@ -20,6 +20,7 @@ from libc.math cimport INFINITY
 from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy, memmove, strlen, strncmp
+from posix.unistd cimport write
 
 from c_ggml cimport *
 from c_llama cimport *

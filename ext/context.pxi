@@ -181,8 +181,14 @@ cdef class Context:
                                      f"out of range [0, {n_seq})")
         return 0
 
-    def decode(self, Batch batch not None):
+    def decode(self, Batch batch not None, int doorbell=-1):
         """Run the model on ``batch`` (GIL released).
+
+        ``doorbell``: a file descriptor (an eventfd or a pipe's write end) to
+        write an 8-byte 1 to once the GIL is released, just before the
+        decode: a thread waiting on it wakes to find the GIL free, so its
+        work overlaps the decode instead of queueing behind the caller's
+        Python (runner.delivery rings the delivery thread this way).
 
         Raises :class:`NoKVSlotError` (retry smaller), :class:`DecodeAbortedError`
         or :class:`DecodeError`; a bad batch raises ValueError before any C call.
@@ -190,8 +196,11 @@ cdef class Context:
         self._check()
         self._validate(batch)
         cdef int32_t rc
+        cdef uint64_t one = 1
         self.abort_flag = 0
         with nogil:
+            if doorbell >= 0:
+                write(doorbell, &one, 8)  # a full pipe means the reader is awake anyway
             rc = llama_decode(self.ptr, batch.batch)
         check_decode(rc)
 

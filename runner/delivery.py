@@ -17,12 +17,13 @@ trimming the slot to the tokens actually returned.
 
 from __future__ import annotations
 
+import collections
 import logging
-import queue
 import threading
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
+from runner.handoff import Doorbell
 from runner.requests import Chunk, Final
 from runner.sequence import Sequence
 from runner.textstream import TextStream
@@ -109,45 +110,84 @@ class Delivery:
         # Called on the delivering thread after each burst of events (a
         # step's worth); a sink that buffers its events flushes them here.
         self.on_delivered: Callable[[], object] | None = None
-        self._queue: queue.SimpleQueue | None = None
+        # Thread mode: records wait in _records until the loop rings the
+        # doorbell, at the end of its step or from inside the next decode
+        # (claim_ring), so that the delivery thread wakes when the loop
+        # thread has released the GIL rather than queueing behind it.
+        self._records: collections.deque | None = None
+        self._doorbell: Doorbell | None = None
+        self._unrung = False                    # records were put since the last ring
         self._thread: threading.Thread | None = None
         if mode == "thread":
-            self._queue = queue.SimpleQueue()
+            self._records = collections.deque()
+            self._doorbell = Doorbell()
             self._thread = threading.Thread(target=self._run, name="runner-delivery", daemon=True)
             self._thread.start()
 
     def put(self, record: DeliveryRecord) -> None:
-        if self._queue is not None:
-            self._queue.put(record)
+        """Hand over a record (loop thread).  In thread mode it is delivered
+        once the doorbell rings: :meth:`ring`, or the fd :meth:`claim_ring`
+        gave to a decode."""
+        if self._records is not None:
+            self._records.append(record)
+            self._unrung = True
             return
         try:
             self._handle(record)
         except Exception:
             log.exception("delivery failed")
 
+    def claim_ring(self) -> int:
+        """The doorbell's fd when records wait for a ring, else -1; the
+        caller (the loop thread) promises to write to it without the GIL
+        (``Context.decode``'s ``doorbell``)."""
+        if not self._unrung:
+            return -1
+        self._unrung = False
+        return self._doorbell.fd
+
+    def ring(self) -> None:
+        """Wake the delivery thread if records wait (loop thread)."""
+        if self._unrung:
+            self._unrung = False
+            self._doorbell.ring()
+
     def step_done(self) -> None:
-        """Inline mode: the loop finished a step (its events are out)."""
-        if self._queue is None and self.on_delivered is not None:
+        """The loop finished a step: its records go out now (thread mode:
+        the delivery thread is woken unless the step's decode did it)."""
+        if self._records is not None:
+            self.ring()
+        elif self.on_delivered is not None:
             self.on_delivered()
 
     def close(self, timeout: float) -> None:
         """Stop the delivery thread after the records already put."""
         if self._thread is not None:
-            self._queue.put(None)
+            self.put(None)
+            self.ring()
             self._thread.join(timeout)
+            if not self._thread.is_alive():
+                self._doorbell.close()
 
     def _run(self) -> None:
-        q = self._queue
+        records, doorbell = self._records, self._doorbell
         while True:
-            record = q.get()
-            if record is None:
-                return
-            try:
-                self._handle(record)
-                if self.on_delivered is not None and q.empty():
+            doorbell.wait()
+            handled = False
+            while records:
+                record = records.popleft()
+                if record is None:
+                    return
+                try:
+                    self._handle(record)
+                    handled = True
+                except BaseException:
+                    log.exception("delivery failed")
+            if handled and self.on_delivered is not None:
+                try:
                     self.on_delivered()
-            except BaseException:
-                log.exception("delivery failed")
+                except BaseException:
+                    log.exception("delivery failed")
 
     # -- records ------------------------------------------------------------------
 

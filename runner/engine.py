@@ -292,6 +292,7 @@ class Engine:
         self.delivery = Delivery(_DeliveryHooks(self), self.model.token_to_piece, self.model.n_vocab,
                                  self.delivery_mode)
         self._out = self.delivery                # where the loop's delivery records go
+        self.executor.claim_doorbell = self.delivery.claim_ring
         self._loop.start()
         self.load_seconds = time.perf_counter() - t_load  # model, context, projector, threads
 
@@ -800,6 +801,7 @@ class Engine:
             for seq in waiting:
                 self._end(seq, "cancelled")
             self._out.put(Shutdown())
+            self.delivery.ring()
             for job in embeds:
                 job.error = NotReady("the engine is shutting down")
                 job.done.set()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Callable
 
 import numpy as np
 
@@ -48,6 +49,10 @@ class Executor:
         self.mtmd = mtmd                      # media encoder (None: text only)
         self.media_cache = media_cache        # embedding rows of media seen before
         self.sample_threads = sample_threads()  # threads that sample a step's rows
+        # Returns a file descriptor for the next decode to ring once the GIL
+        # is released (-1: none); set by the engine to the delivery side's
+        # Delivery.claim_ring.
+        self.claim_doorbell: Callable[[], int] = lambda: -1
         # Media rows never share a batch with tokens: a batch of their own,
         # with four positions per row for M-RoPE.
         self.media_batch = None if mtmd is None else _llama.Batch(
@@ -126,9 +131,10 @@ class Executor:
 
     def _decode(self, batch: _llama.Batch) -> int:
         n = len(batch)
+        doorbell = self.claim_doorbell()
         while True:
             try:
-                self.ctx.decode(batch)
+                self.ctx.decode(batch, doorbell)
                 return n
             except _llama.NoKVSlotError:
                 if n <= 1:

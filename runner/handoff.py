@@ -19,7 +19,7 @@ import os
 import queue
 from typing import Any
 
-__all__ = ["Handoff", "new_handoff"]
+__all__ = ["Doorbell", "Handoff", "new_handoff"]
 
 
 class Handoff:
@@ -56,3 +56,36 @@ def new_handoff() -> "Handoff | queue.SimpleQueue":
     """A Handoff where the platform has eventfd, else a SimpleQueue (same
     put / get / empty)."""
     return Handoff() if hasattr(os, "eventfd") else queue.SimpleQueue()
+
+
+class Doorbell:
+    """Wakes one waiting thread; any thread may :meth:`ring`, and native code
+    may write an 8-byte 1 to :attr:`fd` without the GIL (``Context.decode``'s
+    ``doorbell``).  An eventfd where the platform has one, else a pipe.
+    Rings before the wait are not lost; several may wake the waiter once."""
+
+    __slots__ = ("fd", "_read_fd")
+
+    def __init__(self) -> None:
+        if hasattr(os, "eventfd"):
+            self.fd = self._read_fd = os.eventfd(0, os.EFD_CLOEXEC)
+        else:  # the write end never blocks: a full pipe already wakes the reader
+            self._read_fd, self.fd = os.pipe()
+            os.set_blocking(self.fd, False)
+
+    def ring(self) -> None:
+        try:
+            os.write(self.fd, (1).to_bytes(8, "little"))
+        except BlockingIOError:
+            pass
+
+    def wait(self) -> None:
+        """Block (without the GIL) until rung since the last wait."""
+        os.read(self._read_fd, 4096 if self._read_fd != self.fd else 8)
+
+    def close(self) -> None:
+        fds = {self.fd, self._read_fd}
+        self.fd = self._read_fd = -1
+        for fd in fds:
+            if fd >= 0:
+                os.close(fd)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import threading
 
 import numpy as np
 import pytest
@@ -502,3 +504,27 @@ def test_log_lines_reach_python_logging(llama, default_model_path, caplog, tmp_p
     assert any(r.name == "runner.llama" for r in caplog.records)
     assert llama.last_error_line()
     assert llama.last_error_line() in str(info.value)
+
+
+@pytest.mark.skipif(not hasattr(os, "eventfd"), reason="counts through an eventfd")
+def test_decode_rings_a_doorbell_once_per_decode(llama, model, make_ctx):
+    from runner.handoff import Doorbell
+
+    ctx = make_ctx()
+    bell = Doorbell()
+    try:
+        token = model.tokenize("Hi", add_special=True)[0]
+        with llama.Batch(8) as batch:
+            for pos, fd in enumerate((bell.fd, -1, bell.fd)):  # -1: no doorbell, nothing written
+                batch.clear()
+                batch.add(token, pos, 0, True)
+                ctx.decode(batch, fd)
+        assert os.eventfd_read(bell.fd) == 2
+        seen = []
+        waiter = threading.Thread(target=lambda: (bell.wait(), seen.append(True)))
+        waiter.start()
+        bell.ring()
+        waiter.join(10)
+        assert seen == [True]
+    finally:
+        bell.close()

@@ -59,3 +59,22 @@ def test_new_handoff_has_the_queue_interface():
     q = new_handoff()
     q.put("a")
     assert not q.empty() and q.get() == "a" and q.empty()
+
+
+def test_doorbell_rings_before_the_wait_are_kept():
+    from runner.handoff import Doorbell
+
+    bell = Doorbell()
+    try:
+        bell.ring()
+        bell.ring()
+        bell.wait()  # returns at once: rung before
+        woke = threading.Event()
+        waiter = threading.Thread(target=lambda: (bell.wait(), woke.set()))
+        waiter.start()
+        assert not woke.wait(0.05)  # the two rings were taken by one wait
+        bell.ring()
+        waiter.join(10)
+        assert woke.is_set()
+    finally:
+        bell.close()
