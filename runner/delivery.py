@@ -152,11 +152,15 @@ class Delivery:
             self._unrung = False
             self._doorbell.ring()
 
-    def step_done(self) -> None:
-        """The loop finished a step: its records go out now (thread mode:
-        the delivery thread is woken unless the step's decode did it)."""
+    def step_done(self, ring: bool = True) -> None:
+        """The loop finished a step.  Inline mode: its events are out.
+        Thread mode: ``ring`` wakes the delivery thread now; the loop passes
+        False when the next decode follows at once and rings it from there,
+        without the GIL (ringing here would hand the GIL to the delivery
+        thread and stall the loop until it is given back)."""
         if self._records is not None:
-            self.ring()
+            if ring:
+                self.ring()
         elif self.on_delivered is not None:
             self.on_delivered()
 

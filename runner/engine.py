@@ -780,10 +780,13 @@ class Engine:
                     stopping = self._closing and (not self._drain or not self.scheduler.active)
                 if stopping:
                     break
+                more = False
                 try:
-                    self._step()
+                    more = self._step()
                 finally:
-                    self.delivery.step_done()
+                    # A decode follows at once: it rings the delivery thread
+                    # with the GIL released (Executor.claim_doorbell).
+                    self.delivery.step_done(ring=not more)
         except BaseException:
             log.exception("engine loop crashed")
             for seq in list(self.scheduler.active):
@@ -806,9 +809,13 @@ class Engine:
                 job.error = NotReady("the engine is shutting down")
                 job.done.set()
 
-    def _step(self) -> None:
+    def _step(self) -> bool:
+        """One step; True when it decoded text and sequences remain active
+        (the next step's decode follows at once)."""
         t0 = time.perf_counter()
         self._finish_flagged()
+        if self.scheduler.waiting or self._embeds or self._slot_jobs:
+            self.delivery.ring()  # admission, embeddings or slot files may take a while
         for seq in self.scheduler.admit(self._accepting):
             self._started(seq)
         if self._embeds:
@@ -823,7 +830,7 @@ class Engine:
         for seq, reason in plan.ended:
             self._end(seq, reason)
         if not plan.entries:
-            return
+            return False
         if self.drafter is not None:
             self.drafter.fill(plan)
         t1 = time.perf_counter()
@@ -835,7 +842,7 @@ class Engine:
         t2 = time.perf_counter()
         self._last_decode_end = t2
         if not decoded:
-            return
+            return False
         if self._loras and n_prompt == 0:  # adapter switches: what one costs sets the turn
             self._switch_cost.note(t2 - t1, self.executor.lora_switches != switches)
             self.scheduler.lora_turn_steps = self._switch_cost.turn_steps()
@@ -846,6 +853,7 @@ class Engine:
         self.timings.append(StepTiming(build=t1 - t0, decode=t2 - t1, sample=t3 - t2,
                                        idle_gap=idle, n_tokens=n_tokens, n_generating=n_gen))
         self.totals.step(t2 - t1, n_tokens)
+        return bool(self.scheduler.active)
 
     def _accepting(self) -> bool:
         """Whether queued requests may still start (called under the lock)."""
