@@ -64,7 +64,21 @@ def _completion_options(args: argparse.Namespace) -> dict:
     if args.grammar_file:
         with open(args.grammar_file, encoding="utf-8") as f:
             options["grammar"] = f.read()
+    lora_scales = getattr(args, "lora_scale", None)
+    if lora_scales:
+        options["lora"] = [_lora_scale(text) for text in lora_scales]
     return options
+
+
+def _lora_scale(text: str) -> dict:
+    """generate --lora-scale ID=SCALE as an entry of the ``lora`` option."""
+    ident, sep, scale = text.partition("=")
+    try:
+        if not sep:
+            raise ValueError
+        return {"id": int(ident), "scale": float(scale)}
+    except ValueError:
+        raise SystemExit(f"--lora-scale takes ID=SCALE (e.g. 0=0.5), got {text!r}") from None
 
 
 def _media_prompt(args: argparse.Namespace) -> tuple[str, list[bytes]]:
@@ -98,7 +112,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         raise SystemExit("--system needs --chat")
     if args.endpoint:
         return _generate_remote(args)
-    if args.image or args.mmproj:
+    if args.image or args.mmproj or args.lora:
         return _generate_engine(args)
     from runner import _llama
     from runner.generate import GenerationStats, generate
@@ -138,7 +152,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _generate_engine(args: argparse.Namespace) -> int:
-    """generate with media: through the in-process engine, which owns the projector."""
+    """generate with media or LoRA adapters: through the in-process engine,
+    which owns the projector and applies the request's adapter scales."""
     from runner.engine import Engine, EngineConfig
     from runner.media import MediaItem
     from runner.models import resolve_model
@@ -150,7 +165,7 @@ def _generate_engine(args: argparse.Namespace) -> int:
     config = EngineConfig(resolve_model(args.model), n_ctx=args.ctx, n_batch=args.batch,
                           n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
                           flash_attn=args.flash_attn, projector_path=args.mmproj,
-                          rpc_servers=_rpc_list(args.rpc))
+                          lora_paths=tuple(args.lora), rpc_servers=_rpc_list(args.rpc))
     with Engine(config) as engine:
         if args.chat:
             prompt = _chat_prompt(engine.model, args, prompt)
@@ -539,6 +554,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", action="append", default=[], metavar="FILE",
                    help="image or audio file placed by [img-N] in the prompt (repeatable; "
                         "prepended when the prompt places none)")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE",
+                   help="LoRA adapter to load, id 0, 1, ... in order (repeatable; each at scale 1 "
+                        "unless --lora-scale says otherwise)")
+    p.add_argument("--lora-scale", action="append", default=[], metavar="ID=SCALE",
+                   help="run under adapter ID at SCALE; adapters not named run at scale 0 "
+                        "(repeatable; with --endpoint, the ids of the runner's --lora list)")
     _add_rpc_arg(p)
     _add_context_args(p)
     _add_sampling_args(p)

@@ -150,6 +150,11 @@ def render_prometheus(metrics: dict[str, Any]) -> bytes:
                     yield CounterMetricFamily(f"llama_runner_{cache}_{key}", f"{cache} {key}", value=info[key])
                 for key in ("bytes", "entries"):
                     yield GaugeMetricFamily(f"llama_runner_{cache}_{key}", f"{cache} {key} held", value=info[key])
+            # Memory the host tier holds besides its entries: the save buffer
+            # prepared ahead (it counts against cache_ram_mb too).
+            yield GaugeMetricFamily("llama_runner_host_cache_spare_bytes",
+                                    "host_cache bytes held in the spare save buffer",
+                                    value=metrics["host_cache"].get("spare_bytes", 0))
             yield GaugeMetricFamily("llama_runner_load_seconds", "Time the model load took",
                                     value=metrics["load_seconds"])
 

@@ -139,3 +139,31 @@ def test_info_lists_the_adapters(engine, files):
     assert 8 <= info["turn_steps"] <= 64  # set from the switches measured so far
     assert info["adapters"] == [{"id": 0, "path": str(files[1]), "scale": 1.0},
                                 {"id": 1, "path": str(files[2]), "scale": 1.0}]
+
+
+def test_generate_command_loads_adapters_and_takes_scales(engine, files):
+    """``llama-runner generate --lora FILE --lora-scale ID=SCALE`` prints what
+    the engine gives the same request."""
+    import subprocess
+
+    prompt = PROMPTS[0]
+
+    def generate(*extra):
+        out = subprocess.run([sys.executable, "-m", "runner.cli", "generate", "--model", str(files[0]),
+                              "--prompt", prompt, "-n", str(N), "--temperature", "0", "--repeat-penalty", "1",
+                              "--quiet", "--lora", str(files[1]), "--lora", str(files[2]),
+                              *extra], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.rstrip("\n")
+
+    def expected(lora=None):
+        opts = dict(temperature=0.0, repeat_penalty=1.0, num_predict=N)
+        return engine.complete(prompt, **opts, **({"lora": lora} if lora else {}))[0]
+
+    assert generate("--lora-scale", "0=0.5") == expected(A_HALF)
+    assert generate() == expected()
+    assert expected(A_HALF) != expected()
+    bad = subprocess.run([sys.executable, "-m", "runner.cli", "generate", "--model", str(files[0]),
+                          "--prompt", prompt, "--lora", str(files[1]), "--lora-scale", "half"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "ID=SCALE" in bad.stderr

@@ -88,6 +88,7 @@ def test_prometheus_text_of_a_runner(default_model_path):
     assert samples[("llama_runner_step_seconds_bucket", (("le", "+Inf"),))] == totals["steps"]
     assert ("llama_runner_slot_kv_cells", (("slot", "0"),)) in samples
     assert samples[("llama_runner_load_seconds", ())] > 0
+    assert samples[("llama_runner_host_cache_spare_bytes", ())] >= 0
 
 
 def test_the_metrics_op_counts_a_known_mix_exactly(default_model_path):
@@ -159,6 +160,7 @@ def test_the_metrics_op_counts_a_known_mix_exactly(default_model_path):
     assert samples[("llama_runner_queue_seconds_count", ())] == 5
     assert samples[("llama_runner_slot_kv_cells", (("slot", "0"),))] == m.slot_kv_cells[0]
     assert samples[("llama_runner_media_cache_misses_total", ())] == 0
+    assert samples[("llama_runner_host_cache_spare_bytes", ())] == m.host_cache["spare_bytes"] == 0  # tier off
 
 
 def test_an_embedding_runner_refuses_completions(default_model_path):
