@@ -42,22 +42,33 @@ def devices():
     ('cpu', 'gpu', 'igpu', 'accel'), backend, device_id, free and total bytes."""
     backend_init()
     cdef size_t i
+    cdef size_t n = ggml_backend_dev_count()
     cdef ggml_backend_dev_t dev
-    cdef ggml_backend_dev_props props
+    cdef ggml_backend_dev_props * props = <ggml_backend_dev_props *> malloc(
+        max(n, 1) * sizeof(ggml_backend_dev_props))
+    if props == NULL:
+        raise MemoryError()
     out = []
-    for i in range(ggml_backend_dev_count()):
-        dev = ggml_backend_dev_get(i)
-        ggml_backend_dev_get_props(dev, &props)
-        out.append({
-            "index": i,
-            "name": _str(props.name),
-            "description": _str(props.description),
-            "type": _DEV_TYPES.get(props.type, "unknown"),
-            "backend": _str(ggml_backend_reg_name(ggml_backend_dev_backend_reg(dev))),
-            "device_id": _str(props.device_id) or None,
-            "free": props.memory_free,
-            "total": props.memory_total,
-        })
+    try:
+        # Without the GIL: a remote device's memory is an exchange with its
+        # server, waited for on its connection's thread, which may log.
+        with nogil:
+            for i in range(n):
+                ggml_backend_dev_get_props(ggml_backend_dev_get(i), &props[i])
+        for i in range(n):
+            dev = ggml_backend_dev_get(i)
+            out.append({
+                "index": i,
+                "name": _str(props[i].name),
+                "description": _str(props[i].description),
+                "type": _DEV_TYPES.get(props[i].type, "unknown"),
+                "backend": _str(ggml_backend_reg_name(ggml_backend_dev_backend_reg(dev))),
+                "device_id": _str(props[i].device_id) or None,
+                "free": props[i].memory_free,
+                "total": props[i].memory_total,
+            })
+    finally:
+        free(props)
     return out
 
 

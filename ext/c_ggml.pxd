@@ -106,8 +106,11 @@ cdef extern from "ggml-rpc.h" nogil:
     int RPC_PROTO_PATCH_VERSION
     int GGML_RPC_MAX_SERVERS
 
-# ggml_backend_rpc_add_server and ggml_backend_rpc_start_server, as pointers.
+# ggml_backend_rpc_add_server, ggml_backend_rpc_start_server and
+# ggml_backend_rpc_server_lost, as pointers.
 ctypedef ggml_backend_reg_t (*ggml_backend_rpc_add_server_t)(const char * endpoint) noexcept nogil
 ctypedef void (*ggml_backend_rpc_start_server_t)(const char * endpoint, const char * cache_dir,
                                                   size_t n_threads, size_t n_devices,
                                                   ggml_backend_dev_t * devices) noexcept nogil
+# patches/0003: 1 when the connection to the server at endpoint was lost.
+ctypedef int (*ggml_backend_rpc_server_lost_t)(const char * endpoint) noexcept nogil

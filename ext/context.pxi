@@ -88,11 +88,15 @@ cdef class Context:
             self.ptr = NULL
 
     def close(self):
-        """Free the context.  Idempotent."""
-        if self.ptr != NULL:
-            llama_free(self.ptr)
+        """Free the context.  Idempotent.  The GIL is released: freeing
+        buffers on a remote device waits for its connection's thread, which
+        may log through our callback."""
+        cdef llama_context * ptr = self.ptr
+        if ptr != NULL:
             self.ptr = NULL
             self.mem = NULL
+            with nogil:
+                llama_free(ptr)
             self.model.open_contexts -= 1
 
     @property
@@ -192,6 +196,9 @@ cdef class Context:
 
         Raises :class:`NoKVSlotError` (retry smaller), :class:`DecodeAbortedError`
         or :class:`DecodeError`; a bad batch raises ValueError before any C call.
+        Once an RPC server was added, the decode is waited for here, and
+        :class:`DeviceLostError` is raised when a server's connection is lost
+        (its outputs would be zeros).
         """
         self._check()
         self._validate(batch)
@@ -202,6 +209,10 @@ cdef class Context:
             if doorbell >= 0:
                 write(doorbell, &one, 8)  # a full pipe means the reader is awake anyway
             rc = llama_decode(self.ptr, batch.batch)
+            if rc == 0 and _rpc_watch:
+                llama_synchronize(self.ptr)
+        if _rpc_watch:
+            _check_rpc_lost(rc)
         check_decode(rc)
 
     def encode(self, Batch batch not None):
@@ -212,6 +223,10 @@ cdef class Context:
         self.abort_flag = 0
         with nogil:
             rc = llama_encode(self.ptr, batch.batch)
+            if rc == 0 and _rpc_watch:
+                llama_synchronize(self.ptr)
+        if _rpc_watch:
+            _check_rpc_lost(rc)
         check_decode(rc)
 
     def abort(self):
@@ -273,9 +288,11 @@ cdef class Context:
         return 0
 
     def clear(self, bint data=True):
-        """Remove every sequence from the KV cache."""
+        """Remove every sequence from the KV cache (``data``: and zero its
+        buffers, without the GIL: on a remote device that is an exchange)."""
         self._check()
-        llama_memory_clear(self.mem, data)
+        with nogil:
+            llama_memory_clear(self.mem, data)
 
     def seq_rm(self, llama_seq_id seq, llama_pos p0=-1, llama_pos p1=-1):
         """Remove positions [p0, p1) of ``seq`` (-1 = open end).  Returns False

@@ -33,6 +33,16 @@ class DecodeAbortedError(DecodeError):
     """llama_decode returned 2: the abort callback stopped the computation."""
 
 
+class DeviceLostError(DecodeError):
+    """A remote device holding part of the model was lost (its RPC server
+    stopped or became unreachable: ``endpoints``).  Nothing computed on it
+    since can be trusted, and no later decode of this context can succeed."""
+
+    def __init__(self, message, code, endpoints):
+        super().__init__(message, code)
+        self.endpoints = list(endpoints)
+
+
 class GrammarError(ValueError):
     """The GBNF grammar could not be parsed."""
 

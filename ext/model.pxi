@@ -166,10 +166,12 @@ cdef class Model:
         """Free the model.  Idempotent; raises while contexts are open."""
         if self.open_contexts > 0:
             raise LlamaError(f"model still has {self.open_contexts} open context(s); close them first")
-        if self.ptr != NULL:
-            llama_model_free(self.ptr)
+        cdef llama_model * ptr = self.ptr
+        if ptr != NULL:
             self.ptr = NULL
             self.vocab = NULL
+            with nogil:  # frees buffers on remote devices too (see Context.close)
+                llama_model_free(ptr)
 
     @property
     def closed(self):

@@ -2,13 +2,19 @@
 # host's devices to those this process sees.  Policy (which endpoints, the
 # loopback rule, probing a server before ggml connects) is runner/rpc.py.
 #
-# ggml's RPC client aborts the process when a connection fails (at connect,
-# or mid-computation: ggml-rpc.cpp RPC_STATUS_ASSERT); nothing here can catch
-# that.  set_plain_aborts() makes such an abort one line on stderr.
+# ggml's RPC client aborts the process when it cannot connect (the runner
+# probes an endpoint first, runner/rpc.py); set_plain_aborts() makes such an
+# abort one line on stderr.  A connection lost later no longer aborts
+# (patches/0003): its operations fail, and Context.decode raises
+# DeviceLostError once rpc_lost() names the server.
 
 from libc.stdio cimport fflush, fprintf, stderr
 
 cdef dict _rpc_added = {}   # endpoint -> names of the devices it added (under _backend_lock)
+# Set once a server is added: decodes then synchronize and ask rpc_lost()
+# (read without the GIL inside Context.decode).
+cdef bint _rpc_watch = False
+cdef ggml_backend_rpc_server_lost_t _rpc_server_lost = NULL  # patches/0003's query
 
 
 cdef ggml_backend_reg_t _rpc_registry() except NULL:
@@ -45,9 +51,14 @@ def rpc_add_server(str endpoint):
         raise LlamaError("the RPC backend has no ggml_backend_rpc_add_server")
     cdef bytes bendpoint = endpoint.encode()
     cdef const char * cendpoint = bendpoint
+    cdef ggml_backend_rpc_server_lost_t server_lost = <ggml_backend_rpc_server_lost_t> \
+        ggml_backend_reg_get_proc_address(rpc, b"ggml_backend_rpc_server_lost")
+    if server_lost == NULL:
+        raise LlamaError("the RPC backend has no ggml_backend_rpc_server_lost (patches/0003)")
     cdef ggml_backend_reg_t reg = NULL
     cdef size_t i
     cdef list names
+    global _rpc_watch, _rpc_server_lost
     with _backend_lock:
         if endpoint in _rpc_added:
             return list(_rpc_added[endpoint])
@@ -65,6 +76,8 @@ def rpc_add_server(str endpoint):
         for i in range(ggml_backend_reg_dev_count(reg)):
             names.append(_str(ggml_backend_dev_name(ggml_backend_reg_dev_get(reg, i))))
         _rpc_added[endpoint] = tuple(names)
+        _rpc_server_lost = server_lost
+        _rpc_watch = True
         return names
 
 
@@ -72,6 +85,33 @@ def rpc_servers():
     """Endpoints added with rpc_add_server, each with its device names."""
     with _backend_lock:
         return {endpoint: list(names) for endpoint, names in _rpc_added.items()}
+
+
+def rpc_lost():
+    """Endpoints added with rpc_add_server whose connection was lost (the
+    server stopped or became unreachable after ggml connected), in the order
+    they were added.  Their devices fail every later operation: a context
+    with layers there cannot compute any more."""
+    if _rpc_server_lost == NULL:
+        return []
+    lost = []
+    cdef bytes bendpoint
+    for endpoint in list(_rpc_added):  # a copy: another thread may add one
+        bendpoint = endpoint.encode()
+        if _rpc_server_lost(bendpoint):
+            lost.append(endpoint)
+    return lost
+
+
+cdef int _check_rpc_lost(int32_t rc) except -1:
+    """Raise DeviceLostError when an RPC connection is lost: the decode
+    that returned ``rc`` either failed on it (-3) or returned 0 with outputs
+    ggml-rpc zeroed."""
+    lost = rpc_lost()
+    if lost:
+        raise DeviceLostError(f"lost the connection to the RPC server {', '.join(lost)} "
+                              f"(llama_decode returned {rc})", rc, lost)
+    return 0
 
 
 def rpc_start_server(str endpoint, devices, *, int n_threads=1, str cache_dir=None):

@@ -38,12 +38,12 @@ import numpy as np
 
 from runner import _llama, limits, rpc
 from runner.requests import (
-    BadRequest, Busy, Chunk, CompletionOptions, CompletionRequest, EmbeddingResult,
+    BadRequest, Busy, Chunk, CompletionOptions, CompletionRequest, DeviceLost, EmbeddingResult,
     EngineError, Final, InputTooLong, InternalError, NotReady,
 )
 from runner.delivery import Delivery, SeqEnded, SeqReleased, Shutdown, StepTokens
 from runner.drafter import Drafter
-from runner.executor import Executor
+from runner.executor import Executor, device_lost
 from runner.handoff import new_handoff
 from runner.hostcache import HostCache
 from runner.load_checks import ModelFileError, check_model_file
@@ -284,6 +284,10 @@ class Engine:
         self._by_id: dict[str, Sequence] = {}   # every unfinished request
         self._closing = False                   # no new requests accepted
         self._drain = False                     # finish running requests before stopping
+        # Why the model cannot compute any more (a remote device holding part
+        # of it was lost), or None: set once under _lock, never cleared, read
+        # anywhere; see failure().
+        self.failed: str | None = None
         self._ids = itertools.count(1)
         self._ready: list[Sequence] = []        # ended, text flushed, slot to release
         self._last_decode_end = 0.0             # loop thread: for the idle-gap timing
@@ -444,6 +448,7 @@ class Engine:
     def _submit(self, request: CompletionRequest, on_event: Sink | None) -> Handle:
         if self.config.embeddings:
             raise BadRequest("this runner was loaded with embeddings: true; it serves embeddings only")
+        self._check_usable()
         options = request.options.validate()
         t0 = time.perf_counter()
         inputs, spans = self._prompt_inputs(request)
@@ -471,6 +476,9 @@ class Engine:
             if self._closing:
                 sampler.close()
                 raise NotReady("the engine is shutting down")
+            if self.failed is not None:
+                sampler.close()
+                raise NotReady(self.failed)
             if rid in self._by_id:
                 sampler.close()
                 raise BadRequest(f"request id {rid!r} is already in use")
@@ -614,9 +622,12 @@ class Engine:
     def _hand_to_loop(self, jobs: collections.deque, job, timeout: float | None, what: str):
         """Queue a job (EmbeddingJob, SlotJob: ``done`` and ``error``) for the
         loop thread and wait for it; its error is raised here."""
+        self._check_usable()
         with self._lock:
             if self._closing:
                 raise NotReady("the engine is shutting down")
+            if self.failed is not None:
+                raise NotReady(self.failed)
             jobs.append(job)
             self._wake.notify()
         if not job.done.wait(timeout):
@@ -624,6 +635,34 @@ class Engine:
         if job.error is not None:
             raise job.error
         return job
+
+    def failure(self) -> str | None:
+        """Why this engine can no longer compute, or None (any thread).
+
+        Set for good when a remote device holding part of the model is lost:
+        by the decode that met the lost connection, or here as soon as ggml
+        knows of it (a ``discover`` that asked the server, say), so that
+        ``health`` reports it before the next decode."""
+        if self.failed is None and self.config.rpc_servers:
+            lost = [e for e in _llama.rpc_lost() if e in self.config.rpc_servers]
+            if lost:
+                self._lose(DeviceLost(rpc.lost_message(lost)))
+        return self.failed
+
+    def _check_usable(self) -> None:
+        reason = self.failure()
+        if reason is not None:
+            raise NotReady(reason)
+
+    def _lose(self, error: DeviceLost) -> None:
+        """Record that the model cannot compute any more; the loop fails what
+        is queued or running at its next step."""
+        with self._lock:
+            if self.failed is not None:
+                return
+            self.failed = str(error)
+            self._wake.notify()
+        log.error("%s", error)
 
     def info(self) -> dict:
         """Model, configuration, slots and queue, as plain data."""
@@ -814,6 +853,9 @@ class Engine:
         (the next step's decode follows at once)."""
         t0 = time.perf_counter()
         self._finish_flagged()
+        if self.failed is not None:
+            self._fail_all()
+            return False
         if self.scheduler.waiting or self._embeds or self._slot_jobs:
             self.delivery.ring()  # admission, embeddings or slot files may take a while
         for seq in self.scheduler.admit(self._accepting):
@@ -826,13 +868,19 @@ class Engine:
             media = self.scheduler.schedule_media()
             if media is not None and self._execute(media):
                 self._sample(media)
+        if self.failed is not None:  # met by an embedding or media decode: next step
+            return False
         plan = self.scheduler.schedule()
         for seq, reason in plan.ended:
             self._end(seq, reason)
         if not plan.entries:
             return False
         if self.drafter is not None:
-            self.drafter.fill(plan)
+            try:
+                self.drafter.fill(plan)
+            except _llama.DeviceLostError as exc:
+                self._lose(device_lost(exc))
+                return False
         t1 = time.perf_counter()
         idle = t1 - self._last_decode_end if self._last_decode_end else 0.0
         n_tokens = plan.n_inputs()
@@ -858,6 +906,25 @@ class Engine:
     def _accepting(self) -> bool:
         """Whether queued requests may still start (called under the lock)."""
         return not (self._closing and not self._drain)
+
+    def _fail_all(self) -> None:
+        """The model cannot compute any more (:attr:`failed`): end every
+        running and queued request, and every waiting job, with that error.
+        Slots come back as usual, once delivery has flushed their text."""
+        error = DeviceLost(self.failed)
+        for seq in list(self.scheduler.active):
+            self._end(seq, "error", error)
+        with self._lock:
+            waiting = list(self.scheduler.waiting)
+            self.scheduler.waiting.clear()
+            jobs = [*self._embeds, *self._slot_jobs]
+            self._embeds.clear()
+            self._slot_jobs.clear()
+        for seq in waiting:
+            self._end(seq, "error", error)
+        for job in jobs:
+            job.error = error
+            job.done.set()
 
     # -- finish and admit -------------------------------------------------
 
@@ -920,6 +987,8 @@ class Engine:
         try:
             n = self.executor.execute(plan)
         except EngineError as exc:
+            if isinstance(exc, DeviceLost):
+                self._lose(exc)
             for entry in plan.entries:
                 self._end(entry.seq, "error", exc)
             return 0
@@ -1091,6 +1160,8 @@ class Engine:
                 self.slots.record(slot, tokens)
         except Exception as exc:  # these requests fail, the engine goes on
             error = exc if isinstance(exc, EngineError) else InternalError(f"embedding failed: {exc}")
+            if isinstance(error, DeviceLost):
+                self._lose(error)
             for job, _ in picked:
                 job.error = error
         finally:

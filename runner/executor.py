@@ -13,9 +13,9 @@ from typing import Callable
 
 import numpy as np
 
-from runner import _llama
+from runner import _llama, rpc
 from runner.media import MediaCache, MediaSpan
-from runner.requests import InternalError
+from runner.requests import DeviceLost, InternalError
 from runner.scheduler import StepPlan
 
 log = logging.getLogger("runner.engine")
@@ -33,6 +33,11 @@ def sample_threads() -> int:
     if value.strip().isdigit() and int(value) > 0:
         return int(value)
     return 1
+
+
+def device_lost(exc: "_llama.DeviceLostError") -> DeviceLost:
+    """The engine's error for a decode that met a lost RPC connection."""
+    return DeviceLost(rpc.lost_message(exc.endpoints))
 
 
 class Executor:
@@ -70,7 +75,9 @@ class Executor:
         its inputs were decoded (fewer after halving; 0 when aborted).
         Raises EngineError when the decode failed (the plan's sequences
         fail), after which nothing of the plan is in the KV memory that
-        counts: the scheduler records only what :meth:`execute` returned."""
+        counts: the scheduler records only what :meth:`execute` returned;
+        DeviceLost when a remote device holding part of the model was lost
+        (nothing can be decoded any more)."""
         self.use_lora(plan.lora)
         if plan.media:
             return self._execute_media(plan)
@@ -144,6 +151,8 @@ class Executor:
                 log.warning("no KV slot for the batch; retrying with %d inputs", n)
             except _llama.DecodeAbortedError:
                 return 0
+            except _llama.DeviceLostError as exc:
+                raise device_lost(exc) from None
             except (_llama.DecodeError, ValueError) as exc:
                 raise InternalError(f"decode failed: {exc}") from None
 
@@ -154,6 +163,9 @@ class Executor:
             try:
                 return self.mtmd.encode(span.chunk)
             except _llama.LlamaError as exc:
+                lost = _llama.rpc_lost()  # the projector may sit on a remote device
+                if lost:
+                    raise DeviceLost(rpc.lost_message(lost)) from None
                 raise InternalError(f"{span.chunk.kind} encoding failed: {exc}") from None
         return self.media_cache.get_or_encode(span.key, encode)
 
@@ -191,6 +203,8 @@ class Executor:
         try:
             try:
                 ctx.decode(batch)
+            except _llama.DeviceLostError as exc:
+                raise device_lost(exc) from None
             except _llama.DecodeError as exc:  # no KV slot, aborted (closing), or failed
                 raise InternalError(f"embedding decode failed: {exc}") from None
             if per_token:

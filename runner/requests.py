@@ -48,6 +48,12 @@ class InternalError(EngineError):
     code = "internal"
 
 
+class DeviceLost(InternalError):
+    """A device holding part of the model was lost (an RPC server stopped):
+    the engine cannot compute any more.  Its requests fail with this, and
+    later ones are refused (NotReady) with the same message."""
+
+
 # -- options ---------------------------------------------------------------
 
 INT32_MAX = 2**31 - 1

@@ -11,11 +11,13 @@ Two properties of ggml's RPC code shape this module:
 * The protocol has no authentication or encryption: whoever reaches the port
   can allocate, read and write the served device's memory and run graphs on
   it.  :func:`check_bind_host` keeps servers on loopback unless told otherwise.
-* ggml's client aborts the whole process when a connection fails, at connect
-  or mid-computation.  :func:`probe` speaks the protocol's first messages
-  itself, with a timeout, so that a wrong, busy or dead endpoint in a request
-  fails that request instead of the runner.  A server that dies *after* the
-  probe still aborts the runner (its parent sees the exit; docs/rpc.md).
+* ggml's client aborts the whole process when it cannot connect.
+  :func:`probe` speaks the protocol's first messages itself, with a timeout,
+  so that a wrong, busy or dead endpoint in a request fails that request
+  instead of the runner.  A connection lost *after* that no longer aborts
+  (patches/0003): the decode that meets it raises ``DeviceLostError``, and
+  the engine fails its requests and reports itself unhealthy with
+  :func:`lost_message` (docs/rpc.md).
 """
 
 from __future__ import annotations
@@ -175,14 +177,24 @@ def add_servers(endpoints: Iterable[str], timeout: float = PROBE_TIMEOUT) -> lis
     for endpoint in endpoints:
         if endpoint not in added:
             probe(endpoint, timeout)
-    # From here on a lost connection aborts the process: one clear line on
-    # stderr for whoever reads it (the runner's parent), no gdb backtrace.
+    # A server that dies between its probe and ggml's connect aborts the
+    # process: one clear line on stderr for whoever reads it (the runner's
+    # parent), no gdb backtrace.
     _llama.set_plain_aborts()
     names: list[str] = []
     for endpoint in endpoints:
         names += _llama.rpc_add_server(endpoint)
         log.info("RPC server %s: devices %s", endpoint, names)
     return names
+
+
+def lost_message(endpoints: Iterable[str]) -> str:
+    """What a runner says once the connection to RPC servers holding part of
+    its model was lost: the affected requests' error and ``health``'s."""
+    names = ", ".join(endpoints)
+    return (f"lost the RPC server {names} holding part of the model (its connection failed: "
+            "the server stopped or its host became unreachable); this runner cannot compute "
+            "any more: start a new one once the server is back")
 
 
 def is_loopback(host: str) -> bool:

@@ -713,12 +713,23 @@ class Server:
             raise BadRequest(f"request id {request_id!r} is already in flight")
         return key
 
-    def _health(self, peer: bytes, req: P.Health, size: int) -> None:
+    def _public_state(self) -> tuple[str, float, str | None, str | None, Any]:
+        """(state, progress, error, error_code, engine) as ``health`` reports
+        them: a loaded engine that can no longer compute (a lost remote
+        device) is in state ``error`` with the reason."""
         with self._state_lock:
             state, progress, error, code = self._state, self._progress, self._error, self._error_code
             engine = self.engine
+        if engine is not None:
+            failure = engine.failure()
+            if failure is not None:
+                state, error, code = "error", failure, "internal"
+        return ("stopping" if self._stopping else state), progress, error, code, engine
+
+    def _health(self, peer: bytes, req: P.Health, size: int) -> None:
+        state, progress, error, code, engine = self._public_state()
         self._send(peer, P.HealthReply(
-            id=req.id, state="stopping" if self._stopping else state, progress=progress,
+            id=req.id, state=state, progress=progress,
             error=error, error_code=code, pid=os.getpid(), max_message_bytes=self.max_message_bytes,
             host_cache=engine.host_cache.info() if engine is not None else None))
 
@@ -730,6 +741,9 @@ class Server:
         if state == "loading":
             raise Busy("the model is already loading")
         if state == "ready":
+            failure = self.engine.failure()
+            if failure is not None:
+                raise BadRequest(f"the model is loaded but cannot compute any more ({failure})")
             raise BadRequest("the model is already loaded")
         self._start_load(req)
         self._send(peer, P.LoadReply(id=req.id, state="loading"))
@@ -892,9 +906,7 @@ class Server:
         from runner import __version__
 
         in_flight = len(self._jobs)
-        with self._state_lock:
-            state, engine = self._state, self.engine
-        state = "stopping" if self._stopping else state
+        state, _, _, _, engine = self._public_state()
 
         def run(job: Job) -> P.Reply:
             from runner import _llama
