@@ -22,6 +22,11 @@ its invariants); this module carries the decisions out with processes
   dead runner's requests fail with :class:`RunnerCrashed`; the next request
   starts it again, and a model that fails twice in a row is refused with
   :class:`ModelFailed` until :meth:`RunnerPool.reset`.
+* A request that fails with an error the runner reports about itself
+  (``internal``, ``not_ready``) makes the pool ask that runner's ``health``
+  on a thread of its own; a runner in state ``error`` (it lost a remote
+  device holding part of its model, docs/rpc.md) is stopped and counted
+  like a dead one.
 
 Every decision is logged on the ``runner.pool`` logger and kept in
 :meth:`RunnerPool.events`.  Waiting callers hold ``concurrent.futures``
@@ -57,6 +62,10 @@ from runner.requests import Chunk, EngineError, Final
 log = logging.getLogger("runner.pool")
 
 _POLL_DEATHS = 0.5  # seconds between the keeper's checks for runners that died while idle
+_HEALTH_TIMEOUT = 10.0  # seconds a health check after a failed request waits for the answer
+# Codes of errors a runner reports about itself rather than about the request:
+# after one the pool asks the runner whether it can still serve.
+_SELF_ERRORS = ("internal", "not_ready")
 
 
 class PoolError(EngineError):
@@ -114,6 +123,17 @@ class Lease:
             self._released = True
             self._pool._release(self, answered)
 
+    def failed(self, exc: BaseException) -> None:
+        """The request ended with ``exc`` (not a death: see :meth:`crashed`).
+        An error the runner reports about itself (``internal``,
+        ``not_ready``) does not show it healthy, and makes the pool ask its
+        ``health``."""
+        own = (isinstance(exc, EngineError) and not isinstance(exc, RunnerGone)
+               and exc.code in _SELF_ERRORS)
+        self.release(answered=isinstance(exc, EngineError) and not own)
+        if own:
+            self._pool._check_health_later(self.model, self._generation, self.runner)
+
     def crashed(self, exc: RunnerGone) -> PoolError | RunnerCrashed:
         """The runner died under this request: tell the pool; the error to raise."""
         self.release(answered=False)
@@ -156,7 +176,8 @@ class RunnerPool:
         self._needs: dict[tuple[str, bool], int] = {}  # (model, on GPU) -> estimated bytes
         self._room: Room | None = None      # the last discover reading
         self._events: collections.deque[dict[str, Any]] = collections.deque(maxlen=1000)
-        self._threads: set[threading.Thread] = set()  # load and unload threads running
+        self._threads: set[threading.Thread] = set()  # load, unload and health-check threads running
+        self._checking: set[tuple[str, int]] = set()  # (model, generation) whose health is being asked
         self._closed = False
         self._keeper = threading.Thread(target=self._keep, name="runner-pool-keeper", daemon=True)
         self._keeper.start()
@@ -522,25 +543,63 @@ class RunnerPool:
         for future, _ in joiners:
             _fail(future, error)
 
-    def _runner_died(self, model: str, generation: int, why: str) -> None:
-        """``model``'s runner of that generation died: drop it, count the failure."""
+    def _runner_died(self, model: str, generation: int, why: str, unhealthy: bool = False) -> None:
+        """``model``'s runner of that generation died (or, ``unhealthy``,
+        says it cannot serve any more): drop it, count the failure, stop it
+        (an unhealthy one is alive: it gets time to shut down cleanly)."""
         with self._lock:
             if self._generation[model] != generation or model not in self._runners:
                 return  # noticed already, or it was being stopped by the pool
-            runner = self._drop_dead(model, why)
-        runner.close(timeout=1.0)
+            runner = self._drop_dead(model, why, unhealthy)
+        runner.close(timeout=10.0 if unhealthy else 1.0)
 
-    def _drop_dead(self, model: str, why: str) -> Runner:
-        """Remove a dead runner and count the failure (lock held); the caller closes it."""
+    def _drop_dead(self, model: str, why: str, unhealthy: bool = False) -> Runner:
+        """Remove a dead (or unhealthy) runner and count the failure (lock
+        held); the caller closes it."""
         runner = self._take(model, unloading=False)
-        reported = self._policy.failure(model, f"runner died: {why}")
+        event = "unhealthy" if unhealthy else "crashed"
+        reported = self._policy.failure(model, f"runner {'unhealthy' if unhealthy else 'died'}: {why}")
         if reported:
-            self._event("crashed", model, f"{why}; {self._policy.failed[model]}")
+            self._event(event, model, f"{why}; {self._policy.failed[model]}")
         else:
-            self._event("crashed", model, f"{why}; the next request starts it again")
+            self._event(event, model, f"{why}; the next request starts it again")
         self._drain()
         self._changed.notify_all()
         return runner
+
+    def _check_health_later(self, model: str, generation: int, runner: Runner) -> None:
+        """Ask ``runner`` (``model``'s, of that generation) for its health on
+        a thread of its own, once at a time (see :meth:`_check_health`)."""
+        key = (model, generation)
+        with self._lock:
+            if self._closed or self._generation[model] != generation or key in self._checking:
+                return
+            self._checking.add(key)
+            thread = threading.Thread(target=self._check_health, args=(model, generation, runner),
+                                      name="runner-pool-health", daemon=True)
+            self._threads.add(thread)
+        thread.start()
+
+    def _check_health(self, model: str, generation: int, runner: Runner) -> None:
+        """A runner whose ``health`` says ``error`` after its load cannot
+        serve any more (a lost remote device): it is dropped and stopped like
+        a dead one, and the next request starts a new runner."""
+        try:
+            try:
+                health = runner.health(timeout=_HEALTH_TIMEOUT)
+            except RunnerGone as exc:
+                self._runner_died(model, generation, str(exc))
+                return
+            except Exception as exc:  # no answer in time: the next failure asks again
+                with self._lock:
+                    self._event("health", model, f"no health answer: {type(exc).__name__}: {exc}")
+                return
+            if health.state == "error":
+                self._runner_died(model, generation, health.error or "state error", unhealthy=True)
+        finally:
+            with self._lock:
+                self._checking.discard((model, generation))
+                self._threads.discard(threading.current_thread())
 
     def _take(self, model: str, unloading: bool = True) -> Runner:
         """Remove ``model``'s runner from the pool (lock held); its memory counts until stopped."""
@@ -630,7 +689,7 @@ class PoolStream:
         except RunnerGone as exc:
             raise self._lease.crashed(exc) from exc
         except BaseException as exc:  # an error reply means the runner answered; a cancel does not
-            self._lease.release(answered=isinstance(exc, EngineError))
+            self._lease.failed(exc)
             raise
         if type(event) is Final:
             self._lease.release()
@@ -687,7 +746,7 @@ class AsyncPoolStream:
         except RunnerGone as exc:
             raise self._lease.crashed(exc) from exc
         except BaseException as exc:  # an error reply means the runner answered; a cancel does not
-            self._lease.release(answered=isinstance(exc, EngineError))
+            self._lease.failed(exc)
             raise
         if type(event) is Final:
             self._lease.release()
@@ -737,6 +796,8 @@ class _Hold:
         assert self._lease is not None
         if isinstance(exc, RunnerGone) and not isinstance(exc, RunnerCrashed):
             self._lease.crashed(exc)
+        elif isinstance(exc, EngineError) and not isinstance(exc, RunnerGone):
+            self._lease.failed(exc)
         else:
             self._lease.release()
 
@@ -775,6 +836,9 @@ def _start(lease: "Lease", call: Callable[..., Any], *args: Any, **kwargs: Any) 
         return call(*args, **kwargs)
     except RunnerGone as exc:
         raise lease.crashed(exc) from exc
+    except EngineError as exc:
+        lease.failed(exc)
+        raise
     except BaseException:
         lease.release()
         raise

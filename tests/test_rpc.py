@@ -1,11 +1,13 @@
 """ggml's RPC backend (issue 20): rpc-server processes on 127.0.0.1 serving
 their CPU, runners placing the default model's layers across them and their
 own CPU, and what happens when a server is wrong, busy or killed (the
-runner fails the affected requests and reports itself unhealthy)."""
+runner fails the affected requests and reports itself unhealthy; a pool
+replaces it)."""
 
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -180,8 +182,8 @@ def rpc_servers(llama):
     """A factory of rpc-server processes, killed after the test."""
     made: list[RpcServer] = []
 
-    def make(n: int) -> list[RpcServer]:
-        servers = [RpcServer() for _ in range(n)]
+    def make(n: int, port: int | None = None) -> list[RpcServer]:
+        servers = [RpcServer(port) for _ in range(n)]
         made.extend(servers)
         return servers
 
@@ -333,3 +335,31 @@ def test_a_server_killed_mid_stream_fails_the_streams_and_leaves_the_runner_unhe
     runner.close(timeout=60)
     assert runner.returncode == 0
 
+
+def test_a_pool_replaces_a_runner_that_lost_a_server(rpc_servers):
+    """RunnerPool treats a runner that lost a server like a dead one: after
+    the failed stream it asks the runner's health, stops it, and the next
+    request starts a new runner (here once the server is back)."""
+    from runner.pool import RunnerPool
+    from runner.requests import InternalError
+
+    servers = rpc_servers(2)
+    endpoints = [s.endpoint for s in servers]
+    load = {"n_ctx": 1024, "n_threads": 2, "n_gpu_layers": 21, "rpc_servers": endpoints}
+    with RunnerPool(load=load) as pool:
+        stream = pool.complete("default", PROMPTS[0], num_predict=900, **GREEDY)
+        next(stream)
+        first = pool.state()["models"]["default"]["pid"]
+        servers[1].kill()
+        _, error = _drain(stream)
+        assert isinstance(error, InternalError) and "lost the RPC server" in str(error), repr(error)
+        wait_until(lambda: any(e["event"] == "unhealthy" for e in pool.events()), timeout=120)
+        event = next(e for e in pool.events() if e["event"] == "unhealthy")
+        assert f"lost the RPC server {servers[1].endpoint}" in event["detail"]
+        wait_until(lambda: not os.path.exists(f"/proc/{first}"), timeout=120)  # stopped and reaped
+
+        rpc_servers(1, port=servers[1].port)  # the server is back
+        text, final = pool.complete("default", "Hello", num_predict=4, **GREEDY).text()
+        assert final.done_reason == "length" and text
+        assert pool.state()["models"]["default"]["pid"] != first
+        assert [e["event"] for e in pool.events()].count("ready") == 2
