@@ -26,6 +26,17 @@ TEXTS = ["The capital of France is Paris.", "ünïcödé 🐉 数据 \u200b", "a
          "def f(x):\n    return x * 2\n", "Ein langer Satz " * 20, "\t\n", "!"]
 
 
+def assert_same_vector(a, b):
+    """``a`` and ``b`` are one text's embedding computed in different batches.
+    A one-token text decoded alone takes ggml's matrix-vector path (on some
+    CPUs with its activations rounded to f16), in a batch the matrix-matrix
+    path: measured up to 6.8e-4 apart on an AMD EPYC, cosine 1.0.  A pooling
+    that mixed sequences is off by far more."""
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-3)
+    a, b = np.ravel(a), np.ravel(b)  # pooling none: one row per token
+    assert a @ b / np.linalg.norm(a) / np.linalg.norm(b) > 0.99999
+
+
 @pytest.fixture(scope="module")
 def paths(tmp_path_factory):
     d = tmp_path_factory.mktemp("embed")
@@ -63,7 +74,7 @@ def test_several_texts_equal_each_alone(engines, unified):
     for text, r in zip(TEXTS, many):
         alone = e.embed(text)
         assert r.embedding.shape == (e.model.n_embd,)
-        np.testing.assert_allclose(r.embedding, alone.embedding, rtol=1e-4, atol=1e-5)
+        assert_same_vector(r.embedding, alone.embedding)
     np.testing.assert_allclose(many[0].embedding, many[3].embedding, rtol=1e-5, atol=1e-6)  # twice
     assert not np.allclose(many[0].embedding, many[1].embedding)
 
@@ -131,7 +142,7 @@ def test_long_empty_and_too_many_texts(engines):
     cut = e.embed(long, truncate=True)
     assert cut.prompt_eval_count == 128
     head = e.model.detokenize(e.tokenize(long, add_special=True)[:128])
-    np.testing.assert_allclose(cut.embedding, e.embed(head).embedding, rtol=1e-4, atol=1e-5)
+    assert_same_vector(cut.embedding, e.embed(head).embedding)
     with pytest.raises(BadRequest, match="cannot embed empty text"):
         e.embed("")
     with pytest.raises(BadRequest, match=r"cannot embed empty text \(text 1\)"):
@@ -155,7 +166,7 @@ def test_embeddings_beside_a_running_completion(engines):
     assert final.done_reason == "length" and text == alone
     for v in vectors[1:]:
         for a, b in zip(vectors[0], v):
-            np.testing.assert_allclose(a.embedding, b.embedding, rtol=1e-4, atol=1e-5)
+            assert_same_vector(a.embedding, b.embedding)
 
 
 # -- rerank ----------------------------------------------------------------
@@ -221,7 +232,7 @@ def test_embedding_and_rerank_ops(paths):
         many = r.embed_many(TEXTS[:3], normalize=True)
         one = r.embed(TEXTS[0], normalize=True)
         assert [x.embedding.shape for x in many] == [(x.prompt_eval_count, 64) for x in many]
-        np.testing.assert_allclose(many[0].embedding, one.embedding, rtol=1e-4, atol=1e-5)
+        assert_same_vector(many[0].embedding, one.embedding)
         with pytest.raises(BadRequest, match="rerank needs a reranker"):
             r.rerank("q", ["d"])
     with Runner.spawn(str(paths["reranker"]), n_ctx=512, n_batch=128, n_threads=2, parallel=2) as r:
