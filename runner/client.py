@@ -7,10 +7,13 @@ socket would need one socket per calling thread, since it is no more
 thread-safe than the DEALER); it routes every reply by request id to the
 caller's sink (a :class:`runner.handoff.Handoff` for blocking streams, whose
 wake-up runs without the GIL; one ``loop.call_soon_threadsafe`` per burst for
-asyncio).  A blocking completion that is
-the only request in flight receives on its caller's thread instead, under
-the lock that guards the socket (:meth:`_Connection.receive_here`).  When a spawned runner exits, the
-I/O thread sees it through a pidfd and fails every pending call at once with
+asyncio).  Two ways skip the I/O thread, each under the lock that guards
+the socket: a blocking completion that is the only request in flight
+receives on its caller's thread (:meth:`_Connection.receive_here`), and
+when every request in flight belongs to one asyncio event loop, that loop
+reads the socket itself (``loop.add_reader``) and puts the replies straight
+into its streams' queues.  When a spawned runner exits, the I/O thread
+sees it through a pidfd and fails every pending call at once with
 :class:`RunnerGone`, carrying the exit status and the runner's last stderr
 error line.
 """
@@ -31,6 +34,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Sequence
 from typing import Any, Callable, Iterable
 
@@ -53,6 +57,7 @@ _RECV_NOWAIT = int(zmq.NOBLOCK)  # plain ints: enum arithmetic per reply adds up
 _RCVMORE = int(zmq.RCVMORE)
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
+_BURST = 64  # replies read before they are handed on (the rest wait for the next look)
 
 
 class RunnerGone(InternalError):
@@ -142,6 +147,105 @@ class _StderrTail:
         return pick_error_line(list(self.lines))
 
 
+class _Ignore:
+    """The sink of a reply nobody waits for (a cancel's acknowledgement),
+    callable from any thread or loop; it keeps no loop from reading."""
+
+    __slots__ = ()
+
+    def __call__(self, reply: Any) -> None:
+        pass
+
+    put = __call__
+
+
+_IGNORE = _Ignore()
+
+
+class _Routes:
+    """Request id -> sink, with the sinks counted by the event loop they
+    belong to (None for blocking callers), so that the I/O thread sees at
+    once whether every request in flight is one loop's.  Guarded by
+    ``_Connection._io``."""
+
+    __slots__ = ("_sinks", "_loops", "get")
+
+    def __init__(self) -> None:
+        self._sinks: dict[Any, Sink] = {}  # request id -> where its replies go
+        self._loops: dict[Any, int] = {}   # event loop (None: not an asyncio sink) -> its sinks
+        self.get = self._sinks.get         # the sink of a request id, or None
+
+    def __len__(self) -> int:
+        return len(self._sinks)
+
+    def __contains__(self, request_id: Any) -> bool:
+        return request_id in self._sinks
+
+    def items(self):
+        return self._sinks.items()
+
+    def add(self, request_id: Any, sink: Sink) -> None:
+        self._sinks[request_id] = sink
+        if sink is not _IGNORE:
+            key = getattr(sink, "loop", None)
+            self._loops[key] = self._loops.get(key, 0) + 1
+
+    def pop(self, request_id: Any) -> Sink | None:
+        sink = self._sinks.pop(request_id, None)
+        if sink is not None and sink is not _IGNORE:
+            key = getattr(sink, "loop", None)
+            left = self._loops[key] - 1
+            if left:
+                self._loops[key] = left
+            else:
+                del self._loops[key]
+        return sink
+
+    def sole_loop(self) -> asyncio.AbstractEventLoop | None:
+        """The event loop of every request in flight; None when there is
+        none, or one is a blocking caller's or another loop's."""
+        if len(self._loops) == 1:
+            for loop in self._loops:
+                return loop
+        return None
+
+    def foreign(self, loop: asyncio.AbstractEventLoop) -> bool:
+        """Whether a request in flight is not ``loop``'s."""
+        loops = self._loops
+        return len(loops) > 1 or (len(loops) == 1 and loop not in loops)
+
+
+class _LoopReader:
+    """One spell of an event loop reading the connection's socket itself."""
+
+    __slots__ = ("loop", "fd", "close_fd")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop  # the loop that reads
+        self.fd = -1      # its duplicate of the socket's ZMQ_FD, once it watches it
+        self.close_fd: Callable[[], Any] = _nothing  # closes fd (once), see _fd_closer
+
+
+def _nothing() -> None:
+    pass
+
+
+def _fd_closer(loop: asyncio.AbstractEventLoop, fd: int) -> Callable[[], Any]:
+    """What closes a loop's duplicate of ZMQ_FD: called after ``remove_reader``
+    or once the loop is closed, and run anyway when the loop is collected
+    (a detach scheduled on a loop that never runs again).  A duplicate, not
+    the socket's own descriptor: zmq closes that with the socket, and its
+    number, reused, would still be in the loop's selector."""
+    try:
+        return weakref.finalize(loop, os.close, fd)
+    except TypeError:  # a loop type without weak references
+        return lambda: os.close(fd)
+
+
+# Event loop types whose add_reader failed (a proactor loop): they never read.
+_NO_READER: set[type] = set()
+
+
 class _Connection:
     """The DEALER socket and the I/O thread that serves it.
 
@@ -149,14 +253,35 @@ class _Connection:
     while the runner dies is either failed by the death sweep or refused at
     submission, never left waiting.
 
-    ``_io`` guards the socket, ``_sinks`` and ``_direct``.  The I/O thread
-    holds it except while it waits.  One more thread may use the socket
-    under it: the caller of a blocking completion that is the only request
-    in flight (:meth:`receive_here`).  That caller then waits on the socket
-    itself and the I/O thread leaves the socket alone, so a token costs one
-    thread wake-up in this process instead of two plus a GIL hand-over.  Any
-    other request, a forget, or the runner's death ends that mode (the I/O
-    thread clears ``_direct`` and wakes the caller through ``_direct_wake``).
+    ``_io`` guards the socket, ``_sinks``, ``_direct`` and ``_reader``.  The
+    I/O thread holds it except while it waits.  At most one more thread
+    reads the socket under it, and the I/O thread then leaves the reading to
+    it (it still sends):
+
+    * the caller of a blocking completion that is the only request in
+      flight (:meth:`receive_here`), which waits on the socket itself, so a
+      token costs one thread wake-up in this process instead of two plus a
+      GIL hand-over.  Any other request, a forget, or the runner's death
+      ends that mode (the I/O thread clears ``_direct`` and wakes the caller
+      through ``_direct_wake``);
+    * an asyncio event loop that every request in flight belongs to
+      (``_reader``): the I/O thread hands it the socket at the end of a turn
+      in which it found the socket empty, and the loop watches a duplicate
+      of its ``ZMQ_FD`` with ``add_reader`` and puts each reply into its
+      stream's queue on the spot (:meth:`_loop_read`), so a token wakes no
+      thread of this process but the loop's own.  The I/O thread takes the
+      socket back, without waiting for the loop, as soon as a request of
+      another loop or of a blocking caller is in flight, and on a disconnect,
+      the runner's death or close; the loop only removes its reader
+      afterwards (:meth:`_loop_detach`).
+
+    Nothing is reordered across a hand-over.  Replies the I/O thread routed
+    to a loop travel by ``call_soon_threadsafe``, and the loop starts
+    reading (:meth:`_loop_attach`) from a callback scheduled after them.  A
+    loop's reads are tied to one spell (one :class:`_LoopReader`): a read
+    of an ended spell does nothing, and the replies of a spell reach the
+    queues before the I/O thread can read again, since it reads only once it
+    holds ``_io``.  Nothing waits for a loop while holding ``_io``.
     """
 
     def __init__(self, endpoint: str, process: subprocess.Popen | None = None,
@@ -190,13 +315,14 @@ class _Connection:
         self._inbox: collections.deque[tuple] = collections.deque()  # work for the I/O thread
         self._gone: tuple[str, int | None, str | None] | None = None  # why calls now fail
         self._gone_type: type[RunnerGone] = RunnerGone  # what they raise (set with _gone)
-        self._io = threading.Lock()     # the socket, _sinks, _direct (see the class doc)
-        self._sinks: dict[Any, Sink] = {}   # request id -> where its replies go
+        self._io = threading.Lock()     # the socket, _sinks, _direct, _reader (see the class doc)
+        self._sinks = _Routes()         # request id -> where its replies go
         self._sock_fd = self._sock.getsockopt(zmq.FD)  # edge-triggered: check ZMQ_EVENTS after use
         self._direct: Any = None        # id of the request whose caller receives on its own thread
         self._direct_wake = P.WakePipe()  # ends a direct caller's wait
         self._direct_polls = 0          # direct callers inside poll() (the pipe stays open for them)
         self._local = threading.local()  # a direct caller's poll object, per thread
+        self._reader: _LoopReader | None = None  # the event loop reading the socket, if one does
         self._thread = threading.Thread(target=self._run, name="runner-client-io", daemon=True)
         self._thread.start()
 
@@ -258,7 +384,7 @@ class _Connection:
         self._io.acquire()
         try:
             while True:
-                if self._direct is None:
+                if self._direct is None and self._reader is None:
                     self._receive()
                 if (self._pidfd in ready if self._pidfd is not None
                         else poll_ms is not None and self._process.poll() is not None):
@@ -278,10 +404,19 @@ class _Connection:
                     elif pending:
                         self._direct_wake.wake()  # this thread's read of ZMQ_EVENTS took the edge
                         pending = False
+                if self._reader is not None:
+                    if self._sinks.foreign(self._reader.loop):
+                        self._stop_reader()  # another loop may take over just below
+                    elif pending:  # this thread's use of the socket took the edge
+                        pending = not self._nudge_reader()
+                if self._reader is None and self._direct is None and not pending:
+                    loop = self._sinks.sole_loop()
+                    if loop is not None:
+                        self._start_reader(loop)
                 if pending:
                     ready = {}
                     continue
-                if watching != (self._direct is None):
+                if watching != (self._direct is None and self._reader is None):
                     watching = not watching
                     if watching:
                         poller.register(self._sock_fd, zmq.POLLIN)
@@ -296,16 +431,122 @@ class _Connection:
             log.exception("client I/O thread failed")
             self._die((f"client I/O failed: {exc}", None, None))
         finally:
+            self._end_direct()
             self._sock.disable_monitor()
             self._monitor.close(0)
             self._sock.close()
             self._io.release()
 
     def _end_direct(self) -> None:
-        """Take the socket back from a direct caller (with ``_io`` held)."""
+        """Take the socket back from a direct caller or event loop (with ``_io`` held)."""
         if self._direct is not None:
             self._direct = None
             self._direct_wake.wake()
+        if self._reader is not None:
+            self._stop_reader()
+
+    def _without_io(self, wait: Callable[[], Any]) -> Any:
+        """Run ``wait`` (for the runner's exit, up to a second or so) without
+        ``_io``, after taking the socket back, so that an event loop about
+        to read does not stall on the lock meanwhile (I/O thread only)."""
+        self._end_direct()
+        self._io.release()
+        try:
+            return wait()
+        finally:
+            self._io.acquire()
+
+    # -- an event loop receiving on its own thread ---------------------------------
+
+    def _start_reader(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Hand the socket to ``loop`` (I/O thread, ``_io`` held, every
+        request in flight ``loop``'s and the socket drained)."""
+        if type(loop) in _NO_READER:
+            return
+        reader = _LoopReader(loop)
+        try:
+            loop.call_soon_threadsafe(self._loop_attach, reader)
+        except RuntimeError:  # the loop is closed: its replies are dropped as they come
+            return
+        self._reader = reader
+
+    def _nudge_reader(self) -> bool:
+        """Make the reading loop look at the socket, whose edge this thread
+        took; False if the loop is closed (then this thread reads again)."""
+        try:
+            self._reader.loop.call_soon_threadsafe(self._loop_read, self._reader)
+        except RuntimeError:
+            self._stop_reader()
+            return False
+        return True
+
+    def _stop_reader(self) -> None:
+        """End the reading loop's spell (``_io`` held, any thread); the loop
+        removes its reader later, or the descriptor is closed at once if the
+        loop is closed."""
+        reader, self._reader = self._reader, None
+        if reader is None or reader.fd < 0:
+            return  # never attached: its _loop_attach will see it is over
+        try:
+            reader.loop.call_soon_threadsafe(self._loop_detach, reader)
+        except RuntimeError:  # closed: its selector is gone with it
+            reader.close_fd()
+
+    def _loop_attach(self, reader: "_LoopReader") -> None:
+        """On the loop: watch the socket, then read what waits there already."""
+        with self._io:
+            if self._reader is not reader:
+                return  # taken back before this ran
+            loop = reader.loop
+            fd = os.dup(self._sock_fd)  # ours to close once the loop no longer watches it
+            try:
+                loop.add_reader(fd, self._loop_read, reader)
+            except Exception as exc:  # NotImplementedError: a proactor loop
+                os.close(fd)
+                log.debug("%s cannot read the socket itself (%r): replies go through the "
+                          "I/O thread", type(loop).__name__, exc)
+                _NO_READER.add(type(loop))
+                self._give_back()
+                return
+            reader.fd = fd
+            reader.close_fd = _fd_closer(loop, fd)
+        self._loop_read(reader)
+
+    def _loop_read(self, reader: "_LoopReader") -> None:
+        """On the loop (its reader callback): put the replies waiting on the
+        socket into their streams' queues."""
+        if self._reader is not reader:
+            return  # the I/O thread took the socket back; _loop_detach follows
+        io = self._io
+        io.acquire()
+        try:
+            if self._reader is not reader:
+                return
+            try:
+                handed = self._take()
+            except Exception:  # a bug here must not leave the streams waiting
+                log.exception("client event-loop read failed")
+                self._give_back()
+                return
+        finally:
+            io.release()
+        for _, sink, reply in handed:
+            sink.put(reply)  # every sink in flight is this loop's (class doc)
+        if len(handed) >= _BURST:  # stopped early: the socket may still hold more
+            reader.loop.call_soon(self._loop_read, reader)
+
+    def _loop_detach(self, reader: "_LoopReader") -> None:
+        """On the loop, after its spell ended: stop watching the socket."""
+        reader.loop.remove_reader(reader.fd)
+        reader.close_fd()
+
+    def _give_back(self) -> None:
+        """From the reading loop (``_io`` held): end its spell and wake the
+        I/O thread, which is not watching the socket."""
+        self._stop_reader()
+        with self._lock:
+            if self._gone is None:
+                self._wake()
 
     # -- a blocking caller receiving on its own thread -----------------------------
 
@@ -328,8 +569,8 @@ class _Connection:
         # turn that received its reply.
         io.acquire()
         try:
-            if (self._gone is not None or self._inbox or len(self._sinks) != 1
-                    or request_id not in self._sinks):
+            if (self._gone is not None or self._inbox or self._reader is not None
+                    or len(self._sinks) != 1 or request_id not in self._sinks):
                 if self._direct == request_id:
                     # Give the socket back: the I/O thread may not be watching it.
                     self._direct = None
@@ -361,9 +602,16 @@ class _Connection:
         # Replies are handed over after the socket is drained, just before
         # this thread goes back to its poll: a caller woken earlier would
         # only wait for the GIL this thread still holds.
+        self._hand(self._take())
+
+    def _take(self) -> list:
+        """Read and decode the replies waiting on the socket, up to a burst:
+        ``[(request id, sink, reply)]`` in order of arrival (``_io`` held).
+        Fewer than ``_BURST`` means the last look at ``ZMQ_EVENTS`` found
+        the socket empty, so its ``ZMQ_FD`` signals the next reply."""
         handed = []
         sock = self._sock
-        while len(handed) < 64 and sock.get(_EVENTS) & _POLLIN:  # zmq_poll sees the rest
+        while len(handed) < _BURST and sock.get(_EVENTS) & _POLLIN:
             data = sock.recv(_RECV_NOWAIT)
             while sock.get(_RCVMORE):  # never from a runner; keep the last frame
                 data = sock.recv(_RECV_NOWAIT)
@@ -384,9 +632,9 @@ class _Connection:
                     log.warning("runner refused a message: %s", reply.message)
                 continue  # a forgotten request's late reply
             if type(reply) is not P.ChunkReply:
-                del self._sinks[reply.id]
+                self._sinks.pop(reply.id)
             handed.append((reply.id, sink, reply))
-        self._hand(handed)
+        return handed
 
     def _hand(self, handed: list) -> None:
         """Give each reply to its sink.  Replies for streams of one asyncio
@@ -405,14 +653,14 @@ class _Connection:
             except RuntimeError as exc:  # the caller's event loop is closed
                 for request_id, _, _ in items:
                     log.debug("dropping replies of %r: %s", request_id, exc)
-                    self._sinks.pop(request_id, None)
+                    self._sinks.pop(request_id)
 
     def _call_sink(self, request_id: Any, sink: Sink, item: Any) -> None:
         try:
             sink(item)
         except Exception as exc:  # e.g. the caller's event loop is closed
             log.debug("dropping replies of %r: %s", request_id, exc)
-            self._sinks.pop(request_id, None)
+            self._sinks.pop(request_id)
 
     def _work(self) -> bool:
         """Carry out what callers asked; True when asked to close."""
@@ -431,10 +679,10 @@ class _Connection:
                     self._call_sink(request_id, sink, Busy(
                         f"{P.HIGH_WATER_MARK} requests already wait for the runner"))
                     continue
-                self._sinks[request_id] = sink
+                self._sinks.add(request_id, sink)
             elif kind == "forget":
                 _, request_id, then_send = item
-                self._sinks.pop(request_id, None)
+                self._sinks.pop(request_id)
                 if then_send is not None:
                     try:
                         self._sock.send(then_send, zmq.NOBLOCK)
@@ -448,11 +696,17 @@ class _Connection:
         line = self._stderr.error_line() if self._stderr is not None else None
         return describe_exit(code, line), code, line
 
+    def _wait_exit(self) -> None:
+        try:
+            self._process.wait(1.0)
+        except subprocess.TimeoutExpired:
+            pass
+
     def _runner_exited(self) -> None:
         """The spawned runner is gone: remove its ipc directory, fail every call."""
         if self._private_dir is not None:
             shutil.rmtree(self._private_dir, ignore_errors=True)
-        self._die(self._exit_reason())
+        self._die(self._without_io(self._exit_reason))
 
     def _on_monitor(self) -> None:
         lost = False
@@ -473,10 +727,7 @@ class _Connection:
         if self._process is not None:
             # The runner's exit usually closes the connection a moment before
             # the pidfd reports it: give the exit status a chance to be the reason.
-            try:
-                self._process.wait(1.0)
-            except subprocess.TimeoutExpired:
-                pass
+            self._without_io(self._wait_exit)
             if self._process.poll() is not None:
                 self._runner_exited()
                 return
@@ -484,7 +735,7 @@ class _Connection:
         if self._handshake is not None:
             kind, why, self._handshake = AccessDenied, self._handshake, None
         self._end_direct()
-        pending, self._sinks = self._sinks, {}
+        pending, self._sinks = self._sinks, _Routes()
         for request_id, sink in pending.items():
             self._call_sink(request_id, sink, kind(why))
 
@@ -519,23 +770,24 @@ class _Connection:
                 self._gone, self._gone_type = reason, kind
             waiting = [item for item in self._inbox if item[0] == "send"]
             self._inbox.clear()
-        pending, self._sinks = self._sinks, {}
+        pending, self._sinks = self._sinks, _Routes()
         for _, request_id, _, sink in waiting:
-            pending[request_id] = sink
+            pending.add(request_id, sink)
         for request_id, sink in pending.items():
             self._call_sink(request_id, sink, self._gone_type(*self._gone))
 
 
 class _LoopSink:
-    """Where the I/O thread puts an asyncio stream's replies: the stream's
-    queue, reached on its event loop.  It holds no reference to the stream,
-    so that dropping the stream cancels the request."""
+    """Where an asyncio caller's replies go: called from another thread, it
+    reaches ``put`` through ``call_soon_threadsafe``; the loop itself, when
+    it reads the socket, calls ``put`` directly.  It holds no reference to
+    the stream, so that dropping the stream cancels the request."""
 
     __slots__ = ("loop", "put")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, put: Callable[[Any], None]) -> None:
-        self.loop = loop  # the stream's event loop
-        self.put = put    # its queue's put_nowait (call on the loop only)
+        self.loop = loop  # the caller's event loop
+        self.put = put    # its queue's put_nowait, or a future's setter (call on the loop only)
 
     def __call__(self, reply: Any) -> None:
         self.loop.call_soon_threadsafe(self.put, reply)
@@ -653,8 +905,7 @@ class AsyncCompletionStream(_StreamBase):
         self._loop = loop
 
     def sink(self) -> Sink:
-        """Where the I/O thread puts replies; it holds no reference to the stream,
-        so that dropping the stream cancels the request."""
+        """Where replies go (:class:`_LoopSink`)."""
         return _LoopSink(self._loop, self._queue.put_nowait)
 
     def __aiter__(self) -> "AsyncCompletionStream":
@@ -1036,7 +1287,7 @@ class Runner:
                 future.set_result(reply)
 
         request_id = next(self._ids)
-        self._submit(request_id, request, lambda reply: loop.call_soon_threadsafe(settle, reply))
+        self._submit(request_id, request, _LoopSink(loop, settle))
         try:
             reply = await asyncio.wait_for(future, timeout)
         except (asyncio.CancelledError, asyncio.TimeoutError):
@@ -1047,7 +1298,7 @@ class Runner:
     def _send_cancel(self, request_id: int) -> None:
         cancel_id = next(self._ids)
         self._conn.submit(cancel_id, P.encode({"op": "cancel", "id": cancel_id,
-                                               "target": request_id}), lambda reply: None)
+                                               "target": request_id}), _IGNORE)
 
     def _forget(self, request_id: int, cancel: bool) -> None:
         data = None
