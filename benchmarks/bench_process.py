@@ -3,6 +3,7 @@
     python benchmarks/bench_process.py                      # parallel 1, 4, 8; default model
     python benchmarks/bench_process.py --parallel 4 --tokens 256 --threads 2 --json out.json
     python benchmarks/bench_process.py --threads 2 --peer-only --rounds 9   # the issue-4 check
+    python benchmarks/bench_process.py --protocol-only --consumers asyncio  # the client path alone
 
 Two measurements, and a third with --peer / --peer-only:
 
@@ -15,8 +16,9 @@ Two measurements, and a third with --peer / --peer-only:
 2. **Protocol cost per token.**  A runner whose engine is a stand-in that
    emits chunks as fast as it can.  The time per chunk is then the cost of the
    path alone: the engine callback, the outbox, the runner's I/O thread,
-   msgpack, ipc, the client's I/O thread, and the caller's iterator.  It is
-   measured for 1 and 8 concurrent streams.
+   msgpack, ipc, the client's I/O thread (or the thread or event loop that
+   reads in its place), and the caller's iterator.  It is measured for 1 and
+   8 concurrent streams, with the client's CPU time per chunk.
 3. **Beside llama-batched-bench** (scripts/build_peers.sh).  For each level,
    ``--rounds`` rounds of one batched-bench run (-npp 128 -ntg ``--tokens``)
    and one client run whose rate is taken over the same window as S_TG (from
@@ -31,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -173,9 +176,16 @@ class _Handle:
 
 class _InstantEngine:
     """Emits ``num_predict`` one-token chunks from a thread, as fast as it
-    can, calling ``on_delivered`` after each as the engine does after a step."""
+    can or one per ``pace`` seconds, calling ``on_delivered`` after each as
+    the engine does after a step."""
 
     on_delivered = None
+
+    def __init__(self, pace: float = 0.0) -> None:
+        from runner.hostcache import HostCache
+
+        self.host_cache = HostCache(None, 0)  # the tier off, for health replies
+        self.pace = pace                      # seconds between chunks (0: none)
 
     def submit(self, request, on_event=None):
         stop = threading.Event()
@@ -189,6 +199,8 @@ class _InstantEngine:
                     break
                 on_event(chunk)
                 self.on_delivered()
+                if self.pace:
+                    time.sleep(self.pace)
             on_event(Final(done_reason="length", eval_count=n, eval_duration=time.perf_counter() - t0))
 
         threading.Thread(target=emit, daemon=True).start()
@@ -197,13 +209,16 @@ class _InstantEngine:
     def close(self, drain: bool = False, timeout: float = 30.0) -> None:
         pass
 
+    def failure(self) -> str | None:
+        return None  # never a lost device
 
-def _fake_runner(endpoint: str) -> int:
+
+def _fake_runner(endpoint: str, pace: float) -> int:
     from runner.server import Server
 
     class InstantServer(Server):
         def _load_model(self, params):
-            engine = _InstantEngine()
+            engine = _InstantEngine(pace)
             engine.on_delivered = self._send_from_engine
             with self._state_lock:
                 self.engine = engine
@@ -217,20 +232,41 @@ def _fake_runner(endpoint: str) -> int:
         server.close()
 
 
-def bench_protocol(streams: int, tokens: int) -> dict:
+def bench_protocol(streams: int, tokens: int, consumers: str = "threads",
+                   pace: float = 0.0) -> dict:
+    """Chunks per second through the path alone, and this process's CPU
+    time per chunk (every client thread: consumers, the I/O thread, libzmq's).
+    ``consumers``: one thread per stream, or one asyncio task per stream on
+    one loop.  ``pace``: seconds between a stream's chunks (0: as fast as
+    the path goes, so chunks arrive in bursts; paced, each one wakes the client)."""
     endpoint, directory = security.private_ipc_endpoint()
-    proc = subprocess.Popen([sys.executable, __file__, "--fake-runner", endpoint],
+    proc = subprocess.Popen([sys.executable, __file__, "--fake-runner", endpoint,
+                             "--protocol-pace-us", str(pace * 1e6)],
                             stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "ready"
         with Runner.connect(endpoint) as runner:
             runner.wait_ready()
             runner.complete("warm", num_predict=1000).text()
+            before = resource.getrusage(resource.RUSAGE_SELF)
+            if consumers == "asyncio":
+                import asyncio
 
-            def one(i):
-                return sum(1 for _ in runner.complete("x", num_predict=tokens)) - 1  # minus the final
+                async def one_async(i):
+                    return sum([1 async for _ in runner.acomplete("x", num_predict=tokens)]) - 1
 
-            wall, counts = run_concurrently(streams, one)
+                async def all_streams():
+                    return await asyncio.gather(*(one_async(i) for i in range(streams)))
+
+                t0 = time.perf_counter()
+                counts = asyncio.run(all_streams())
+                wall = time.perf_counter() - t0
+            else:
+                def one(i):
+                    return sum(1 for _ in runner.complete("x", num_predict=tokens)) - 1  # minus the final
+
+                wall, counts = run_concurrently(streams, one)
+            after = resource.getrusage(resource.RUSAGE_SELF)
             runner.shutdown()
         proc.wait(30)
     finally:
@@ -238,8 +274,12 @@ def bench_protocol(streams: int, tokens: int) -> dict:
         proc.wait()
         shutil.rmtree(directory, ignore_errors=True)
     total = sum(counts)
-    return {"streams": streams, "chunks": total, "wall_s": wall, "chunks_per_s": total / wall,
-            "us_per_chunk": wall / total * 1e6}
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return {"streams": streams, "consumers": consumers, "chunks": total, "wall_s": wall,
+            "chunks_per_s": total / wall, "us_per_chunk": wall / total * 1e6,
+            "client_cpu_us_per_chunk": cpu / total * 1e6,
+            "client_switches_per_chunk": (after.ru_nvcsw + after.ru_nivcsw
+                                          - before.ru_nvcsw - before.ru_nivcsw) / total}
 
 
 def compare_with_peer(model: str, levels: list[int], tokens: int, threads: int,
@@ -296,10 +336,16 @@ def main() -> int:
                     help="also compare with llama-batched-bench (scripts/build_peers.sh)")
     ap.add_argument("--peer-only", action="store_true",
                     help="only the comparison with llama-batched-bench")
+    ap.add_argument("--protocol-only", action="store_true",
+                    help="only the protocol cost (with --consumers)")
+    ap.add_argument("--protocol-pace-us", type=float, default=0.0,
+                    help="for the protocol cost: microseconds between a stream's chunks "
+                         "(0: as fast as it goes)")
     ap.add_argument("--rounds", type=int, default=3,
                     help="alternating peer/client rounds per level for --peer (median ratio)")
     ap.add_argument("--consumers", choices=("threads", "asyncio"), default="threads",
-                    help="for --peer: one consumer thread per stream, or one asyncio task per stream")
+                    help="for --peer and the protocol cost: one consumer thread per stream, "
+                         "or one asyncio task per stream")
     ap.add_argument("--options", choices=("greedy", "defaults"), default="greedy",
                     help="for --peer: greedy, or every sampling option at its default "
                          "(temperature 0.8, top_k 40, top_p 0.9, repeat_penalty 1.1)")
@@ -308,7 +354,7 @@ def main() -> int:
     ap.add_argument("--fake-runner", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.fake_runner:
-        return _fake_runner(args.fake_runner)
+        return _fake_runner(args.fake_runner, args.protocol_pace_us / 1e6)
 
     from runner.models import resolve_model
 
@@ -321,7 +367,7 @@ def main() -> int:
         model = str(resolve_model(args.model))
     results = {"generation": [], "protocol": []}
     levels = [int(p) for p in args.parallel.split(",")]
-    if not args.peer_only:
+    if not args.peer_only and not args.protocol_only:
         print(f"{'parallel':>8} {'client tok/s':>13} {'engine tok/s':>13} {'per stream':>11} {'ratio':>6}")
         for parallel in levels:
             client = bench_client(model, parallel, args.tokens, args.threads)
@@ -331,7 +377,7 @@ def main() -> int:
             print(f"{parallel:>8} {client['tok_s']:>13.1f} "
                   f"{engine['tok_s'] if engine else float('nan'):>13.1f} "
                   f"{client['per_stream_tok_s']:>11.1f} {ratio:>6}")
-    if args.peer or args.peer_only:
+    if (args.peer or args.peer_only) and not args.protocol_only:
         threads = args.threads or os.cpu_count()
         options = None if args.options == "greedy" else {"num_predict": args.tokens}
         results["peer"] = compare_with_peer(model, levels, args.tokens, threads, args.rounds,
@@ -344,11 +390,15 @@ def main() -> int:
                   f"{statistics.median(row['S_TG']):>19.1f} {row['ratio']:>6.3f}  "
                   + " ".join(f"{r:.2f}" for r in row["ratios"]))
     if not args.peer_only:
-        print(f"\n{'streams':>8} {'chunks/s':>10} {'us/chunk':>9}")
+        print(f"\n{'streams':>8} {'chunks/s':>10} {'us/chunk':>9} {'client CPU us/chunk':>20} "
+              f"{'switches/chunk':>15}  ({args.consumers} consumers, pace "
+              f"{args.protocol_pace_us:.0f} us)")
         for streams in (1, 8):
-            row = bench_protocol(streams, args.protocol_tokens // streams)
+            row = bench_protocol(streams, args.protocol_tokens // streams, args.consumers,
+                                 args.protocol_pace_us / 1e6)
             results["protocol"].append(row)
-            print(f"{streams:>8} {row['chunks_per_s']:>10.0f} {row['us_per_chunk']:>9.1f}")
+            print(f"{streams:>8} {row['chunks_per_s']:>10.0f} {row['us_per_chunk']:>9.1f} "
+                  f"{row['client_cpu_us_per_chunk']:>20.1f} {row['client_switches_per_chunk']:>15.2f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
