@@ -236,7 +236,14 @@ class RunnerPool:
     async def _alease(self, model: str, timeout: float | None, keep_alive: float | None) -> "Lease":
         future = self._request_known(model, keep_alive)
         if future is None:
-            future = await asyncio.to_thread(self._request, model, keep_alive)
+            # The request goes on in its thread even if this task is
+            # cancelled meanwhile; the lease it may grant later is given back.
+            asking = asyncio.ensure_future(asyncio.to_thread(self._request, model, keep_alive))
+            try:
+                future = await asyncio.shield(asking)
+            except BaseException:
+                asking.add_done_callback(_give_up_request)
+                raise
         return await _await(future, timeout, model)
 
     def hold(self, model: str, *, timeout: float | None = None,
@@ -827,6 +834,17 @@ def _release_granted(future: concurrent.futures.Future) -> None:
     """A waiter gave up after its lease was granted: give the lease back."""
     if not future.cancelled() and future.exception() is None:
         future.result().release(answered=False)
+
+
+def _give_up_request(asking: "asyncio.Future") -> None:
+    """The caller left while its request was being made (``asking``: the
+    task that makes it): the lease's future, once there, is cancelled, or
+    its lease given back when granted."""
+    if asking.cancelled() or asking.exception() is not None:
+        return
+    future = asking.result()
+    if not future.cancel():
+        future.add_done_callback(_release_granted)
 
 
 def _start(lease: "Lease", call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
