@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from polling import wait_until
+from polling import drain, wait_until
 from runner import protocol as P
 from runner.client import Runner, RunnerGone
 from runner.requests import Chunk, EngineError, Final
@@ -36,27 +36,6 @@ HANG_S = 3 * P.HEARTBEAT_TIMEOUT_MS / 1000  # a fault not noticed in this long i
 def idle(runner: Runner) -> bool:
     info = runner.info(timeout=30)
     return info.in_flight == 0 and not any(s["in_use"] for s in info.engine["slots"])
-
-
-def drain(stream, timeout: float) -> tuple[list, BaseException | None]:
-    """Iterate ``stream`` on a thread: (events, the exception that ended it).
-    Fails instead of hanging if it never ends."""
-    events: list = []
-    outcome: list = []
-
-    def run():
-        try:
-            for event in stream:
-                events.append(event)
-            outcome.append(None)
-        except BaseException as exc:
-            outcome.append(exc)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    assert outcome, f"the stream neither ended nor failed within {timeout} s"
-    return events, outcome[0]
 
 
 # -- a frozen runner --------------------------------------------------------------------

@@ -17,7 +17,7 @@ import pytest
 
 from runner import rpc
 from runner.requests import BadRequest
-from polling import wait_until
+from polling import drain, wait_until
 
 GREEDY = {"temperature": 0.0, "seed": 1}
 PROMPTS = ["The capital of France is", "Écris un haïku sur la mer 🌊 et les 東京 lights:"]
@@ -270,25 +270,6 @@ def test_a_busy_server_fails_the_second_runners_load_with_the_reason(rpc_servers
     assert final.done_reason == "length"
 
 
-def _drain(stream, timeout: float = 180.0) -> tuple[list, BaseException | None]:
-    """Iterate ``stream`` to its end on a thread: its events and the exception
-    that ended it.  Fails if it has not ended within ``timeout`` s (a hang)."""
-    events, ended = [], []
-
-    def run() -> None:
-        try:
-            for event in stream:
-                events.append(event)
-        except BaseException as exc:
-            ended.append(exc)
-        else:
-            ended.append(None)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    assert ended, f"the stream did not end within {timeout} s"
-    return events, ended[0]
 
 
 def test_a_server_killed_mid_stream_fails_the_streams_and_leaves_the_runner_unhealthy(
@@ -310,7 +291,7 @@ def test_a_server_killed_mid_stream_fails_the_streams_and_leaves_the_runner_unhe
         next(iter(stream))  # generating
     servers[1].kill()
     for stream in streams:
-        events, error = _drain(stream)
+        events, error = drain(stream, 180)
         assert not any(getattr(e, "done_reason", None) == "length" for e in events), \
             "finished despite the kill"
         assert isinstance(error, InternalError) and not isinstance(error, RunnerGone), repr(error)
@@ -321,7 +302,7 @@ def test_a_server_killed_mid_stream_fails_the_streams_and_leaves_the_runner_unhe
     assert (health.state, health.error_code) == ("error", "internal")
     assert f"lost the RPC server {lost}" in health.error
     for _ in range(2):  # each refused at once, not queued behind a broken model
-        _, error = _drain(runner.complete("Hello", num_predict=4, **GREEDY), timeout=60)
+        _, error = drain(runner.complete("Hello", num_predict=4, **GREEDY), 60)
         assert isinstance(error, NotReady) and f"lost the RPC server {lost}" in str(error), repr(error)
     assert runner.tokenize("Hello", timeout=30)  # what needs no device still works
     info = runner.info(timeout=60)
@@ -351,7 +332,7 @@ def test_a_pool_replaces_a_runner_that_lost_a_server(rpc_servers):
         next(stream)
         first = pool.state()["models"]["default"]["pid"]
         servers[1].kill()
-        _, error = _drain(stream)
+        _, error = drain(stream, 180)
         assert isinstance(error, InternalError) and "lost the RPC server" in str(error), repr(error)
         wait_until(lambda: any(e["event"] == "unhealthy" for e in pool.events()), timeout=120)
         event = next(e for e in pool.events() if e["event"] == "unhealthy")
