@@ -16,11 +16,15 @@ between two tokens of a generating stream to one decode of about
 ``prefill_budget + parallel`` inputs, however long an arriving prompt is.
 
 Speculation yields: proposed tokens (runner.speculative) are added last, only
-into the room the step has left below ``draft_room`` inputs after every
-generating sequence's token and the prompt chunks, shared evenly among the
-speculating sequences (in rotating order).  A batch full of other sequences'
-work therefore verifies no proposals at all, and a step never grows past
-``draft_room`` inputs because of them.
+to a step that holds fewer than ``draft_room / 2`` inputs after every
+generating sequence's token and the prompt chunks, and only into the room it
+has left below ``draft_room`` inputs, shared evenly among the speculating
+sequences (in rotating order).  A step with ``draft_room / 2`` inputs of
+other work or more (8 generating streams at the default 16) verifies no
+proposals at all: on a CPU such a decode is compute-bound already, and
+proposals there cost about as much per row as they can save (docs/design.md,
+"Speculative decoding").  A step never grows past ``draft_room`` inputs
+because of them.
 
 LoRA policy: llama.cpp applies adapters to the whole context, so one decode
 runs under one adapter set (runner.lora.LoraKey), and each sequence carries
@@ -232,9 +236,10 @@ class Scheduler:
         """Give speculating generating entries their proposed tokens, within
         the room left below ``draft_room`` (see the module docstring)."""
         speculating = [e for e in plan.entries if e.generating and e.seq.options.speculative]
-        room = self.draft_room - plan.n_inputs()
-        if not speculating or room <= 0:
+        n_inputs = plan.n_inputs()
+        if not speculating or 2 * n_inputs >= self.draft_room:
             return
+        room = self.draft_room - n_inputs
         start = self._draft_rotate % len(speculating)
         self._draft_rotate += 1
         order = speculating[start:] + speculating[:start]
@@ -244,14 +249,16 @@ class Scheduler:
             if seq.draft_wait > 0:  # backing off after rejected proposals (runner.speculative)
                 seq.draft_wait -= 1
                 continue
-            limit = min(seq.options.draft_max, seq.draft_cap, share, self.slot_ctx - entry.start - 1)
+            limit = min(seq.options.draft_max, share, self.slot_ctx - entry.start - 1)
             if seq.n_predict > 0:  # k proposals verify k + 1 tokens; the limit's last is never decoded
                 limit = min(limit, seq.n_predict - len(seq.generated) - 1)
-            if limit <= 0:
+            if self.draft_model and not seq.spans:  # the drafter proposes exactly `limit` tokens,
+                limit = min(limit, seq.draft_cap)   # within the cap its last proposals left
+                if limit > 0:
+                    entry.draft_limit = limit
+                    room -= limit
                 continue
-            if self.draft_model and not seq.spans:  # the drafter proposes exactly `limit` tokens
-                entry.draft_limit = limit
-                room -= limit
+            if limit <= 0:
                 continue
             if seq.lookup is None:
                 seq.lookup = NgramLookup.build(seq.inputs)

@@ -60,7 +60,7 @@ class Sequence:
     lookup: "NgramLookup | None" = None  # speculative: prompt lookup over prompt + generated (built on first use)
     n_proposed: int = 0               # speculative: tokens proposed and decoded for verification
     n_accepted: int = 0               # speculative: of those, accepted
-    draft_cap: int = FIRST_CAP        # speculative: most tokens the next proposal may have (runner.speculative.next_cap)
+    draft_cap: int = FIRST_CAP        # speculative, draft model: most tokens the next proposal may have (next_cap)
     draft_misses: int = 0             # speculative: proposals in a row with nothing accepted
     draft_wait: int = 0               # speculative: generating steps left without proposals (wait_after)
     lora: tuple = ()                  # adapter scales it runs under (runner.lora.LoraKey)

@@ -1,26 +1,37 @@
 """Prompt lookup: proposals for speculative decoding from the text so far.
 
-A speculating sequence (option ``speculative``) proposes, each step, up to
-``draft_max`` tokens that continue the most recent earlier occurrence of its
-last n tokens in the prompt and the tokens generated so far, trying the
-longest n first (:data:`NGRAM_MAX` down to :data:`NGRAM_MIN`).  Text that
-repeats its input (a code edit, a JSON rewrite, quotes in a summary) is
-proposed correctly for long runs; the target model verifies every proposed
-token in the same decode (runner.scheduler plans it, the engine's update
-phase accepts the longest run the target agrees with).
+A speculating sequence (option ``speculative``) proposes, each step, tokens
+that continue the most recent earlier occurrence of its last n tokens in the
+prompt and the tokens generated so far (n = :data:`NGRAM_MAX` tried first,
+then down to :data:`NGRAM_MIN`).  How many tokens it proposes is set by the
+evidence: the *match length* m, how many tokens before the current position
+equal those before the earlier occurrence (the n-gram extended backwards).
+A match shorter than :data:`NGRAM_MIN` tokens proposes nothing; a longer
+one proposes at most m tokens (and at most what the scheduler allows).  So a
+copy of the input that has gone on for a while is proposed in long runs
+(each accepted run lengthens the match), and a stray coincidence of a
+token or two proposes nothing.
 
-How many tokens are proposed adapts to how the last proposals fared
-(:func:`next_cap`, for prompt lookup and a draft model alike): a fully
-accepted proposal doubles the next one's length (up to ``draft_max``), a
-partly rejected one cuts it to one more than was accepted.  Text that does
-not repeat its input then costs one or two verified tokens per step, not
-``draft_max``.  A proposal with nothing accepted also makes the sequence
-skip proposing for a few steps (:func:`wait_after`: 1, 3, 7, 15 steps after
-1, 2, 3, 4 such proposals in a row, at most :data:`MAX_WAIT`), so text that
-does not repeat its input soon costs next to nothing.
+Why: on a CPU each row a verification decode adds costs about half a
+one-row decode of the default model (docs/design.md, "Speculative
+decoding": 1.66x for 2 rows, 7.7x for 16, one thread), so a proposal pays
+only when most of it is accepted.  Counted over the greedy answers to
+benchmarks/bench_spec.py's tasks and variants of them, the first token
+proposed after a 1-token match was accepted 13% of the time, after a
+2-token match 37%, a 3- or 4-token match 80%, a longer one 92-98%.
+
+A draft model has no match length: its proposals are bounded by a cap that
+adapts to how the last ones fared (:func:`next_cap`): a fully accepted
+proposal doubles the next one's length (up to ``draft_max``), a partly
+rejected one cuts it to one more than was accepted.  For both, a proposal
+with nothing accepted makes the sequence skip proposing for a few steps
+(:func:`wait_after`: 1, 3, 7, 15 steps after 1, 2, 3, 4 such proposals in a
+row, at most :data:`MAX_WAIT`), so text that does not repeat its input
+soon costs next to nothing.
 
 The lookup is pure: no model, no context.  Finding a proposal costs one dict
-lookup per n; appending a token costs one insert per n.
+lookup per n and at most ``n_max`` comparisons to measure the match;
+appending a token costs one insert per n.
 """
 
 from __future__ import annotations
@@ -30,9 +41,9 @@ from dataclasses import dataclass, field
 from runner.requests import MAX_DRAFT
 
 NGRAM_MAX = 4   # longest suffix looked up
-NGRAM_MIN = 1   # shortest suffix looked up
+NGRAM_MIN = 3   # shortest suffix looked up: the least matched context a proposal needs
 NOT_A_TOKEN = -1  # stands for a media input in the history: never matched, never proposed
-FIRST_CAP = 4     # tokens proposed at most before any verification
+FIRST_CAP = 4     # draft model: tokens proposed at most before any verification
 MAX_WAIT = 16     # most steps a sequence skips proposing after rejected proposals
 
 
@@ -101,8 +112,11 @@ class NgramLookup:
             self.n_generated = len(generated)
 
     def propose(self, n_max: int) -> list[int]:
-        """Up to ``n_max`` tokens continuing the longest suffix of the
-        history that occurred before (nothing when none did)."""
+        """Up to ``n_max`` tokens continuing the most recent earlier
+        occurrence of the longest suffix of the history that occurred
+        before (n >= :data:`NGRAM_MIN`), at most as many as the match
+        length (:meth:`match_length`); nothing when no such suffix
+        occurred."""
         hist = self.history
         size = len(hist)
         if n_max <= 0:
@@ -114,9 +128,24 @@ class NgramLookup:
             start = self.index[n].get(key)
             if start is None:
                 continue
-            out = hist[start:start + n_max]
+            out = hist[start:start + min(n_max, self.match_length(start, n, n_max))]
             if NOT_A_TOKEN in out:
                 out = out[:out.index(NOT_A_TOKEN)]
             if out:
                 return out
         return []
+
+    def match_length(self, start: int, n: int, most: int) -> int:
+        """How many tokens before ``start`` equal the last ones of the
+        history: ``n`` (the n-gram found there) and as many more as match,
+        counted up to ``most`` (at least ``n`` whatever ``most``).  A media
+        row ends the match."""
+        hist = self.history
+        end = len(hist)
+        m = n
+        while m < most and start - m > 0:
+            tok = hist[start - m - 1]
+            if tok != hist[end - m - 1] or tok == NOT_A_TOKEN:
+                break
+            m += 1
+        return m

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from runner.speculative import FIRST_CAP, NgramLookup, next_cap, wait_after
+from runner.speculative import NgramLookup, next_cap, wait_after
 
 from test_scheduler import make, run_decode, seq, shape
 
@@ -21,23 +21,52 @@ from test_scheduler import make, run_decode, seq, shape
 
 
 @pytest.mark.parametrize("history, n_max, want", [
-    # the last 4 tokens (2 3 4 5) occurred at 1..4: propose what followed
+    # the last 4 tokens (2 3 4 5) occurred at 1..4: propose what followed,
+    # at most n_max tokens and at most the 4 tokens of matched context
     ([1, 2, 3, 4, 5, 6, 7, 8, 2, 3, 4, 5], 3, [6, 7, 8]),
-    # the longest match wins over a more recent shorter one: "3 4" occurs at
-    # the end of "9 3 4" too, but "2 3 4" only after 1
-    ([2, 3, 4, 10, 11, 9, 3, 4, 12, 2, 3, 4], 2, [10, 11]),
+    ([1, 2, 3, 4, 5, 6, 7, 8, 2, 3, 4, 5], 8, [6, 7, 8, 2]),
+    # the match extends back past the 4-gram: 6 tokens of context (8 1 2 3 4 5)
+    # propose 6 tokens
+    ([8, 1, 2, 3, 4, 5, 10, 11, 12, 13, 14, 15, 16, 8, 1, 2, 3, 4, 5], 16,
+     [10, 11, 12, 13, 14, 15]),
+    # a 3-token match proposes at most 3
+    ([1, 2, 3, 10, 11, 12, 13, 14, 9, 1, 2, 3], 8, [10, 11, 12]),
+    # the longest suffix wins over a more recent shorter one: "2 3 4" occurs
+    # after 9 too, but "1 2 3 4" only at the start
+    ([1, 2, 3, 4, 10, 11, 12, 9, 2, 3, 4, 13, 1, 2, 3, 4], 2, [10, 11]),
     # the most recent earlier occurrence of the same length wins
-    ([5, 6, 1, 5, 6, 2, 5, 6], 1, [2]),
+    ([5, 6, 7, 1, 5, 6, 7, 2, 5, 6, 7], 4, [2, 5, 6]),
+    # one or two tokens of matched context propose nothing
+    ([5, 6, 1, 5, 6], 4, []),
+    ([7, 9, 7], 4, []),
     # nothing occurred before: no proposal
     ([1, 2, 3], 4, []),
     # the continuation stops at the end of the history (overlapping repeats)
-    ([7, 7, 7], 4, [7]),
-    # a media row (anything not an int) is never proposed, nor matched
-    ([1, 2, ("img", 0), 9, 1, 2], 4, []),
-    ([1, 2, 3, ("img", 0), 1, 2], 4, [3]),
+    ([7, 7, 7, 7], 4, [7]),
+    # a media row (anything not an int) is never matched, nor proposed ...
+    ([1, ("img", 0), 2, 9, 1, ("img", 0), 2], 4, []),
+    ([1, 2, 3, 4, ("img", 0), 1, 2, 3], 4, [4]),
+    ([1, 2, 3, ("img", 0), 1, 2, 3], 4, []),
+    # ... and ends a match: 4 tokens of context here, not 6
+    ([5, ("img", 0), 1, 2, 3, 4, 9, 9, 9, 9, 9, 9, 5, ("img", 0), 1, 2, 3, 4], 8, [9, 9, 9, 9]),
 ])
-def test_lookup_proposes_the_continuation_of_the_longest_earlier_match(history, n_max, want):
+def test_lookup_proposes_as_much_of_the_earlier_continuation_as_the_match_is_long(history, n_max,
+                                                                                  want):
     assert NgramLookup.build(history).propose(n_max) == want
+
+
+def test_a_copy_in_progress_proposes_longer_runs():
+    # The answer copies the prompt: each accepted run lengthens the match,
+    # so the next proposal may be as long as everything copied so far.
+    prompt = list(range(100, 160))
+    look = NgramLookup.build(prompt + [100, 101, 102])
+    sizes = []
+    while (copied := len(look.history) - len(prompt)) < 40:
+        draft = look.propose(16)
+        sizes.append(len(draft))
+        assert draft == prompt[copied:copied + len(draft)]
+        look.extend(prompt[copied:copied + len(draft) + 1])  # all accepted, and the next token
+    assert sizes == [3, 7, 15, 16]
 
 
 def test_lookup_extends_incrementally_like_a_rebuild():
@@ -105,10 +134,11 @@ def test_proposals_follow_the_generating_token_and_are_recorded():
     sched, cache, kv = make(parallel=1, n_batch=16)
     a = _generating(sched, kv, "a", [1, 2, 3, 4, 5, 6, 1, 2], 3)
     plan = sched.schedule()
-    assert shape(plan) == [("a", 8, 1 + FIRST_CAP, True, True)]
-    assert plan.entries[0].draft == [4, 5, 6, 1]
+    # "1 2 3" occurred at the start: its 3 tokens of context propose 3
+    assert shape(plan) == [("a", 8, 4, True, True)]
+    assert plan.entries[0].draft == [4, 5, 6]
     _decode_with_drafts(sched, plan, kv)
-    assert a.slot.inputs == [1, 2, 3, 4, 5, 6, 1, 2, 3, 4, 5, 6, 1]
+    assert a.slot.inputs == [1, 2, 3, 4, 5, 6, 1, 2, 3, 4, 5, 6]
     # the target accepted two proposals: the rest leave the slot and the KV
     sched.keep_accepted(plan.entries[0], 2)
     assert a.slot.inputs == [1, 2, 3, 4, 5, 6, 1, 2, 3, 4, 5]
@@ -117,23 +147,41 @@ def test_proposals_follow_the_generating_token_and_are_recorded():
 
 
 def test_speculation_yields_to_other_work():
-    # draft_room 8: two generating tokens and a 4-input prompt chunk leave 2
+    # draft_room 16: two generating tokens and a 4-input prompt chunk (6
+    # inputs, under half of it) leave 10, shared by the two
     sched, cache, kv = make(parallel=3, n_batch=16, prefill_budget=4)
-    sched.draft_room = 8
-    a, b = _all_generating(sched, kv, [("a", [1, 2, 3, 1, 2, 3, 1], 2, {"draft_max": 8}),
-                                       ("b", [9, 8, 7, 9, 8, 7, 9], 8, {"draft_max": 8})])
+    a, b = _all_generating(sched, kv, [
+        ("a", [1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2, 3, 4], 5, {"draft_max": 8}),
+        ("b", [11, 12, 13, 14, 15, 16, 17, 18, 19, 11, 12, 13, 14], 15, {"draft_max": 8})])
     c = seq("c", range(100, 120))
     sched.waiting.append(c)
     sched.admit(lambda: True)
     plan = sched.schedule()
-    drafts = {e.seq.id: len(e.draft) for e in plan.entries if e.generating}
-    assert plan.n_inputs() == 8 and drafts == {"a": 1, "b": 1}
+    drafts = {e.seq.id: e.draft for e in plan.entries if e.generating}
+    assert drafts == {"a": [6, 7, 8, 9, 1], "b": [16, 17, 18, 19, 11]}
+    assert plan.n_inputs() == 16
     assert shape(plan)[-1] == ("c", 0, 4, False, False)
-    # a full batch of other work: no proposals at all
-    sched.draft_room = 6
+    # 6 inputs of other work are half of draft_room 12: no proposals at all
+    sched.draft_room = 12
     plan2 = sched.schedule()
-    assert all(not e.draft for e in plan2.entries)
-    assert plan2.n_inputs() == 6
+    assert all(not e.draft for e in plan2.entries) and plan2.n_inputs() == 6
+    # under half of 13: the 7 left are shared
+    sched.draft_room = 13
+    plan3 = sched.schedule()
+    assert sorted(len(e.draft) for e in plan3.entries if e.generating) == [3, 4]
+    assert plan3.n_inputs() == 13
+
+
+def test_eight_generating_streams_verify_no_proposals():
+    # at the default draft_room 16, 8 generating tokens make a step that is
+    # compute-bound on a CPU already: nobody proposes; with 7, each does
+    prompt = [1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2, 3, 4]
+    for n, want in ((8, 0), (7, 9)):
+        sched, cache, kv = make(parallel=n, n_batch=64)
+        _all_generating(sched, kv, [(str(i), prompt, 5, {}) for i in range(n)])
+        plan = sched.schedule()
+        assert sched.draft_room == 16
+        assert sum(len(e.draft) for e in plan.entries) == want
 
 
 def test_a_sequence_backing_off_proposes_nothing_for_its_wait():
@@ -143,7 +191,17 @@ def test_a_sequence_backing_off_proposes_nothing_for_its_wait():
     for left in (1, 0):
         plan = sched.schedule()
         assert shape(plan) == [("a", 8, 1, True, True)] and a.draft_wait == left
-    assert sched.schedule().entries[0].draft == [4, 5, 6, 1]
+    assert sched.schedule().entries[0].draft == [4, 5, 6]
+
+
+def test_the_cap_bounds_a_draft_model_not_prompt_lookup():
+    sched, cache, kv = make(parallel=1, n_batch=16)
+    a = _generating(sched, kv, "a", [1, 2, 3, 4, 5, 6, 1, 2], 3)
+    a.draft_cap = 1  # after a proposal with nothing accepted (next_cap)
+    assert sched.schedule().entries[0].draft == [4, 5, 6]
+    sched.draft_model = True
+    e = sched.schedule().entries[0]
+    assert (e.draft_limit, e.draft, e.n_inputs) == (1, [], 1)  # the drafter fills draft
 
 
 def test_proposals_respect_num_predict_and_the_slot():
@@ -236,10 +294,16 @@ def test_greedy_output_is_identical_and_proposals_are_accepted(engine):
 def test_seeded_sampling_with_default_options_is_identical(engine):
     # Default options (temperature 0.8, top-k 40, top-p 0.9, repeat penalty
     # 1.1): each returned token is the sampler's draw given the tokens before
-    # it, so a seed gives the same text either way.
-    (t0, k0, f0), (t1, k1, f1) = _pair(engine, COPY, num_predict=40, seed=1234)
-    assert k1 == k0 and t1 == t0
-    assert f1.draft_proposed > 0
+    # it, so a seed gives the same text either way.  Sampled answers copy
+    # the record less often: with seed 1234 the answer is prose (no
+    # proposals), with seed 2 it copies part of the record (proposals).
+    proposed = accepted = 0
+    for seed in (1234, 2):
+        (t0, k0, f0), (t1, k1, f1) = _pair(engine, COPY, num_predict=40, seed=seed)
+        assert k1 == k0 and t1 == t0
+        proposed += f1.draft_proposed
+        accepted += f1.draft_accepted
+    assert 0 < accepted <= proposed
 
 
 @pytest.mark.parametrize("num_predict", [1, 2, 5, 13])
