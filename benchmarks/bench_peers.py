@@ -32,9 +32,12 @@ Scenarios:
    prompt arrives in the other slot; the largest gap between the stream's
    tokens while that prompt is evaluated.
 4. **embeddings**: ``--embed-texts`` texts, ``--embed-parallel`` in flight;
-   embeddings/s and tokens/s (llama-server with ``--embedding --pooling
-   mean``, the runner's pooling for plain LMs), and the cosine similarity of
-   the two sides' vectors as a sanity check.
+   embeddings/s and tokens/s, medians over ``--repeat`` rounds in which the
+   sides take turns.  Both sides load the same way: embeddings only, mean
+   pooling, ``--embed-parallel`` slots sharing one KV buffer (llama-server
+   ``--embedding --pooling mean -kvu``; the runner ``embeddings``,
+   ``pooling: mean``, ``kv_unified``).  The cosine similarity of the two
+   sides' vectors is a sanity check.
 
 llama-server runs with the environment it is given: its OpenMP threads spin
 after each decode as libgomp's default says, where ``llama-runner serve``
@@ -201,11 +204,11 @@ class Sides:
         self._runner: tuple[tuple, RunnerSide] | None = None
         self._server: tuple[tuple, ServerSide] | None = None
 
-    def runner(self, parallel: int, n_ctx: int) -> RunnerSide:
-        key = (parallel, n_ctx)
+    def runner(self, parallel: int, n_ctx: int, **load: Any) -> RunnerSide:
+        key = (parallel, n_ctx, tuple(sorted(load.items())))
         if self._runner is None or self._runner[0] != key:
             self._close_runner()
-            self._runner = (key, RunnerSide(*self._common, n_ctx, self._n_batch, parallel))
+            self._runner = (key, RunnerSide(*self._common, n_ctx, self._n_batch, parallel, **load))
         return self._runner[1]
 
     def server(self, parallel: int, n_ctx: int, embedding: bool = False) -> ServerSide:
@@ -400,17 +403,25 @@ def run(args: argparse.Namespace) -> dict:
         if "embeddings" in chosen:
             say(f"embeddings: {args.embed_texts} texts, {args.embed_parallel} at a time")
             texts = [filler_text(300 + i, args.embed_words) for i in range(args.embed_texts)]
-            runner = sides.runner(2, args.mixed_ctx)
+            # The same layout on both sides: an embedding load with mean pooling,
+            # one slot per request in flight and one KV buffer shared by them.
+            n_ctx = args.embed_parallel * args.n_batch
+            runner = sides.runner(args.embed_parallel, n_ctx, embeddings=True, pooling="mean",
+                                  kv_unified=True)
             tokens = sum(len(runner.runner.tokenize(t, add_special=True)) for t in texts)
-            server = sides.server(args.embed_parallel, args.embed_parallel * args.n_batch,
-                                  embedding=True)
-            results["embeddings"] = {}
-            for side in (server, runner):
-                results["embeddings"][side.name] = scenario_embeddings(
-                    side, texts, args.embed_parallel, tokens)
-            pairs = zip(results["embeddings"]["runner"].pop("vectors"),
-                        results["embeddings"]["llama-server"].pop("vectors"))
-            cosines = [_cosine(a, b) for a, b in pairs]
+            server = sides.server(args.embed_parallel, n_ctx, embedding=True)
+            runs: dict[str, list] = {"llama-server": [], "runner": []}
+            vectors = {}
+            for r in range(args.repeat):   # the sides take turns
+                for side in ((server, runner) if r % 2 == 0 else (runner, server)):
+                    row = scenario_embeddings(side, texts, args.embed_parallel, tokens)
+                    vectors[side.name] = row.pop("vectors")
+                    runs[side.name].append(row)
+            results["embeddings"] = {
+                name: {key: statistics.median(row[key] for row in rows) for key in rows[0]}
+                for name, rows in runs.items()}
+            results["embeddings"]["rounds"] = runs
+            cosines = [_cosine(a, b) for a, b in zip(vectors["runner"], vectors["llama-server"])]
             results["embeddings"]["cosines"] = cosines
             results["embeddings"]["min_cosine"] = min(cosines)
     finally:

@@ -27,7 +27,8 @@ short function of it).  Reported:
 * draft model: the single-stream case again with a draft model instead of
   prompt lookup: the tiny random-weight model of benchmarks/tiny_model.py
   (the default vocabulary; it proposes noise, so this measures the cost of
-  drafting and verifying with next to nothing accepted).
+  drafting and verifying with next to nothing accepted), against requests
+  without ``speculative`` on the same engine ("draft off"), taking turns.
 
 Generation rates are the engines' own (eval_count / eval_duration for the
 runner, ``timings.predicted_per_second`` for llama-server).  Both servers
@@ -224,8 +225,12 @@ def run(args: argparse.Namespace) -> dict:
         try:
             for name, prompt in TASKS.items():
                 engine.complete(prompt, **GREEDY, num_predict=1)
-                runs = [runner_stream(engine, prompt, args.tokens, True) for _ in range(args.reps)]
-                results["single"][name]["tiny draft"] = pick_row(runs, args.stat)
+                runs = {False: [], True: []}
+                for r in range(args.reps):  # its own baseline, taking turns with it
+                    for spec in ((False, True) if r % 2 == 0 else (True, False)):
+                        runs[spec].append(runner_stream(engine, prompt, args.tokens, spec))
+                results["single"][name]["draft off"] = pick_row(runs[False], args.stat)
+                results["single"][name]["tiny draft"] = pick_row(runs[True], args.stat)
         finally:
             engine.close()
     return results
@@ -253,7 +258,8 @@ def report(results: dict, args: argparse.Namespace) -> str:
     lines.append(head)
     for name, sides in results["single"].items():
         for label, row in sides.items():
-            base = sides["server off" if label.startswith("server") else "runner off"]["rate"]
+            base = sides["server off" if label.startswith("server") else
+                         "draft off" if label in ("draft off", "tiny draft") else "runner off"]["rate"]
             ratio = row["rate"] / base if base else 0.0
             line = (f"{name:22} {label:12} {row['rate']:8.1f} {ratio:7.2f} {row['tokens']:7d} "
                     f"{row['proposed']:9d} {row['accepted']:9d} "
