@@ -43,6 +43,7 @@ from runner.requests import (
 )
 from runner.delivery import Delivery, SeqEnded, SeqReleased, Shutdown, StepTokens
 from runner.drafter import Drafter
+from runner.embedwait import EmbedWindow
 from runner.executor import Executor, device_lost
 from runner.handoff import new_handoff
 from runner.hostcache import HostCache
@@ -280,6 +281,7 @@ class Engine:
                                    draft_model=self.drafter is not None)
         self._switch_cost = lora_sets.SwitchCost()  # adapter switch cost -> the scheduler's turn (loop thread)
         self._embeds: collections.deque[EmbeddingJob] = collections.deque()  # pending embedding jobs
+        self._embed_window = EmbedWindow()      # when an embedding decode waits for more texts (loop thread)
         self._slot_jobs: collections.deque[SlotJob] = collections.deque()  # pending slot saves/restores
         self._by_id: dict[str, Sequence] = {}   # every unfinished request
         self._closing = False                   # no new requests accepted
@@ -861,6 +863,9 @@ class Engine:
         for seq in self.scheduler.admit(self._accepting):
             self._started(seq)
         if self._embeds:
+            if not (self.scheduler.active or self.scheduler.waiting or self._slot_jobs
+                    or self._embeds_equal_length()):
+                self._hold_embeds()
             self._run_embeddings()
         if self._slot_jobs:
             self._run_slot_jobs()
@@ -1116,6 +1121,32 @@ class Engine:
 
     # -- embeddings -----------------------------------------------------
 
+    def _embeds_equal_length(self) -> bool:
+        """Whether only texts of one length can share an embedding decode
+        (see _run_embeddings)."""
+        return not self.config.kv_unified and self.ctx.pooling != "none"
+
+    def _hold_embeds(self) -> None:
+        """Wait a moment for the callers answered by the last embedding
+        decode to send again, so that their texts share the next decode
+        (runner.embedwait); only called while no completion runs or waits."""
+        free = self.slots.n_free
+        with self._lock:
+            while True:
+                n_texts = n_tokens = 0
+                for job in self._embeds:
+                    for i, tokens in enumerate(job.texts):
+                        if job.results[i] is None:
+                            n_texts += 1
+                            n_tokens += len(tokens)
+                now = time.perf_counter()
+                until = self._embed_window.wait_until(
+                    now, len(self._embeds), full=n_texts >= free or n_tokens >= self.n_batch)
+                if (until is None or self._closing or self.failed is not None
+                        or self.scheduler.waiting or self._slot_jobs):
+                    return
+                self._wake.wait(until - now)
+
     def _run_embeddings(self) -> None:
         """One decode of queued embedding texts, taken from the jobs in
         arrival order, each in a slot of its own that neither reuses nor
@@ -1130,7 +1161,7 @@ class Engine:
         whole, others get one each."""
         with self._lock:
             jobs = list(self._embeds)
-        equal = not self.config.kv_unified and self.ctx.pooling != "none"
+        equal = self._embeds_equal_length()
         free = self.slots.n_free
         picked: list[tuple[EmbeddingJob, int]] = []  # (job, text index)
         n = 0
@@ -1147,15 +1178,18 @@ class Engine:
         if not picked:
             return  # no free slot: the next step tries again
         slots = []
+        decode_seconds = 0.0
         try:
             for _ in picked:
                 slots.append(self.slots.acquire_uncached())
             slots.sort(key=lambda slot: slot.id)
             items = [(job.texts[i], slot.id) for (job, i), slot in zip(picked, slots)]
             self.executor.use_lora(self.lora_default)
+            t0 = time.perf_counter()
             for (job, i), rows in zip(picked, self.executor.embed(items, self.config.embeddings)):
                 job.results[i] = rows
                 job.n_done += 1
+            decode_seconds = time.perf_counter() - t0
             for slot, (tokens, _) in zip(slots, items):
                 self.slots.record(slot, tokens)
         except Exception as exc:  # these requests fail, the engine goes on
@@ -1172,10 +1206,12 @@ class Engine:
         with self._lock:
             for job in finished:
                 self._embeds.remove(job)
+            n_left = len(self._embeds)
         for job in finished:
             if job.error is None:
                 self.totals.embedded()
             job.done.set()
+        self._embed_window.answered(time.perf_counter(), len(finished), n_left, decode_seconds)
 
     # -- slot files -----------------------------------------------------
 

@@ -107,6 +107,36 @@ def test_requests_from_many_threads_share_decodes_and_get_their_own(engines, uni
             assert cosine(vec, alone[text]) > 0.99999, text
 
 
+def test_callers_sending_one_text_at_a_time_each_get_their_own(engines):
+    """Four callers embed one text per request, each sending the next as
+    soon as the last came back (the loop holds texts for them: runner.embedwait),
+    and one caller stops early; every vector equals its text embedded alone,
+    and a text sent after all that is answered (nothing waits for callers
+    that are gone)."""
+    import threading
+
+    e = engines("mean", kv_unified=True, parallel=4)
+    alone = {t: e.embed(t).embedding for t in TEXTS}
+    got: dict[int, list] = {k: [] for k in range(4)}
+
+    def ask(k: int) -> None:
+        for j in range(3 if k == 0 else 12):
+            text = TEXTS[(k + j) % len(TEXTS)]
+            got[k].append((text, e.embed(text).embedding))
+
+    threads = [threading.Thread(target=ask, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert [len(got[k]) for k in range(4)] == [3, 12, 12, 12]
+    for pairs in got.values():
+        for text, vec in pairs:
+            np.testing.assert_allclose(vec, alone[text], rtol=0, atol=5e-3)
+            assert cosine(vec, alone[text]) > 0.99999, text
+    assert_same_vector(e.embed(TEXTS[0]).embedding, alone[TEXTS[0]])
+
+
 def cosine(a, b) -> float:
     return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
 
