@@ -15,7 +15,7 @@ from typing import Iterator
 
 from runner import _llama
 from runner.requests import CompletionOptions
-from runner.sampling import make_sampler
+from runner.sampling import make_sampler, prompt_tokens_to_accept
 
 
 @dataclass
@@ -60,6 +60,11 @@ def generate(model: _llama.Model, ctx: _llama.Context, prompt: str,
     ctx.seq_rm(0, -1, -1)
     n_predict = options.num_predict if options.num_predict >= 0 else n_ctx
     with _llama.Batch(ctx.n_batch) as batch, make_sampler(model, options, n_ctx) as sampler:
+        # The penalties and DRY look back over the prompt too, as in the
+        # engine (Engine._started); the grammar never sees it.
+        n_seen = prompt_tokens_to_accept(options, n_ctx)
+        for token in tokens[-n_seen:] if n_seen else ():
+            sampler.accept(token)
         idx = decode_prompt(ctx, batch, tokens)
         stats.prompt_tokens = len(tokens)
         stats.prompt_seconds = time.perf_counter() - t0
