@@ -16,23 +16,80 @@ prefix serves only a prompt of the same key; the scheduler and the slot
 cache compare keys and nothing else.  llama.cpp leaves adapters at scale 0
 out of the graph, so a key of zeros computes exactly what the base model
 does.
+
+:func:`check_adapter_files` refuses, before llama.cpp sees them, adapter
+files it could not open or would refuse for their header, with a reason that
+names the file (llama.cpp logs its reason and returns NULL).
 """
 
 from __future__ import annotations
 
 import math
+import os
+import stat
+from collections.abc import Iterable
 
 import numpy as np
 
+from runner.gguf import GGUFError, read_gguf
 from runner.requests import BadRequest
 
-__all__ = ["LoraKey", "SwitchCost", "default_key", "describe", "resolve"]
+__all__ = ["LoraKey", "SwitchCost", "check_adapter_files", "default_key", "describe", "resolve"]
 
 LoraKey = tuple  # tuple[float, ...]: the scale of each loaded adapter, in load order
 
 
 def _bad(problem: str) -> BadRequest:
     return BadRequest(f"invalid option lora: {problem}")
+
+
+def check_adapter_files(paths: Iterable[str | os.PathLike[str]], architecture: str = "") -> None:
+    """Raise BadRequest naming the first adapter file that is missing, not a
+    regular file, unreadable, not a readable GGUF header, or not what
+    llama_adapter_lora_init accepts in its header (src/llama-adapter.cpp):
+    ``general.type`` "adapter", ``adapter.type`` "lora", and
+    ``general.architecture`` equal to the model's (``architecture``; "" when
+    the model's header could not be read: not compared).  Tensors that do
+    not match the model are left to llama.cpp, which names them."""
+    for path in paths:
+        _check_adapter_file(os.fspath(path), architecture)
+
+
+def _check_adapter_file(path: str, architecture: str) -> None:
+    def refuse(problem: str) -> BadRequest:
+        return BadRequest(f"LoRA adapter {path} {problem}")
+
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        raise BadRequest(f"LoRA adapter not found: {path}") from None
+    except OSError as exc:
+        raise refuse(f"cannot be read: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(mode):
+        raise refuse("is a directory, not a GGUF file")
+    if not stat.S_ISREG(mode):  # a FIFO or device: reading it could block or never end
+        raise refuse("is not a regular file")
+    try:
+        info = read_gguf(path, max_array_size=0)
+    except OSError as exc:
+        raise refuse(f"cannot be read: {exc.strerror or exc}") from None
+    except GGUFError as exc:
+        reason = str(exc).removeprefix(f"{path}: ")
+        raise refuse(f"is not a usable GGUF file: {reason}") from None
+    try:
+        kind = info.get_str("general.type", "")
+        adapter = info.get_str("adapter.type", "")
+        arch = info.architecture
+    except GGUFError as exc:
+        raise refuse(f"is not a LoRA adapter: {exc}") from None
+    if kind != "adapter":
+        what = f"general.type is {kind!r}" if kind else "it has no general.type"
+        raise refuse(f"is not a LoRA adapter ({what}, not 'adapter')")
+    if adapter != "lora":
+        what = f"adapter.type is {adapter!r}" if adapter else "it has no adapter.type"
+        raise refuse(f"is not a LoRA adapter ({what}, not 'lora')")
+    if architecture and arch != architecture:
+        raise refuse(f"is for architecture {arch!r}; the model's is {architecture!r}")
 
 
 def default_key(n_adapters: int) -> LoraKey:

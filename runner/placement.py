@@ -33,7 +33,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from runner import memory
+from runner import lora, memory
 from runner.gguf import GGUFFile
 from runner.requests import BadRequest
 
@@ -220,7 +220,9 @@ def place_load(config: Any) -> Placement:
     """:func:`place` for a load about to happen: the model's header, the
     devices ggml reports now and the host's available memory.  A load whose
     estimate does not fit is refused before llama.cpp touches memory (a
-    2**30-token context once took 21 GB of RSS and 78 s to fail inside it)."""
+    2**30-token context once took 21 GB of RSS and 78 s to fail inside it),
+    and so is one naming a LoRA adapter file llama.cpp could not use
+    (:func:`runner.lora.check_adapter_files`)."""
     from runner import _llama
     from runner.gguf import read_gguf
 
@@ -228,6 +230,7 @@ def place_load(config: Any) -> Placement:
     devices = devices_for(config, _llama.devices(), host_available())
     try:
         info = read_gguf(config.model_path, max_array_size=0)
+        lora.check_adapter_files(config.lora_paths, info.architecture)
         proj = read_gguf(config.projector_path, max_array_size=0) if config.projector_path else None
         return place(config, info, devices, proj)
     except NoRoom as exc:
@@ -239,6 +242,7 @@ def place_load(config: Any) -> Placement:
         raise
     except Exception:  # a header or architecture the estimate does not know: llama.cpp judges
         log.debug("no memory estimate for %s", config.model_path, exc_info=True)
+        lora.check_adapter_files(config.lora_paths)  # unchecked if the header failed (no architecture)
         return place(config, None, devices)
 
 

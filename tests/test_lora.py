@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from runner.engine import Engine, EngineConfig
@@ -167,3 +168,64 @@ def test_generate_command_loads_adapters_and_takes_scales(engine, files):
                           "--prompt", prompt, "--lora", str(files[1]), "--lora-scale", "half"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "ID=SCALE" in bad.stderr
+
+
+def _bad_adapters(files, d: Path) -> dict[str, tuple[Path, str]]:
+    """Adapter paths llama.cpp could not use, each with the reason expected
+    (a regex) after the path."""
+    import gguf
+
+    (d / "dir.gguf").mkdir(exist_ok=True)
+    (d / "text.gguf").write_text("not a GGUF file, only some text\n" * 4)
+    cut = d / "cut.gguf"
+    data = Path(files[1]).read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    other = d / "qwen2.gguf"  # an adapter's header, for another architecture
+    w = gguf.GGUFWriter(str(other), "qwen2")
+    w.add_string("general.type", "adapter")
+    w.add_string("adapter.type", "lora")
+    w.add_float32("adapter.lora.alpha", 4.0)
+    w.add_tensor("blk.0.attn_q.weight.lora_a", np.zeros((4, 8), dtype=np.float32))
+    w.add_tensor("blk.0.attn_q.weight.lora_b", np.zeros((8, 4), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return {
+        "missing": (d / "missing.gguf", None),
+        "directory": (d / "dir.gguf", "is a directory, not a GGUF file"),
+        "text": (d / "text.gguf", r"is not a usable GGUF file: not a GGUF file \(magic b'not '\)"),
+        "truncated": (cut, r"is not a usable GGUF file: tensor data needs \d+ bytes, file has \d+ \(truncated\?\)"),
+        "a model": (Path(files[0]), r"is not a LoRA adapter \((general.type is 'model'|it has no general.type), not 'adapter'\)"),
+        "other architecture": (other, "is for architecture 'qwen2'; the model's is 'llama'"),
+    }
+
+
+def _expected(path: Path, reason: str | None) -> str:
+    import re
+
+    if reason is None:
+        return f"LoRA adapter not found: {re.escape(str(path))}$"
+    return f"LoRA adapter {re.escape(str(path))} {reason}$"
+
+
+@pytest.mark.parametrize("case", ["missing", "directory", "text", "truncated", "a model", "other architecture"])
+def test_an_unusable_adapter_file_is_a_bad_request_naming_it(files, tmp_path, case):
+    """The engine refuses the load before loading the model, with the file
+    and its problem, not llama.cpp's "failed to load lora adapter"."""
+    path, reason = _bad_adapters(files, tmp_path)[case]
+    with pytest.raises(BadRequest, match=_expected(path, reason)) as info:
+        Engine(EngineConfig(str(files[0]), n_ctx=256, n_threads=2, lora_paths=(str(files[1]), str(path))))
+    assert info.value.code == "bad_request"
+
+
+@pytest.mark.parametrize("case", ["missing", "text"])
+def test_a_runner_refuses_an_unusable_adapter_as_a_bad_request(files, tmp_path, case):
+    """Through a spawned runner: code bad_request, the message is the
+    reason alone (no unrelated llama.cpp log line)."""
+    from runner.client import Runner
+
+    path, reason = _bad_adapters(files, tmp_path)[case]
+    with pytest.raises(BadRequest, match="load failed: " + _expected(path, reason)) as info:
+        Runner.spawn(str(files[0]), n_ctx=256, n_threads=2, lora_paths=[str(path)])
+    assert info.value.code == "bad_request"
