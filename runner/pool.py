@@ -48,8 +48,9 @@ import dataclasses
 import logging
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 import msgspec
 
@@ -674,38 +675,38 @@ class RunnerPool:
 
 # -- streams and waiting ---------------------------------------------------------------
 
-class PoolStream:
-    """A completion on a pooled runner: iterate for :class:`Chunk` events, then
-    the :class:`Final` (as ``runner.client.CompletionStream``).  The lease on
-    the runner ends with the stream."""
+class _LeasedStream:
+    """What both stream flavours share: the runner's stream and the lease
+    that ends with it.  The end of the stream or its Final releases the lease
+    (the runner answered); an error reply fails it, which releases it (a
+    cancel counts as no answer); a runner that died under it reports the
+    crash, and the pool's error is raised instead."""
 
     def __init__(self, lease: Lease, stream: Any) -> None:
         self.model = lease.model       # the pool's name of the model
         self._lease = lease
-        self._stream = stream          # the runner's CompletionStream
+        self._stream = stream          # the runner's CompletionStream or AsyncCompletionStream
 
-    def __iter__(self) -> "PoolStream":
-        return self
-
-    def __next__(self) -> Chunk | Final:
-        try:
-            event = next(self._stream)
-        except StopIteration:
-            self._lease.release()
-            raise
-        except RunnerGone as exc:
-            raise self._lease.crashed(exc) from exc
-        except BaseException as exc:  # an error reply means the runner answered; a cancel does not
-            self._lease.failed(exc)
-            raise
+    def _passed(self, event: Chunk | Final) -> Chunk | Final:
+        """An event from the runner's stream, on its way to the caller."""
         if type(event) is Final:
             self._lease.release()
         return event
 
-    def text(self) -> tuple[str, Final]:
-        """Wait for the end; the whole text and the Final."""
+    def _raise(self, exc: BaseException) -> NoReturn:
+        """Raise what ``exc``, raised by the runner's stream, becomes."""
+        if isinstance(exc, (StopIteration, StopAsyncIteration)):
+            self._lease.release()
+        elif isinstance(exc, RunnerGone):
+            raise self._lease.crashed(exc) from exc
+        else:  # an error reply means the runner answered; a cancel does not
+            self._lease.failed(exc)
+        raise exc
+
+    @staticmethod
+    def _joined(events: Iterable[Chunk | Final]) -> tuple[str, Final]:
         parts, final = [], None
-        for event in self:
+        for event in events:
             if type(event) is Chunk:
                 parts.append(event.text)
             else:
@@ -720,12 +721,6 @@ class PoolStream:
         self._stream.close()
         self._lease.release(answered=False)
 
-    def __enter__(self) -> "PoolStream":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
     def __del__(self) -> None:
         try:
             self.close()
@@ -733,13 +728,34 @@ class PoolStream:
             pass
 
 
-class AsyncPoolStream:
-    """The asyncio flavour of :class:`PoolStream`."""
+class PoolStream(_LeasedStream):
+    """A completion on a pooled runner: iterate for :class:`Chunk` events, then
+    the :class:`Final` (as ``runner.client.CompletionStream``).  The lease on
+    the runner ends with the stream."""
 
-    def __init__(self, lease: Lease, stream: Any) -> None:
-        self.model = lease.model       # the pool's name of the model
-        self._lease = lease
-        self._stream = stream          # the runner's AsyncCompletionStream
+    def __iter__(self) -> "PoolStream":
+        return self
+
+    def __next__(self) -> Chunk | Final:
+        try:
+            event = next(self._stream)
+        except BaseException as exc:
+            self._raise(exc)
+        return self._passed(event)
+
+    def text(self) -> tuple[str, Final]:
+        """Wait for the end; the whole text and the Final."""
+        return self._joined(self)
+
+    def __enter__(self) -> "PoolStream":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class AsyncPoolStream(_LeasedStream):
+    """The asyncio flavour of :class:`PoolStream`."""
 
     def __aiter__(self) -> "AsyncPoolStream":
         return self
@@ -747,43 +763,16 @@ class AsyncPoolStream:
     async def __anext__(self) -> Chunk | Final:
         try:
             event = await self._stream.__anext__()
-        except StopAsyncIteration:
-            self._lease.release()
-            raise
-        except RunnerGone as exc:
-            raise self._lease.crashed(exc) from exc
-        except BaseException as exc:  # an error reply means the runner answered; a cancel does not
-            self._lease.failed(exc)
-            raise
-        if type(event) is Final:
-            self._lease.release()
-        return event
+        except BaseException as exc:
+            self._raise(exc)
+        return self._passed(event)
 
     async def text(self) -> tuple[str, Final]:
-        parts, final = [], None
-        async for event in self:
-            if type(event) is Chunk:
-                parts.append(event.text)
-            else:
-                final = event
-        assert final is not None
-        return "".join(parts), final
-
-    def cancel(self) -> None:
-        self._stream.cancel()
-
-    def close(self) -> None:
-        self._stream.close()
-        self._lease.release(answered=False)
+        """Wait for the end; the whole text and the Final."""
+        return self._joined([event async for event in self])
 
     async def aclose(self) -> None:
         self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
 
 
 class _Hold:

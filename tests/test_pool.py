@@ -17,7 +17,7 @@ from polling import wait_until
 from runner import pool_fit
 from runner.gguf import GGUFError
 from runner.pool import DoesNotFit, ModelFailed, ModelLoadError, RunnerCrashed, RunnerPool
-from runner.requests import BadRequest, Chunk
+from runner.requests import BadRequest, Chunk, Final
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from tiny_model import write_tiny_llama  # noqa: E402
@@ -153,6 +153,50 @@ def test_a_dead_runner_is_started_again_once_then_reported(tiny):
         wait_until(lambda: model not in pool.state()["models"])
         assert pool.complete(model, "Hi", num_predict=2).text()[1].eval_count == 2
         assert pool.state()["models"][model]["pid"] != pid
+
+
+def test_both_stream_flavours_end_their_lease_alike(tiny):
+    """PoolStream and AsyncPoolStream share their lease handling: the Final
+    ends the lease (before the stream's end), an error reply ends it with
+    the runner kept, and a runner that dies mid-stream raises RunnerCrashed."""
+    model = tiny[0]
+
+    def in_flight(pool: RunnerPool) -> int:
+        return pool.state()["models"][model]["in_flight"]
+
+    with RunnerPool(load=LOAD) as pool:
+        stream = pool.complete(model, "Hi", num_predict=2, temperature=0)
+        while type(next(stream)) is not Final:
+            pass
+        assert in_flight(pool) == 0
+        with pytest.raises(BadRequest, match="empty"):
+            pool.complete(model, "", num_predict=2).text()
+        assert in_flight(pool) == 0 and kinds(pool, "crashed", "unhealthy") == []
+        stream = pool.complete(model, "Hi", **FOREVER)
+        next(stream)
+        os.kill(pool.state()["models"][model]["pid"], signal.SIGKILL)
+        with pytest.raises(RunnerCrashed, match="SIGKILL"):
+            for _ in stream:
+                pass
+
+    async def main() -> None:
+        async with RunnerPool(load=LOAD) as pool:
+            stream = await pool.acomplete(model, "Hi", num_predict=2, temperature=0)
+            async for event in stream:
+                if type(event) is Final:
+                    break
+            assert in_flight(pool) == 0
+            with pytest.raises(BadRequest, match="empty"):
+                await (await pool.acomplete(model, "", num_predict=2)).text()
+            assert in_flight(pool) == 0 and kinds(pool, "crashed", "unhealthy") == []
+            stream = await pool.acomplete(model, "Hi", **FOREVER)
+            await stream.__anext__()
+            os.kill(pool.state()["models"][model]["pid"], signal.SIGKILL)
+            with pytest.raises(RunnerCrashed, match="SIGKILL"):
+                async for _ in stream:
+                    pass
+
+    asyncio.run(main())
 
 
 def test_keep_alive_unloads_idle_runners(tiny):
