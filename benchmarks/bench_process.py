@@ -91,16 +91,17 @@ def bench_client(model: str, parallel: int, tokens: int, threads: int | None) ->
 
 def bench_generation_window(model: str, parallel: int, tokens: int, threads: int | None,
                             pp: int = 128, consumers: str = "threads",
-                            options: dict | None = None) -> dict:
+                            options: dict | None = None, **load) -> dict:
     """Client rate over the window llama-batched-bench's S_TG measures: from
     the moment every stream has its first token to the last final, with
     ``pp``-token prompts, ``n_ctx`` 4096 and n_batch 512 like the peer run.
     ``consumers``: "threads" (one blocking consumer thread per stream, as a
     threaded server consumes) or "asyncio" (one task per stream on one event
-    loop).  ``options``: the requests' options (default greedy)."""
+    loop).  ``options``: the requests' options (default greedy); ``load``:
+    more load fields (``burst_ms``)."""
     opts = {**(options or greedy_options(tokens)), "num_predict": tokens, "ignore_eos": True}
     with Runner.spawn(model, n_ctx=max(4096, parallel * (pp + tokens + 16)), n_batch=512,
-                      parallel=parallel, n_threads=threads) as runner:
+                      parallel=parallel, n_threads=threads, **load) as runner:
         # Every slot once (as bench_engine.py does): first use of a slot pays
         # one-off costs that batched-bench pays outside its S_TG window.
         run_concurrently(parallel, lambda i: runner.complete(
@@ -284,41 +285,45 @@ def bench_protocol(streams: int, tokens: int, consumers: str = "threads",
 
 def compare_with_peer(model: str, levels: list[int], tokens: int, threads: int,
                       rounds: int, consumers: str = "threads", options: dict | None = None,
-                      pp: int = 128) -> list[dict]:
+                      pp: int = 128, bursts: list[float] | None = None) -> list[dict]:
     """Client rate over the S_TG window beside llama-batched-bench, per level.
 
     Peer and client alternate, level by level and round by round, so that a
     slow spell on a shared machine hits both sides of a ratio alike; which
     side goes first alternates too (ABBA), in case going first pays.  The
-    ratio reported is the median of the per-round ratios.
+    ratio reported is the median of the per-round ratios.  ``bursts``: the
+    runner's ``burst_ms`` values to measure, each a client side of its own
+    in every round (None: the load's default only).
     """
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from bench_engine import batched_bench
 
-    pairs: dict[int, list[tuple[float, float]]] = {level: [] for level in levels}
+    sides = [None] if not bursts else list(bursts)
+    runs: dict[int, dict] = {level: {"peer": [], **{b: [] for b in sides}} for level in levels}
     for r in range(rounds):
         for level in levels:
             def run_peer() -> float:
                 return batched_bench(model, threads, max(4096, level * (pp + tokens + 16)), 512,
                                      [level], pp, tokens, unified=False).get(level, float("nan"))
 
-            def run_client() -> float:
+            def run_client(burst) -> float:
+                load = {} if burst is None else {"burst_ms": burst}
                 return bench_generation_window(model, level, tokens, threads, pp=pp,
-                                               consumers=consumers, options=options)["tok_s"]
+                                               consumers=consumers, options=options, **load)["tok_s"]
 
-            if r % 2 == 0:
-                peer = run_peer()
-                client = run_client()
-            else:
-                client = run_client()
-                peer = run_peer()
-            pairs[level].append((client, peer))
+            order = ["peer", *sides]
+            if r % 2:
+                order.reverse()
+            for side in order:
+                runs[level][side].append(run_peer() if side == "peer" else run_client(side))
     out = []
     for level in levels:
-        ratios = [c / p for c, p in pairs[level]]
-        out.append({"parallel": level, "client_tok_s": [c for c, _ in pairs[level]],
-                    "S_TG": [p for _, p in pairs[level]], "ratios": ratios,
-                    "ratio": statistics.median(ratios)})
+        peer = runs[level]["peer"]
+        for side in sides:
+            client = runs[level][side]
+            ratios = [c / p for c, p in zip(client, peer)]
+            out.append({"parallel": level, "burst_ms": side, "client_tok_s": client,
+                        "S_TG": peer, "ratios": ratios, "ratio": statistics.median(ratios)})
     return out
 
 
@@ -350,6 +355,9 @@ def main() -> int:
                     help="for --peer: greedy, or every sampling option at its default "
                          "(temperature 0.8, top_k 40, top_p 0.9, repeat_penalty 1.1)")
     ap.add_argument("--pp", type=int, default=128, help="prompt tokens per stream for --peer")
+    ap.add_argument("--burst-ms", default=None,
+                    help="for --peer: comma-separated burst_ms values of the runner, each its own "
+                         "side in every round (default: the load's default)")
     ap.add_argument("--json", default=None, help="also write the results here")
     ap.add_argument("--fake-runner", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -380,13 +388,15 @@ def main() -> int:
     if (args.peer or args.peer_only) and not args.protocol_only:
         threads = args.threads or os.cpu_count()
         options = None if args.options == "greedy" else {"num_predict": args.tokens}
+        bursts = None if args.burst_ms is None else [float(x) for x in args.burst_ms.split(",")]
         results["peer"] = compare_with_peer(model, levels, args.tokens, threads, args.rounds,
-                                            args.consumers, options, args.pp)
-        print(f"\n{'parallel':>8} {'client tok/s':>13} {'batched-bench S_TG':>19} {'ratio':>6}"
+                                            args.consumers, options, args.pp, bursts)
+        print(f"\n{'parallel':>8} {'burst_ms':>8} {'client tok/s':>13} {'batched-bench S_TG':>19} {'ratio':>6}"
               f"  ({args.consumers} consumers, {args.options} options; medians of {args.rounds} "
               f"alternating rounds; per-round ratios)")
         for row in results["peer"]:
-            print(f"{row['parallel']:>8} {statistics.median(row['client_tok_s']):>13.1f} "
+            burst = "default" if row["burst_ms"] is None else f"{row['burst_ms']:g}"
+            print(f"{row['parallel']:>8} {burst:>8} {statistics.median(row['client_tok_s']):>13.1f} "
                   f"{statistics.median(row['S_TG']):>19.1f} {row['ratio']:>6.3f}  "
                   + " ".join(f"{r:.2f}" for r in row["ratios"]))
     if not args.peer_only:

@@ -514,3 +514,155 @@ def sample_batch(Context ctx not None, list samplers not None, list rows not Non
     finally:
         free(fasts); free(logits); free(toks); free(where)
     return out
+
+
+cdef inline int32_t runner_sample_rows_one(runner_fast_sampler * fast, const float * row,
+                                           int32_t n_vocab) noexcept nogil:
+    """One row as runner_sample_rows samples it."""
+    return runner_fast_sample(fast, row) if fast != NULL else _argmax(row, n_vocab)
+
+
+cdef class StepInterrupt:
+    """A flag that ends :func:`decode_steps` after the step in progress; set
+    from any thread (the engine sets it whenever it is woken: a request
+    arrived, was cancelled, hit a stop string ...), cleared by the loop."""
+    cdef volatile int flag
+
+    def set(self):
+        self.flag = 1
+
+    def clear(self):
+        self.flag = 0
+
+    def is_set(self):
+        return self.flag != 0
+
+
+def decode_steps(Context ctx not None, Batch batch not None, list samplers not None,
+                 list seq_ids not None, list positions not None, list tokens not None,
+                 list budgets not None, list stop_on_eog not None, int max_steps,
+                 StepInterrupt interrupt=None, int doorbell=-1, int n_threads=1):
+    """Up to ``max_steps`` generation steps of the sequences ``seq_ids``
+    without coming back to Python, the GIL released throughout.
+
+    Each step decodes one token per sequence -- first ``tokens[i]`` at
+    ``positions[i]``, then the token sampled for it at the next position --
+    and samples every row with its sequence's native sampler (plain argmax
+    or the one-pass chain, which records the token for its penalties), as
+    :func:`sample_batch` would.  The run stops after a step in which a token
+    ends a sequence (an end-of-generation token where ``stop_on_eog[i]``,
+    the ``budgets[i]``-th token of the run, or -1 for a row with no number
+    among its logits), before a step once ``interrupt`` is set, or at a
+    decode that fails.  ``doorbell`` is written to before the first decode
+    (see :meth:`Context.decode`).
+
+    Returns ``(sampled, rc)``: ``sampled[i]`` lists the tokens sampled for
+    sequence ``i``, all lists of one length (the steps completed, the first
+    decode of a failed step excluded); ``rc`` is the failed decode's return
+    code, or 0.  After a failed decode nothing of that step is in the KV
+    memory (llama_decode's contract), so the caller may decode it again by
+    the ordinary path to report the error."""
+    ctx._check()
+    cdef Py_ssize_t n = len(seq_ids), i
+    if not (len(samplers) == len(positions) == len(tokens) == len(budgets) == len(stop_on_eog) == n):
+        raise ValueError("decode_steps: the per-sequence lists differ in length")
+    if n == 0 or n > batch.capacity:
+        raise ValueError(f"decode_steps: {n} sequences for a batch of {batch.capacity}")
+    if max_steps < 1:
+        raise ValueError("decode_steps: max_steps must be at least 1")
+    if not batch.allocated or batch.embd != 0:
+        raise ValueError("decode_steps needs an open token batch")
+    if _rpc_watch:
+        raise ValueError("decode_steps does not run with RPC devices (each decode must be checked)")
+    if len({id(x) for x in samplers}) != n:
+        raise ValueError("a sampler is listed twice")
+    cdef int32_t n_vocab = ctx.model.n_vocab
+    cdef uint32_t n_seq = llama_n_seq_max(ctx.ptr)
+    cdef Sampler s
+    for i in range(n):
+        s = <Sampler?> samplers[i]
+        if s.chain == NULL:
+            raise ClosedError("sampler is closed")
+        if s.model is not ctx.model:
+            raise ValueError("sampler and context belong to different models")
+        if not (s.argmax_only or s.fast != NULL):
+            raise ValueError("decode_steps needs native samplers (Sampler.native)")
+        if not 0 <= <long> seq_ids[i] < n_seq:
+            raise ValueError(f"sequence id {seq_ids[i]} outside 0..{n_seq - 1}")
+        if not 0 <= <long> tokens[i] < n_vocab:
+            raise ValueError(f"token {tokens[i]} outside the vocabulary")
+        if <long> positions[i] < 0 or <long> budgets[i] < 1:
+            raise ValueError("positions must be >= 0 and budgets >= 1")
+    cdef runner_fast_sampler ** fasts = <runner_fast_sampler **> malloc(n * sizeof(void *))
+    cdef const float ** rows = <const float **> malloc(n * sizeof(void *))
+    cdef int32_t * cur = <int32_t *> malloc(n * sizeof(int32_t))
+    cdef int32_t * toks = <int32_t *> malloc(n * sizeof(int32_t))
+    cdef int32_t * pos = <int32_t *> malloc(n * sizeof(int32_t))
+    cdef int32_t * sid = <int32_t *> malloc(n * sizeof(int32_t))
+    cdef int64_t * left = <int64_t *> malloc(n * sizeof(int64_t))
+    cdef uint8_t * eog = <uint8_t *> malloc(n * sizeof(uint8_t))
+    cdef int32_t * out = <int32_t *> malloc(n * max_steps * sizeof(int32_t))
+    if (fasts == NULL or rows == NULL or cur == NULL or toks == NULL or pos == NULL or sid == NULL
+            or left == NULL or eog == NULL or out == NULL):
+        free(fasts); free(rows); free(cur); free(toks); free(pos); free(sid); free(left); free(eog); free(out)
+        raise MemoryError()
+    cdef int32_t rc = 0, steps = 0, step, m
+    cdef bint ended
+    cdef uint64_t one = 1
+    cdef volatile int * flag = NULL
+    if interrupt is not None:
+        flag = &interrupt.flag
+    cdef const llama_vocab * vocab = ctx.model.vocab
+    cdef llama_batch * b = &batch.batch
+    try:
+        for i in range(n):
+            s = <Sampler> samplers[i]
+            fasts[i] = s.fast  # NULL: plain argmax
+            cur[i] = <int32_t> tokens[i]
+            pos[i] = <int32_t> positions[i]
+            sid[i] = <int32_t> seq_ids[i]
+            left[i] = <int64_t> budgets[i]
+            eog[i] = 1 if stop_on_eog[i] else 0
+        ctx.abort_flag = 0
+        with nogil:
+            for step in range(max_steps):
+                if step > 0 and flag != NULL and flag[0] != 0:
+                    break
+                b.n_tokens = <int32_t> n
+                for i in range(n):
+                    b.token[i] = cur[i]
+                    b.pos[i] = pos[i]
+                    b.n_seq_id[i] = 1
+                    b.seq_id[i][0] = sid[i]
+                    b.logits[i] = 1
+                if step == 0 and doorbell >= 0:
+                    write(doorbell, &one, 8)
+                rc = llama_decode(ctx.ptr, b[0])
+                if rc != 0:
+                    break
+                m = 0
+                for i in range(n):
+                    rows[i] = llama_get_logits_ith(ctx.ptr, <int32_t> i)
+                    if rows[i] == NULL:
+                        m += 1
+                if m == 0:
+                    runner_sample_rows(fasts, rows, toks, <int32_t> n, n_vocab, _argmax, n_threads)
+                else:  # never seen: a row without logits ends its sequence as unsampleable
+                    for i in range(n):
+                        toks[i] = -1 if rows[i] == NULL else runner_sample_rows_one(
+                            fasts[i], rows[i], n_vocab)
+                ended = False
+                for i in range(n):
+                    out[step * n + i] = toks[i]
+                    left[i] -= 1
+                    if toks[i] < 0 or left[i] <= 0 or (eog[i] and llama_vocab_is_eog(vocab, toks[i])):
+                        ended = True
+                    cur[i] = toks[i]
+                    pos[i] += 1
+                steps = step + 1
+                if ended:
+                    break
+        sampled = [[out[step * n + i] for step in range(steps)] for i in range(n)]
+    finally:
+        free(fasts); free(rows); free(cur); free(toks); free(pos); free(sid); free(left); free(eog); free(out)
+    return sampled, rc

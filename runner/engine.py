@@ -99,6 +99,7 @@ class EngineConfig:
     slot_save_dir: str | None = None  # directory of save_slot/restore_slot files (None: those ops are off)
     draft_room: int = 16              # speculative proposals fill a step up to this many inputs (0: never)
     draft_model: str | None = None    # GGUF of a draft model with the same vocabulary (None: prompt lookup)
+    burst_ms: float = 10.0            # generation steps run natively for up to this long (0: one step at a time; see _burst_steps)
 
 
 @dataclass
@@ -109,8 +110,9 @@ class StepTiming:
     decode: float       # llama_decode (GIL released)
     sample: float       # sampling every output of the batch
     idle_gap: float     # end of the previous decode to the start of this one
-    n_tokens: int       # inputs in the batch
+    n_tokens: int       # inputs in the batch (all its decodes)
     n_generating: int   # of which one-token generation steps
+    steps: int = 1      # decodes in this record: a native run (Engine._run_burst) holds several
 
 
 @dataclass(slots=True)
@@ -273,7 +275,11 @@ class Engine:
         self.totals = EngineTotals()              # running totals (runner.metrics; any thread)
 
         self._lock = threading.Lock()           # guards the wait queue, _embeds, _slot_jobs, _by_id, _closing, _ready
-        self._wake = threading.Condition(self._lock)
+        # Set by every wake-up: ends a native run of steps after the step in progress.
+        self._interrupt = _llama.StepInterrupt()
+        self._wake = _Wake(self._lock, self._interrupt)
+        self._burst_seconds = max(0.0, config.burst_ms) / 1000.0
+        self._gen_step_seconds = 0.0            # loop thread: decode + sampling of the last generation-only step
         self.scheduler = Scheduler(self.slots, n_batch=self.n_batch, slot_ctx=self.slot_ctx,
                                    prefill_budget=config.prefill_budget, lock=self._lock,
                                    n_swa=self.model.n_swa, pos_min=self.ctx.seq_pos_min,
@@ -854,6 +860,7 @@ class Engine:
         """One step; True when it decoded text and sequences remain active
         (the next step's decode follows at once)."""
         t0 = time.perf_counter()
+        self._interrupt.clear()  # what woke the loop before this is seen below
         self._finish_flagged()
         if self.failed is not None:
             self._fail_all()
@@ -888,6 +895,9 @@ class Engine:
                 return False
         t1 = time.perf_counter()
         idle = t1 - self._last_decode_end if self._last_decode_end else 0.0
+        steps = self._burst_steps(plan)
+        if steps > 1 and self._run_burst(plan, steps, t0, t1, idle):
+            return bool(self.scheduler.active)
         n_tokens = plan.n_inputs()
         n_prompt = plan.n_prompt()
         switches = self.executor.lora_switches
@@ -903,10 +913,85 @@ class Engine:
             self.host_cache.note_eval(n_tokens, t2 - t1)
         n_gen = self._sample(plan)
         t3 = time.perf_counter()
+        plain = n_prompt == 0 and len(plan.entries) == len(self.scheduler.active) and not any(
+            e.draft for e in plan.entries)
+        self._gen_step_seconds = t3 - t1 if plain else 0.0
         self.timings.append(StepTiming(build=t1 - t0, decode=t2 - t1, sample=t3 - t2,
                                        idle_gap=idle, n_tokens=n_tokens, n_generating=n_gen))
         self.totals.step(t2 - t1, n_tokens)
         return bool(self.scheduler.active)
+
+    # -- native steps (docs/design.md, "Native steps") -------------------
+
+    def _burst_steps(self, plan: StepPlan) -> int:
+        """How many steps ``plan`` may run in native code (_run_burst); 0 or
+        1: the ordinary step.  Only when every running sequence is in the
+        plan and only generates, with a native sampler and nothing that needs
+        Python between two tokens, nothing else waits, and the last such
+        step was timed: as many steps as fit in ``burst_ms``, at most
+        MAX_BURST, within every slot's room and n_predict."""
+        if self._burst_seconds <= 0.0 or self._gen_step_seconds <= 0.0:
+            return 0
+        entries = plan.entries
+        if (plan.media or plan.ended or len(entries) != len(self.scheduler.active)
+                or self.scheduler.waiting or self._embeds or self._slot_jobs
+                or self.config.rpc_servers):
+            return 0
+        steps = min(MAX_BURST, int(self._burst_seconds / self._gen_step_seconds))
+        for e in entries:
+            seq, opts = e.seq, e.seq.options
+            if (not e.generating or e.draft or e.draft_limit or seq.spans or opts.speculative
+                    or opts.logprobs or opts.top_logprobs or not seq.sampler.native):
+                return 0
+            steps = min(steps, self.slot_ctx - e.start)
+            if seq.n_predict:
+                steps = min(steps, seq.n_predict - len(seq.generated))
+        return steps
+
+    def _run_burst(self, plan: StepPlan, steps: int, t0: float, t1: float, idle: float) -> bool:
+        """Run up to ``steps`` generation steps of ``plan`` without coming
+        back to Python (_llama.decode_steps), then record them as ordinary
+        steps would: each sequence's decoded tokens into its slot, every
+        sampled token through _take (text, ends) and to delivery at once.
+        False when not even the first step was decoded: the ordinary step
+        then decodes the plan again and reports what failed."""
+        entries = plan.entries
+        seqs = [e.seq for e in entries]
+        try:
+            sampled, _ = self.executor.decode_steps(plan, steps, self._interrupt)
+        except ValueError as exc:  # a condition _burst_steps should have caught
+            log.warning("native steps refused the plan: %s", exc)
+            self._gen_step_seconds = 0.0
+            return False
+        n_steps = len(sampled[0])
+        if n_steps == 0:
+            return False
+        t2 = time.perf_counter()
+        record = self.slots.record
+        toks: list[tuple] = []
+        ends: list[tuple] = []
+        take = self._take
+        for seq, run in zip(seqs, sampled):
+            record(seq.slot, [seq.next_token, *run[:-1]])
+            seq.next_token = None
+            for token in run:
+                end = take(seq, token if token >= 0 else _NO_NUMBER, None, t2, toks)
+                if end is not None:
+                    ends.append(end)
+                    break
+        if toks:
+            self._out.put(StepTokens(toks))
+        for seq, reason, error in ends:
+            self._end(seq, reason, error)
+        self._last_decode_end = t2
+        per_step = (t2 - t1) / n_steps
+        self._gen_step_seconds = per_step
+        self.timings.append(StepTiming(build=t1 - t0, decode=t2 - t1, sample=0.0, idle_gap=idle,
+                                       n_tokens=n_steps * len(entries), n_generating=len(toks),
+                                       steps=n_steps))
+        for _ in range(n_steps):
+            self.totals.step(per_step, len(entries))
+        return True
 
     def _accepting(self) -> bool:
         """Whether queued requests may still start (called under the lock)."""
@@ -1264,6 +1349,27 @@ class Engine:
             log.warning("slot %d: its earlier state could not be put back; it is empty", slot.id)
         raise BadRequest(f"slot {slot.id}: the model's memory refused the saved state "
                          f"({saved.header.n_inputs} inputs, {saved.header.n_state} bytes)")
+
+
+MAX_BURST = 64  # most steps of one native run (Engine._burst_steps)
+
+# What _take is given for a row of a native run with no number among its logits.
+_NO_NUMBER = _llama.SamplerError("sampling failed: no logit is a number")
+
+
+class _Wake(threading.Condition):
+    """The loop's condition variable.  Every notify also sets the interrupt
+    that ends a native run of steps after the step in progress, so whatever
+    woke the loop (a request, a cancellation, a stop string, a job) is seen
+    within one step."""
+
+    def __init__(self, lock: threading.Lock, interrupt: "_llama.StepInterrupt") -> None:
+        super().__init__(lock)
+        self._interrupt = interrupt
+
+    def notify(self, n: int = 1) -> None:
+        self._interrupt.set()
+        super().notify(n)
 
 
 class _DeliveryHooks:

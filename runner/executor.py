@@ -156,6 +156,23 @@ class Executor:
             except (_llama.DecodeError, ValueError) as exc:
                 raise InternalError(f"decode failed: {exc}") from None
 
+    def decode_steps(self, plan: StepPlan, steps: int,
+                     interrupt: "_llama.StepInterrupt") -> tuple[list[list[int]], int]:
+        """Up to ``steps`` generation steps of the plan's sequences (every
+        entry generating one token, every sampler native) in native code:
+        per entry the tokens sampled, and the return code of a decode that
+        failed (0: none).  See _llama.decode_steps."""
+        entries = plan.entries
+        self.use_lora(plan.lora)
+        seqs = [e.seq for e in entries]
+        budget = 2**31 - 1
+        return _llama.decode_steps(
+            self.ctx, self.batch, [s.sampler for s in seqs], [s.slot.id for s in seqs],
+            [s.position(e.start) for s, e in zip(seqs, entries)], [s.next_token for s in seqs],
+            [(s.n_predict - len(s.generated)) if s.n_predict else budget for s in seqs],
+            [not s.options.ignore_eos for s in seqs], steps, interrupt, self.claim_doorbell(),
+            self.sample_threads)
+
     def media_rows(self, span: MediaSpan) -> np.ndarray:
         """The embedding rows of ``span``: cached, or encoded now (the GIL
         released inside) and cached."""
