@@ -46,6 +46,7 @@ from runner.drafter import Drafter
 from runner.embedwait import EmbedWindow
 from runner.executor import Executor, device_lost
 from runner.handoff import new_handoff
+from runner.hostbuffers import touched
 from runner.hostcache import HostCache
 from runner.load_checks import ModelFileError, check_model_file
 from runner.media import DEFAULT_CACHE_BYTES, MediaCache, MediaSpan, build_prompt
@@ -63,6 +64,11 @@ log = logging.getLogger("runner.engine")
 
 Event = Chunk | Final
 Sink = Callable[[Event], None]
+
+# Rounds of a slot job whose state buffer may be short (Engine._slot_job);
+# the second has the size the loop measured, so a third means the slot
+# changed between them; the last copies into fresh memory.
+SLOT_JOB_ROUNDS = 3
 
 
 @dataclass
@@ -136,9 +142,12 @@ class SlotJob:
 
     slot: int                                                # slot (sequence) id
     restore: slotfile.SlotFile | None = None                 # the checked file to restore; None: save
+    buffer: np.ndarray | None = None                         # touched by the caller: the loop copies the slot's state here (save: to write; restore: to put back if refused)
+    last: bool = False                                       # last round: a short buffer is replaced by fresh memory
     done: threading.Event = field(default_factory=threading.Event)  # set when done or failed
+    need: int = 0                                            # > 0: the buffer was short, the state takes this many bytes (nothing done)
     tokens: list[int] | None = None                          # save: the slot's inputs
-    state: bytes | None = None                               # save: its sequence state
+    state: np.ndarray | None = None                          # save: its sequence state (a view of buffer)
     seconds: float = 0.0                                     # time the loop spent on it
     error: Exception | None = None                           # why it failed
 
@@ -289,6 +298,10 @@ class Engine:
         self._embeds: collections.deque[EmbeddingJob] = collections.deque()  # pending embedding jobs
         self._embed_window = EmbedWindow()      # when an embedding decode waits for more texts (loop thread)
         self._slot_jobs: collections.deque[SlotJob] = collections.deque()  # pending slot saves/restores
+        self._state_bytes_per_input = 0.0      # state size / inputs of the last slot job's slot (loop writes)
+        # where slot jobs copied a state: "touched" (the caller's buffer),
+        # "short" (rounds answered with the size instead), "fresh" (loop thread)
+        self.slot_copies: collections.Counter[str] = collections.Counter()
         self._by_id: dict[str, Sequence] = {}   # every unfinished request
         self._closing = False                   # no new requests accepted
         self._drain = False                     # finish running requests before stopping
@@ -589,13 +602,13 @@ class Engine:
         the slot; BadRequest for an empty slot, one holding media, a bad name."""
         t0 = time.perf_counter()
         path = slotfile.slot_path(self._slot_dir, name)
-        job = self._run_slot_job(SlotJob(self._slot_id(slot)), timeout)
+        job, loop_seconds = self._slot_job(self._slot_id(slot), None, timeout)
         header = slotfile.SlotHeader(
             model=self._identity, model_name=os.path.basename(self.config.model_path),
             type_k=self.config.type_k, type_v=self.config.type_v, kv_streams=self._kv_streams,
             n_inputs=len(job.tokens), n_state=len(job.state))
         n_bytes = slotfile.write_atomic(path, slotfile.encode(header, job.tokens, job.state))
-        return SlotFileResult(slot, name, len(job.tokens), n_bytes, job.seconds,
+        return SlotFileResult(slot, name, len(job.tokens), n_bytes, loop_seconds,
                               time.perf_counter() - t0)
 
     def restore_slot(self, slot: int, name: str, timeout: float | None = None) -> SlotFileResult:
@@ -610,8 +623,8 @@ class Engine:
                                 type_v=self.config.type_v, kv_streams=self._kv_streams,
                                 max_inputs=self.slot_ctx, name=name,
                                 plain_kv=not self.model.is_recurrent and self.model.n_swa == 0)
-        job = self._run_slot_job(SlotJob(self._slot_id(slot), restore=saved), timeout)
-        return SlotFileResult(slot, name, len(saved.tokens), len(data), job.seconds,
+        _, loop_seconds = self._slot_job(self._slot_id(slot), saved, timeout)
+        return SlotFileResult(slot, name, len(saved.tokens), len(data), loop_seconds,
                               time.perf_counter() - t0)
 
     @property
@@ -624,8 +637,43 @@ class Engine:
             raise BadRequest(f"slot: {slot} is not a slot (0..{self.config.parallel - 1})")
         return slot
 
-    def _run_slot_job(self, job: SlotJob, timeout: float | None) -> SlotJob:
-        return self._hand_to_loop(self._slot_jobs, job, timeout, "slot operation")
+    def _slot_job(self, slot: int, restore: slotfile.SlotFile | None,
+                  timeout: float | None) -> tuple[SlotJob, float]:
+        """Run a save (``restore`` None) or restore of ``slot`` on the loop;
+        returns the job and the loop's time on it.
+
+        The loop copies the slot's state into a buffer this thread touched
+        (runner.hostbuffers.touched), so that no page of it faults in on the
+        loop: a save's state to write, a restore's prior state to put back
+        if the memory refuses the file's.  Its size is the measured state
+        bytes per input times the inputs the slot holds, with some slack.
+        When that is short (nothing measured yet, or the slot changed), the
+        loop does nothing but say how many bytes the state takes, and the
+        job goes again with a buffer that large; the last of
+        SLOT_JOB_ROUNDS copies into fresh memory on the loop instead."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        size = self._state_estimate(slot)
+        loop_seconds = 0.0
+        rounds = SLOT_JOB_ROUNDS
+        while True:
+            rounds -= 1
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            job = SlotJob(slot, restore=restore, buffer=touched(size) if size else None,
+                          last=rounds == 0)
+            try:
+                self._hand_to_loop(self._slot_jobs, job, left, "slot operation")
+            finally:
+                loop_seconds += job.seconds
+            if not job.need:
+                return job, loop_seconds
+            size = _with_slack(job.need)
+
+    def _state_estimate(self, slot: int) -> int:
+        """Bytes to touch for a copy of ``slot``'s state (0: no estimate).
+        Reads the slot's input count without the loop: an estimate only."""
+        rate = self._state_bytes_per_input or self.host_cache.bytes_per_input
+        n = len(self.slots.slots[slot].inputs)
+        return _with_slack(int(rate * n)) if rate and n else 0
 
     def _hand_to_loop(self, jobs: collections.deque, job, timeout: float | None, what: str):
         """Queue a job (EmbeddingJob, SlotJob: ``done`` and ``error``) for the
@@ -1334,14 +1382,21 @@ class Engine:
             raise BadRequest(f"slot: slot {slot.id} was computed under LoRA scales "
                              f"{lora_sets.describe(slot.lora)}; only slots of the load's default "
                              f"adapter set ({lora_sets.describe(self.lora_default)}) can be saved")
-        job.tokens = list(slot.inputs)
-        job.state = self._states.state_get(slot.id)
+        state = self._slot_state(job, slot)
+        if state is not None:
+            job.tokens, job.state = list(slot.inputs), state
 
     def _restore_slot(self, job: SlotJob, slot: Slot) -> None:
         """Put the file's state in ``slot``; if the memory refuses it (no
-        room, another shape), put back what the slot held."""
+        room, another shape), put back what the slot held.  Nothing changes
+        when the job's buffer cannot take what the slot holds (job.need)."""
         saved = job.restore
-        prior = (list(slot.inputs), self._states.state_get(slot.id)) if slot.inputs else None
+        prior = None
+        if slot.inputs:
+            state = self._slot_state(job, slot)
+            if state is None:
+                return
+            prior = (list(slot.inputs), state)
         if self.slots.put(slot, saved.tokens, lambda: self._states.state_set(slot.id, saved.state)):
             return
         if prior is not None and not self.slots.put(
@@ -1349,6 +1404,25 @@ class Engine:
             log.warning("slot %d: its earlier state could not be put back; it is empty", slot.id)
         raise BadRequest(f"slot {slot.id}: the model's memory refused the saved state "
                          f"({saved.header.n_inputs} inputs, {saved.header.n_state} bytes)")
+
+    def _slot_state(self, job: SlotJob, slot: Slot) -> np.ndarray | None:
+        """``slot``'s sequence state, copied into the job's buffer (a view of
+        its first bytes).  None when the buffer is short: ``job.need`` is then
+        the size, except on the last round, which copies into fresh memory."""
+        size = self._states.state_size(slot.id)
+        self._state_bytes_per_input = size / len(slot.inputs)
+        buf = job.buffer
+        if buf is None or len(buf) < size:
+            if size and not job.last:
+                job.need = size
+                self.slot_copies["short"] += 1
+                return None
+            buf = np.empty(size, dtype=np.uint8)
+            self.slot_copies["fresh"] += 1
+        else:
+            self.slot_copies["touched"] += 1
+        n = self._states.state_get_into(slot.id, buf)
+        return buf[:n]
 
 
 MAX_BURST = 64  # most steps of one native run (Engine._burst_steps)
@@ -1445,16 +1519,13 @@ class _StateKV:
         self._recurrent = model.is_recurrent  # recurrent or hybrid: states cannot be cut back
         self._n_swa = model.n_swa  # sliding window of the SWA layers (0: none)
 
-    def state_get(self, seq: int) -> bytes:
-        return self._ctx.state_seq_get(seq)
-
     def state_size(self, seq: int) -> int:
         return self._ctx.state_seq_size(seq)
 
     def state_get_into(self, seq: int, out) -> int:
         return self._ctx.state_seq_get_into(seq, out)
 
-    def state_set(self, seq: int, data: bytes) -> bool:
+    def state_set(self, seq: int, data) -> bool:
         try:
             self._ctx.state_seq_set(data, seq)
             return True
@@ -1477,3 +1548,11 @@ class _StateKV:
             pos_min = max(self._ctx.seq_pos_min(seq), self._ctx.seq_pos_max(seq) - self._n_swa + 1)
             return 0 if pos_min <= 0 else min(len(inputs), pos_min + self._n_swa)
         return 0
+
+
+def _with_slack(size: int) -> int:
+    """A buffer size for a state estimated or measured at ``size`` bytes:
+    room for the slot to grow a little before the loop copies it, and for
+    the state's fixed head beside bytes-per-input estimates (the tail the
+    copy leaves unused costs only its touch, on the caller's thread)."""
+    return size + size // 64 + (64 << 10)

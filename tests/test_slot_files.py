@@ -280,6 +280,84 @@ def test_a_file_restores_into_another_parallel_and_kv_unified(default_model_path
 
 
 @pytest.mark.model
+def test_states_are_copied_into_buffers_the_caller_touched_and_restore_alike(
+        default_model_path, tmp_path, monkeypatch):
+    """save_slot copies the state into a buffer its caller touched: sized
+    by the measured bytes per input once there is one, after a round that
+    only measures before (no host tier here to have measured it), and into
+    fresh memory on the loop when the rounds run out.  The three files are
+    byte for byte the same, their state is llama_state_seq_get_data's, and a
+    restore over the slot (whose prior state is copied the same way)
+    continues with the greedy tokens of the slot that never left."""
+    import runner.engine
+    from runner.engine import Engine, EngineConfig
+
+    config = EngineConfig(default_model_path, n_ctx=2048, parallel=2, n_threads=2, cache_ram_mb=0,
+                          slot_save_dir=str(tmp_path))
+    with Engine(config) as e:
+        a, _ = prompts(e)
+        reply, first = run(e, a)
+        held = len(a) + len(reply) - 1
+        assert e.save_slot(first.slot, "a").n_inputs == held
+        assert e.slot_copies == {"short": 1, "touched": 1}   # nothing measured yet
+        e.save_slot(first.slot, "again")
+        assert e.slot_copies == {"short": 1, "touched": 2}   # sized from the first
+        monkeypatch.setattr(runner.engine, "SLOT_JOB_ROUNDS", 1)
+        e._state_bytes_per_input = 0.0
+        e.save_slot(first.slot, "fresh")
+        assert e.slot_copies == {"short": 1, "touched": 2, "fresh": 1}
+        monkeypatch.undo()
+        data = (tmp_path / "a.slot").read_bytes()
+        assert data == (tmp_path / "again.slot").read_bytes() == (tmp_path / "fresh.slot").read_bytes()
+        state = e.ctx.state_seq_get(first.slot)  # the loop is idle
+        saved = slotfile.decode(data, model=e._identity, type_k="f16", type_v="f16", kv_streams=2,
+                                max_inputs=e.slot_ctx)
+        assert bytes(saved.state) == state and saved.header.n_state == len(state)
+
+        follow = a + reply + e.tokenize(" Tell me more.")
+        want, kept = run(e, follow)                          # where it never left
+        assert (kept.cached_count, kept.slot) == (held, first.slot)
+        e.restore_slot(first.slot, "a")                      # over what follow left
+        assert e.slot_copies["touched"] == 3 and e.slot_copies["fresh"] == 1
+        got, final = run(e, follow)
+        assert (got, final.cached_count, final.slot) == (want, held, first.slot)
+
+
+@pytest.mark.model
+def test_a_state_the_memory_refuses_puts_back_what_the_slot_held(default_model_path, tmp_path):
+    """A file whose state llama.cpp cannot read (well formed, checksum
+    right, the state cut short) is refused after the slot was emptied for
+    it; the slot's prior state, copied into the caller's buffer, is put
+    back and continues as before."""
+    from runner.engine import Engine, EngineConfig
+
+    with Engine(EngineConfig(default_model_path, n_ctx=2048, parallel=2, n_threads=2,
+                             slot_save_dir=str(tmp_path))) as e:
+        a, b = prompts(e)
+        _, fa = run(e, a)
+        e.save_slot(fa.slot, "a")
+        good = slotfile.decode((tmp_path / "a.slot").read_bytes(), model=e._identity, type_k="f16",
+                               type_v="f16", kv_streams=2, max_inputs=e.slot_ctx)
+        cut = bytes(good.state[:len(good.state) // 2])
+        header = slotfile.SlotHeader(**{f: getattr(good.header, f) for f in good.header.__struct_fields__})
+        header.n_state = len(cut)
+        slotfile.write_atomic(str(tmp_path / "cut.slot"), slotfile.encode(header, good.tokens, cut))
+        reply, fb = run(e, b)
+        assert fb.slot != fa.slot
+        follow = b + reply + e.tokenize(" Go on.")
+        want, kept = run(e, follow)
+        before = list(e.slots.slots[fb.slot].inputs)
+        assert kept.cached_count == len(b) + len(reply) - 1 and len(before) > len(follow)
+        touched = e.slot_copies["touched"]
+        with pytest.raises(BadRequest, match=f"slot {fb.slot}: the model's memory refused"):
+            e.restore_slot(fb.slot, "cut")
+        assert e.slot_copies["touched"] == touched + 1 and "fresh" not in e.slot_copies
+        assert e.slots.slots[fb.slot].inputs == before
+        got, final = run(e, follow)
+        assert (got, final.cached_count, final.slot) == (want, len(follow) - 1, fb.slot)
+
+
+@pytest.mark.model
 def test_refused_files_leave_the_slot_as_it_was(default_model_path, tmp_path):
     from runner.engine import Engine, EngineConfig
 
