@@ -233,7 +233,7 @@ class Engine:
                                   progress=progress)
         try:
             self.ctx = self._make_context(config, self._pooling(config))
-            self._loras = [_llama.LoraAdapter(self.model, p) for p in config.lora_paths]
+            self._loras = self._load_adapters(config.lora_paths)
             self.lora_default = lora_sets.default_key(len(self._loras))  # requests without `lora`
             if config.embeddings:  # an embedding runner: no per-request switching
                 self.ctx.set_embeddings(True)
@@ -375,6 +375,24 @@ class Engine:
             if not trained:
                 raise
             raise type(exc)(f"{exc} ({trained}; give a smaller n_ctx)") from exc
+
+    def _load_adapters(self, paths) -> list:
+        """The LoRA adapters, in order.  The files' headers were checked
+        before the model loaded (runner.lora.check_adapter_files); one whose
+        tensors llama.cpp refuses (other shapes, no memory for them) fails
+        the load with bad_request naming it, the others closed."""
+        loaded = []
+        try:
+            for path in paths:
+                try:
+                    loaded.append(_llama.LoraAdapter(self.model, path))
+                except _llama.ModelLoadError as exc:
+                    raise BadRequest(f"LoRA adapter {path} cannot be used with this model: {exc}") from None
+        except BaseException:
+            for adapter in loaded:
+                adapter.close()
+            raise
+        return loaded
 
     def _load_projector(self, config: EngineConfig) -> None:
         # warmup: the first encode's graph setup happens at load, not in the

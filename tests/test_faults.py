@@ -162,15 +162,17 @@ def test_a_lora_llama_cpp_refuses_fails_the_load_with_its_own_reason(default_mod
     llama adapter, written for the benchmarks' tiny llama) but whose tensors
     do not fit the default model: llama.cpp refuses it after the context
     exists.  That context is closed first, so the model's close does not
-    replace the reason with "still has open contexts"."""
+    replace the reason with "still has open contexts"; the load fails with
+    bad_request naming the file."""
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
     from lora_models import write_lora
     from tiny_model import write_tiny_llama
 
     adapter = write_lora(write_tiny_llama(tmp_path / "tiny.gguf"), tmp_path / "tiny-lora.gguf", seed=1)
-    with pytest.raises(EngineError, match=f"load failed: failed to load LoRA adapter {adapter}: .*"
-                                          "has incorrect shape"):
+    with pytest.raises(EngineError, match=f"load failed: LoRA adapter {adapter} cannot be used with "
+                                          "this model: .*has incorrect shape") as info:
         Runner.spawn(str(default_model_path), n_ctx=256, n_threads=2, lora_paths=[str(adapter)])
+    assert info.value.code == "bad_request"
 
 
 def test_shutdown_during_a_load_exits_cleanly(default_model_path):
