@@ -130,6 +130,59 @@ def long_prompt_gap(engine: Engine, n_prompt: int = 2000) -> dict:
             "prefill_s": t_long_done - t_long}
 
 
+def step_gap(engine: Engine) -> tuple[float, float, float]:
+    """Over the engine's generation-only records: the median Python time
+    between two decodes per step, the median decode (+ sampling, for a
+    native run) time per step, and the median steps per visit of Python (a
+    native run of ``burst_ms`` holds several steps)."""
+    recs = [s for s in engine.timings if s.n_generating == s.n_tokens]
+    if not recs:
+        return 0.0, 0.0, 0.0
+    return (statistics.median(s.idle_gap / s.steps for s in recs),
+            statistics.median((s.decode + s.sample) / s.steps for s in recs),
+            statistics.median(s.steps for s in recs))
+
+
+def burst_ab(model: str, args: argparse.Namespace, levels: list[int], bursts: list[float],
+             options: dict | None) -> list[dict]:
+    """Per B, llama-batched-bench and one engine per ``burst_ms`` value,
+    taking turns over ``args.rounds`` rounds (the order reversed every
+    other round); per engine the median of its per-round ratios to the
+    peer, and its step gap (see step_gap)."""
+    out = []
+    for b in levels:
+        n_ctx = max(args.n_ctx, b * (args.pp + args.tg + 16))
+        engines = {burst: Engine(EngineConfig(model, n_ctx=n_ctx, n_batch=args.n_batch, parallel=b,
+                                              n_threads=args.threads, kv_unified=args.kv_unified,
+                                              burst_ms=burst)) for burst in bursts}
+        try:
+            for engine in engines.values():
+                engine_rate(engine, b, 16, 8, options=options)  # warm-up
+            runs: dict = {"peer": [], **{burst: [] for burst in bursts}}
+            gaps: dict = {burst: [] for burst in bursts}
+            for r in range(args.rounds):
+                order = ["peer", *bursts]
+                for side in (order if r % 2 == 0 else order[::-1]):
+                    if side == "peer":
+                        runs["peer"].append(batched_bench(model, args.threads, n_ctx, args.n_batch, [b],
+                                                          args.pp, args.tg, args.kv_unified)[b])
+                        continue
+                    engine = engines[side]
+                    engine.timings.clear()
+                    runs[side].append(engine_rate(engine, b, args.pp, args.tg, options=options)["rate"])
+                    gaps[side].append(step_gap(engine))
+        finally:
+            for engine in engines.values():
+                engine.close()
+        for burst in bursts:
+            ratios = [e / p for e, p in zip(runs[burst], runs["peer"])]
+            gap, step, visits = (statistics.median(g[i] for g in gaps[burst]) for i in range(3))
+            out.append({"B": b, "burst_ms": burst, "engine_tok_s": runs[burst], "S_TG": runs["peer"],
+                        "ratios": ratios, "ratio": statistics.median(ratios), "gap_ms": gap * 1e3,
+                        "step_ms": step * 1e3, "steps_per_visit": visits})
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None,
@@ -143,11 +196,32 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=3, help="engine runs per B (median reported)")
     ap.add_argument("--kv-unified", action="store_true", help="one KV buffer for all sequences")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--burst-ms", default=None,
+                    help="comma-separated burst_ms values: only the same-run comparison of engines "
+                         "with each value beside batched-bench (--rounds rounds, --options)")
+    ap.add_argument("--rounds", type=int, default=5, help="rounds for --burst-ms")
+    ap.add_argument("--options", choices=("greedy", "defaults"), default="greedy",
+                    help="for --burst-ms: greedy, or every sampling option at its default")
     args = ap.parse_args()
     from tiny_model import resolve
 
     model = resolve(args.model) or str(default_model_path())
     parallel = [int(x) for x in args.parallel.split(",")]
+    if args.burst_ms is not None:
+        options = None if args.options == "greedy" else {"num_predict": args.tg}
+        rows = burst_ab(model, args, parallel, [float(x) for x in args.burst_ms.split(",")], options)
+        print(f"model {Path(model).name}, threads {args.threads}, {args.options} options, "
+              f"medians of {args.rounds} rounds taking turns")
+        print(f"{'B':>3} {'burst_ms':>8} {'engine tok/s':>13} {'S_TG':>8} {'ratio':>6} {'step ms':>8} "
+              f"{'gap ms':>7} {'steps/visit':>11}  per-round ratios")
+        for r in rows:
+            print(f"{r['B']:>3} {r['burst_ms']:>8g} {statistics.median(r['engine_tok_s']):>13.1f} "
+                  f"{statistics.median(r['S_TG']):>8.1f} {r['ratio']:>6.3f} {r['step_ms']:>8.3f} "
+                  f"{r['gap_ms']:>7.3f} {r['steps_per_visit']:>11.1f}  "
+                  + " ".join(f"{x:.2f}" for x in r["ratios"]))
+        if args.json:
+            Path(args.json).write_text(json.dumps({"burst_ab": rows, "argv": sys.argv}, indent=2))
+        return 0
 
     peer = batched_bench(model, args.threads, args.n_ctx, args.n_batch, parallel, args.pp, args.tg,
                          args.kv_unified)
@@ -157,9 +231,7 @@ def main() -> int:
                                  n_threads=args.threads, kv_unified=args.kv_unified)) as engine:
             engine_rate(engine, b, 16, 8)  # warm-up
             runs = [engine_rate(engine, b, args.pp, args.tg)["rate"] for _ in range(args.repeat)]
-            steps = [s for s in engine.timings if s.n_generating == s.n_tokens]
-            overhead = statistics.median(s.idle_gap for s in steps) if steps else 0.0
-            decode = statistics.median(s.decode for s in steps) if steps else 0.0
+            overhead, decode, _ = step_gap(engine)
         rate = statistics.median(runs)
         rows.append({"B": b, "engine_tok_s": rate, "batched_bench_S_TG": peer.get(b),
                      "ratio": rate / peer[b] if peer.get(b) else None, "runs": runs,
