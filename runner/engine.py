@@ -395,10 +395,20 @@ class Engine:
         return loaded
 
     def _load_projector(self, config: EngineConfig) -> None:
-        # warmup: the first encode's graph setup happens at load, not in the
-        # first request's time to first token.
-        self.mtmd = _llama.MtmdContext(self.model, config.projector_path, n_threads=config.n_threads,
-                                       use_gpu=self.placement.n_gpu_layers != 0, warmup=True)
+        """The projector; a path that is not a file, or a projector mtmd
+        refuses for this model (another width, not a projector), fails the
+        load with bad_request naming it."""
+        path = config.projector_path
+        if not os.path.isfile(path):
+            raise BadRequest(f"projector_path {path}: no such file" if not os.path.exists(path)
+                             else f"projector_path {path}: not a regular file")
+        try:
+            # warmup: the first encode's graph setup happens at load, not in
+            # the first request's time to first token.
+            self.mtmd = _llama.MtmdContext(self.model, path, n_threads=config.n_threads,
+                                           use_gpu=self.placement.n_gpu_layers != 0, warmup=True)
+        except _llama.ModelLoadError as exc:
+            raise BadRequest(f"projector {path} cannot be used with this model: {exc}") from None
 
     def _load_drafter(self, config: EngineConfig) -> Drafter:
         """The draft model, on the GPU when the model is (all its layers),

@@ -282,10 +282,21 @@ def test_media_without_a_projector_is_a_clear_error(default_model_path):
 
 
 def test_a_projector_of_the_wrong_width_fails_at_load(default_model_path, projectors):
-    from runner import _llama
-
-    with pytest.raises(_llama.ModelLoadError, match="mismatch between text model"):
+    with pytest.raises(BadRequest, match=f"projector {projectors['narrow']} cannot be used with "
+                                         "this model: .*mismatch between text model"):
         make_engine(default_model_path, projectors["narrow"])
+
+
+@pytest.mark.parametrize("kind", ["missing", "directory", "not a projector"])
+def test_a_projector_path_that_is_no_projector_fails_the_load_as_a_bad_request(
+        default_model_path, tmp_path, kind):
+    path = tmp_path / "mmproj.gguf"
+    if kind == "directory":
+        path.mkdir()
+    elif kind == "not a projector":
+        path = default_model_path  # a GGUF, but a language model
+    with pytest.raises(BadRequest, match=f"projector.* {path}"):
+        make_engine(default_model_path, str(path), n_ctx=256, n_threads=2)
 
 
 def test_audio_through_an_audio_projector(default_model_path, projectors):
