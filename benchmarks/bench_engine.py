@@ -132,15 +132,18 @@ def long_prompt_gap(engine: Engine, n_prompt: int = 2000) -> dict:
 
 def step_gap(engine: Engine) -> tuple[float, float, float]:
     """Over the engine's generation-only records: the median Python time
-    between two decodes per step, the median decode (+ sampling, for a
-    native run) time per step, and the median steps per visit of Python (a
-    native run of ``burst_ms`` holds several steps)."""
-    recs = [s for s in engine.timings if s.n_generating == s.n_tokens]
-    if not recs:
+    between two decodes per step (a record's ``idle_gap`` less the sampling
+    of the record before it, which it includes), the median decode +
+    sampling time per step, and the median steps per visit of Python (a
+    native run of ``burst_ms`` holds several steps and samples inside its
+    decode time)."""
+    timings = list(engine.timings)
+    pairs = [(prev, s) for prev, s in zip(timings, timings[1:]) if s.n_generating == s.n_tokens]
+    if not pairs:
         return 0.0, 0.0, 0.0
-    return (statistics.median(s.idle_gap / s.steps for s in recs),
-            statistics.median((s.decode + s.sample) / s.steps for s in recs),
-            statistics.median(s.steps for s in recs))
+    return (statistics.median(max(0.0, s.idle_gap - prev.sample) / s.steps for prev, s in pairs),
+            statistics.median((s.decode + s.sample) / s.steps for _, s in pairs),
+            statistics.median(s.steps for _, s in pairs))
 
 
 def burst_ab(model: str, args: argparse.Namespace, levels: list[int], bursts: list[float],
