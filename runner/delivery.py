@@ -91,6 +91,9 @@ class _Output:
     n_fed: int = 0                    # generated tokens fed to the stream
     tokens: list = field(default_factory=list)    # tokens of text not yet sent
     logprobs: list = field(default_factory=list)  # their log-probabilities
+    text: list = field(default_factory=list)      # this record's text, sent at its end
+    sent_tokens: list = field(default_factory=list)    # the tokens of that text
+    sent_logprobs: list = field(default_factory=list)  # and their log-probabilities
 
 
 class Delivery:
@@ -208,7 +211,11 @@ class Delivery:
                 self._send_final(seq)
 
     def _tokens(self, tokens: list[tuple]) -> None:
+        """One record's tokens (a step's, or a native run's several steps')
+        into text; each sequence with new text gets one chunk for the
+        record, carrying the tokens of that text."""
         outputs, pieces = self._outputs, self._pieces
+        chunked: list[tuple[Sequence, _Output]] = []
         for seq, token, logprob in tokens:
             out = outputs.get(id(seq))
             if out is None:
@@ -228,9 +235,19 @@ class Delivery:
                 seq.stop_hit = out.n_fed - out.stream.n_feeds_to_trim
                 self._owner.stop_found(seq)
             if text:
-                seq.handle._sink(Chunk(text=text, tokens=out.tokens, logprobs=out.logprobs or None))
+                if not out.text:
+                    chunked.append((seq, out))
+                out.text.append(text)
+                out.sent_tokens += out.tokens
+                out.sent_logprobs += out.logprobs
                 out.tokens = []
                 out.logprobs = []
+        for seq, out in chunked:
+            text = "".join(out.text) if len(out.text) > 1 else out.text[0]
+            seq.handle._sink(Chunk(text=text, tokens=out.sent_tokens, logprobs=out.sent_logprobs or None))
+            out.text = []
+            out.sent_tokens = []
+            out.sent_logprobs = []
 
     def _ended(self, seq: Sequence, final: Final) -> None:
         """Flush the held-back text, then let the loop release the slot."""
