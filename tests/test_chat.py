@@ -461,10 +461,13 @@ def test_chat_errors_fail_only_their_request(spawn):
         r.chat(chat("user", "word " * 200_000)).text()  # 1 MB, rendered on the heavy pool
     with pytest.raises(InputTooLong, match="does not fit"):
         r.chat(chat(*["user", "a", "assistant", "b"] * 5_000)).text()  # 20,000 messages
+    # Default sampling, unseeded: the model may also end its answer at once
+    # (seen in CI: an end token first after the truncated prompt).
     _, final = r.chat(chat("user", "word " * 2_000), truncate=True, num_predict=2).text()
-    assert final.prompt_count < 512 and final.done_reason == "length"
+    assert final.prompt_count < 512 and final.done_reason in ("length", "stop")
+    assert final.eval_count == 2 or final.done_reason == "stop"
     text, final = r.chat(chat("user", "Hi"), num_predict=4).text()
-    assert final.done_reason == "length" and final.message.content == text
+    assert final.done_reason in ("length", "stop") and final.message.content == text
 
 
 def test_async_chat_and_cancel(spawn):
