@@ -1044,26 +1044,16 @@ class Engine:
             return False
         t2 = time.perf_counter()
         record = self.slots.record
-        toks: list[tuple] = []
-        ends: list[tuple] = []
-        take = self._take
         for seq, run in zip(seqs, sampled):
             record(seq.slot, [seq.next_token, *run[:-1]])
             seq.next_token = None
-            for token in run:
-                end = take(seq, token if token >= 0 else _NO_NUMBER, None, t2, toks)
-                if end is not None:
-                    ends.append(end)
-                    break
-        if toks:
-            self._out.put(StepTokens(toks))
-        for seq, reason, error in ends:
-            self._end(seq, reason, error)
+        n_gen = self._hand_on(((seq, [(t if t >= 0 else _NO_NUMBER, None) for t in run])
+                               for seq, run in zip(seqs, sampled)), t2)
         self._last_decode_end = t2
         per_step = (t2 - t1) / n_steps
         self._gen_step_seconds = per_step
         self.timings.append(StepTiming(build=t1 - t0, decode=t2 - t1, sample=0.0, idle_gap=idle,
-                                       n_tokens=n_steps * len(entries), n_generating=len(toks),
+                                       n_tokens=n_steps * len(entries), n_generating=n_gen,
                                        steps=n_steps))
         for _ in range(n_steps):
             self.totals.step(per_step, len(entries))
@@ -1184,11 +1174,9 @@ class Engine:
             return 0
         runs = self._verify(entries, rows)
         now = time.perf_counter()
-        toks: list[tuple] = []  # (seq, token, logprob entry or None), for delivery
-        ends: list[tuple] = []  # (seq, reason, error), after the tokens
         for entry, run in zip(entries, runs):
-            seq = entry.seq
             if entry.draft:
+                seq = entry.seq
                 accepted = len(run) - 1  # each sampled token after the first confirmed a proposal
                 self.scheduler.keep_accepted(entry, accepted)
                 seq.n_proposed += len(entry.draft)
@@ -1196,8 +1184,19 @@ class Engine:
                 seq.draft_cap = next_cap(seq.draft_cap, len(entry.draft), accepted)
                 seq.draft_misses = 0 if accepted else seq.draft_misses + 1
                 seq.draft_wait = wait_after(seq.draft_misses)
+        return self._hand_on(((entry.seq, run) for entry, run in zip(entries, runs)), now)
+
+    def _hand_on(self, runs, now: float) -> int:
+        """Each sequence's sampled ``(token, logits or None)`` pairs, from
+        ``runs`` of (seq, pairs), through _take in order up to the one that
+        ends it; the tokens to delivery as one record, then the ends.
+        Returns the tokens handed on."""
+        toks: list[tuple] = []  # (seq, token, logprob entry or None), for delivery
+        ends: list[tuple] = []  # (seq, reason, error), after the tokens
+        take = self._take
+        for seq, run in runs:
             for token, logits in run:
-                end = self._take(seq, token, logits, now, toks)
+                end = take(seq, token, logits, now, toks)
                 if end is not None:
                     ends.append(end)
                     break
