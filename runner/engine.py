@@ -989,9 +989,10 @@ class Engine:
             self.host_cache.note_eval(n_tokens, t2 - t1)
         n_gen = self._sample(plan)
         t3 = time.perf_counter()
-        plain = n_prompt == 0 and len(plan.entries) == len(self.scheduler.active) and not any(
-            e.draft for e in plan.entries)
-        self._gen_step_seconds = t3 - t1 if plain else 0.0
+        if self._burst_seconds > 0.0:  # what a native run of these sequences would take per step
+            plain = n_prompt == 0 and len(plan.entries) == len(self.scheduler.active) and not any(
+                e.draft for e in plan.entries)
+            self._gen_step_seconds = t3 - t1 if plain else 0.0
         self.timings.append(StepTiming(build=t1 - t0, decode=t2 - t1, sample=t3 - t2,
                                        idle_gap=idle, n_tokens=n_tokens, n_generating=n_gen))
         self.totals.step(t2 - t1, n_tokens)
@@ -1014,6 +1015,8 @@ class Engine:
                 or self.config.rpc_servers):
             return 0
         steps = min(MAX_BURST, int(self._burst_seconds / self._gen_step_seconds))
+        if steps < 2:  # a step longer than half of burst_ms: no run (and no walk over the plan)
+            return 0
         for e in entries:
             seq, opts = e.seq, e.seq.options
             if (not e.generating or e.draft or e.draft_limit or seq.spans or opts.speculative

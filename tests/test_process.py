@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import zmq
 
-from polling import wait_until
+from polling import drain, wait_until
 from runner import protocol as P
 from runner import security
 from runner.client import Runner, RunnerGone
@@ -166,25 +166,6 @@ def test_chunks_stream_from_a_delivery_thread(spawn):
 
 # -- a lone blocking stream receives on its caller's thread ------------------------
 
-def drain_in_thread(stream, timeout: float = 30.0) -> BaseException | None:
-    """Iterate ``stream`` to its end on another thread; the exception that
-    ended it.  Fails, instead of hanging the suite, if the stream never ends."""
-    outcome: list = []
-
-    def run():
-        try:
-            list(stream)
-            outcome.append(None)
-        except BaseException as exc:
-            outcome.append(exc)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    assert outcome, f"the stream did not end within {timeout} s"
-    return outcome[0]
-
-
 def test_a_lone_stream_receives_on_its_own_thread_and_gives_way_to_other_calls(runner):
     wait_until(lambda: idle(runner))
     stream = runner.complete("Count to a thousand:", **{**LONG, "num_predict": 300})
@@ -215,7 +196,7 @@ def test_runner_death_reaches_a_lone_stream(spawn):
     assert type(next(stream)) is Chunk and type(next(stream)) is Chunk
     assert r._conn._direct == stream.id
     os.kill(r.process.pid, signal.SIGKILL)
-    error = drain_in_thread(stream)
+    _, error = drain(stream, 30.0)
     assert isinstance(error, RunnerGone) and error.returncode == -signal.SIGKILL
 
 
@@ -227,7 +208,7 @@ def test_closing_the_client_ends_a_lone_stream(runner):
     assert other._conn._direct == stream.id
     closer = threading.Timer(0.2, other.close)
     closer.start()
-    error = drain_in_thread(stream)
+    _, error = drain(stream, 30.0)
     assert isinstance(error, RunnerGone) and "client closed" in str(error)
     closer.join(30)
     assert not closer.is_alive()
