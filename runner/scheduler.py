@@ -15,6 +15,15 @@ chunks are capped at ``prefill_budget`` inputs per step, which bounds the gap
 between two tokens of a generating stream to one decode of about
 ``prefill_budget + parallel`` inputs, however long an arriving prompt is.
 
+Batch order: the running sequences are kept in slot order, so a step's rows
+come in ascending sequence ids.  With one KV stream per slot (no
+``kv_unified``), llama.cpp splits a batch into micro-batches of *consecutive*
+sequence ids taken in batch order (llama_batch_allocr::split_equal), and every
+micro-batch is a pass over the weights: eight generating slots listed as
+3, 4, 0, 1, 2, 5, 6, 7 cost two passes where 0..7 cost one.  Slots that are
+not adjacent (2 and 5 running, 3 and 4 idle) still cost a pass each; see
+docs/design.md ("Batch order").
+
 Speculation yields: proposed tokens (runner.speculative) are added last, only
 to a step that holds fewer than ``draft_room / 2`` inputs after every
 generating sequence's token and the prompt chunks, and only into the room it
@@ -42,6 +51,7 @@ served: a queued request takes the next free slot whatever its set.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import threading
 from dataclasses import dataclass, field
@@ -94,6 +104,10 @@ class StepPlan:
         return sum(e.n_inputs for e in self.entries)
 
 
+def _slot_id(seq: Sequence) -> int:
+    return seq.slot.id
+
+
 class Scheduler:
     """Admission, step planning and rollback over a :class:`SlotCache`.
 
@@ -114,7 +128,7 @@ class Scheduler:
         self.n_swa = n_swa                      # sliding window of the model's SWA layers (0: none)
         self._pos_min = pos_min                 # seq id -> smallest KV position held (SWA models)
         self.waiting: collections.deque[Sequence] = collections.deque()  # FIFO of queued requests
-        self.active: list[Sequence] = []        # admitted and not ended
+        self.active: list[Sequence] = []        # admitted and not ended, in slot order
         self._rotate = 0                        # prefill start offset, advanced each step
         self.draft_room = min(draft_room, n_batch)  # proposals fill a step up to this many inputs
         self._draft_rotate = 0                  # first speculating sequence served, advanced each step
@@ -163,7 +177,7 @@ class Scheduler:
                 seq.slot.truncate(0)
                 seq.n_cached = 0
             seq.n_sched = seq.n_cached
-            self.active.append(seq)
+            bisect.insort(self.active, seq, key=_slot_id)  # batch order (module docstring)
             admitted.append(seq)
         return admitted
 

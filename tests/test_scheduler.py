@@ -109,6 +109,34 @@ def test_prefill_rotates_between_prompts():
     assert all(s.n_sched == 0 for s in seqs)
 
 
+def test_steps_list_sequences_in_slot_order_whatever_the_arrival():
+    """Rows go into the batch by ascending slot (= sequence id): with one KV
+    stream per slot, llama.cpp decodes a batch whose ids are out of order in
+    several passes over the weights (runner.scheduler, "Batch order")."""
+    sched, cache, kv = make(parallel=4, n_batch=64)
+    held = [cache.acquire([100 * k + i for i in range(3)])[0] for k in range(4)]
+    for k in (3, 1, 2, 0):   # least recently used first: 3, 1, 2, 0
+        cache.release(held[k])
+    seqs = [seq(r, [7, ord(r)]) for r in "abcd"]
+    sched.waiting.extend(seqs)
+    assert sched.admit(lambda: True) == seqs
+    assert [s.slot.id for s in seqs] == [3, 1, 2, 0]
+    plan = sched.schedule()
+    assert [e.seq.slot.id for e in plan.entries] == [0, 1, 2, 3]
+    run_decode(sched, plan, kv)
+    for s in seqs:
+        s.next_token = 9
+    sched.remove(seqs[1])   # slot 1 ends; a new request takes it back
+    sched.release(seqs[1])
+    late = seq("e", [8, 8])
+    sched.waiting.append(late)
+    sched.admit(lambda: True)
+    assert late.slot.id == 1
+    plan = sched.schedule()
+    assert [e.seq.slot.id for e in plan.entries] == [0, 2, 3, 1]   # generating first, then the prompt
+    assert [e.seq.slot.id for e in plan.entries if e.generating] == [0, 2, 3]
+
+
 def test_halved_batch_rolls_back_the_rest():
     sched, cache, kv = make(parallel=2, n_batch=16, prefill_budget=16)
     a, b = seq("a", range(6)), seq("b", range(10, 16))
