@@ -210,9 +210,12 @@ class Executor:
         (float32[n_tokens, n_embd])."""
         batch = self.batch
         batch.clear()
-        starts = []
-        for tokens, seq_id in items:
-            starts.append(len(batch))
+        starts = [0] * len(items)
+        # By ascending sequence id: a per-slot KV decodes runs of consecutive
+        # ids in one pass (runner.scheduler, "Batch order").
+        for i in sorted(range(len(items)), key=lambda i: items[i][1]):
+            tokens, seq_id = items[i]
+            starts[i] = len(batch)
             batch.add_tokens(tokens, 0, seq_id, output_last=True)
         for i in range(len(batch)):
             batch.set_output(i, True)
