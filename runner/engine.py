@@ -275,7 +275,7 @@ class Engine:
         self.host_cache = HostCache(self._states, config.cache_ram_mb << 20)
         self.slots = SlotCache(kv, config.parallel, self.slot_ctx, config.cache_policy,
                                host=self.host_cache if self.host_cache.enabled else None,
-                               base_lora=self.lora_default)
+                               base_lora=self.lora_default, adjacent=not config.kv_unified)
         if isinstance(kv, PositionedKV):
             kv.inputs_of = lambda seq: self.slots.slots[seq].inputs
         self.executor = Executor(self.ctx, self.model.n_embd_inp, self.mtmd, self.media_cache,

@@ -271,6 +271,16 @@ class SlotCache:
       a memory that copies partial ranges (a unified KV cache); use
       ``'single'`` for recurrent models.
 
+    Adjacency (``adjacent``, set when every slot has a KV stream of its own):
+    llama.cpp decodes the running sequences in one pass over the weights
+    only while their ids are consecutive (runner.scheduler, "Batch order").
+    So where the rules above leave a choice between slots that lose nothing
+    (empty ones, say), the slot next to the most running slots wins before
+    recency.  Choosing a victim, adjacency goes before recency only with an
+    enabled host tier, which keeps the victim's KV (in host memory), so that
+    the choice costs a copy at worst; without one, least recently used stays
+    the rule, since evicting a fresher slot costs evaluating it again.
+
     With a host tier (``host``), whichever the policy: a slot about to lose
     inputs is saved to the tier first; and when a saved state serves a longer
     prefix than the slot chosen above, and the tier judges the copy worth it
@@ -285,7 +295,7 @@ class SlotCache:
 
     def __init__(self, backend: KVBackend, n_slots: int, slot_ctx: int,
                  policy: Policy = "single", host: HostCache | None = None,
-                 base_lora: tuple = ()) -> None:
+                 base_lora: tuple = (), adjacent: bool = False) -> None:
         if n_slots < 1:
             raise ValueError(f"n_slots must be at least 1, got {n_slots}")
         if slot_ctx < 2:
@@ -299,6 +309,7 @@ class SlotCache:
         self._clock = 0  # logical time source for Slot.last_used
         self.host = host  # host-memory tier saving and restoring slot states (None: none)
         self.base_lora = base_lora  # the load's default adapter set: the only one the host tier keeps
+        self.adjacent = adjacent  # prefer slots next to running ones (one KV stream per slot)
         for s in self.slots:
             s.lora = base_lora
 
@@ -359,7 +370,7 @@ class SlotCache:
         free = [s for s in self.slots if not s.in_use]
         if not free:
             raise NoFreeSlot(f"all {len(self.slots)} slots are in use")
-        slot = min(free, key=lambda s: (bool(s.inputs), s.last_used))
+        slot = min(free, key=lambda s: (bool(s.inputs), self._apart(s, bool(s.inputs)), s.last_used))
         self._save(slot, 0)
         slot._clear()
         slot.lora = self.base_lora
@@ -462,9 +473,10 @@ class SlotCache:
     def _pick_longest(self, free: list[Slot], prompt: Sequence[Hashable],
                       limit: int, lora: tuple) -> tuple[Slot, int]:
         """'single' policy: most reusable prefix, then nothing lost, then LRU."""
-        def rank(s: Slot) -> tuple[int, bool, int]:
+        def rank(s: Slot) -> tuple[int, bool, int, int]:
             n = reusable_prefix(s.inputs, prompt, limit) if s.lora == lora else 0
-            return (-n, len(s.inputs) > n, s.last_used)
+            loses = len(s.inputs) > n
+            return (-n, loses, self._apart(s, loses), s.last_used)
 
         chosen = min(free, key=rank)
         return chosen, -rank(chosen)[0]
@@ -484,9 +496,9 @@ class SlotCache:
         exact = [s for s in free if not s.inputs
                  or (s.lora == lora and common_prefix(s.inputs, prompt) == len(s.inputs))]
         if exact:
-            dst = min(exact, key=lambda s: (-len(s.inputs), s.last_used))
+            dst = min(exact, key=lambda s: (-len(s.inputs), self._apart(s, False), s.last_used))
         else:
-            dst = min(free, key=lambda s: s.last_used)
+            dst = min(free, key=lambda s: (self._apart(s, True), s.last_used))
         n_dst = reusable_prefix(dst.inputs, prompt, limit) if dst.lora == lora else 0
         src, n_src = dst, n_dst
         for s in self.slots:
@@ -532,7 +544,11 @@ class SlotCache:
             return None
         head = prompt[:n]
         host.touch(entry)  # saving the target below must not evict it
-        target = min(free, key=lambda s: (common_prefix(s.inputs, head) < len(s.inputs), s.last_used))
+        def rank(s: Slot) -> tuple[bool, int, int]:
+            loses = common_prefix(s.inputs, head) < len(s.inputs)
+            return (loses, self._apart(s, loses), s.last_used)
+
+        target = min(free, key=rank)
         self._save(target, common_prefix(target.inputs, head))
         target._clear()
         if not host.restore(entry, target.id):
@@ -543,6 +559,15 @@ class SlotCache:
             n = 0  # cannot happen when min_keep was right: the memory refused the cut
         host.count_lookup(max(0, n - n_slot))
         return target, n
+
+    def _apart(self, slot: Slot, evicting: bool) -> int:
+        """Ranks ``slot`` by adjacency (lower is better): minus the number of
+        its neighbours in use, or 0 where adjacency does not count (see the
+        class docstring)."""
+        if not self.adjacent or (evicting and (self.host is None or not self.host.enabled)):
+            return 0
+        slots, i = self.slots, slot.id
+        return -((i > 0 and slots[i - 1].in_use) + (i + 1 < len(slots) and slots[i + 1].in_use))
 
     def _lend(self, slot: Slot, *, cached: bool) -> None:
         slot.in_use = True

@@ -143,6 +143,26 @@ def test_restore_goes_to_the_slot_that_loses_nothing():
     assert_consistent(cache, kv)
 
 
+@pytest.mark.parametrize("policy", ["single", "multi"])
+def test_with_the_tier_a_victim_next_to_a_running_slot_goes_first(policy):
+    cache, kv, state, host = make(n_slots=4, max_entries=8, policy=policy)
+    cache.adjacent = True
+    for c in range(4):
+        serve(cache, kv, conv(c + 1))              # slots 0..3, least recently used first
+    running, _ = cache.acquire(conv(4) + [1])      # conversation 4 goes on in slot 3
+    assert running.id == 3
+    state.calls.clear()
+    slot, n = cache.acquire(conv(7))
+    # slot 0 is the least recently used, but slot 2 is next to the running
+    # slot; its conversation goes to the tier
+    assert (slot.id, n) == (2, 0) and state.calls == [("get", 2, 20)]
+    cache.release(slot, [])
+    cache.release(running, [])
+    back, n = cache.acquire(conv(3) + [5])         # and comes back from there
+    assert n == 20 and state.calls[-1][0] == "set"
+    assert_consistent(cache, kv)
+
+
 def test_exact_eviction_order_under_the_byte_bound():
     cache, kv, state, host = make(max_entries=3)
     for c in (1, 2, 3, 4):

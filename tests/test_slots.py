@@ -207,6 +207,28 @@ def test_lru_eviction_order(policy):
         assert_consistent(cache, kv)
 
 
+@pytest.mark.parametrize("policy", ["single", "multi"])
+@pytest.mark.parametrize("adjacent, want", [(True, 1), (False, 0)])
+def test_adjacency_breaks_ties_between_slots_that_lose_nothing(policy, adjacent, want):
+    # slots 0, 1, 3 empty, slot 2 running: an empty neighbour of 2 keeps the
+    # running ids consecutive (runner.scheduler, "Batch order"); of the two
+    # neighbours, 1 is the less recently used
+    cache, kv = make_cache([[], [], [9, 9], []], lru=[0, 1, 3, 2], busy=(2,), policy=policy)
+    cache.adjacent = adjacent
+    slot, n = cache.acquire([1, 2, 3])
+    assert (slot.id, n) == (want, 0) and kv.calls == []
+    assert_consistent(cache, kv)
+
+
+@pytest.mark.parametrize("policy", ["single", "multi"])
+def test_without_a_host_tier_the_victim_stays_the_least_recently_used(policy):
+    cache, kv = make_cache([[1, 1], [2, 2], [3, 3], [4, 4]], lru=[0, 1, 2, 3], busy=(3,), policy=policy)
+    cache.adjacent = True
+    slot, _ = cache.acquire([5, 5, 5])
+    assert slot.id == 0 and kv.calls == [("rm", 0, 0, -1)]
+    assert_consistent(cache, kv)
+
+
 def test_multi_policy_serves_shared_system_prompt_concurrently():
     system = [100, 101, 102, 103]
     kv = FakeKV()
