@@ -14,18 +14,30 @@ def _add_model_arg(p: argparse.ArgumentParser) -> None:
                    help="GGUF file, or 'default' for SmolLM2-135M-Instruct Q4_1 (default)")
 
 
+# generate's sampling flags: (flag, CompletionOptions field, type, what it does).
+# Each defaults to None and is left out of the request unless given, so
+# CompletionOptions' own default applies (the help shows it).
+_SAMPLING_FLAGS = (
+    ("--temperature", "temperature", float, "0 = greedy"),
+    ("--top-k", "top_k", int, "0 disables"),
+    ("--top-p", "top_p", float, "1.0 disables"),
+    ("--min-p", "min_p", float, "0.0 disables"),
+    ("--typical-p", "typical_p", float, "1.0 disables"),
+    ("--repeat-last-n", "repeat_last_n", int, "penalty window; 0 disables the penalties, -1 = context"),
+    ("--repeat-penalty", "repeat_penalty", float, "1.0 disables"),
+    ("--frequency-penalty", "frequency_penalty", float, "subtracted once per occurrence in the window"),
+    ("--presence-penalty", "presence_penalty", float, "subtracted for every token seen in the window"),
+    ("--seed", "seed", int, "negative: random"),
+)
+
+
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    from runner.requests import CompletionOptions
+
     g = p.add_argument_group("sampling")
-    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
-    g.add_argument("--top-k", type=int, default=40)
-    g.add_argument("--top-p", type=float, default=0.9)
-    g.add_argument("--min-p", type=float, default=0.0)
-    g.add_argument("--typical-p", type=float, default=1.0)
-    g.add_argument("--repeat-last-n", type=int, default=64)
-    g.add_argument("--repeat-penalty", type=float, default=1.0)
-    g.add_argument("--frequency-penalty", type=float, default=0.0)
-    g.add_argument("--presence-penalty", type=float, default=0.0)
-    g.add_argument("--seed", type=int, default=None)
+    for flag, name, kind, what in _SAMPLING_FLAGS:
+        g.add_argument(flag, dest=name, type=kind, default=None,
+                       help=f"{what} (default {getattr(CompletionOptions, name)})")
     g.add_argument("--grammar-file", default=None, help="GBNF grammar constraining the output")
 
 
@@ -54,13 +66,10 @@ def _add_context_args(p: argparse.ArgumentParser) -> None:
 
 def _completion_options(args: argparse.Namespace) -> dict:
     """The generate command's sampling options, as CompletionOptions fields."""
-    options = {
-        "num_predict": args.n_predict, "temperature": args.temperature, "top_k": args.top_k,
-        "top_p": args.top_p, "min_p": args.min_p, "typical_p": args.typical_p,
-        "repeat_last_n": args.repeat_last_n, "repeat_penalty": args.repeat_penalty,
-        "frequency_penalty": args.frequency_penalty, "presence_penalty": args.presence_penalty,
-        "seed": -1 if args.seed is None else args.seed,
-    }
+    options = {"num_predict": args.n_predict}
+    for _flag, name, _kind, _what in _SAMPLING_FLAGS:
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
     if args.grammar_file:
         with open(args.grammar_file, encoding="utf-8") as f:
             options["grammar"] = f.read()

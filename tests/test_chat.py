@@ -546,7 +546,7 @@ def test_generate_chat_in_process_and_through_a_runner(spawn, default_model_path
                             timeout=300)
     assert remote.returncode == 0, remote.stderr
     expected, _ = r.chat(chat("system", "You answer in one word.", "user", "Capital of Japan?"),
-                         temperature=0.0, num_predict=12, repeat_penalty=1.0).text()
+                         temperature=0.0, num_predict=12).text()
     assert local.stdout == remote.stdout == expected + "\n"
     assert "Tokyo" in expected
     refused = subprocess.run(args[:6] + ["--system", "x", "--prompt", "y"], capture_output=True,
