@@ -340,6 +340,21 @@ def _slot_reply(request_id: Any, result) -> P.SlotFileReply:
                            loop_seconds=result.loop_seconds, seconds=result.seconds)
 
 
+def _from_llama(exc: BaseException) -> bool:
+    """Whether ``exc`` is, or was raised while handling, a failure of a
+    llama.cpp call (the binding's LlamaError; the engine wraps an adapter,
+    projector or draft model llama.cpp refuses in a BadRequest)."""
+    from runner import _llama
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, _llama.LlamaError):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def _devices() -> list[P.Device]:
     from runner import _llama
 
@@ -676,11 +691,15 @@ class Server:
         from runner.requests import EngineError
 
         t0 = time.perf_counter()
+        mark = _llama.error_mark()
         try:
             engine = Engine(config_from_load(self.model_path, params), progress=self._on_progress)
         except Exception as exc:
             message = str(exc) or type(exc).__name__
-            line = _llama.last_error_line()
+            # llama.cpp's last line says why only when llama.cpp failed, and
+            # only if it logged it during this load: the runner's own checks
+            # (BadRequest, ModelFileError) carry their reason already.
+            line = _llama.last_error_line() if _from_llama(exc) and _llama.error_mark() > mark else ""
             if line and line not in message:
                 message = f"{message} (llama.cpp: {line})"
             code = P.known_code(exc.code) if isinstance(exc, EngineError) else "internal"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -258,6 +259,41 @@ def test_llama_cpp_refusal_says_why(tmp_path):
     result = json.loads(proc.stdout.splitlines()[-1])
     assert result["type"] == "ModelLoadError"
     assert "blk.2.attn_norm.weight" in result["error"], result["error"]
+
+
+@pytest.mark.model
+def test_load_error_carries_llama_cpp_lines_only_when_llama_cpp_failed(tmp_path):
+    """One runner process, two loads: llama.cpp refuses the file (its reason
+    is in the error), then the engine refuses the parameters before touching
+    the file, and that error carries no llama.cpp line (the stale one is
+    unrelated)."""
+    from runner import security
+    from runner.client import Runner
+    from runner.requests import BadRequest, EngineError
+
+    path = write_tiny_llama(tmp_path / "three_layers.gguf", hparams={"block_count": 3})  # tensors for 2
+    endpoint, directory = security.private_ipc_endpoint()
+    proc = subprocess.Popen([sys.executable, "-m", "runner.cli", "serve", "--model", str(path),
+                             "--endpoint", endpoint, "--defer-load"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().split() == ["endpoint", endpoint]
+        with Runner.connect(endpoint) as r:
+            r.load(n_ctx=256, n_threads=1)
+            with pytest.raises(EngineError) as failed:
+                r.wait_ready(load_timeout=60)
+            assert "blk.2.attn_norm.weight" in str(failed.value), failed.value
+            r.load(n_ctx=2, parallel=4, n_threads=1)
+            with pytest.raises(BadRequest) as refused:
+                r.wait_ready(load_timeout=60)
+            message = str(refused.value)
+            assert "too small for parallel 4" in message, message
+            assert "llama.cpp" not in message and "blk.2" not in message, message
+            r.shutdown()
+        assert proc.wait(60) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def test_vocabulary_without_byte_tokens_fails_the_request_not_the_process(tmp_path):
