@@ -69,6 +69,9 @@ Sink = Callable[[Event], None]
 # the second has the size the loop measured, so a third means the slot
 # changed between them; the last copies into fresh memory.
 SLOT_JOB_ROUNDS = 3
+# Where a slot job's state copy went (Engine.slot_copies): the caller's
+# touched buffer, a round answered with the size instead, fresh memory.
+SLOT_COPY_ROUNDS = ("touched", "short", "fresh")
 
 
 @dataclass
@@ -300,7 +303,8 @@ class Engine:
         self._slot_jobs: collections.deque[SlotJob] = collections.deque()  # pending slot saves/restores
         self._state_bytes_per_input = 0.0      # state size / inputs of the last slot job's slot (loop writes)
         # where slot jobs copied a state: "touched" (the caller's buffer),
-        # "short" (rounds answered with the size instead), "fresh" (loop thread)
+        # "short" (rounds answered with the size instead), "fresh" (loop
+        # thread writes; info() and metrics() read them as slot_copy_counts())
         self.slot_copies: collections.Counter[str] = collections.Counter()
         self._by_id: dict[str, Sequence] = {}   # every unfinished request
         self._closing = False                   # no new requests accepted
@@ -773,6 +777,7 @@ class Engine:
                 "mrope": self.mtmd.uses_mrope},
             "media_cache": self.media_cache.info(),
             "host_cache": self.host_cache.info(),
+            "slot_copies": self.slot_copy_counts(),
             "lora": {"adapters": [{"id": i, "path": a.path, "scale": s}
                                   for i, (a, s) in enumerate(zip(self._loras, self.lora_default))],
                      "switches": self.executor.lora_switches,
@@ -791,7 +796,13 @@ class Engine:
         return {**self.totals.snapshot(), "queue_depth": waiting, "running": running,
                 "slot_kv_cells": [s["n_inputs"] for s in self.slots.snapshot()],
                 "media_cache": self.media_cache.info(), "host_cache": self.host_cache.info(),
-                "load_seconds": round(self.load_seconds, 6)}
+                "slot_copies": self.slot_copy_counts(), "load_seconds": round(self.load_seconds, 6)}
+
+    def slot_copy_counts(self) -> dict[str, int]:
+        """``slot_copies`` with every round named, 0 included (any thread:
+        reading a key never inserts it, so the loop's counter is not iterated
+        while it may grow)."""
+        return {name: self.slot_copies[name] for name in SLOT_COPY_ROUNDS}
 
     def step_summary(self, last: int = 256) -> dict:
         """Medians over the last ``last`` loop steps, in milliseconds: where

@@ -389,6 +389,9 @@ class MetricsReply(Reply, tag="metrics"):
     media_cache: dict[str, Any]          # counters and size of the media cache (info's media_cache)
     host_cache: dict[str, Any]           # counters and size of the prefix cache's host tier (info's)
     load_seconds: float                  # how long the load took
+    # slot file state copies by where they went: touched, short, fresh (info's engine.slot_copies);
+    # {} from a runner that predates it
+    slot_copies: dict[str, int] = msgspec.field(default_factory=dict)
 
 
 class CancelReply(Reply, tag="cancel"):

@@ -438,17 +438,29 @@ def test_the_ops_through_a_runner_process_and_the_cli(default_model_path, tmp_pa
     from runner.client import Runner
     from runner.requests import BadRequest as Refused
 
+    def copies():
+        """slot_copies as info and metrics report them (the same counts)."""
+        counts = r.info(timeout=30).engine["slot_copies"]
+        assert r.metrics(timeout=30).slot_copies == counts
+        return counts
+
     with Runner.spawn(default_model_path, n_ctx=512, parallel=2, n_threads=2,
                       slot_save_dir=str(tmp_path)) as r:
+        assert copies() == {"touched": 0, "short": 0, "fresh": 0}
         tokens = r.tokenize("The capital of France is", add_special=True)
         _, final = r.complete(tokens, temperature=0.0, num_predict=4).text()
         reply = r.save_slot(final.slot, "fr", timeout=60)
         assert reply.n_inputs == len(tokens) + 3 and reply.n_bytes > 0
+        saved = copies()  # one copy of the state; a short round first unless the size was measured
+        assert (saved["touched"], saved["fresh"]) == (1, 0) and saved["short"] in (0, 1)
         with pytest.raises(Refused, match="not a plain file name"):
             r.restore_slot(0, "../fr", timeout=60)
         assert main(["slot", "restore", "--endpoint", r.endpoint, "--slot", str(1 - final.slot),
                      "--name", "fr"]) == 0
         assert f"restored from 'fr': {len(tokens) + 3} tokens" in capsys.readouterr().out
+        assert copies() == saved  # the slot was empty: nothing of it to keep
+        r.restore_slot(final.slot, "fr", timeout=60)  # over the slot's state, copied to put back if refused
+        assert copies() == dict(saved, touched=2)
         assert r.health(timeout=30).state == "ready"
         assert [s["n_inputs"] for s in r.info(timeout=30).engine["slots"]] == [len(tokens) + 3] * 2
     with Runner.spawn(default_model_path, n_ctx=512, n_threads=2) as off:

@@ -57,3 +57,36 @@ def test_the_documented_completion_replies_list_every_field():
     documented = set(re.findall(r"\b([a-z_]+)\b(?=[,?\s]|$)", final)) - {"type", "final", "id"}
     assert wire_names(P.FinalReply) <= documented | {"message"}, "message is documented with chat"
     assert wire_names(P.ChunkReply) <= set(re.findall(r"[a-z_]+", chunk))
+
+
+def _documented_reply(op: str, reply_type: str) -> set:
+    """The field names docs/protocol.md's block for ``op`` lists in its reply."""
+    text = DOC.read_text()
+    block = text[text.index(f"#### `{op}`"):]
+    block = block[block.index("```"):]
+    block = block[:block.index("```", 3)]
+    reply = block[block.index(f'{{type: "{reply_type}"'):]
+    return set(re.findall(r"[a-z_]+", reply[:reply.index("}")])) - {"type", reply_type}
+
+
+def test_the_documented_info_and_metrics_replies_list_every_field():
+    assert wire_names(P.InfoReply) <= _documented_reply("info", "info")
+    assert wire_names(P.MetricsReply) <= _documented_reply("metrics", "metrics")
+
+
+def test_a_metrics_reply_without_later_fields_still_decodes():
+    """``slot_copies`` came after the first metrics replies: a reply that
+    lacks it (an older runner's) decodes, with it empty."""
+    import msgspec
+
+    hist = P.Histogram(bounds=[1.0], counts=[0, 0], sum=0.0, count=0)
+    reply = P.MetricsReply(id=1, requests={}, prompt_tokens=0, prompt_eval_tokens=0, cached_tokens=0,
+                           generated_tokens=0, embeddings=0, steps=0, step_seconds=hist, batch_tokens=hist,
+                           queue_seconds=hist, queue_depth=0, running=0, in_flight=0, slot_kv_cells=[],
+                           media_cache={}, host_cache={}, load_seconds=1.0,
+                           slot_copies={"touched": 2, "short": 1, "fresh": 0})
+    assert P.decode_reply(P.encode(reply)) == reply
+    older = msgspec.msgpack.decode(P.encode(reply))
+    del older["slot_copies"]
+    decoded = P.decode_reply(msgspec.msgpack.encode(older))
+    assert decoded.slot_copies == {} and decoded.load_seconds == 1.0
