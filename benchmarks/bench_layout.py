@@ -5,7 +5,8 @@ With one KV stream per slot (the runner's default, llama-server's
 sequence ids taken in batch order, and each micro-batch is its own pass over
 the weights.  This measures one generation step (one token per listed
 sequence) straight through the binding, for id sets that are consecutive,
-spread out, or out of order, and the same sets with one KV buffer shared by
+spread out, or out of order, a step with a prompt chunk listed last or in
+slot order, and the same sets with one KV buffer shared by
 all slots (``--kv-unified``), which has no such cut but attends over every
 slot's cells.  Nothing of the runner's scheduling is involved; the result is
 why runner.scheduler keeps its rows in slot order (docs/design.md, "Batch
@@ -26,13 +27,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-SETS = {   # name: the sequence ids of one step, in batch order
-    "2 adjacent": [0, 1],
-    "2 apart": [0, 2],
-    "4 adjacent": [0, 1, 2, 3],
-    "4 apart": [0, 2, 4, 6],
-    "8 in order": [0, 1, 2, 3, 4, 5, 6, 7],
-    "8 out of order": [3, 4, 0, 1, 2, 5, 6, 7],
+SETS = {   # name: (sequence id, rows) per entry of one step, in batch order
+    "2 adjacent": [(0, 1), (1, 1)],
+    "2 apart": [(0, 1), (2, 1)],
+    "4 adjacent": [(0, 1), (1, 1), (2, 1), (3, 1)],
+    "4 apart": [(0, 1), (2, 1), (4, 1), (6, 1)],
+    "8 in order": [(s, 1) for s in range(8)],
+    "8 out of order": [(s, 1) for s in (3, 4, 0, 1, 2, 5, 6, 7)],
+    "7 + chunk, chunk last": [(s, 1) for s in (0, 1, 2, 4, 5, 6, 7)] + [(3, 32)],
+    "7 + chunk, by slot": [(s, 32 if s == 3 else 1) for s in range(8)],
 }
 
 
@@ -55,8 +58,11 @@ def measure(model_path: str, threads: int, unified: bool, prompt: int, steps: in
             t0 = time.perf_counter()
             for i in range(steps):
                 batch.clear()
-                for s in ids:
-                    batch.add(2000 + i, prompt, s, True)
+                for s, rows in ids:
+                    if rows == 1:
+                        batch.add(2000 + i, prompt, s, True)
+                    else:   # a prompt chunk: only its last row is an output
+                        batch.add_tokens([3000 + i + k for k in range(rows)], prompt, s, output_last=True)
                 ctx.decode(batch)
                 ctx.seq_rm(-1, prompt, -1)   # every step decodes at the same position
             times[name].append((time.perf_counter() - t0) / steps)
@@ -81,9 +87,10 @@ def main(argv: list[str] | None = None) -> int:
                for layout in ("per slot", "unified")}
     print(f"{Path(model).name}, {args.threads} threads, {args.prompt} cells per slot; "
           f"ms per step, medians of {args.rounds} rounds")
-    print(f"{'sequence ids':34s} {'per slot':>9s} {'unified':>9s}")
+    print(f"{'sequence ids (x rows)':48s} {'per slot':>9s} {'unified':>9s}")
     for name, ids in SETS.items():
-        print(f"{name + ' ' + ','.join(map(str, ids)):34s} {results['per slot'][name]:9.2f} "
+        label = ",".join(str(s) if n == 1 else f"{s}x{n}" for s, n in ids)
+        print(f"{name + ' ' + label:48s} {results['per slot'][name]:9.2f} "
               f"{results['unified'][name]:9.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps({"model": model, "threads": args.threads, **results}, indent=1))

@@ -15,14 +15,18 @@ chunks are capped at ``prefill_budget`` inputs per step, which bounds the gap
 between two tokens of a generating stream to one decode of about
 ``prefill_budget + parallel`` inputs, however long an arriving prompt is.
 
-Batch order: the running sequences are kept in slot order, so a step's rows
-come in ascending sequence ids.  With one KV stream per slot (no
+Batch order: the running sequences are kept in slot order, and a step with
+prompt chunks lists its entries by slot too, so a step's rows come in
+ascending sequence ids.  With one KV stream per slot (no
 ``kv_unified``), llama.cpp splits a batch into micro-batches of *consecutive*
 sequence ids taken in batch order (llama_batch_allocr::split_equal), and every
 micro-batch is a pass over the weights: eight generating slots listed as
 3, 4, 0, 1, 2, 5, 6, 7 cost two passes where 0..7 cost one.  Slots that are
 not adjacent (2 and 5 running, 3 and 4 idle) still cost a pass each; see
-docs/design.md ("Batch order").
+docs/design.md ("Batch order").  A micro-batch also takes the same number of
+rows from each of its sequences, so a prompt chunk's rows past its first
+(and proposals past a verifying sequence's first row) take passes of their
+own whatever the order.
 
 Speculation yields: proposed tokens (runner.speculative) are added last, only
 to a step that holds fewer than ``draft_room / 2`` inputs after every
@@ -106,6 +110,10 @@ class StepPlan:
 
 def _slot_id(seq: Sequence) -> int:
     return seq.slot.id
+
+
+def _entry_slot_id(entry: Scheduled) -> int:
+    return entry.seq.slot.id
 
 
 class Scheduler:
@@ -243,6 +251,8 @@ class Scheduler:
                 entries.append(Scheduled(seq, seq.n_sched, n, False, stop == len(seq.inputs)))
                 seq.n_sched = stop
                 budget -= n
+            if len(entries) > 1:
+                entries.sort(key=_entry_slot_id)   # batch order (module docstring)
         self._add_drafts(plan)
         return plan
 

@@ -133,8 +133,9 @@ def test_steps_list_sequences_in_slot_order_whatever_the_arrival():
     sched.admit(lambda: True)
     assert late.slot.id == 1
     plan = sched.schedule()
-    assert [e.seq.slot.id for e in plan.entries] == [0, 2, 3, 1]   # generating first, then the prompt
-    assert [e.seq.slot.id for e in plan.entries if e.generating] == [0, 2, 3]
+    # the prompt chunk goes between the generating rows of slots 0 and 2
+    assert [(e.seq.slot.id, e.generating) for e in plan.entries] == [
+        (0, True), (1, False), (2, True), (3, True)]
 
 
 def test_halved_batch_rolls_back_the_rest():
