@@ -8,6 +8,8 @@ from __future__ import annotations
 import threading
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from runner.requests import CompletionOptions
 from runner.scheduler import Scheduler
@@ -224,3 +226,32 @@ def test_release_keeps_prompt_and_returned_tokens(error, kept):
     sched.remove(a)
     sched.release(a)
     assert cache.slots[0].inputs == kept and not cache.slots[0].in_use
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["arrive", "end", "step"]), st.integers(0, 7),
+                          st.integers(1, 12)), max_size=40))
+def test_every_plan_lists_its_rows_by_ascending_slot(ops):
+    """Whatever arrives, ends and generates in whatever order, a plan's
+    entries come in ascending slot ids (runner.scheduler, "Batch order")."""
+    sched, cache, kv = make(parallel=3, n_batch=24, prefill_budget=6)
+    n = 0
+    for op, k, length in ops:
+        if op == "arrive":
+            n += 1
+            sched.waiting.append(seq(f"r{n}", [100 * n + i for i in range(length)]))
+            sched.admit(lambda: True)
+        elif op == "end" and sched.active:
+            s = sched.active[k % len(sched.active)]
+            sched.remove(s)
+            sched.release(s)
+            sched.admit(lambda: True)
+        else:
+            plan = sched.schedule()
+            ids = [e.seq.slot.id for e in plan.entries]
+            assert ids == sorted(ids) and len(set(ids)) == len(ids)
+            run_decode(sched, plan, kv)
+            for e in plan.entries:
+                if e.wants_output:
+                    e.seq.next_token = 5000 + n   # sampled: the sequence generates next
+        assert [s.slot.id for s in sched.active] == sorted(s.slot.id for s in sched.active)
