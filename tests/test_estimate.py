@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -25,8 +23,8 @@ pytest.importorskip("gguf")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from handserve import deferred_runner  # noqa: E402
 from runner import placement  # noqa: E402
-from runner import security  # noqa: E402
 from runner.engine import Engine, EngineConfig  # noqa: E402
 
 pytestmark = pytest.mark.model
@@ -144,11 +142,7 @@ def test_the_estimate_op_inspect_and_the_load_agree(default_model_path, capsys):
     assert main(["inspect", default_model_path, "--json", *flags]) == 0
     inspected = json.loads(capsys.readouterr().out)
 
-    endpoint, directory = security.private_ipc_endpoint()
-    proc = subprocess.Popen([sys.executable, "-m", "runner.cli", "serve", "--model", default_model_path,
-                             "--endpoint", endpoint, "--defer-load"], stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout.readline().split() == ["endpoint", endpoint]
+    with deferred_runner(default_model_path) as (proc, endpoint):
         with Runner.connect(endpoint) as r:
             est = r.estimate(timeout=60, **params)
             assert r.health(timeout=60).state == "launched"  # nothing was loaded
@@ -179,7 +173,3 @@ def test_the_estimate_op_inspect_and_the_load_agree(default_model_path, capsys):
             assert r.estimate(timeout=60, **params).memory == est.memory  # still answered once loaded
             r.shutdown()
         assert proc.wait(60) == 0
-    finally:
-        proc.kill()
-        proc.wait()
-        shutil.rmtree(directory, ignore_errors=True)

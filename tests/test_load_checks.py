@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from gguf_bytes import (  # noqa: E402
     I32, KV, STRING, TINY, U32, GGUFSpec, TinyShape, encode, tiny_llama_spec, tiny_vocab, write_tiny_llama,
 )
 
+from handserve import deferred_runner  # noqa: E402
 from runner import load_checks  # noqa: E402
 from runner.gguf import MAX_LAYERS, parse_gguf  # noqa: E402
 from runner.load_checks import ModelFileError, check_model_file, model_problems  # noqa: E402
@@ -267,16 +267,11 @@ def test_load_error_carries_llama_cpp_lines_only_when_llama_cpp_failed(tmp_path)
     is in the error), then the engine refuses the parameters before touching
     the file, and that error carries no llama.cpp line (the stale one is
     unrelated)."""
-    from runner import security
     from runner.client import Runner
     from runner.requests import BadRequest, EngineError
 
     path = write_tiny_llama(tmp_path / "three_layers.gguf", hparams={"block_count": 3})  # tensors for 2
-    endpoint, directory = security.private_ipc_endpoint()
-    proc = subprocess.Popen([sys.executable, "-m", "runner.cli", "serve", "--model", str(path),
-                             "--endpoint", endpoint, "--defer-load"], stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout.readline().split() == ["endpoint", endpoint]
+    with deferred_runner(str(path)) as (proc, endpoint):
         with Runner.connect(endpoint) as r:
             r.load(n_ctx=256, n_threads=1)
             with pytest.raises(EngineError) as failed:
@@ -290,10 +285,6 @@ def test_load_error_carries_llama_cpp_lines_only_when_llama_cpp_failed(tmp_path)
             assert "llama.cpp" not in message and "blk.2" not in message, message
             r.shutdown()
         assert proc.wait(60) == 0
-    finally:
-        proc.kill()
-        proc.wait()
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 def test_vocabulary_without_byte_tokens_fails_the_request_not_the_process(tmp_path):

@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 import zmq
 
+from handserve import deferred_runner
 from polling import drain, wait_until
 from runner import protocol as P
-from runner import security
 from runner.client import Runner, RunnerGone
 from runner.requests import BadRequest, Chunk, Final, InputTooLong, InternalError
 
@@ -454,12 +454,7 @@ def test_bad_load_parameters(default_model_path, params, fragment):
 
 
 def test_discover_and_load_on_a_runner_started_by_hand(default_model_path):
-    endpoint, directory = security.private_ipc_endpoint()
-    proc = subprocess.Popen([sys.executable, "-m", "runner.cli", "serve", "--model",
-                             default_model_path, "--endpoint", endpoint, "--defer-load"],
-                            stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout.readline().split() == ["endpoint", endpoint]
+    with deferred_runner(default_model_path) as (proc, endpoint):
         with Runner.connect(endpoint) as r:
             assert r.health(timeout=60).state == "launched"
             assert r.discover(timeout=60)[0].total > 0
@@ -471,10 +466,6 @@ def test_discover_and_load_on_a_runner_started_by_hand(default_model_path):
             assert final.eval_count == 3
             r.shutdown()
         assert proc.wait(60) == 0
-    finally:
-        proc.kill()
-        proc.wait()
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 def test_cli_generate_and_embed_through_a_runner(runner, capsys):
