@@ -6,7 +6,8 @@ sequence ids taken in batch order, and each micro-batch is its own pass over
 the weights.  This measures one generation step (one token per listed
 sequence) straight through the binding, for id sets that are consecutive,
 spread out, or out of order, a step with a prompt chunk listed last or in
-slot order, and the same sets with one KV buffer shared by
+slot order, a step where one of four sequences verifies four proposals,
+and the same sets with one KV buffer shared by
 all slots (``--kv-unified``), which has no such cut but attends over every
 slot's cells.  Nothing of the runner's scheduling is involved; the result is
 why runner.scheduler keeps its rows in slot order (docs/design.md, "Batch
@@ -36,7 +37,10 @@ SETS = {   # name: (sequence id, rows) per entry of one step, in batch order
     "8 out of order": [(s, 1) for s in (3, 4, 0, 1, 2, 5, 6, 7)],
     "7 + chunk, chunk last": [(s, 1) for s in (0, 1, 2, 4, 5, 6, 7)] + [(3, 32)],
     "7 + chunk, by slot": [(s, 32 if s == 3 else 1) for s in range(8)],
+    "4, one verifying 4": [(0, 1), (1, -5), (2, 1), (3, 1)],
 }
+# rows > 1: a prompt chunk (only its last row an output); rows < -1: a
+# sampled token and its proposals, every row an output (a verification).
 
 
 def measure(model_path: str, threads: int, unified: bool, prompt: int, steps: int,
@@ -61,8 +65,11 @@ def measure(model_path: str, threads: int, unified: bool, prompt: int, steps: in
                 for s, rows in ids:
                     if rows == 1:
                         batch.add(2000 + i, prompt, s, True)
-                    else:   # a prompt chunk: only its last row is an output
+                    elif rows > 1:   # a prompt chunk
                         batch.add_tokens([3000 + i + k for k in range(rows)], prompt, s, output_last=True)
+                    else:   # a token and its proposals
+                        for k in range(-rows):
+                            batch.add(3000 + i + k, prompt + k, s, True)
                 ctx.decode(batch)
                 ctx.seq_rm(-1, prompt, -1)   # every step decodes at the same position
             times[name].append((time.perf_counter() - t0) / steps)
@@ -89,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
           f"ms per step, medians of {args.rounds} rounds")
     print(f"{'sequence ids (x rows)':48s} {'per slot':>9s} {'unified':>9s}")
     for name, ids in SETS.items():
-        label = ",".join(str(s) if n == 1 else f"{s}x{n}" for s, n in ids)
+        label = ",".join(str(s) if n == 1 else f"{s}x{abs(n)}" for s, n in ids)
         print(f"{name + ' ' + label:48s} {results['per slot'][name]:9.2f} "
               f"{results['unified'][name]:9.2f}")
     if args.json:
