@@ -109,3 +109,18 @@ def test_rpc_bench_smoke(tmp_path):
     # The output layer is remote: at least the logits (n_vocab = 49152 f32,
     # the default model's vocabulary) come back for every token.
     assert doc["bytes_per_generated_token"] > 4 * 49152
+
+
+def test_layout_bench_smoke(tmp_path):
+    """benchmarks/bench_layout.py on the tiny model, one step per set: every
+    set timed for both KV layouts."""
+    out = tmp_path / "layout.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_layout.py"), "--model", "tiny",
+                           "--threads", "1", "--prompt", "8", "--steps", "1", "--rounds", "1",
+                           "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    for layout in ("per slot", "unified"):
+        assert len(doc[layout]) == 9 and all(ms > 0 for ms in doc[layout].values()), doc[layout]
+    assert "8 out of order" in proc.stdout
