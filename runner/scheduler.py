@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import operator
 import threading
 from dataclasses import dataclass, field
 from typing import Callable
@@ -108,12 +109,8 @@ class StepPlan:
         return sum(e.n_inputs for e in self.entries)
 
 
-def _slot_id(seq: Sequence) -> int:
-    return seq.slot.id
-
-
-def _entry_slot_id(entry: Scheduled) -> int:
-    return entry.seq.slot.id
+_slot_id = operator.attrgetter("slot.id")            # of a Sequence: its batch order
+_entry_slot_id = operator.attrgetter("seq.slot.id")  # of a Scheduled entry
 
 
 class Scheduler:
