@@ -46,6 +46,11 @@ cdef extern from "fastsample.h" nogil:
     int32_t runner_fast_distribution(runner_fast_sampler * s, const float * logits, int32_t * tokens,
                                      float * probs, int32_t cap)
 
+# ext/vecscan.h: vector scans over a row of logits.
+cdef extern from "vecscan.h" nogil:
+    int32_t runner_argmax_f32(const float * x, int32_t n) noexcept
+    const char * runner_vecscan_isa() noexcept
+
 # ext/samplerows.h: one step's rows sampled on several threads.
 cdef extern from "samplerows.h" nogil:
     ctypedef int32_t (*runner_argmax_fn)(const float * x, int32_t n) noexcept nogil

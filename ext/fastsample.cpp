@@ -1,6 +1,7 @@
 // See fastsample.h.  The stages follow llama.cpp's samplers of the same name
 // (llama-sampler.cpp at the pinned commit); only the data layout differs.
 #include "fastsample.h"
+#include "vecscan.h"
 
 #include <algorithm>
 #include <cmath>
@@ -75,9 +76,10 @@ float penalised(const runner_fast_sampler * s, float logit, int32_t count) {
 }
 
 // The `m` largest of logits[0:n] (NaN never enters) among the tokens that
-// are not penalised, into s->heap sorted by `better`.  Blocks of 16 whose
-// maximum cannot enter the heap are skipped after one vectorisable pass; the
-// penalised flag is read only for a value that could enter.
+// are not penalised, into s->heap sorted by `better`.  Blocks of 16 with no
+// value at or above the heap's floor are skipped by runner_next_block_ge
+// (vecscan.h), a vector compare that NaN never passes (consider() drops NaN
+// too); the penalised flag is read only for a value that could enter.
 void top_raw(runner_fast_sampler * s, const float * logits, int32_t n, int32_t m) {
     const uint8_t * skip = s->penalise && !s->counts.empty() ? s->penalised_mask.data() : nullptr;
     auto & heap = s->heap;
@@ -104,21 +106,12 @@ void top_raw(runner_fast_sampler * s, const float * logits, int32_t n, int32_t m
             floor = heap.front().logit;
         }
     };
-    for (; i + 16 <= n; i += 16) {
-        float mx = logits[i];
-        for (int j = 1; j < 16; ++j) {
-            mx = logits[i + j] > mx ? logits[i + j] : mx;
-        }
-        if (!(mx >= floor)) {
-            // NaN in the block makes mx unreliable only if logits[i] is NaN;
-            // then check every entry.
-            if (!std::isnan(logits[i])) {
-                continue;
-            }
-        }
+    const int32_t n16 = n - n % 16;
+    while ((i = runner_next_block_ge(logits, i, n16, floor)) < n16) {
         for (int j = 0; j < 16; ++j) {
             consider(i + j);
         }
+        i += 16;
     }
     for (; i < n; ++i) {
         consider(i);
