@@ -297,9 +297,9 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
                    help="sample every request with llama.cpp's CPU chain instead of the native one")
     g.add_argument("--slot-save-dir", default=None, metavar="DIR",
                    help="directory for 'llama-runner slot save/restore' files (default: those ops are off)")
-    g.add_argument("--burst-ms", type=float, default=10.0,
+    g.add_argument("--burst-ms", type=float, default=30.0,
                    help="while every running request only generates, run steps natively for up to this "
-                        "long before Python sees their tokens (0: one step at a time; default 10)")
+                        "long before Python sees their tokens (0: one step at a time; default 30)")
     g.add_argument("--draft-room", type=int, default=16,
                    help="speculative requests' proposals fill a step up to this many inputs (0: never; default 16)")
     g.add_argument("--draft-model", default=None, metavar="GGUF",

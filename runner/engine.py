@@ -108,7 +108,7 @@ class EngineConfig:
     slot_save_dir: str | None = None  # directory of save_slot/restore_slot files (None: those ops are off)
     draft_room: int = 16              # speculative proposals fill a step up to this many inputs (0: never)
     draft_model: str | None = None    # GGUF of a draft model with the same vocabulary (None: prompt lookup)
-    burst_ms: float = 10.0            # generation steps run natively for up to this long (0: one step at a time; see _burst_steps)
+    burst_ms: float = 30.0            # generation steps run natively for up to this long (0: one step at a time; see _burst_steps)
 
 
 @dataclass

@@ -124,7 +124,7 @@ class Load(Request, tag="load"):
     slot_save_dir: str | None = None     # directory of save_slot/restore_slot files (None: ops off)
     draft_room: Count32 = 16             # speculative proposals fill a step up to this many inputs (0: never)
     draft_model: str | None = None       # draft model GGUF, same vocabulary (None: prompt lookup)
-    burst_ms: Annotated[float, msgspec.Meta(ge=0, le=1000)] = 10.0  # generation steps run natively this long (0: off)
+    burst_ms: Annotated[float, msgspec.Meta(ge=0, le=1000)] = 30.0  # generation steps run natively this long (0: off)
 
 
 class Estimate(Load, tag="estimate"):
