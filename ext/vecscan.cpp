@@ -184,9 +184,9 @@ int32_t next_ge_neon(const float * x, int32_t i, int32_t end, float floor) {
 #endif
 
 struct Impl {
-    const char * isa;
-    int32_t (*argmax)(const float *, int32_t);
-    int32_t (*next_ge)(const float *, int32_t, int32_t, float);
+    const char * isa;                                            // what runner_vecscan_isa reports
+    int32_t (*argmax)(const float *, int32_t);                   // runner_argmax_f32's body
+    int32_t (*next_ge)(const float *, int32_t, int32_t, float);  // runner_next_block_ge's body
 };
 
 int32_t argmax_scalar(const float * x, int32_t n) {
