@@ -9,6 +9,7 @@ the top-k scan) must be identical whichever implementation scanned."""
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -19,10 +20,8 @@ import pytest
 # Arrays with every layout the scans treat apart: lengths around the
 # 16-float and 256-float blocks, ties, NaN (also in the first lane of a
 # block and at index 0), -inf everywhere but one entry, +inf in the tail.
-PROBE = r"""
-import json, sys
+ARRAYS = r"""
 import numpy as np
-from runner import _llama
 
 def arrays():
     rng = np.random.default_rng(7)
@@ -45,6 +44,13 @@ def arrays():
     y = np.zeros(1000, np.float32)
     y[999] = np.inf
     yield y
+"""
+
+# The child computes with ARRAYS' arrays; the parent computes numpy's answers
+# from the same ARRAYS.
+PROBE = ARRAYS + r"""
+import json
+from runner import _llama
 
 out = {"isa": _llama.vecscan_isa(), "argmax": [], "draws": []}
 for x in arrays():
@@ -58,8 +64,6 @@ print(json.dumps(out))
 
 
 def run_probe(isa: str | None) -> dict:
-    import os
-
     env = dict(os.environ)
     env.pop("LLAMA_RUNNER_VECSCAN", None)
     if isa is not None:
@@ -85,7 +89,7 @@ def test_every_implementation_agrees(llama):
     assert best["isa"] == llama.vecscan_isa()
     # The expected argmax, from numpy, over the same arrays.
     namespace: dict = {}
-    exec(PROBE.split("out = ")[0], namespace)
+    exec(ARRAYS, namespace)
     expected = [reference_argmax(x) for x in namespace["arrays"]()]
     assert best["argmax"] == expected
     for isa in narrower_isas():
