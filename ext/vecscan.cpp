@@ -75,6 +75,14 @@ int32_t next_ge_scalar(const float * x, int32_t i, int32_t end, float floor) {
     return end;
 }
 
+uint32_t mask_ge_scalar(const float * x, float floor) {
+    uint32_t bits = 0;
+    for (int j = 0; j < 16; ++j) {
+        bits |= (uint32_t) (x[j] >= floor) << j;  // false for NaN
+    }
+    return bits;
+}
+
 #if RUNNER_VECSCAN_X86
 // maxps(a, b) returns b when either operand is NaN: with the data as `a`
 // and the accumulator as `b`, a NaN in the data leaves the accumulator as is.
@@ -107,6 +115,14 @@ int32_t next_ge_sse2(const float * x, int32_t i, int32_t end, float floor) {
     return end;
 }
 
+uint32_t mask_ge_sse2(const float * x, float floor) {
+    const __m128 f = _mm_set1_ps(floor);
+    return (uint32_t) _mm_movemask_ps(_mm_cmpge_ps(_mm_loadu_ps(x), f)) |
+           (uint32_t) _mm_movemask_ps(_mm_cmpge_ps(_mm_loadu_ps(x + 4), f)) << 4 |
+           (uint32_t) _mm_movemask_ps(_mm_cmpge_ps(_mm_loadu_ps(x + 8), f)) << 8 |
+           (uint32_t) _mm_movemask_ps(_mm_cmpge_ps(_mm_loadu_ps(x + 12), f)) << 12;
+}
+
 __attribute__((target("avx2"))) float block_max_avx2(const float * p) {
     __m256 a0 = _mm256_set1_ps(-INFINITY), a1 = a0, a2 = a0, a3 = a0;
     for (int k = 0; k < kBlock; k += 32) {
@@ -134,6 +150,12 @@ __attribute__((target("avx2"))) int32_t next_ge_avx2(const float * x, int32_t i,
         }
     }
     return end;
+}
+
+__attribute__((target("avx2"))) uint32_t mask_ge_avx2(const float * x, float floor) {
+    const __m256 f = _mm256_set1_ps(floor);
+    return (uint32_t) _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x), f, _CMP_GE_OQ)) |
+           (uint32_t) _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + 8), f, _CMP_GE_OQ)) << 8;
 }
 
 __attribute__((target("avx2"))) int32_t argmax_avx2(const float * x, int32_t n) {
@@ -187,6 +209,7 @@ struct Impl {
     const char * isa;                                            // what runner_vecscan_isa reports
     int32_t (*argmax)(const float *, int32_t);                   // runner_argmax_f32's body
     int32_t (*next_ge)(const float *, int32_t, int32_t, float);  // runner_next_block_ge's body
+    uint32_t (*mask_ge)(const float *, float);                   // runner_mask16_ge's body
 };
 
 int32_t argmax_scalar(const float * x, int32_t n) {
@@ -199,17 +222,17 @@ Impl choose() {
     const char * want = std::getenv("LLAMA_RUNNER_VECSCAN");
     const std::string w = want != nullptr ? want : "";
     if (w == "scalar") {
-        return {"scalar", argmax_scalar, next_ge_scalar};
+        return {"scalar", argmax_scalar, next_ge_scalar, mask_ge_scalar};
     }
 #if RUNNER_VECSCAN_X86
     if (w != "sse2" && has_avx2()) {
-        return {"avx2", argmax_avx2, next_ge_avx2};
+        return {"avx2", argmax_avx2, next_ge_avx2, mask_ge_avx2};
     }
-    return {"sse2", argmax_sse2, next_ge_sse2};
+    return {"sse2", argmax_sse2, next_ge_sse2, mask_ge_sse2};
 #elif RUNNER_VECSCAN_NEON
-    return {"neon", argmax_neon, next_ge_neon};
+    return {"neon", argmax_neon, next_ge_neon, mask_ge_scalar};
 #else
-    return {"scalar", argmax_scalar, next_ge_scalar};
+    return {"scalar", argmax_scalar, next_ge_scalar, mask_ge_scalar};
 #endif
 }
 
@@ -226,6 +249,10 @@ extern "C" int32_t runner_argmax_f32(const float * x, int32_t n) {
 
 extern "C" int32_t runner_next_block_ge(const float * x, int32_t from, int32_t end, float floor) {
     return impl().next_ge(x, from, end, floor);
+}
+
+extern "C" uint32_t runner_mask16_ge(const float * x, float floor) {
+    return impl().mask_ge(x, floor);
 }
 
 extern "C" const char * runner_vecscan_isa(void) {

@@ -25,6 +25,11 @@ int32_t runner_argmax_f32(const float * x, int32_t n);
  * caller keeps end - from a multiple of 16. */
 int32_t runner_next_block_ge(const float * x, int32_t from, int32_t end, float floor);
 
+/* Bit j set, for j < 16, where x[j] >= floor (never for NaN): which
+ * entries of a block that runner_next_block_ge found reach the floor.
+ * (NEON builds compute it without branches in scalar code.) */
+uint32_t runner_mask16_ge(const float * x, float floor);
+
 /* Which implementation was chosen, once per process: "avx2", "sse2", "neon"
  * or "scalar".  The environment variable LLAMA_RUNNER_VECSCAN=scalar (or
  * =sse2 on x86-64) asks for a narrower one, so that tests can check each. */

@@ -4,7 +4,9 @@ chain's top-k scan gives the same answers.
 The process picks one implementation, the widest the CPU has, so each
 narrower one runs in a child process with LLAMA_RUNNER_VECSCAN set.  The
 argmax is checked against numpy; the native chain's draws (which go through
-the top-k scan) must be identical whichever implementation scanned."""
+the top-k scan: the block skip and, from top_k 16, the mask of a block's
+entries that reach the floor) must be identical whichever implementation
+scanned."""
 
 from __future__ import annotations
 
