@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -34,7 +35,10 @@ from runner.engine import Engine, EngineConfig  # noqa: E402
 from runner.models import default_model_path  # noqa: E402
 from runner.requests import Chunk, CompletionOptions, CompletionRequest  # noqa: E402
 
-PEER = ROOT / "build" / "peers" / "bin" / "llama-batched-bench"
+# scripts/build_peers.sh's, unless LLAMA_RUNNER_BATCHED_BENCH names another
+# (scripts/gpu_check.sh builds one beside the extension).
+PEER = Path(os.environ.get("LLAMA_RUNNER_BATCHED_BENCH")
+            or ROOT / "build" / "peers" / "bin" / "llama-batched-bench")
 
 
 def batched_bench(model: str, threads: int, n_ctx: int, n_batch: int, parallel: list[int],

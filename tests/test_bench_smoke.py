@@ -124,3 +124,34 @@ def test_layout_bench_smoke(tmp_path):
     for layout in ("per slot", "unified"):
         assert len(doc[layout]) == 9 and all(ms > 0 for ms in doc[layout].values()), doc[layout]
     assert "8 out of order" in proc.stdout
+
+
+def test_the_smol_shaped_stand_in_has_the_default_models_tensors(default_model_path, tmp_path):
+    # scripts/gpu_check.sh benchmarks this random-weight model where the
+    # default model cannot travel: same tensors, types and shapes, so a
+    # decode does the same work.
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from tiny_model import SMOL_SHAPE, write_tiny_llama
+
+    from runner import _llama
+    from runner.gguf import read_gguf
+
+    path = write_tiny_llama(tmp_path / "smol.gguf", **SMOL_SHAPE)
+    smol, real = read_gguf(path), read_gguf(default_model_path)
+    keys = ("block_count", "embedding_length", "feed_forward_length", "attention.head_count",
+            "attention.head_count_kv", "rope.dimension_count")
+    assert {k: smol.fields[f"llama.{k}"].value for k in keys} == \
+        {k: real.fields[f"llama.{k}"].value for k in keys}
+
+    def layout(g):
+        return sorted((t.name, t.type.name, t.shape) for t in g.tensors)
+    assert layout(smol) == layout(real)
+    model = _llama.Model(str(path))
+    ctx = _llama.Context(model, n_ctx=256, n_batch=64, n_threads=2)
+    batch = _llama.Batch(64)
+    batch.add_tokens(model.tokenize("Hello there", add_special=True), 0, 0, output_last=True)
+    ctx.decode(batch)
+    import numpy as np
+
+    logits = np.asarray(ctx.logits(len(batch) - 1))
+    assert logits.shape == (model.n_vocab,) and np.isfinite(logits).all()
