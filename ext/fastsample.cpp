@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <deque>
 #include <new>
 #include <unordered_map>
@@ -200,13 +201,22 @@ void candidates(runner_fast_sampler * s, const float * logits, int32_t k) {
     auto & out = s->cands;
     out.assign(s->heap.begin(), s->heap.end());
     if (n_pen > 0) {
+        // With k raw entries in hand, a penalised entry that does not beat
+        // the k-th cannot be among the k best (the window holds up to
+        // repeat_last_n of them, few of which reach the top after penalty).
+        const size_t n_raw = out.size();
+        const bool full = (int32_t) n_raw >= k;
         for (const auto & kv : s->counts) {
             const float x = logits[kv.first];
             if (!std::isnan(x)) {
-                out.push_back(Cand{penalised(s, x, kv.second), kv.first});
+                const Cand c{penalised(s, x, kv.second), kv.first};
+                if (!full || better(c, out[n_raw - 1])) {
+                    out.push_back(c);
+                }
             }
         }
-        std::sort(out.begin(), out.end(), better);
+        std::sort(out.begin() + (std::ptrdiff_t) n_raw, out.end(), better);
+        std::inplace_merge(out.begin(), out.begin() + (std::ptrdiff_t) n_raw, out.end(), better);
     }
     if ((int32_t) out.size() > k) {
         out.resize(k);
