@@ -178,6 +178,7 @@ EOF
   export LLAMA_RUNNER_BATCHED_BENCH
   LLAMA_RUNNER_BATCHED_BENCH=$(find "$build" -name llama-batched-bench -type f -perm -u+x | head -1)
   export LD_LIBRARY_PATH=$ROOT/runner:$(find "$build" -name '*.so*' -printf '%h\n' | sort -u | paste -sd:)${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+  "$PY" -c "import runner._llama as m; print('== runner from', m.__file__)" || return 1
   "$PY" -m runner.cli discover || true
 
   mkdir -p build/bench-models
