@@ -203,8 +203,9 @@ EOF
   step bench-process-tiny-threads-defaults 120 "$PY" benchmarks/bench_process.py --model "$tiny" --peer-only \
     --threads "$th" --parallel "$few" --tokens "$tokens" --rounds "$rounds" --consumers threads \
     --options defaults --json "$r/process_tiny_threads_defaults.json"
+  # One n_ctx for all of its engines and batched-bench: room for 32 x 272 tokens.
   step bench-engine-smol-ttft 120 "$PY" benchmarks/bench_engine.py --model "$smol" --threads "$th" \
-    --parallel "$few" --tg "$tg" --repeat "$rounds" --json "$r/engine_smol_ttft.json"
+    --parallel "$few" --tg "$tg" --repeat "$rounds" --n-ctx 16384 --json "$r/engine_smol_ttft.json"
   echo "== done in $(( $(date +%s) - T0 ))s"
 }
 
