@@ -31,6 +31,7 @@ import logging
 import os
 import re
 import threading
+import time
 
 import numpy as np
 

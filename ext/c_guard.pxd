@@ -15,6 +15,8 @@ cdef extern from "guard.h" nogil:
                       char * err, size_t err_len)
     int runner_sampler_accept(llama_sampler * smpl, llama_token token, char * err, size_t err_len)
     int runner_grammar_allows(llama_sampler * grammar, llama_token token, char * err, size_t err_len)
+    int runner_grammar_probe(llama_sampler * grammar, int32_t first, int32_t stride, int32_t n,
+                             llama_token_data * cur, char * err, size_t err_len)
     llama_sampler * runner_grammar_init(const llama_vocab * vocab, const char * grammar,
                                         const char * root, char * err, size_t err_len)
     llama_sampler * runner_dry_init(const llama_vocab * vocab, float multiplier, float base,

@@ -128,6 +128,23 @@ extern "C" int runner_grammar_allows(llama_sampler * grammar, llama_token token,
     return -1;
 }
 
+extern "C" int runner_grammar_probe(llama_sampler * grammar, int32_t first, int32_t stride, int32_t n,
+                                    llama_token_data * cur, char * err, size_t err_len) {
+    try {
+        for (int32_t i = 0; i < n; ++i) {
+            cur[i] = {first + i * stride, 0.0f, 0.0f};
+        }
+        llama_token_data_array arr = {cur, (size_t) n, -1, false};
+        llama_sampler_apply(grammar, &arr);
+        return 0;
+    } catch (const std::exception & e) {
+        set_error(err, err_len, e.what());
+    } catch (...) {
+        set_error(err, err_len, "unknown C++ exception");
+    }
+    return -1;
+}
+
 extern "C" llama_sampler * runner_grammar_init(const llama_vocab * vocab, const char * grammar,
                                                const char * root, char * err, size_t err_len) {
     try {

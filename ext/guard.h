@@ -38,6 +38,13 @@ int runner_sampler_accept(struct llama_sampler * smpl, llama_token token, char *
 /* Whether `grammar` would allow `token` next (1), not (0), or threw (-1). */
 int runner_grammar_allows(struct llama_sampler * grammar, llama_token token, char * err, size_t err_len);
 
+/* The grammar applied to `n` candidates, token ids first, first + stride,
+ * ... (logits 0), with exceptions caught: 0, or -1 with err set.  For
+ * timing what a check of the vocabulary costs (Sampler.grammar_check_seconds);
+ * the grammar's state is unchanged. */
+int runner_grammar_probe(struct llama_sampler * grammar, int32_t first, int32_t stride, int32_t n,
+                         llama_token_data * cur, char * err, size_t err_len);
+
 /* llama_sampler_init_grammar with exceptions caught: NULL on any failure,
  * with err set when the failure was an exception. */
 struct llama_sampler * runner_grammar_init(const struct llama_vocab * vocab, const char * grammar,

@@ -401,6 +401,42 @@ cdef class Sampler:
             raise SamplerError(f"grammar check failed: {self._last_err()}")
         return rc == 1
 
+    def grammar_check_seconds(self, double limit=1e9):
+        """How long one check of the whole vocabulary against the grammar
+        takes in its present state (0.0 without a grammar).  That check runs
+        on the engine's loop whenever the chain's pick breaks the grammar,
+        and every stream waits for it.
+
+        The vocabulary is checked in chunks of 4,096 tokens, and the time
+        is returned as soon as it passes ``limit``, so a grammar far too slow
+        costs about ``limit`` here, plus the chunk in progress.  (A sample of
+        the vocabulary cannot stand for it: the cost is in the few tokens
+        that go deep into the grammar, such as "aaaa" under many optional
+        "a"s.)  The GIL is released while checking."""
+        self._check()
+        if self.grammar == NULL:
+            return 0.0
+        cdef int32_t n_vocab = self.model.n_vocab
+        cdef int32_t first, n, rc = 0
+        cdef llama_token_data * chunk = <llama_token_data *> malloc(4096 * sizeof(llama_token_data))
+        if chunk == NULL:
+            raise MemoryError()
+        took = 0.0
+        try:
+            for first in range(0, n_vocab, 4096):
+                n = min(4096, n_vocab - first)
+                t0 = time.perf_counter()
+                with nogil:
+                    rc = runner_grammar_probe(self.grammar, first, 1, n, chunk, self.err, sizeof(self.err))
+                took += time.perf_counter() - t0
+                if rc != 0:
+                    raise SamplerError(f"grammar check failed: {self._last_err()}")
+                if took > limit:
+                    break
+        finally:
+            free(chunk)
+        return took
+
     def distribution(self, Context ctx not None, int32_t idx=-1, int32_t cap=RUNNER_FAST_MAX_TOP_K):
         """What the native chain would draw from for batch entry ``idx``:
         (token ids, probabilities) in descending order, after every stage.

@@ -26,6 +26,20 @@ MAX_GRAMMAR_BYTES = 32 << 10
 of this size takes up to about half a second for each token that the model's
 first choice does not satisfy, on the engine's loop thread."""
 
+MAX_GRAMMAR_CHECK_S = 5.0
+"""Seconds one check of the whole vocabulary against a request's grammar, in
+its first state, may take (``Sampler.grammar_check_seconds``, timed on the
+worker thread before the request is queued, given up once past the bound).
+That check runs on the engine's loop whenever the model's first choice
+breaks the grammar, and every stream waits for it.  Timed on the 2-core
+development VM: the largest grammar of plain alternatives MAX_GRAMMAR_BYTES
+allows 1.1 s, the JSON grammar 0.01 s; a short grammar of many optional
+repeats, ``root ::= ("a"? ){N} "b"``, 0.2-0.7 s at N = 50, 3-5 s at 100,
+about 20 s at 200 and minutes at 1000 (the cost sits in the few tokens that
+go deep, such as "aaaa").  A grammar that grows costly only after some text
+is not caught here, and one whose first chunk of 4,096 tokens takes minutes
+holds its worker thread that long before it is refused."""
+
 MAX_SCHEMA_BYTES = 64 << 10
 """Bytes of a ``json_schema`` written as compact JSON."""
 

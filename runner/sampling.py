@@ -146,6 +146,22 @@ def make_sampler(model: _llama.Model, options: CompletionOptions, slot_ctx: int,
     one-pass chain where the options allow it; see _llama.Sampler)."""
     order = DEFAULT_SAMPLERS if options.samplers is None else sampler_order(options.samplers)
     grammar = grammar_for(options)
+    sampler = _sampler(model, options, order, slot_ctx, native, grammar)
+    if grammar:
+        cost = sampler.grammar_check_seconds(limits.MAX_GRAMMAR_CHECK_S)
+        if cost > limits.MAX_GRAMMAR_CHECK_S:
+            sampler.close()
+            field = "grammar" if options.grammar else "json_schema"
+            raise BadRequest(
+                f"invalid option {field}: checking the vocabulary against its grammar would take "
+                f"about {cost:.1f} s for each token the model's first choice breaks (limit "
+                f"{limits.MAX_GRAMMAR_CHECK_S:g} s), and every stream would wait for it; many "
+                f"optional or repeated items in a row cost the most")
+    return sampler
+
+
+def _sampler(model: _llama.Model, options: CompletionOptions, order: list[str], slot_ctx: int,
+             native: bool, grammar: str | None) -> _llama.Sampler:
     seed = None if options.seed < 0 else options.seed
     try:
         if _plain(options, order):

@@ -347,3 +347,51 @@ def test_requests_past_the_byte_budget_get_busy_and_every_one_an_answer(runner, 
     assert ("busy",) in kinds and set(kinds) <= {("tokenize",), ("busy",)}
     busy = next(r for i in range(n) for r in got[i] if r["type"] == "error")
     assert "wait for a worker" in busy["message"]
+
+
+# -- grammars whose check of the vocabulary would stall every stream ------------------
+
+SLOW_GRAMMAR = 'root ::= ("a"? ){300} "b"'  # 27 bytes; a minute or so a check on the development VM
+
+
+def _largest_alternatives() -> str:
+    n = 100
+    while len(_alternatives(n + 100)) <= limits.MAX_GRAMMAR_BYTES:
+        n += 100
+    return _alternatives(n)
+
+
+def test_a_grammar_too_slow_to_check_is_refused_before_it_is_queued(default_model_path):
+    from runner import _llama
+    from runner.sampling import make_sampler
+
+    model = _llama.Model(default_model_path)
+    with pytest.raises(BadRequest, match=r"^invalid option grammar: checking the vocabulary against "
+                                         r"its grammar would take about [0-9.]+ s for each token"):
+        make_sampler(model, CompletionOptions(grammar=SLOW_GRAMMAR), 512)
+    # Ordinary grammars, the largest within MAX_GRAMMAR_BYTES among them, pass
+    # and are timed well under the bound.
+    for options in (CompletionOptions(grammar=_largest_alternatives()), CompletionOptions(json_schema={}),
+                    CompletionOptions(json_schema={"type": "object", "properties": {
+                        "name": {"type": "string"}, "tags": {"type": "array", "items": {"type": "string"}}}})):
+        sampler = make_sampler(model, options, 512)
+        assert sampler.has_grammar
+        assert sampler.grammar_check_seconds() < limits.MAX_GRAMMAR_CHECK_S / 2
+        sampler.close()
+    plain = make_sampler(model, CompletionOptions(), 512)
+    assert plain.grammar_check_seconds() == 0.0
+
+
+def test_a_slow_grammar_is_a_bad_request_and_other_streams_go_on(tmp_path):
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    from tiny_model import write_tiny_llama
+
+    from runner.client import Runner
+
+    tiny = str(write_tiny_llama(tmp_path / "tiny.gguf"))
+    with Runner.spawn(tiny, n_ctx=1024, parallel=2, n_threads=1) as runner:
+        other = runner.complete("Hello", num_predict=64, temperature=0.0, ignore_eos=True)
+        with pytest.raises(BadRequest, match="^invalid option grammar: .*every stream would wait"):
+            runner.complete("hello", grammar=SLOW_GRAMMAR, num_predict=8).text()
+        _, final = other.text()
+        assert final.done_reason == "length" and final.eval_count == 64
