@@ -9,10 +9,14 @@ cdef extern from "guard.h" nogil:
         RUNNER_SAMPLE_OK
         RUNNER_SAMPLE_NO_TOKEN
         RUNNER_SAMPLE_ERROR
+        RUNNER_SAMPLE_DEFERRED
 
     int runner_sample(llama_sampler * chain, llama_sampler * grammar, llama_context * ctx,
                       int32_t idx, int32_t n_vocab, llama_token_data * cur, llama_token * token,
-                      char * err, size_t err_len)
+                      float * keep, char * err, size_t err_len)
+    int runner_sample_constrained(llama_sampler * chain, llama_sampler * grammar, const float * logits,
+                                  int32_t n_vocab, llama_token_data * cur, llama_token * token,
+                                  char * err, size_t err_len)
     int runner_sampler_accept(llama_sampler * smpl, llama_token token, char * err, size_t err_len)
     int runner_grammar_allows(llama_sampler * grammar, llama_token token, char * err, size_t err_len)
     int runner_grammar_probe(llama_sampler * grammar, int32_t first, int32_t stride, int32_t n,

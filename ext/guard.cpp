@@ -56,11 +56,40 @@ bool grammar_allows(llama_sampler * grammar, llama_token token) {
     return std::isfinite(single.logit);
 }
 
+// The grammar applied to every token of `logits`, then the chain run again
+// (the slow half of runner_sample); the token, or -1 with `*rc` set.
+llama_token constrain_and_sample(llama_sampler * chain, llama_sampler * grammar, const float * logits,
+                                 int32_t n_vocab, llama_token_data * cur, int * rc) {
+    fill(cur, logits, n_vocab);
+    llama_token_data_array arr = {cur, (size_t) n_vocab, -1, false};
+    llama_sampler_apply(grammar, &arr);
+    if (!any_finite(arr)) {
+        *rc = RUNNER_SAMPLE_NO_TOKEN;
+        return -1;
+    }
+    llama_token tok = run_chain(chain, arr);
+    if (tok >= 0 && !std::isfinite(arr.data[arr.selected].logit)) {
+        tok = -1;
+    }
+    *rc = tok < 0 ? RUNNER_SAMPLE_ERROR : RUNNER_SAMPLE_OK;
+    return tok;
+}
+
+// Accepts `tok` into the grammar (if any) and the chain.
+void accept_both(llama_sampler * chain, llama_sampler * grammar, llama_token tok) {
+    if (grammar != nullptr) {
+        llama_sampler_accept(grammar, tok);
+    }
+    llama_sampler_accept(chain, tok);
+}
+
+const char * const kNoSelection = "the sampler chain selected no token (are the logits finite?)";
+
 }  // namespace
 
 extern "C" int runner_sample(llama_sampler * chain, llama_sampler * grammar, llama_context * ctx,
                              int32_t idx, int32_t n_vocab, llama_token_data * cur,
-                             llama_token * token, char * err, size_t err_len) {
+                             llama_token * token, float * keep, char * err, size_t err_len) {
     try {
         const float * logits = llama_get_logits_ith(ctx, idx);
         if (logits == nullptr) {
@@ -75,26 +104,47 @@ extern "C" int runner_sample(llama_sampler * chain, llama_sampler * grammar, lla
         }
         if (grammar != nullptr && (tok < 0 || !grammar_allows(grammar, tok))) {
             // The chain's choice breaks the grammar: constrain the whole
-            // vocabulary first, then sample again.
-            fill(cur, logits, n_vocab);
-            arr = {cur, (size_t) n_vocab, -1, false};
-            llama_sampler_apply(grammar, &arr);
-            if (!any_finite(arr)) {
-                return RUNNER_SAMPLE_NO_TOKEN;
+            // vocabulary first, then sample again -- now, or later from a
+            // copy of the row when the caller asked for that.
+            if (keep != nullptr) {
+                std::memcpy(keep, logits, sizeof(float) * (size_t) n_vocab);
+                return RUNNER_SAMPLE_DEFERRED;
             }
-            tok = run_chain(chain, arr);
-            if (tok >= 0 && !std::isfinite(arr.data[arr.selected].logit)) {
-                tok = -1;
+            int rc = RUNNER_SAMPLE_OK;
+            tok = constrain_and_sample(chain, grammar, logits, n_vocab, cur, &rc);
+            if (rc == RUNNER_SAMPLE_NO_TOKEN) {
+                return rc;
             }
         }
         if (tok < 0) {
-            set_error(err, err_len, "the sampler chain selected no token (are the logits finite?)");
+            set_error(err, err_len, kNoSelection);
             return RUNNER_SAMPLE_ERROR;
         }
-        if (grammar != nullptr) {
-            llama_sampler_accept(grammar, tok);
+        accept_both(chain, grammar, tok);
+        *token = tok;
+        return RUNNER_SAMPLE_OK;
+    } catch (const std::exception & e) {
+        set_error(err, err_len, e.what());
+    } catch (...) {
+        set_error(err, err_len, "unknown C++ exception");
+    }
+    return RUNNER_SAMPLE_ERROR;
+}
+
+extern "C" int runner_sample_constrained(llama_sampler * chain, llama_sampler * grammar,
+                                         const float * logits, int32_t n_vocab, llama_token_data * cur,
+                                         llama_token * token, char * err, size_t err_len) {
+    try {
+        int rc = RUNNER_SAMPLE_OK;
+        llama_token tok = constrain_and_sample(chain, grammar, logits, n_vocab, cur, &rc);
+        if (rc == RUNNER_SAMPLE_NO_TOKEN) {
+            return rc;
         }
-        llama_sampler_accept(chain, tok);
+        if (tok < 0) {
+            set_error(err, err_len, kNoSelection);
+            return RUNNER_SAMPLE_ERROR;
+        }
+        accept_both(chain, grammar, tok);
         *token = tok;
         return RUNNER_SAMPLE_OK;
     } catch (const std::exception & e) {

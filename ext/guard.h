@@ -19,6 +19,7 @@ extern "C" {
 #define RUNNER_SAMPLE_OK 0        /* *token holds the sampled token */
 #define RUNNER_SAMPLE_NO_TOKEN 1  /* the grammar allows no token at all */
 #define RUNNER_SAMPLE_ERROR -1    /* llama.cpp threw; err holds its message */
+#define RUNNER_SAMPLE_DEFERRED 2  /* the grammar rejected the chain's pick; the row is in `keep` */
 
 /* Sample one token from the logits of output row `idx` of `ctx`.
  *
@@ -27,10 +28,25 @@ extern "C" {
  * vocabulary first, and only when the grammar rejects that token is the
  * grammar applied to the whole vocabulary and the chain run again.  The
  * chosen token is accepted into both.  `cur` is scratch space of `n_vocab`
- * entries owned by the caller. */
+ * entries owned by the caller.
+ *
+ * With `keep` (n_vocab floats, or NULL), a pick the grammar rejects is not
+ * redone here: the row is copied into `keep`, nothing is accepted, and the
+ * call returns RUNNER_SAMPLE_DEFERRED; runner_sample_constrained finishes it
+ * later, on any thread.  Applying a grammar to the whole vocabulary is the
+ * one part of sampling whose cost a request controls (milliseconds for JSON,
+ * seconds for a grammar of deep repeats). */
 int runner_sample(struct llama_sampler * chain, struct llama_sampler * grammar,
                   struct llama_context * ctx, int32_t idx, int32_t n_vocab,
-                  llama_token_data * cur, llama_token * token, char * err, size_t err_len);
+                  llama_token_data * cur, llama_token * token, float * keep,
+                  char * err, size_t err_len);
+
+/* The second half of a deferred runner_sample: the grammar applied to every
+ * token of `logits` (the kept row), the chain run again, and the token
+ * accepted into both.  Returns as runner_sample does (never DEFERRED). */
+int runner_sample_constrained(struct llama_sampler * chain, struct llama_sampler * grammar,
+                              const float * logits, int32_t n_vocab, llama_token_data * cur,
+                              llama_token * token, char * err, size_t err_len);
 
 /* llama_sampler_accept with exceptions caught: 0, or -1 with err set. */
 int runner_sampler_accept(struct llama_sampler * smpl, llama_token token, char * err, size_t err_len);

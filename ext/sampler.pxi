@@ -46,6 +46,18 @@ def fast_sample_once(const float[::1] logits not None, *, float temperature=0.0,
     return tok
 
 
+class _DeferredPick:
+    """What :meth:`Sampler.sample` returns, with ``defer=True``, for a pick
+    left to :meth:`Sampler.resolve`; :data:`DEFERRED` is its one instance."""
+    __slots__ = ()
+
+    def __repr__(self):
+        return "DEFERRED"
+
+
+DEFERRED = _DeferredPick()
+
+
 cdef class Sampler:
     """A sampler chain built from per-request options.
 
@@ -99,6 +111,13 @@ cdef class Sampler:
     cdef bint argmax_only          # greedy with no stateful stage: sample() is a plain argmax
     cdef runner_fast_sampler * fast  # owned; the native chain, or NULL when llama.cpp's runs
     cdef char err[512]             # message of the last guarded call that failed
+    cdef float * kept              # the row of a deferred pick, n_vocab floats (allocated on first use)
+    cdef bint deferred             # a pick awaits resolve(); sample() refuses until then
+    # resolve() is running with the GIL released; close() then only sets
+    # close_pending, and resolve() frees everything when it returns.  Both
+    # flags change with the GIL held.
+    cdef bint busy
+    cdef bint close_pending
 
     def __cinit__(self, Model model not None, *, float temperature=0.8, int32_t top_k=40,
                   float top_p=0.9, float min_p=0.0, float typical_p=1.0,
@@ -292,16 +311,26 @@ cdef class Sampler:
         if self.fast != NULL:
             runner_fast_free(self.fast)
             self.fast = NULL
+        if self.kept != NULL:
+            free(self.kept)
+            self.kept = NULL
+        self.deferred = False
 
     def __dealloc__(self):
         self._free()
 
     def close(self):
+        """Free the chain.  During :meth:`resolve` on another thread the
+        sampler is closed at once to its users, and freed when that call
+        returns."""
+        if self.busy:
+            self.close_pending = True
+            return
         self._free()
 
     @property
     def closed(self):
-        return self.chain == NULL
+        return self.chain == NULL or self.close_pending
 
     @property
     def has_grammar(self):
@@ -319,7 +348,7 @@ cdef class Sampler:
         self.close()
 
     cdef inline int _check(self) except -1:
-        if self.chain == NULL:
+        if self.chain == NULL or self.close_pending:
             raise ClosedError("sampler is closed")
         return 0
 
@@ -339,13 +368,21 @@ cdef class Sampler:
     cdef inline str _last_err(self):
         return self.err.decode("utf-8", "replace") or "unknown error"
 
-    def sample(self, Context ctx not None, int32_t idx=-1):
+    def sample(self, Context ctx not None, int32_t idx=-1, bint defer=False):
         """Sample a token from the logits of batch entry ``idx`` and accept it
         into the chain's state (penalties, grammar).  Releases the GIL.
         Raises NoTokenError when the grammar allows no token, SamplerError
-        when llama.cpp fails otherwise; the sampler is still usable."""
+        when llama.cpp fails otherwise; the sampler is still usable.
+
+        With ``defer``, when the grammar rejects the chain's first pick the
+        row is copied and :data:`DEFERRED` returned instead of applying the
+        grammar to the whole vocabulary now; :meth:`resolve` does that later
+        (on any thread) and returns the token.  Until then the sampler
+        samples nothing else."""
         self._check()
         ctx._check()
+        if self.deferred:
+            raise ValueError("the sampler's last pick was deferred and is not resolved")
         if ctx.model is not self.model:
             raise ValueError("sampler and context belong to different models")
         ctx._sync()
@@ -370,14 +407,56 @@ cdef class Sampler:
             self.cur = <llama_token_data *> malloc(self.model.n_vocab * sizeof(llama_token_data))
             if self.cur == NULL:
                 raise MemoryError()
+        cdef float * keep = NULL
+        if defer and self.grammar != NULL:
+            if self.kept == NULL:
+                self.kept = <float *> malloc(self.model.n_vocab * sizeof(float))
+                if self.kept == NULL:
+                    raise MemoryError()
+            keep = self.kept
         with nogil:
             rc = runner_sample(self.chain, self.grammar, ctx.ptr, idx, self.model.n_vocab,
-                               self.cur, &tok, self.err, sizeof(self.err))
+                               self.cur, &tok, keep, self.err, sizeof(self.err))
+        if rc == RUNNER_SAMPLE_DEFERRED:
+            self.deferred = True
+            return DEFERRED
+        return self._sampled(rc, tok)
+
+    cdef object _sampled(self, int rc, llama_token tok):
         if rc == RUNNER_SAMPLE_NO_TOKEN:
             raise NoTokenError("the grammar allows no token here (it cannot be satisfied)")
         if rc != RUNNER_SAMPLE_OK:
             raise SamplerError(f"sampling failed: {self._last_err()}")
         return tok
+
+    def resolve(self):
+        """Finish the pick that :meth:`sample` deferred: the grammar applied
+        to every token of the kept row, the chain run again, the token
+        accepted and returned (errors as :meth:`sample` raises them).  May
+        run on any thread, the GIL released, while nothing but
+        :meth:`close` touches this sampler."""
+        self._check()
+        if not self.deferred:
+            raise ValueError("no deferred pick to resolve")
+        cdef llama_token tok = -1
+        cdef int rc
+        self.busy = True
+        try:
+            with nogil:
+                rc = runner_sample_constrained(self.chain, self.grammar, self.kept, self.model.n_vocab,
+                                               self.cur, &tok, self.err, sizeof(self.err))
+        finally:
+            self.busy = False
+            self.deferred = False
+        if self.close_pending:
+            self._free()
+            raise ClosedError("sampler was closed while resolving")
+        return self._sampled(rc, tok)
+
+    @property
+    def pending(self):
+        """Whether a deferred pick awaits :meth:`resolve`."""
+        return self.deferred
 
     def accept(self, llama_token token):
         """Feed a token into the chain's state without sampling (e.g. prompt
@@ -472,7 +551,8 @@ cdef class Sampler:
         return llama_sampler_chain_n(self.chain) + (1 if self.grammar != NULL else 0)
 
 
-def sample_batch(Context ctx not None, list samplers not None, list rows not None, int n_threads=1):
+def sample_batch(Context ctx not None, list samplers not None, list rows not None, int n_threads=1,
+                 bint defer=False):
     """Sample one token for each (sampler, batch row) pair: a list holding,
     per pair, the token or the exception that sampler raised.
 
@@ -481,7 +561,8 @@ def sample_batch(Context ctx not None, list samplers not None, list rows not Non
     instead of one per sequence (each release lets another Python thread in),
     and their rows are spread over up to ``n_threads`` threads (each row is
     independent; ext/samplerows.cpp).  The others go through
-    :meth:`Sampler.sample` one by one.  A sampler listed twice is refused."""
+    :meth:`Sampler.sample` one by one, with ``defer`` (a grammar's pick may
+    come back as :data:`DEFERRED`).  A sampler listed twice is refused."""
     ctx._check()
     cdef Py_ssize_t n = len(samplers), i, m = 0
     if len(rows) != n:
@@ -513,7 +594,7 @@ def sample_batch(Context ctx not None, list samplers not None, list rows not Non
                 continue
             if not (s.argmax_only or s.fast != NULL):
                 try:
-                    out[i] = s.sample(ctx, rows[i])
+                    out[i] = s.sample(ctx, rows[i], defer)
                 except Exception as exc:
                     out[i] = exc
                 continue

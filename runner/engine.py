@@ -44,7 +44,7 @@ from runner.requests import (
 from runner.delivery import Delivery, SeqEnded, SeqReleased, Shutdown, StepTokens
 from runner.drafter import Drafter
 from runner.embedwait import EmbedWindow
-from runner.executor import Executor, device_lost
+from runner.executor import Executor, PickResolver, device_lost
 from runner.handoff import new_handoff
 from runner.hostbuffers import touched
 from runner.hostcache import HostCache
@@ -315,6 +315,12 @@ class Engine:
         self.failed: str | None = None
         self._ids = itertools.count(1)
         self._ready: list[Sequence] = []        # ended, text flushed, slot to release
+        # Grammar picks finished off the loop (executor.PickResolver): the
+        # sequences waiting for one (loop thread only), and the (seq, token
+        # or exception, logits or None) results not yet taken (under _lock).
+        self._resolver = PickResolver(self.executor.sample_threads)
+        self._pending: set[Sequence] = set()
+        self._resolved: list[tuple] = []
         self._last_decode_end = 0.0             # loop thread: for the idle-gap timing
         self.delivery_mode = self._pick_delivery(config)
         self._loop = threading.Thread(target=self._run_loop, name="runner-loop", daemon=True)
@@ -909,7 +915,8 @@ class Engine:
             while True:
                 with self._lock:
                     while not (self.scheduler.waiting or self._embeds or self._slot_jobs
-                               or self.scheduler.active or self._ready or self._closing):
+                               or len(self.scheduler.active) > len(self._pending)
+                               or self._resolved or self._ready or self._closing):
                         self._wake.wait()
                     stopping = self._closing and (not self._drain or not self.scheduler.active)
                 if stopping:
@@ -937,6 +944,7 @@ class Engine:
                 self._slot_jobs.clear()
             for seq in waiting:
                 self._end(seq, "cancelled")
+            self._resolver.close()  # before the model can be freed
             self._out.put(Shutdown())
             self.delivery.ring()
             for job in embeds:
@@ -952,6 +960,8 @@ class Engine:
         if self.failed is not None:
             self._fail_all()
             return False
+        if self._resolved:
+            self._take_resolved()
         if self.scheduler.waiting or self._embeds or self._slot_jobs:
             self.delivery.ring()  # admission, embeddings or slot files may take a while
         for seq in self.scheduler.admit(self._accepting):
@@ -1120,6 +1130,7 @@ class Engine:
         seq.ended = True
         seq.error = error
         self.scheduler.remove(seq)
+        self._pending.discard(seq)  # a resolve in progress frees the sampler when it returns
         if seq.sampler is not None:
             seq.sampler.close()
         for span in seq.spans:
@@ -1235,7 +1246,7 @@ class Engine:
         speculation on and off.  Rounds sample all entries still accepting
         in one binding call each (one sampler per call)."""
         want = [e.seq.options.logprobs or e.seq.options.top_logprobs > 0 for e in entries]
-        sampled, lps = self.executor.sample([e.seq.sampler for e in entries], rows, want)
+        sampled, lps = self.executor.sample([e.seq.sampler for e in entries], rows, want, defer=True)
         runs = [[pair] for pair in zip(sampled, lps)]
         live = [i for i, e in enumerate(entries) if e.draft]
         r = 0
@@ -1269,6 +1280,9 @@ class Engine:
         """Turn one sampled token of ``seq`` into generated text (appended to
         ``toks``) or an end; returns the end (seq, reason, error), or None
         when the token is the next step's input."""
+        if token is _llama.DEFERRED:
+            self._defer(seq, logits)
+            return None
         if type(token) is not int:
             if isinstance(token, _llama.NoTokenError):
                 return (seq, "error", BadRequest(f"grammar cannot be satisfied: {token}"))
@@ -1292,6 +1306,34 @@ class Engine:
             return (seq, "length", None)  # the last token is returned, never decoded
         seq.next_token = token
         return None
+
+    def _defer(self, seq: Sequence, logits) -> None:
+        """The grammar rejected ``seq``'s pick: the resolver finishes it on a
+        worker thread while the other sequences go on; ``seq`` sits out the
+        steps until then (it has no next token).  ``logits`` (for
+        log-probabilities) are copied: the view ends with the next decode."""
+        kept = None if logits is None else np.array(logits, dtype=np.float32)
+        self._pending.add(seq)
+
+        def done(token) -> None:  # on the worker thread
+            with self._lock:
+                self._resolved.append((seq, token, kept))
+                self._wake.notify()
+
+        self._resolver.submit(seq.sampler, done)
+
+    def _take_resolved(self) -> None:
+        """Hand on the tokens of finished grammar picks (ended sequences'
+        are dropped)."""
+        with self._lock:
+            resolved, self._resolved = self._resolved, []
+        runs = []
+        for seq, token, logits in resolved:
+            if seq in self._pending:
+                self._pending.discard(seq)
+                runs.append((seq, [(token, logits)]))
+        if runs:
+            self._hand_on(runs, time.perf_counter())
 
     # -- embeddings -----------------------------------------------------
 

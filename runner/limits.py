@@ -24,14 +24,15 @@ MAX_GRAMMAR_BYTES = 32 << 10
 """UTF-8 bytes of a GBNF ``grammar``, given or converted from a ``json_schema``.
 (llama.cpp bounds the repetitions ``{m,n}`` itself.)  Sampling under a grammar
 of this size takes up to about half a second for each token that the model's
-first choice does not satisfy, on the engine's loop thread."""
+first choice does not satisfy (on a worker thread: runner.executor.PickResolver)."""
 
 MAX_GRAMMAR_CHECK_S = 5.0
 """Seconds one check of the whole vocabulary against a request's grammar, in
 its first state, may take (``Sampler.grammar_check_seconds``, timed on the
 worker thread before the request is queued, given up once past the bound).
-That check runs on the engine's loop whenever the model's first choice
-breaks the grammar, and every stream waits for it.  Timed on the 2-core
+That check runs whenever the model's first choice breaks the grammar, on a
+worker thread (runner.executor.PickResolver): the request waits for it, the
+other streams do not, but the thread is held that long.  Timed on the 2-core
 development VM: the largest grammar of plain alternatives MAX_GRAMMAR_BYTES
 allows 1.1 s, the JSON grammar 0.01 s; a short grammar of many optional
 repeats, ``root ::= ("a"? ){N} "b"``, 0.2-0.7 s at N = 50, 3-5 s at 100,

@@ -151,17 +151,25 @@ def make_sampler(model: _llama.Model, options: CompletionOptions, slot_ctx: int,
         cost = sampler.grammar_check_seconds(limits.MAX_GRAMMAR_CHECK_S)
         if cost > limits.MAX_GRAMMAR_CHECK_S:
             sampler.close()
-            field = "grammar" if options.grammar else "json_schema"
             raise BadRequest(
-                f"invalid option {field}: checking the vocabulary against its grammar would take "
-                f"about {cost:.1f} s for each token the model's first choice breaks (limit "
-                f"{limits.MAX_GRAMMAR_CHECK_S:g} s), and every stream would wait for it; many "
-                f"optional or repeated items in a row cost the most")
+                f"invalid option {_grammar_field(options)}: checking the vocabulary against its "
+                f"grammar would take about {cost:.1f} s for each token the model's first choice "
+                f"breaks (limit {limits.MAX_GRAMMAR_CHECK_S:g} s), and the request would wait that "
+                f"long for each; many optional or repeated items in a row cost the most")
     return sampler
+
+
+def _grammar_field(options: CompletionOptions) -> str:
+    """The option a request's grammar came from, for its errors."""
+    return "grammar" if options.grammar else "json_schema"
 
 
 def _sampler(model: _llama.Model, options: CompletionOptions, order: list[str], slot_ctx: int,
              native: bool, grammar: str | None) -> _llama.Sampler:
+    """The sampler for ``options`` with ``grammar`` (GBNF or None): the
+    keyword chain (native where ``native`` and the stages allow) when the
+    options need only its stages in the default order, else the explicit
+    stage list; llama.cpp's refusals become BadRequest naming the option."""
     seed = None if options.seed < 0 else options.seed
     try:
         if _plain(options, order):
@@ -175,8 +183,7 @@ def _sampler(model: _llama.Model, options: CompletionOptions, order: list[str], 
         stages = sampler_stages(options, slot_ctx, biases)
         return _llama.Sampler(model, seed=seed, grammar=grammar, stages=stages)
     except _llama.GrammarError as exc:  # llama.cpp's parser refused it (a converted schema too)
-        field = "grammar" if options.grammar else "json_schema"
-        raise BadRequest(f"invalid option {field}: {exc}") from exc
+        raise BadRequest(f"invalid option {_grammar_field(options)}: {exc}") from exc
     except _llama.SamplerError as exc:  # the DRY stage's search of the vocabulary threw
         raise BadRequest(f"invalid option dry_sequence_breakers: {exc}") from exc
 

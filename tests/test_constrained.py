@@ -10,6 +10,11 @@ checks that the other streams of a runner carry on.
 from __future__ import annotations
 
 import json
+import os
+import re
+import sys
+import threading
+import time
 
 import pytest
 
@@ -207,3 +212,161 @@ def test_impossible_grammars_are_refused_naming_the_field(engine, options, field
         engine.submit(CompletionRequest(prompt="x", options=CompletionOptions.from_dict(options)))
     assert str(info.value).startswith(f"invalid option {field}: ")
     test_engine_serves_after_failures(engine)
+
+
+# A short grammar whose check of the whole vocabulary takes about half a
+# second on the development VM (runner.limits.MAX_GRAMMAR_CHECK_S): many
+# optional repeats in a row.
+DEEP_GRAMMAR = 'root ::= ("a"? ){60} "b"'
+
+
+def test_a_deferred_pick_resolves_to_the_token_sampling_gives(llama, model, make_ctx):
+    ctx = make_ctx(n_ctx=256)
+    batch = llama.Batch(16)
+    try:
+        batch.add_tokens(model.tokenize("Hello", add_special=True), 0, 0, output_last=True)
+        ctx.decode(batch)
+        row = len(batch) - 1
+        grammar = 'root ::= "zq" [a-z]*'  # the model's first choice after "Hello" breaks it
+        for temp in (0.0, 0.8):
+            with llama.Sampler(model, temperature=temp, seed=7, grammar=grammar) as now, \
+                    llama.Sampler(model, temperature=temp, seed=7, grammar=grammar) as later:
+                expected = now.sample(ctx, row)
+                assert later.sample(ctx, row, defer=True) is llama.DEFERRED
+                assert later.pending
+                with pytest.raises(ValueError, match="deferred"):
+                    later.sample(ctx, row, defer=True)
+                assert later.resolve() == expected
+                assert not later.pending
+                with pytest.raises(ValueError, match="no deferred pick"):
+                    later.resolve()
+                # Both accepted the token: the grammar moved on alike.
+                assert later.allows(expected) == now.allows(expected)
+        # Without a grammar, or when the grammar takes the first choice,
+        # nothing is deferred.
+        with llama.Sampler(model, temperature=0.0) as plain:
+            assert isinstance(plain.sample(ctx, row, defer=True), int)
+        with llama.Sampler(model, temperature=0.0, grammar=grammar) as g:
+            with pytest.raises(ValueError, match="no deferred pick"):
+                g.resolve()
+        # An unsatisfiable grammar fails in resolve, as sample would.
+        with llama.Sampler(model, temperature=0.0, grammar="root ::= [z-a]") as never:
+            assert never.sample(ctx, row, defer=True) is llama.DEFERRED
+            with pytest.raises(llama.NoTokenError):
+                never.resolve()
+        # Closed while deferred: freed at once, resolve refuses.
+        closed = llama.Sampler(model, temperature=0.0, grammar=grammar)
+        assert closed.sample(ctx, row, defer=True) is llama.DEFERRED
+        closed.close()
+        assert closed.closed
+        with pytest.raises(llama.ClosedError):
+            closed.resolve()
+    finally:
+        batch.close()
+
+
+def test_closing_a_sampler_during_its_resolve_frees_it_afterwards(llama, model, make_ctx):
+    ctx = make_ctx(n_ctx=256)
+    batch = llama.Batch(16)
+    try:
+        batch.add_tokens(model.tokenize("Hello", add_special=True), 0, 0, output_last=True)
+        ctx.decode(batch)
+        for _ in range(3):
+            s = llama.Sampler(model, temperature=0.0, grammar=DEEP_GRAMMAR)
+            assert s.sample(ctx, len(batch) - 1, defer=True) is llama.DEFERRED
+            outcome = []
+
+            def resolve():
+                try:
+                    outcome.append(s.resolve())
+                except llama.ClosedError as exc:
+                    outcome.append(exc)
+
+            t = threading.Thread(target=resolve)
+            t.start()
+            s.close()  # before, during or after the resolve: never a crash
+            assert s.closed
+            t.join()
+            assert len(outcome) == 1
+            with pytest.raises(llama.ClosedError):
+                s.sample(ctx, len(batch) - 1)
+    finally:
+        batch.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tmp_path_factory):
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    from tiny_model import write_tiny_llama
+
+    path = write_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny.gguf")
+    e = Engine(EngineConfig(str(path), n_ctx=2048, parallel=4, n_threads=1))
+    yield e
+    e.close()
+
+
+def _submit(engine, events, name, prompt, **options):
+    def sink(event):
+        events.append((name, event))
+    return engine.submit(CompletionRequest(prompt=prompt, options=CompletionOptions.from_dict(options)),
+                         on_event=sink)
+
+
+def _wait(pred, what, limit=60.0):
+    deadline = time.monotonic() + limit
+    while not pred():
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        time.sleep(0.005)
+
+
+def test_streams_go_on_while_a_grammar_checks_the_vocabulary(tiny_engine):
+    # Default options on both.  The random model's first choice almost never
+    # fits the grammar, so each of its tokens needs a check of the whole
+    # vocabulary; that runs off the loop, and the plain stream finishes all
+    # its tokens before the grammar stream's first one comes back.  (Before
+    # that check ran off the loop, both streams' first tokens came in one
+    # step, after it.)
+    events: list = []
+    submitted = tiny_engine._resolver.submitted
+    _submit(tiny_engine, events, "grammar", "Hello", grammar=DEEP_GRAMMAR, num_predict=3)
+    _submit(tiny_engine, events, "plain", "Hello", num_predict=48, ignore_eos=True)
+    _wait(lambda: sum(isinstance(e, Final) for _, e in events) == 2, "both finals")
+    order = [(n, type(e).__name__) for n, e in events]
+    plain_last = max(i for i, x in enumerate(order) if x == ("plain", "Chunk"))
+    grammar_first = order.index(("grammar", "Chunk")) if ("grammar", "Chunk") in order else len(order)
+    assert plain_last < grammar_first, order
+    finals = {n: e for n, e in events if isinstance(e, Final)}
+    assert finals["plain"].done_reason == "length" and finals["plain"].eval_count == 48
+    assert finals["grammar"].done_reason in ("length", "stop"), finals["grammar"]
+    text = "".join(e.text for n, e in events if n == "grammar" and isinstance(e, Chunk))
+    assert re.fullmatch(r"a*b?", text), text
+    assert tiny_engine._resolver.submitted > submitted
+
+
+def test_a_request_cancelled_while_its_grammar_pick_is_pending(tiny_engine):
+    events: list = []
+    handle = _submit(tiny_engine, events, "grammar", "Hello", grammar=DEEP_GRAMMAR, num_predict=8)
+    _wait(lambda: tiny_engine._pending, "a deferred pick")
+    handle.cancel()
+    _wait(lambda: any(isinstance(e, Final) for _, e in events), "the final")
+    final = [e for _, e in events if isinstance(e, Final)]
+    assert len(final) == 1 and final[0].done_reason == "cancelled"
+    # Its resolve finishes (and frees the sampler) on its own; the engine
+    # serves the next request, with a grammar too.
+    text, final = run(tiny_engine, "Hi", grammar='root ::= "ok" | "no"', num_predict=4)
+    assert final.done_reason == "stop" and text in ("ok", "no")
+    _wait(lambda: not tiny_engine._pending, "no pending pick")
+
+
+def test_closing_the_engine_while_a_grammar_pick_is_pending(tmp_path):
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    from tiny_model import write_tiny_llama
+
+    path = write_tiny_llama(tmp_path / "tiny.gguf")
+    engine = Engine(EngineConfig(str(path), n_ctx=512, parallel=2, n_threads=1))
+    events: list = []
+    _submit(engine, events, "grammar", "Hello", grammar=DEEP_GRAMMAR, num_predict=8)
+    _wait(lambda: engine._pending, "a deferred pick")
+    engine.close()  # waits for the resolve before the model is freed
+    finals = [e for _, e in events if isinstance(e, Final)]
+    assert len(finals) == 1 and finals[0].done_reason == "cancelled"

@@ -391,7 +391,7 @@ def test_a_slow_grammar_is_a_bad_request_and_other_streams_go_on(tmp_path):
     tiny = str(write_tiny_llama(tmp_path / "tiny.gguf"))
     with Runner.spawn(tiny, n_ctx=1024, parallel=2, n_threads=1) as runner:
         other = runner.complete("Hello", num_predict=64, temperature=0.0, ignore_eos=True)
-        with pytest.raises(BadRequest, match="^invalid option grammar: .*every stream would wait"):
+        with pytest.raises(BadRequest, match="^invalid option grammar: .*the request would wait"):
             runner.complete("hello", grammar=SLOW_GRAMMAR, num_predict=8).text()
         _, final = other.text()
         assert final.done_reason == "length" and final.eval_count == 64
