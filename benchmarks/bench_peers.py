@@ -38,6 +38,13 @@ Scenarios:
    ``--embedding --pooling mean -kvu``; the runner ``embeddings``,
    ``pooling: mean``, ``kv_unified``).  The cosine similarity of the two
    sides' vectors is a sanity check.
+5. **grammar** (``--grammar-parallel``, default 8): as **streams**, but one
+   of the B streams carries a GBNF grammar (``--grammar``) whose first pick
+   the model usually breaks, so that most of its tokens need the grammar
+   applied to the whole vocabulary.  Plain streams' rate over their window,
+   and the grammar stream's own tokens/s; medians over ``--repeat`` rounds,
+   the sides taking turns.  llama-server does that work inside its step,
+   for every slot; the runner on a worker thread (docs/design.md).
 
 llama-server runs with the environment it is given: its OpenMP threads spin
 after each decode as libgomp's default says, where ``llama-runner serve``
@@ -119,10 +126,10 @@ class RunnerSide:
         self.n_vocab = self.runner.info(timeout=60).engine["model"]["n_vocab"]
 
     def stream(self, prompt: str | list[int], n_predict: int,
-               on_arrival: OnArrival | None = None) -> Stream:
+               on_arrival: OnArrival | None = None, extra: dict | None = None) -> Stream:
         s = Stream(t_submit=time.perf_counter())
         parts = []
-        for event in self.runner.complete(prompt, **greedy_options(n_predict)):
+        for event in self.runner.complete(prompt, **greedy_options(n_predict), **(extra or {})):
             now = time.perf_counter()
             if type(event) is Chunk:
                 s.arrivals.append((now, len(event.tokens)))
@@ -162,8 +169,8 @@ class ServerSide:
         self.server = LlamaServer(args + list(extra_args))
 
     def stream(self, prompt: str | list[int], n_predict: int,
-               on_arrival: OnArrival | None = None) -> Stream:
-        body = {"prompt": prompt, "n_predict": n_predict, **OPTIONS}
+               on_arrival: OnArrival | None = None, extra: dict | None = None) -> Stream:
+        body = {"prompt": prompt, "n_predict": n_predict, **OPTIONS, **(extra or {})}
         s = Stream(t_submit=time.perf_counter())
         parts = []
         for now, event in self.server.stream_completion(body):
@@ -261,6 +268,25 @@ def scenario_streams(side, b: int, pp: int, tg: int, n_vocab: int, first_seed: i
             "ttft_p50_s": percentile([s.ttft for s in streams], 50), "wall_s": wall}
 
 
+def scenario_grammar(side, b: int, pp: int, tg: int, n_vocab: int, grammar: str,
+                     first_seed: int = 1) -> dict:
+    """``b`` concurrent streams, the first with ``grammar``: the other
+    streams' rate over their window, and the grammar stream's tokens/s from
+    its first token to its end."""
+    def work(i: int) -> Stream:
+        extra = {"grammar": grammar} if i == 0 else None
+        return side.stream(id_prompt(first_seed + i, pp, n_vocab), tg, extra=extra)
+
+    run_concurrently(b, lambda i: side.stream(id_prompt(900 + i, 16, n_vocab), 4))
+    _, streams = run_concurrently(b, work)
+    constrained, plain = streams[0], streams[1:]
+    window = window_rate([(s.arrivals, s.t_end) for s in plain])
+    span = constrained.t_end - (constrained.arrivals[0][0] if constrained.arrivals else constrained.t_end)
+    return {"plain_tok_s": window["tok_s"],
+            "grammar_tok_s": constrained.generated / span if span > 0 else 0.0,
+            "grammar_tokens": constrained.generated}
+
+
 def median_of_runs(runs: list[dict]) -> dict:
     """Each measure's median over repeated runs, and the window rates of all."""
     out = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
@@ -348,10 +374,11 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 SMOKE = {"parallel": "2", "repeat": 1, "pp": 16, "tg": 4, "n_ctx": 1024, "mixed_ctx": 1024, "conversations": 2,
          "turns": 2, "user_words": 12, "answer_tokens": 4, "long_prompt": 96, "long_generate": 64,
-         "long_after": 4, "embed_texts": 4, "embed_parallel": 2, "embed_words": 24}
+         "long_after": 4, "embed_texts": 4, "embed_parallel": 2, "embed_words": 24,
+         "grammar_parallel": 2}
 
 
-SCENARIOS = ("streams", "conversations", "long_prompt", "embeddings")
+SCENARIOS = ("streams", "conversations", "long_prompt", "embeddings", "grammar")
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -424,6 +451,20 @@ def run(args: argparse.Namespace) -> dict:
             cosines = [_cosine(a, b) for a, b in zip(vectors["runner"], vectors["llama-server"])]
             results["embeddings"]["cosines"] = cosines
             results["embeddings"]["min_cosine"] = min(cosines)
+
+        if "grammar" in chosen:
+            b = args.grammar_parallel
+            say(f"grammar: 1 of {b} streams with {args.grammar!r}")
+            both = sides.both(b, args.n_ctx)
+            n_vocab = sides.runner(b, args.n_ctx).n_vocab
+            runs = {side.name: [] for side in both}
+            for r in range(args.repeat):   # the sides take turns
+                for side in (both if r % 2 == 0 else both[::-1]):
+                    runs[side.name].append(scenario_grammar(side, b, args.pp, args.tg, n_vocab,
+                                                            args.grammar, first_seed=500 + r * b))
+            results["grammar"] = {name: {key: statistics.median(row[key] for row in rows) for key in rows[0]}
+                                  for name, rows in runs.items()}
+            results["grammar"]["rounds"] = runs
     finally:
         sides.close()
     return results
@@ -444,6 +485,8 @@ def report(results: dict, args: argparse.Namespace) -> str:
         out += _report_long_prompt(results["long_prompt"], args)
     if "embeddings" in results:
         out += _report_embeddings(results["embeddings"], args)
+    if "grammar" in results:
+        out += _report_grammar(results["grammar"], args)
     return "\n".join(out)
 
 
@@ -503,6 +546,19 @@ def _report_embeddings(e: dict, args: argparse.Namespace) -> list[str]:
     return out
 
 
+def _report_grammar(g: dict, args: argparse.Namespace) -> list[str]:
+    out = ["", (f"grammar: {args.grammar_parallel} streams of {args.tg} tokens, one with the grammar "
+                f"{args.grammar!r}")]
+    out.append(f"{'':>13} {'plain tok/s':>11} {'grammar stream tok/s':>20} {'its tokens':>10}")
+    for name in ("llama-server", "runner"):
+        r = g[name]
+        out.append(f"{name:>13} {r['plain_tok_s']:>11.1f} {r['grammar_tok_s']:>20.1f} "
+                   f"{r['grammar_tokens']:>10.0f}")
+    out.append(f"{'runner/server':>13} {_ratio(g['runner']['plain_tok_s'], g['llama-server']['plain_tok_s']):>11} "
+               f"{_ratio(g['runner']['grammar_tok_s'], g['llama-server']['grammar_tok_s']):>20}")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None,
@@ -527,6 +583,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--embed-texts", type=int, default=64)
     ap.add_argument("--embed-parallel", type=int, default=4)
     ap.add_argument("--embed-words", type=int, default=48)
+    ap.add_argument("--grammar-parallel", type=int, default=8, help="streams of scenario 5")
+    ap.add_argument("--grammar", default="root ::= [a-z ]+",
+                    help="GBNF grammar of scenario 5's constrained stream")
     ap.add_argument("--scenarios", default=",".join(SCENARIOS),
                     help=f"comma-separated subset of {', '.join(SCENARIOS)}")
     ap.add_argument("--smoke", action="store_true", help="tiny counts (the test suite's smoke run)")

@@ -4,6 +4,12 @@ from libc.stdint cimport int32_t, uint64_t
 
 from c_llama cimport llama_context, llama_sampler, llama_token, llama_token_data, llama_vocab
 
+# ext/fastsample.h's handle, declared first: guard.h's native grammar
+# sampling takes it too.
+cdef extern from "fastsample.h" nogil:
+    ctypedef struct runner_fast_sampler:
+        pass
+
 cdef extern from "guard.h" nogil:
     enum:
         RUNNER_SAMPLE_OK
@@ -17,6 +23,12 @@ cdef extern from "guard.h" nogil:
     int runner_sample_constrained(llama_sampler * chain, llama_sampler * grammar, const float * logits,
                                   int32_t n_vocab, llama_token_data * cur, llama_token * token,
                                   char * err, size_t err_len)
+    int runner_fast_grammar_sample(runner_fast_sampler * fast, llama_sampler * grammar, const float * logits,
+                                   int32_t n_vocab, llama_token_data * cur, float * keep, int defer,
+                                   llama_token * token, char * err, size_t err_len)
+    int runner_fast_grammar_constrained(runner_fast_sampler * fast, llama_sampler * grammar, float * row,
+                                        int32_t n_vocab, llama_token_data * cur, llama_token * token,
+                                        char * err, size_t err_len)
     int runner_sampler_accept(llama_sampler * smpl, llama_token token, char * err, size_t err_len)
     int runner_grammar_allows(llama_sampler * grammar, llama_token token, char * err, size_t err_len)
     int runner_grammar_probe(llama_sampler * grammar, int32_t first, int32_t stride, int32_t n,
@@ -38,8 +50,6 @@ cdef extern from "guard.h" nogil:
 
 # ext/fastsample.h: the native sampler for the common chain.
 cdef extern from "fastsample.h" nogil:
-    ctypedef struct runner_fast_sampler:
-        pass
     enum:
         RUNNER_FAST_MAX_TOP_K
     runner_fast_sampler * runner_fast_new(int32_t n_vocab, float temperature, int32_t top_k, float top_p,

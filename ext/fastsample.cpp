@@ -345,6 +345,14 @@ extern "C" void runner_fast_reset(runner_fast_sampler * s) {
 }
 
 extern "C" int32_t runner_fast_sample(runner_fast_sampler * s, const float * logits) {
+    const int32_t tok = runner_fast_pick(s, logits);
+    if (tok >= 0) {
+        runner_fast_accept(s, tok);
+    }
+    return tok;
+}
+
+extern "C" int32_t runner_fast_pick(runner_fast_sampler * s, const float * logits) {
     int32_t tok;
     if (s->temperature <= 0.0f) {
         tok = greedy(s, logits);
@@ -365,9 +373,6 @@ extern "C" int32_t runner_fast_sample(runner_fast_sampler * s, const float * log
             }
         }
         tok = s->cands[pick].id;
-    }
-    if (tok >= 0) {
-        runner_fast_accept(s, tok);
     }
     return tok;
 }

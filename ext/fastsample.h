@@ -35,6 +35,10 @@ void runner_fast_reset(runner_fast_sampler * s);
  * logit is a number. */
 int32_t runner_fast_sample(runner_fast_sampler * s, const float * logits);
 
+/* The same draw without accepting the token (the caller accepts it once a
+ * grammar has allowed it; see guard.h). */
+int32_t runner_fast_pick(runner_fast_sampler * s, const float * logits);
+
 /* The final distribution the draw would use (after every stage): up to
  * `cap` (token, probability) pairs in descending order; returns how many.
  * Does not draw or accept.  For tests and for checking the stages. */

@@ -3,6 +3,8 @@
 // caused them.
 #include "guard.h"
 
+#include "fastsample.h"
+
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -85,7 +87,102 @@ void accept_both(llama_sampler * chain, llama_sampler * grammar, llama_token tok
 
 const char * const kNoSelection = "the sampler chain selected no token (are the logits finite?)";
 
+// The native chain's draw from `row` with every token the grammar rejects
+// set to -inf in place; the token, or -1 with `*rc` set.  Rounding in the
+// draw can fall through to the last candidate, which may be a masked one:
+// then the best allowed token is taken.
+llama_token fast_constrained(runner_fast_sampler * fast, llama_sampler * grammar, float * row,
+                             int32_t n_vocab, llama_token_data * cur, int * rc) {
+    fill(cur, row, n_vocab);
+    llama_token_data_array arr = {cur, (size_t) n_vocab, -1, false};
+    llama_sampler_apply(grammar, &arr);
+    if (!any_finite(arr)) {
+        *rc = RUNNER_SAMPLE_NO_TOKEN;
+        return -1;
+    }
+    for (size_t i = 0; i < arr.size; ++i) {
+        if (!std::isfinite(arr.data[i].logit)) {
+            row[arr.data[i].id] = -INFINITY;
+        }
+    }
+    llama_token tok = runner_fast_pick(fast, row);
+    if (tok < 0 || !std::isfinite(row[tok])) {
+        tok = -1;
+        for (int32_t i = 0; i < n_vocab; ++i) {
+            if (std::isfinite(row[i]) && (tok < 0 || row[i] > row[tok])) {
+                tok = i;
+            }
+        }
+    }
+    *rc = tok < 0 ? RUNNER_SAMPLE_ERROR : RUNNER_SAMPLE_OK;
+    return tok;
+}
+
+void fast_accept_both(runner_fast_sampler * fast, llama_sampler * grammar, llama_token tok) {
+    llama_sampler_accept(grammar, tok);
+    runner_fast_accept(fast, tok);
+}
+
 }  // namespace
+
+extern "C" int runner_fast_grammar_sample(runner_fast_sampler * fast, llama_sampler * grammar,
+                                          const float * logits, int32_t n_vocab, llama_token_data * cur,
+                                          float * keep, int defer, llama_token * token, char * err,
+                                          size_t err_len) {
+    try {
+        llama_token tok = runner_fast_pick(fast, logits);
+        if (tok >= 0 && std::isfinite(logits[tok]) && grammar_allows(grammar, tok)) {
+            fast_accept_both(fast, grammar, tok);
+            *token = tok;
+            return RUNNER_SAMPLE_OK;
+        }
+        std::memcpy(keep, logits, sizeof(float) * (size_t) n_vocab);
+        if (defer) {
+            return RUNNER_SAMPLE_DEFERRED;
+        }
+        int rc = RUNNER_SAMPLE_OK;
+        tok = fast_constrained(fast, grammar, keep, n_vocab, cur, &rc);
+        if (rc == RUNNER_SAMPLE_NO_TOKEN) {
+            return rc;
+        }
+        if (tok < 0) {
+            set_error(err, err_len, kNoSelection);
+            return RUNNER_SAMPLE_ERROR;
+        }
+        fast_accept_both(fast, grammar, tok);
+        *token = tok;
+        return RUNNER_SAMPLE_OK;
+    } catch (const std::exception & e) {
+        set_error(err, err_len, e.what());
+    } catch (...) {
+        set_error(err, err_len, "unknown C++ exception");
+    }
+    return RUNNER_SAMPLE_ERROR;
+}
+
+extern "C" int runner_fast_grammar_constrained(runner_fast_sampler * fast, llama_sampler * grammar,
+                                               float * row, int32_t n_vocab, llama_token_data * cur,
+                                               llama_token * token, char * err, size_t err_len) {
+    try {
+        int rc = RUNNER_SAMPLE_OK;
+        llama_token tok = fast_constrained(fast, grammar, row, n_vocab, cur, &rc);
+        if (rc == RUNNER_SAMPLE_NO_TOKEN) {
+            return rc;
+        }
+        if (tok < 0) {
+            set_error(err, err_len, kNoSelection);
+            return RUNNER_SAMPLE_ERROR;
+        }
+        fast_accept_both(fast, grammar, tok);
+        *token = tok;
+        return RUNNER_SAMPLE_OK;
+    } catch (const std::exception & e) {
+        set_error(err, err_len, e.what());
+    } catch (...) {
+        set_error(err, err_len, "unknown C++ exception");
+    }
+    return RUNNER_SAMPLE_ERROR;
+}
 
 extern "C" int runner_sample(llama_sampler * chain, llama_sampler * grammar, llama_context * ctx,
                              int32_t idx, int32_t n_vocab, llama_token_data * cur,

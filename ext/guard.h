@@ -48,6 +48,26 @@ int runner_sample_constrained(struct llama_sampler * chain, struct llama_sampler
                               const float * logits, int32_t n_vocab, llama_token_data * cur,
                               llama_token * token, char * err, size_t err_len);
 
+/* runner_sample for a request whose chain the native sampler serves
+ * (fastsample.h), with a grammar: the native draw from the raw row first
+ * (nothing accepted), the grammar checks that token, and only a rejected
+ * pick applies the grammar to every token -- now, or with `defer` later
+ * through runner_fast_grammar_constrained -- and draws again from the row
+ * with the rejected tokens at -inf.  The row is copied into `keep` (n_vocab
+ * floats) whenever the pick is rejected.  Returns as runner_sample does. */
+struct runner_fast_sampler;
+int runner_fast_grammar_sample(struct runner_fast_sampler * fast, struct llama_sampler * grammar,
+                               const float * logits, int32_t n_vocab, llama_token_data * cur,
+                               float * keep, int defer, llama_token * token, char * err,
+                               size_t err_len);
+
+/* The second half of a deferred runner_fast_grammar_sample: `row` (the kept
+ * row, masked in place) constrained by the grammar, the native draw, the
+ * token accepted into both.  Never DEFERRED. */
+int runner_fast_grammar_constrained(struct runner_fast_sampler * fast, struct llama_sampler * grammar,
+                                    float * row, int32_t n_vocab, llama_token_data * cur,
+                                    llama_token * token, char * err, size_t err_len);
+
 /* llama_sampler_accept with exceptions caught: 0, or -1 with err set. */
 int runner_sampler_accept(struct llama_sampler * smpl, llama_token token, char * err, size_t err_len);
 

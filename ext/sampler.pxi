@@ -94,7 +94,7 @@ cdef class Sampler:
     The chain never runs natively then; which stages a request gets, and in
     what order, is decided in runner/sampling.py.
 
-    Without a grammar, logit bias or typical-p, and with ``top_k`` in
+    Without logit bias or typical-p, and with ``top_k`` in
     1..1024 (or greedy), the chain runs natively (ext/fastsample.cpp) with
     the same stages and the same distribution, but in one pass over the
     logits instead of a sort of n_vocab candidates: the default options
@@ -154,7 +154,9 @@ cdef class Sampler:
                 raise ValueError("repeat_penalty must be > 0")
             llama_sampler_chain_add(self.chain, llama_sampler_init_penalties(
                 model.n_vocab, repeat_last_n, repeat_penalty, frequency_penalty, presence_penalty))
-        cdef bint plain = native and self.grammar == NULL and not logit_bias and not (0.0 < typical_p < 1.0)
+        # The native chain serves a grammar's requests too (the grammar checks
+        # its pick: runner_fast_grammar_sample).
+        cdef bint plain = native and not logit_bias and not (0.0 < typical_p < 1.0)
         if temperature <= 0:
             self.greedy = True
             self.seed = 0
@@ -338,7 +340,15 @@ cdef class Sampler:
 
     @property
     def native(self):
-        """Whether the chain runs natively (ext/fastsample.cpp)."""
+        """Whether every pick is made in native code with nothing else to
+        consult (ext/fastsample.cpp, or a plain argmax): such samplers are
+        sampled together across threads and may run in decode_steps.  A
+        grammar's samplers are not, even when the native chain draws."""
+        return (self.fast != NULL or self.argmax_only) and self.grammar == NULL
+
+    @property
+    def native_chain(self):
+        """Whether the native chain draws (with or without a grammar)."""
         return self.fast != NULL or self.argmax_only
 
     def __enter__(self):
@@ -396,7 +406,7 @@ cdef class Sampler:
             with nogil:
                 tok = _argmax(logits, self.model.n_vocab)
             return tok
-        if self.fast != NULL:
+        if self.fast != NULL and self.grammar == NULL:
             logits = llama_get_logits_ith(ctx.ptr, idx)
             with nogil:
                 tok = runner_fast_sample(self.fast, logits)
@@ -408,12 +418,21 @@ cdef class Sampler:
             if self.cur == NULL:
                 raise MemoryError()
         cdef float * keep = NULL
-        if defer and self.grammar != NULL:
+        if self.grammar != NULL and (defer or self.fast != NULL):
             if self.kept == NULL:
                 self.kept = <float *> malloc(self.model.n_vocab * sizeof(float))
                 if self.kept == NULL:
                     raise MemoryError()
             keep = self.kept
+        if self.fast != NULL:  # with a grammar
+            logits = llama_get_logits_ith(ctx.ptr, idx)
+            with nogil:
+                rc = runner_fast_grammar_sample(self.fast, self.grammar, logits, self.model.n_vocab,
+                                                self.cur, keep, defer, &tok, self.err, sizeof(self.err))
+            if rc == RUNNER_SAMPLE_DEFERRED:
+                self.deferred = True
+                return DEFERRED
+            return self._sampled(rc, tok)
         with nogil:
             rc = runner_sample(self.chain, self.grammar, ctx.ptr, idx, self.model.n_vocab,
                                self.cur, &tok, keep, self.err, sizeof(self.err))
@@ -443,8 +462,13 @@ cdef class Sampler:
         self.busy = True
         try:
             with nogil:
-                rc = runner_sample_constrained(self.chain, self.grammar, self.kept, self.model.n_vocab,
-                                               self.cur, &tok, self.err, sizeof(self.err))
+                if self.fast != NULL:
+                    rc = runner_fast_grammar_constrained(self.fast, self.grammar, self.kept,
+                                                         self.model.n_vocab, self.cur, &tok, self.err,
+                                                         sizeof(self.err))
+                else:
+                    rc = runner_sample_constrained(self.chain, self.grammar, self.kept, self.model.n_vocab,
+                                                   self.cur, &tok, self.err, sizeof(self.err))
         finally:
             self.busy = False
             self.deferred = False
@@ -522,8 +546,8 @@ cdef class Sampler:
         Nothing is drawn or accepted.  Only for a native sampler."""
         self._check()
         ctx._check()
-        if self.fast == NULL:
-            raise ValueError("only a native sampler exposes its distribution")
+        if self.fast == NULL or self.grammar != NULL:
+            raise ValueError("only a native sampler without a grammar exposes its distribution")
         ctx._sync()
         cdef float * logits = llama_get_logits_ith(ctx.ptr, idx)
         if logits == NULL:
@@ -592,7 +616,7 @@ def sample_batch(Context ctx not None, list samplers not None, list rows not Non
             if s.model is not ctx.model:
                 out[i] = ValueError("sampler and context belong to different models")
                 continue
-            if not (s.argmax_only or s.fast != NULL):
+            if not s.native:
                 try:
                     out[i] = s.sample(ctx, rows[i], defer)
                 except Exception as exc:
@@ -684,7 +708,7 @@ def decode_steps(Context ctx not None, Batch batch not None, list samplers not N
             raise ClosedError("sampler is closed")
         if s.model is not ctx.model:
             raise ValueError("sampler and context belong to different models")
-        if not (s.argmax_only or s.fast != NULL):
+        if not s.native:
             raise ValueError("decode_steps needs native samplers (Sampler.native)")
         if not 0 <= <long> seq_ids[i] < n_seq:
             raise ValueError(f"sequence id {seq_ids[i]} outside 0..{n_seq - 1}")

@@ -228,9 +228,10 @@ def test_a_deferred_pick_resolves_to_the_token_sampling_gives(llama, model, make
         ctx.decode(batch)
         row = len(batch) - 1
         grammar = 'root ::= "zq" [a-z]*'  # the model's first choice after "Hello" breaks it
-        for temp in (0.0, 0.8):
-            with llama.Sampler(model, temperature=temp, seed=7, grammar=grammar) as now, \
-                    llama.Sampler(model, temperature=temp, seed=7, grammar=grammar) as later:
+        for temp, native in ((0.0, True), (0.8, True), (0.0, False), (0.8, False)):
+            with llama.Sampler(model, temperature=temp, seed=7, grammar=grammar, native=native) as now, \
+                    llama.Sampler(model, temperature=temp, seed=7, grammar=grammar, native=native) as later:
+                assert now.native_chain == native and not now.native
                 expected = now.sample(ctx, row)
                 assert later.sample(ctx, row, defer=True) is llama.DEFERRED
                 assert later.pending
@@ -370,3 +371,32 @@ def test_closing_the_engine_while_a_grammar_pick_is_pending(tmp_path):
     engine.close()  # waits for the resolve before the model is freed
     finals = [e for _, e in events if isinstance(e, Final)]
     assert len(finals) == 1 and finals[0].done_reason == "cancelled"
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_grammar_draws_follow_the_distribution_restricted_to_what_it_allows(llama, model, make_ctx, native):
+    # A first pick the grammar accepts is kept, a rejected one is drawn again
+    # from the allowed tokens: together the draws follow the chain's
+    # distribution over the allowed tokens alone, native chain or llama.cpp's.
+    np = pytest.importorskip("numpy")
+    ctx = make_ctx(n_ctx=256)
+    batch = llama.Batch(16)
+    try:
+        batch.add_tokens(model.tokenize("The letters are", add_special=True), 0, 0, output_last=True)
+        ctx.decode(batch)
+        row = len(batch) - 1
+        logits = np.array(ctx.logits(row), dtype=np.float64)
+        allowed = [t for t in range(model.n_vocab) if model.token_to_piece(t) in (b"a", b"b", b"c", b"d")]
+        assert len(allowed) == 4
+        p = np.exp(logits[allowed] - logits[allowed].max())
+        p /= p.sum()
+        n = 600
+        counts = dict.fromkeys(allowed, 0)
+        for seed in range(n):  # (reset() would restart llama.cpp's generator too)
+            with llama.Sampler(model, temperature=1.0, top_k=40, top_p=1.0, min_p=0.0, seed=seed,
+                               grammar='root ::= "a" | "b" | "c" | "d"', native=native) as s:
+                counts[s.sample(ctx, row)] += 1
+        seen = np.array([counts[t] for t in allowed]) / n
+        assert np.abs(seen - p).sum() / 2 < 0.07, (seen, p)
+    finally:
+        batch.close()
