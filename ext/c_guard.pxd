@@ -56,6 +56,7 @@ cdef extern from "fastsample.h" nogil:
                                           float min_p, int32_t repeat_last_n, float repeat_penalty,
                                           float frequency_penalty, float presence_penalty, uint64_t seed)
     void runner_fast_free(runner_fast_sampler * s)
+    int runner_fast_set_bias(runner_fast_sampler * s, const int32_t * tokens, const float * biases, int32_t n)
     void runner_fast_accept(runner_fast_sampler * s, int32_t token)
     void runner_fast_reset(runner_fast_sampler * s)
     int32_t runner_fast_sample(runner_fast_sampler * s, const float * logits)

@@ -54,6 +54,10 @@ inline int lowest_bit(uint32_t bits) {
 // tokens); at m = 8 the two were even on SmolLM2's logits.
 constexpr int32_t kBufferMinM = 16;
 
+// penalised_mask's flags.
+constexpr uint8_t kInWindow = 1;
+constexpr uint8_t kBiased = 2;
+
 }  // namespace
 
 struct runner_fast_sampler {
@@ -70,7 +74,10 @@ struct runner_fast_sampler {
     uint64_t rng[4];          // xoshiro256** state
     std::deque<int32_t> window;                   // the last last_n accepted tokens
     std::unordered_map<int32_t, int32_t> counts;  // token -> occurrences in window
-    std::vector<uint8_t> penalised_mask;          // n_vocab flags: token is a key of counts
+    std::unordered_map<int32_t, float> bias;      // token -> logit bias (llama.cpp's stage, before penalties)
+    // n_vocab flags, per token: kInWindow (a key of counts), kBiased (a key
+    // of bias).  A flagged token's logit is adjusted on the side.
+    std::vector<uint8_t> penalised_mask;
     std::vector<Cand> heap;   // scratch: the best raw logits (a min-heap in top_raw_heap)
     std::vector<Cand> cands;  // scratch: candidates through the stages
     std::vector<float> probs; // scratch: their probabilities
@@ -91,6 +98,13 @@ double uniform01(runner_fast_sampler * s) {
     return (double) (result >> 11) * 0x1.0p-53;
 }
 
+// The mask of tokens the raw scan skips (their logits are adjusted on the
+// side), or NULL when no token is.
+const uint8_t * side_mask(const runner_fast_sampler * s) {
+    const bool any = (s->penalise && !s->counts.empty()) || !s->bias.empty();
+    return any ? s->penalised_mask.data() : nullptr;
+}
+
 float penalised(const runner_fast_sampler * s, float logit, int32_t count) {
     logit = logit <= 0 ? logit * s->repeat : logit / s->repeat;
     return logit - float(count) * s->freq - (count > 0 ? s->present : 0.0f);
@@ -102,7 +116,7 @@ float penalised(const runner_fast_sampler * s, float logit, int32_t count) {
 // (consider() drops NaN too); the penalised flag is read only for a value
 // that could enter.
 void top_raw_heap(runner_fast_sampler * s, const float * logits, int32_t n, int32_t m) {
-    const uint8_t * skip = s->penalise && !s->counts.empty() ? s->penalised_mask.data() : nullptr;
+    const uint8_t * skip = side_mask(s);
     auto & heap = s->heap;
     heap.clear();
     auto worse = [](const Cand & a, const Cand & b) { return better(a, b); };  // min-heap on top
@@ -157,7 +171,7 @@ void top_raw(runner_fast_sampler * s, const float * logits, int32_t n, int32_t m
         top_raw_heap(s, logits, n, m);
         return;
     }
-    const uint8_t * skip = s->penalise && !s->counts.empty() ? s->penalised_mask.data() : nullptr;
+    const uint8_t * skip = side_mask(s);
     auto & out = s->heap;
     out.clear();
     const size_t cap = 2 * (size_t) m + 16;
@@ -193,26 +207,38 @@ void top_raw(runner_fast_sampler * s, const float * logits, int32_t n, int32_t m
     std::sort(out.begin(), out.end(), better);
 }
 
-// s->cands := the candidates after penalties and top-k (sorted by `better`):
-// the k best of (raw logits of unpenalised tokens) and (penalised logits).
+// s->cands := the candidates after logit bias, penalties and top-k (sorted
+// by `better`): the k best of (raw logits of the tokens neither biased nor
+// penalised) and (the adjusted logits of those that are).
 void candidates(runner_fast_sampler * s, const float * logits, int32_t k) {
     const int32_t n_pen = s->penalise ? (int32_t) s->counts.size() : 0;
     top_raw(s, logits, s->n_vocab, std::min(s->n_vocab, k));
     auto & out = s->cands;
     out.assign(s->heap.begin(), s->heap.end());
-    if (n_pen > 0) {
-        // With k raw entries in hand, a penalised entry that does not beat
+    if (n_pen > 0 || !s->bias.empty()) {
+        // With k raw entries in hand, an adjusted entry that does not beat
         // the k-th cannot be among the k best (the window holds up to
         // repeat_last_n of them, few of which reach the top after penalty).
         const size_t n_raw = out.size();
         const bool full = (int32_t) n_raw >= k;
-        for (const auto & kv : s->counts) {
-            const float x = logits[kv.first];
+        auto offer = [&](int32_t id, float x) {
             if (!std::isnan(x)) {
-                const Cand c{penalised(s, x, kv.second), kv.first};
+                const Cand c{x, id};
                 if (!full || better(c, out[n_raw - 1])) {
                     out.push_back(c);
                 }
+            }
+        };
+        for (const auto & kv : s->bias) {  // biased tokens outside the window
+            if (n_pen == 0 || s->counts.count(kv.first) == 0) {
+                offer(kv.first, logits[kv.first] + kv.second);
+            }
+        }
+        if (n_pen > 0) {
+            for (const auto & kv : s->counts) {
+                auto b = s->bias.find(kv.first);
+                const float x = logits[kv.first] + (b == s->bias.end() ? 0.0f : b->second);
+                offer(kv.first, penalised(s, x, kv.second));
             }
         }
         std::sort(out.begin() + (std::ptrdiff_t) n_raw, out.end(), better);
@@ -301,13 +327,11 @@ extern "C" runner_fast_sampler * runner_fast_new(int32_t n_vocab, float temperat
     s->present = presence_penalty;
     s->penalise = s->last_n > 0 && (repeat_penalty != 1.0f || frequency_penalty != 0.0f ||
                                     presence_penalty != 0.0f);
-    if (s->penalise) {
-        try {
-            s->penalised_mask.assign((size_t) n_vocab, 0);
-        } catch (...) {
-            delete s;
-            return nullptr;
-        }
+    try {
+        s->penalised_mask.assign((size_t) n_vocab, 0);
+    } catch (...) {
+        delete s;
+        return nullptr;
     }
     uint64_t x = seed;
     for (auto & w : s->rng) {
@@ -328,17 +352,35 @@ extern "C" void runner_fast_accept(runner_fast_sampler * s, int32_t token) {
         auto it = s->counts.find(old);
         if (it != s->counts.end() && --it->second <= 0) {
             s->counts.erase(it);
-            s->penalised_mask[(size_t) old] = 0;
+            s->penalised_mask[(size_t) old] &= (uint8_t) ~kInWindow;
         }
     }
     s->window.push_back(token);
     s->counts[token] += 1;
-    s->penalised_mask[(size_t) token] = 1;
+    s->penalised_mask[(size_t) token] |= kInWindow;
+}
+
+extern "C" int runner_fast_set_bias(runner_fast_sampler * s, const int32_t * tokens, const float * biases,
+                                    int32_t n) {
+    for (int32_t i = 0; i < n; ++i) {
+        if (tokens[i] < 0 || tokens[i] >= s->n_vocab || std::isnan(biases[i])) {
+            return -1;
+        }
+    }
+    try {
+        for (int32_t i = 0; i < n; ++i) {
+            s->bias[tokens[i]] += biases[i];
+            s->penalised_mask[(size_t) tokens[i]] |= kBiased;
+        }
+    } catch (...) {
+        return -1;
+    }
+    return 0;
 }
 
 extern "C" void runner_fast_reset(runner_fast_sampler * s) {
     for (const auto & kv : s->counts) {
-        s->penalised_mask[(size_t) kv.first] = 0;
+        s->penalised_mask[(size_t) kv.first] &= (uint8_t) ~kInWindow;
     }
     s->window.clear();
     s->counts.clear();

@@ -27,6 +27,12 @@ runner_fast_sampler * runner_fast_new(int32_t n_vocab, float temperature, int32_
                                       float frequency_penalty, float presence_penalty, uint64_t seed);
 void runner_fast_free(runner_fast_sampler * s);
 
+/* Add logit biases (llama.cpp's logit_bias stage, which runs before the
+ * penalties; a token given twice gets the sum; -inf bans it): 0, or -1 for
+ * a token outside the vocabulary, a NaN bias or no memory (then some of
+ * them may be set). */
+int runner_fast_set_bias(runner_fast_sampler * s, const int32_t * tokens, const float * biases, int32_t n);
+
 /* Record a token in the penalty window (prompt tokens and sampled ones). */
 void runner_fast_accept(runner_fast_sampler * s, int32_t token);
 void runner_fast_reset(runner_fast_sampler * s);

@@ -156,7 +156,7 @@ cdef class Sampler:
                 model.n_vocab, repeat_last_n, repeat_penalty, frequency_penalty, presence_penalty))
         # The native chain serves a grammar's requests too (the grammar checks
         # its pick: runner_fast_grammar_sample).
-        cdef bint plain = native and not logit_bias and not (0.0 < typical_p < 1.0)
+        cdef bint plain = native and not (0.0 < typical_p < 1.0)
         if temperature <= 0:
             self.greedy = True
             self.seed = 0
@@ -167,6 +167,7 @@ cdef class Sampler:
             if plain and not self.argmax_only:
                 self.fast = runner_fast_new(model.n_vocab, 0.0, 0, 1.0, 0.0, repeat_last_n,
                                             repeat_penalty, frequency_penalty, presence_penalty, 0)
+                self._fast_bias(logit_bias)
             return
         if top_k > 0:
             llama_sampler_chain_add(self.chain, llama_sampler_init_top_k(top_k))
@@ -184,6 +185,29 @@ cdef class Sampler:
         if plain:  # NULL (llama.cpp's chain) when top_k is out of its range
             self.fast = runner_fast_new(model.n_vocab, temperature, top_k, top_p, min_p, repeat_last_n,
                                         repeat_penalty, frequency_penalty, presence_penalty, self.seed)
+            self._fast_bias(logit_bias)
+
+    cdef int _fast_bias(self, logit_bias) except -1:
+        """Give the native chain the logit biases (the chain's stage holds
+        them too, for reset and for llama.cpp's chain)."""
+        if self.fast == NULL or not logit_bias:
+            return 0
+        pairs = list(dict(logit_bias).items())
+        cdef Py_ssize_t i, n = len(pairs)
+        cdef int32_t * toks = <int32_t *> malloc(n * sizeof(int32_t))
+        cdef float * biases = <float *> malloc(n * sizeof(float))
+        try:
+            if toks == NULL or biases == NULL:
+                raise MemoryError()
+            for i in range(n):
+                toks[i] = pairs[i][0]
+                biases[i] = pairs[i][1]
+            if runner_fast_set_bias(self.fast, toks, biases, <int32_t> n) != 0:
+                raise ValueError("logit_bias: a token outside the vocabulary or a NaN bias")
+        finally:
+            free(toks)
+            free(biases)
+        return 0
 
     cdef llama_sampler * _logit_bias(self, pairs) except NULL:
         """A logit-bias stage from (token, bias) pairs."""

@@ -64,9 +64,10 @@ def prompt_tokens_to_accept(options: CompletionOptions, slot_ctx: int) -> int:
 
 def _plain(o: CompletionOptions, order: tuple[str, ...]) -> bool:
     """Whether the request needs only the stages of the keyword chain
-    (penalties, top-k, top-p, min-p, temperature, draw) in llama-server's
-    default order: then the binding's native chain can serve it."""
-    return (order == DEFAULT_SAMPLERS and o.mirostat == 0 and o.logit_bias is None
+    (logit bias, penalties, top-k, top-p, min-p, temperature, draw) in
+    llama-server's default order: then the binding's native chain can serve
+    it."""
+    return (order == DEFAULT_SAMPLERS and o.mirostat == 0
             and not _dry_on(o) and not _xtc_on(o) and o.top_n_sigma <= 0.0
             and not 0.0 < o.typical_p < 1.0 and o.dynatemp_range == 0.0 and o.min_keep <= 1)
 
@@ -171,15 +172,19 @@ def _sampler(model: _llama.Model, options: CompletionOptions, order: list[str], 
     options need only its stages in the default order, else the explicit
     stage list; llama.cpp's refusals become BadRequest naming the option."""
     seed = None if options.seed < 0 else options.seed
+    biases = resolve_logit_bias(model, options.logit_bias) if options.logit_bias is not None else []
     try:
         if _plain(options, order):
+            summed: dict[int, float] = {}  # a token named twice (as an id and in a text) gets both
+            for tok, bias in biases:
+                summed[tok] = summed.get(tok, 0.0) + bias
             return _llama.Sampler(
                 model, temperature=options.temperature, top_k=options.top_k, top_p=options.top_p,
                 min_p=options.min_p, typical_p=options.typical_p,
                 repeat_last_n=_window(options.repeat_last_n, slot_ctx),
                 repeat_penalty=options.repeat_penalty, frequency_penalty=options.frequency_penalty,
-                presence_penalty=options.presence_penalty, seed=seed, grammar=grammar, native=native)
-        biases = resolve_logit_bias(model, options.logit_bias) if options.logit_bias is not None else []
+                presence_penalty=options.presence_penalty, seed=seed, grammar=grammar, native=native,
+                logit_bias=summed or None)
         stages = sampler_stages(options, slot_ctx, biases)
         return _llama.Sampler(model, seed=seed, grammar=grammar, stages=stages)
     except _llama.GrammarError as exc:  # llama.cpp's parser refused it (a converted schema too)

@@ -24,9 +24,12 @@ def decoded(llama, model, make_ctx):
     batch.close()
 
 
-def reference(logits, window, *, temperature, top_k, top_p, min_p, repeat, freq, present):
-    """llama.cpp's stages, in its order: penalties, top-k, top-p, min-p, temperature."""
+def reference(logits, window, *, temperature, top_k, top_p, min_p, repeat, freq, present, bias=None):
+    """llama.cpp's stages, in its order: logit bias, penalties, top-k, top-p,
+    min-p, temperature."""
     x = logits.astype(np.float64).copy()
+    for t, b in (bias or {}).items():
+        x[t] += b
     counts: dict[int, int] = {}
     for t in window:
         counts[t] = counts.get(t, 0) + 1
@@ -54,6 +57,36 @@ CASES = [
 ]
 
 
+def _biases(model, tokens, logits):
+    """Logit biases that move the distribution: the two likeliest tokens
+    banned (-inf) and pushed down, a penalised prompt token and an unlikely
+    one raised, a token outside the window lowered a little."""
+    order = np.argsort(-logits)
+    window = set(tokens[-64:])
+    in_window = [int(t) for t in order[:200] if int(t) in window]
+    outside = [int(t) for t in order[2:200] if int(t) not in window]
+    return {int(order[0]): -np.inf, int(order[1]): -3.0, in_window[0]: 2.5,
+            int(order[5000]): 12.0, outside[0]: -0.5}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_distribution_with_logit_bias_matches_the_stages(llama, model, decoded, case):
+    ctx, idx, tokens = decoded
+    logits = np.array(ctx.logits(idx))
+    bias = _biases(model, tokens, logits)
+    s = llama.Sampler(model, temperature=case["temperature"], top_k=case["top_k"], top_p=case["top_p"],
+                      min_p=case["min_p"], repeat_last_n=64, repeat_penalty=case["repeat"],
+                      frequency_penalty=case["freq"], presence_penalty=case["present"], seed=1,
+                      logit_bias=bias)
+    assert s.native
+    for t in tokens:
+        s.accept(t)
+    got_tokens, got_probs = s.distribution(ctx, idx)
+    want_tokens, want_probs = reference(logits, tokens[-64:], bias=bias, **case)
+    assert list(got_tokens) == list(want_tokens)
+    np.testing.assert_allclose(got_probs, want_probs, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_distribution_matches_the_stages(llama, model, decoded, case):
     ctx, idx, tokens = decoded
@@ -70,16 +103,26 @@ def test_distribution_matches_the_stages(llama, model, decoded, case):
     np.testing.assert_allclose(got_probs, want_probs, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("penalties", [(1.1, 0.0, 0.0), (1.5, 0.3, 0.2), (0.9, 0.0, 1.0)])
-def test_greedy_with_penalties_equals_llama_cpp(llama, model, make_ctx, penalties):
-    """Token-identical to llama.cpp's [penalties, greedy] chain over a run of
-    generated tokens (each fed back into the context)."""
+@pytest.mark.parametrize("penalties,biased", [((1.1, 0.0, 0.0), False), ((1.5, 0.3, 0.2), False),
+                                              ((0.9, 0.0, 1.0), False), ((1.1, 0.0, 0.0), True),
+                                              ((1.0, 0.0, 0.0), True)])
+def test_greedy_with_penalties_equals_llama_cpp(llama, model, make_ctx, penalties, biased):
+    """Token-identical to llama.cpp's [logit bias, penalties, greedy] chain
+    over a run of generated tokens (each fed back into the context)."""
     repeat, freq, present = penalties
+    # Ban " quick" and " fox", raise " dog" and lower " the": each changes
+    # the greedy text after PROMPT.
+    bias = None
+    if biased:
+        ids = lambda text: model.tokenize(text, add_special=False)[0]
+        bias = {ids(" quick"): float("-inf"), ids(" fox"): float("-inf"), ids(" dog"): 1.5,
+                ids(" the"): -2.0}
     outs = []
     for native in (True, False):
         ctx = make_ctx(n_ctx=512)
         s = llama.Sampler(model, temperature=0.0, repeat_last_n=16, repeat_penalty=repeat,
-                          frequency_penalty=freq, presence_penalty=present, native=native)
+                          frequency_penalty=freq, presence_penalty=present, native=native,
+                          logit_bias=bias)
         assert s.native == native
         batch = llama.Batch(128)
         tokens = model.tokenize(PROMPT, add_special=True)
@@ -126,7 +169,8 @@ def test_what_stays_on_llama_cpp_chain(llama, model):
     assert not llama.Sampler(model, typical_p=0.5).native
     assert not llama.Sampler(model, top_k=0).native          # the whole vocabulary
     assert not llama.Sampler(model, top_k=5000).native
-    assert not llama.Sampler(model, logit_bias={1: -1.0}).native
+    assert llama.Sampler(model, logit_bias={1: -1.0}).native
+    assert llama.Sampler(model, temperature=0.0, logit_bias={1: -1.0}).native
     assert llama.Sampler(model, temperature=0.0).native       # plain argmax
     assert llama.Sampler(model, temperature=0.0, repeat_penalty=1.1).native
 

@@ -219,8 +219,9 @@ def test_native_only_where_its_stages_suffice(model):
 
     assert make_sampler(model, opts(), SLOT).native
     assert make_sampler(model, opts(samplers="edskypmxt"), SLOT).native
+    assert make_sampler(model, opts(logit_bias={"1": 1.0, "Paris": False}), SLOT).native
     for kw in (dict(mirostat=2), dict(dry_multiplier=0.5), dict(xtc_probability=0.5),
-               dict(top_n_sigma=1.0), dict(logit_bias={"1": 1.0}), dict(samplers="kt"),
+               dict(top_n_sigma=1.0), dict(samplers="kt"),
                dict(dynatemp_range=0.5), dict(min_keep=5), dict(typical_p=0.5)):
         with make_sampler(model, opts(**kw), SLOT) as s:
             assert not s.native, kw
