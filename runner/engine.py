@@ -1315,7 +1315,8 @@ class Engine:
         kept = None if logits is None else np.array(logits, dtype=np.float32)
         self._pending.add(seq)
 
-        def done(token) -> None:  # on the worker thread
+        def done(token, seconds: float) -> None:  # on the worker thread
+            self.totals.grammar_redraw(seconds)
             with self._lock:
                 self._resolved.append((seq, token, kept))
                 self._wake.notify()

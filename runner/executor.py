@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import os
+import time
 from typing import Callable
 
 import numpy as np
@@ -258,21 +259,22 @@ class PickResolver:
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.submitted = 0               # deferred picks handed to the workers (loop thread)
 
-    def submit(self, sampler: "_llama.Sampler", done: Callable[[object], object]) -> None:
+    def submit(self, sampler: "_llama.Sampler", done: Callable[[object, float], object]) -> None:
         """Resolve ``sampler``'s deferred pick, then call ``done`` with the
-        token or the exception raised."""
+        token (or the exception raised) and the seconds it took."""
         if self._pool is None:
             self._pool = concurrent.futures.ThreadPoolExecutor(self._threads, "runner-grammar")
         self.submitted += 1
         self._pool.submit(self._run, sampler, done)
 
     @staticmethod
-    def _run(sampler: "_llama.Sampler", done: Callable[[object], object]) -> None:
+    def _run(sampler: "_llama.Sampler", done: Callable[[object, float], object]) -> None:
+        t0 = time.perf_counter()
         try:
             token = sampler.resolve()
         except Exception as exc:  # the request fails; delivered as its sampled "token"
             token = exc
-        done(token)
+        done(token, time.perf_counter() - t0)
 
     def close(self) -> None:
         """Wait for every resolve in progress (each holds the model)."""

@@ -23,6 +23,7 @@ from typing import Any
 STEP_SECONDS_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 BATCH_TOKENS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 QUEUE_SECONDS_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0)
+GRAMMAR_SECONDS_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 
 # Outcomes a completion is counted under: its final done_reason, or the
 # error code it was refused with before it was queued.
@@ -67,6 +68,9 @@ class EngineTotals:
         self.step_seconds = Histogram(STEP_SECONDS_BUCKETS)   # decode time per step
         self.batch_tokens = Histogram(BATCH_TOKENS_BUCKETS)   # inputs per decode
         self.queue_seconds = Histogram(QUEUE_SECONDS_BUCKETS)  # submit to admission, per completion
+        # per pick a grammar rejected: its redraw over the whole vocabulary,
+        # on a worker thread (runner.executor.PickResolver)
+        self.grammar_redraw_seconds = Histogram(GRAMMAR_SECONDS_BUCKETS)
 
     def finished(self, done_reason: str, prompt_count: int, prompt_eval_count: int,
                  cached_count: int, eval_count: int) -> None:
@@ -92,6 +96,10 @@ class EngineTotals:
             self.step_seconds.observe(seconds)
             self.batch_tokens.observe(n_tokens)
 
+    def grammar_redraw(self, seconds: float) -> None:
+        with self._lock:
+            self.grammar_redraw_seconds.observe(seconds)
+
     def embedded(self) -> None:
         with self._lock:
             self.embeddings += 1
@@ -103,7 +111,8 @@ class EngineTotals:
                     "generated_tokens": self.generated_tokens, "embeddings": self.embeddings,
                     "steps": self.steps, "step_seconds": self.step_seconds.snapshot(),
                     "batch_tokens": self.batch_tokens.snapshot(),
-                    "queue_seconds": self.queue_seconds.snapshot()}
+                    "queue_seconds": self.queue_seconds.snapshot(),
+                    "grammar_redraw_seconds": self.grammar_redraw_seconds.snapshot()}
 
 
 def render_prometheus(metrics: dict[str, Any]) -> bytes:
@@ -128,8 +137,12 @@ def render_prometheus(metrics: dict[str, Any]) -> bytes:
                 yield CounterMetricFamily(f"llama_runner_{name}", doc, value=metrics[name])
             for name, unit_doc in (("step_seconds", "Decode time per step"),
                                    ("batch_tokens", "Inputs per decode"),
-                                   ("queue_seconds", "Wait from submission to a slot")):
-                h = metrics[name]
+                                   ("queue_seconds", "Wait from submission to a slot"),
+                                   ("grammar_redraw_seconds",
+                                    "Redraw of a pick a grammar rejected, off the loop")):
+                h = metrics.get(name)
+                if h is None:  # from a runner that predates it
+                    continue
                 cumulative, buckets = 0, []
                 for bound, n in zip(list(h["bounds"]) + [float("inf")], h["counts"]):
                     cumulative += n

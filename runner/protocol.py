@@ -392,6 +392,8 @@ class MetricsReply(Reply, tag="metrics"):
     # slot file state copies by where they went: touched, short, fresh (info's engine.slot_copies);
     # {} from a runner that predates it
     slot_copies: dict[str, int] = msgspec.field(default_factory=dict)
+    # per pick a grammar rejected, its redraw off the loop; None from a runner that predates it
+    grammar_redraw_seconds: Histogram | None = None
 
 
 class CancelReply(Reply, tag="cancel"):

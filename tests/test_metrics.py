@@ -148,6 +148,10 @@ def test_the_metrics_op_counts_a_known_mix_exactly(default_model_path):
         ("entries", "hits", "misses", "evictions"), 0)
     assert (m.host_cache["max_bytes"], m.host_cache["saves"], m.host_cache["entries"]) == (0, 0, 0)
     assert m.load_seconds > 0
+    # "[z-a]" rejects the model's first pick: at least that one was redrawn
+    # off the loop; "yes" (its tokens and the end) adds at most 4.
+    redraws = m.grammar_redraw_seconds
+    assert 1 <= redraws.count == sum(redraws.counts) <= 5 and redraws.sum > 0
 
     assert out.returncode == 0, out.stderr
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
@@ -158,6 +162,7 @@ def test_the_metrics_op_counts_a_known_mix_exactly(default_model_path):
                  "embeddings", "steps"):
         assert samples[(f"llama_runner_{name}_total", ())] == getattr(m, name), name
     assert samples[("llama_runner_queue_seconds_count", ())] == 5
+    assert samples[("llama_runner_grammar_redraw_seconds_count", ())] == redraws.count
     assert samples[("llama_runner_slot_kv_cells", (("slot", "0"),))] == m.slot_kv_cells[0]
     assert samples[("llama_runner_media_cache_misses_total", ())] == 0
     assert samples[("llama_runner_host_cache_spare_bytes", ())] == m.host_cache["spare_bytes"] == 0  # tier off

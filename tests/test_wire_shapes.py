@@ -90,3 +90,4 @@ def test_a_metrics_reply_without_later_fields_still_decodes():
     del older["slot_copies"]
     decoded = P.decode_reply(msgspec.msgpack.encode(older))
     assert decoded.slot_copies == {} and decoded.load_seconds == 1.0
+    assert decoded.grammar_redraw_seconds is None
