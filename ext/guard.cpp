@@ -123,75 +123,77 @@ void fast_accept_both(runner_fast_sampler * fast, llama_sampler * grammar, llama
     runner_fast_accept(fast, tok);
 }
 
+// Runs `body`, which returns a RUNNER_SAMPLE_* code, with any exception
+// turned into RUNNER_SAMPLE_ERROR and its message.
+template <typename Body>
+int guarded(char * err, size_t err_len, Body && body) {
+    try {
+        return body();
+    } catch (const std::exception & e) {
+        set_error(err, err_len, e.what());
+    } catch (...) {
+        set_error(err, err_len, "unknown C++ exception");
+    }
+    return RUNNER_SAMPLE_ERROR;
+}
+
+// The end of a pick: NO_TOKEN is passed on, no token is an error, else
+// `accept` takes the token, which is stored in `*token`.
+template <typename Accept>
+int settle(int rc, llama_token tok, llama_token * token, char * err, size_t err_len, Accept && accept) {
+    if (rc == RUNNER_SAMPLE_NO_TOKEN) {
+        return rc;
+    }
+    if (tok < 0) {
+        set_error(err, err_len, kNoSelection);
+        return RUNNER_SAMPLE_ERROR;
+    }
+    accept(tok);
+    *token = tok;
+    return RUNNER_SAMPLE_OK;
+}
+
 }  // namespace
 
 extern "C" int runner_fast_grammar_sample(runner_fast_sampler * fast, llama_sampler * grammar,
                                           const float * logits, int32_t n_vocab, llama_token_data * cur,
                                           float * keep, int defer, llama_token * token, char * err,
                                           size_t err_len) {
-    try {
+    return guarded(err, err_len, [&] {
+        auto accept = [&](llama_token t) { fast_accept_both(fast, grammar, t); };
         llama_token tok = runner_fast_pick(fast, logits);
         if (tok >= 0 && std::isfinite(logits[tok]) && grammar_allows(grammar, tok)) {
-            fast_accept_both(fast, grammar, tok);
-            *token = tok;
-            return RUNNER_SAMPLE_OK;
+            return settle(RUNNER_SAMPLE_OK, tok, token, err, err_len, accept);
         }
         std::memcpy(keep, logits, sizeof(float) * (size_t) n_vocab);
         if (defer) {
-            return RUNNER_SAMPLE_DEFERRED;
+            return (int) RUNNER_SAMPLE_DEFERRED;
         }
         int rc = RUNNER_SAMPLE_OK;
         tok = fast_constrained(fast, grammar, keep, n_vocab, cur, &rc);
-        if (rc == RUNNER_SAMPLE_NO_TOKEN) {
-            return rc;
-        }
-        if (tok < 0) {
-            set_error(err, err_len, kNoSelection);
-            return RUNNER_SAMPLE_ERROR;
-        }
-        fast_accept_both(fast, grammar, tok);
-        *token = tok;
-        return RUNNER_SAMPLE_OK;
-    } catch (const std::exception & e) {
-        set_error(err, err_len, e.what());
-    } catch (...) {
-        set_error(err, err_len, "unknown C++ exception");
-    }
-    return RUNNER_SAMPLE_ERROR;
+        return settle(rc, tok, token, err, err_len, accept);
+    });
 }
 
 extern "C" int runner_fast_grammar_constrained(runner_fast_sampler * fast, llama_sampler * grammar,
                                                float * row, int32_t n_vocab, llama_token_data * cur,
                                                llama_token * token, char * err, size_t err_len) {
-    try {
+    return guarded(err, err_len, [&] {
         int rc = RUNNER_SAMPLE_OK;
-        llama_token tok = fast_constrained(fast, grammar, row, n_vocab, cur, &rc);
-        if (rc == RUNNER_SAMPLE_NO_TOKEN) {
-            return rc;
-        }
-        if (tok < 0) {
-            set_error(err, err_len, kNoSelection);
-            return RUNNER_SAMPLE_ERROR;
-        }
-        fast_accept_both(fast, grammar, tok);
-        *token = tok;
-        return RUNNER_SAMPLE_OK;
-    } catch (const std::exception & e) {
-        set_error(err, err_len, e.what());
-    } catch (...) {
-        set_error(err, err_len, "unknown C++ exception");
-    }
-    return RUNNER_SAMPLE_ERROR;
+        const llama_token tok = fast_constrained(fast, grammar, row, n_vocab, cur, &rc);
+        return settle(rc, tok, token, err, err_len,
+                      [&](llama_token t) { fast_accept_both(fast, grammar, t); });
+    });
 }
 
 extern "C" int runner_sample(llama_sampler * chain, llama_sampler * grammar, llama_context * ctx,
                              int32_t idx, int32_t n_vocab, llama_token_data * cur,
                              llama_token * token, float * keep, char * err, size_t err_len) {
-    try {
+    return guarded(err, err_len, [&] {
         const float * logits = llama_get_logits_ith(ctx, idx);
         if (logits == nullptr) {
             set_error(err, err_len, "no logits for this batch index");
-            return RUNNER_SAMPLE_ERROR;
+            return (int) RUNNER_SAMPLE_ERROR;
         }
         fill(cur, logits, n_vocab);
         llama_token_data_array arr = {cur, (size_t) n_vocab, -1, false};
@@ -199,57 +201,31 @@ extern "C" int runner_sample(llama_sampler * chain, llama_sampler * grammar, lla
         if (grammar == nullptr || any_finite(arr)) {
             tok = run_chain(chain, arr);
         }
+        int rc = RUNNER_SAMPLE_OK;
         if (grammar != nullptr && (tok < 0 || !grammar_allows(grammar, tok))) {
             // The chain's choice breaks the grammar: constrain the whole
             // vocabulary first, then sample again -- now, or later from a
             // copy of the row when the caller asked for that.
             if (keep != nullptr) {
                 std::memcpy(keep, logits, sizeof(float) * (size_t) n_vocab);
-                return RUNNER_SAMPLE_DEFERRED;
+                return (int) RUNNER_SAMPLE_DEFERRED;
             }
-            int rc = RUNNER_SAMPLE_OK;
             tok = constrain_and_sample(chain, grammar, logits, n_vocab, cur, &rc);
-            if (rc == RUNNER_SAMPLE_NO_TOKEN) {
-                return rc;
-            }
         }
-        if (tok < 0) {
-            set_error(err, err_len, kNoSelection);
-            return RUNNER_SAMPLE_ERROR;
-        }
-        accept_both(chain, grammar, tok);
-        *token = tok;
-        return RUNNER_SAMPLE_OK;
-    } catch (const std::exception & e) {
-        set_error(err, err_len, e.what());
-    } catch (...) {
-        set_error(err, err_len, "unknown C++ exception");
-    }
-    return RUNNER_SAMPLE_ERROR;
+        return settle(rc, tok, token, err, err_len,
+                      [&](llama_token t) { accept_both(chain, grammar, t); });
+    });
 }
 
 extern "C" int runner_sample_constrained(llama_sampler * chain, llama_sampler * grammar,
                                          const float * logits, int32_t n_vocab, llama_token_data * cur,
                                          llama_token * token, char * err, size_t err_len) {
-    try {
+    return guarded(err, err_len, [&] {
         int rc = RUNNER_SAMPLE_OK;
-        llama_token tok = constrain_and_sample(chain, grammar, logits, n_vocab, cur, &rc);
-        if (rc == RUNNER_SAMPLE_NO_TOKEN) {
-            return rc;
-        }
-        if (tok < 0) {
-            set_error(err, err_len, kNoSelection);
-            return RUNNER_SAMPLE_ERROR;
-        }
-        accept_both(chain, grammar, tok);
-        *token = tok;
-        return RUNNER_SAMPLE_OK;
-    } catch (const std::exception & e) {
-        set_error(err, err_len, e.what());
-    } catch (...) {
-        set_error(err, err_len, "unknown C++ exception");
-    }
-    return RUNNER_SAMPLE_ERROR;
+        const llama_token tok = constrain_and_sample(chain, grammar, logits, n_vocab, cur, &rc);
+        return settle(rc, tok, token, err, err_len,
+                      [&](llama_token t) { accept_both(chain, grammar, t); });
+    });
 }
 
 extern "C" int runner_sampler_accept(llama_sampler * smpl, llama_token token, char * err, size_t err_len) {
