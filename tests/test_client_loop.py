@@ -29,7 +29,11 @@ from runner.requests import Chunk, Final
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from tiny_model import write_tiny_llama  # noqa: E402
 
-SEEDED = {"seed": 11}  # default sampling options, reproducible
+# Default sampling options, reproducible.  ignore_eos: which seeded stream
+# meets an end token depends on the CPU's float rounding (one of five
+# prompts here ended after 244 tokens on a 2026-12-03 VM, before and after
+# that day's changes), and the streams must run their length.
+SEEDED = {"seed": 11, "ignore_eos": True}
 FOREVER = {"num_predict": -1, "ignore_eos": True}  # until cancelled (the context shifts)
 HANG = 120.0           # a deadline against hanging the suite, never a timing check
 
