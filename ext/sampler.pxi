@@ -586,7 +586,12 @@ cdef class Sampler:
         return tokens[:n], probs[:n]
 
     def reset(self):
+        """Forget the penalty window and the grammar's progress (a deferred
+        pick too); refused while :meth:`resolve` runs."""
         self._check()
+        if self.busy:
+            raise ValueError("the sampler is resolving a deferred pick")
+        self.deferred = False
         if self.fast != NULL:
             runner_fast_reset(self.fast)
         llama_sampler_reset(self.chain)

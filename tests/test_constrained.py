@@ -255,6 +255,12 @@ def test_a_deferred_pick_resolves_to_the_token_sampling_gives(llama, model, make
             assert never.sample(ctx, row, defer=True) is llama.DEFERRED
             with pytest.raises(llama.NoTokenError):
                 never.resolve()
+        # reset() forgets a deferred pick: the sampler samples again.
+        with llama.Sampler(model, temperature=0.0, grammar=grammar) as again:
+            assert again.sample(ctx, row, defer=True) is llama.DEFERRED
+            again.reset()
+            assert not again.pending
+            assert isinstance(again.sample(ctx, row), int)
         # Closed while deferred: freed at once, resolve refuses.
         closed = llama.Sampler(model, temperature=0.0, grammar=grammar)
         assert closed.sample(ctx, row, defer=True) is llama.DEFERRED
