@@ -501,6 +501,28 @@ cdef class Sampler:
             raise ClosedError("sampler was closed while resolving")
         return self._sampled(rc, tok)
 
+    cdef int _grammar_buffers(self) except -1:
+        """The scratch rows a grammar's sampling needs, allocated once."""
+        if self.cur == NULL:
+            self.cur = <llama_token_data *> malloc(self.model.n_vocab * sizeof(llama_token_data))
+        if self.kept == NULL:
+            self.kept = <float *> malloc(self.model.n_vocab * sizeof(float))
+        if self.cur == NULL or self.kept == NULL:
+            raise MemoryError()
+        return 0
+
+    cdef object _grammar_outcome(self, int rc):
+        """What sample() gives for a grammar's return code other than OK in
+        a native run: DEFERRED (the pick awaits resolve()), or the error."""
+        if rc == RUNNER_SAMPLE_DEFERRED:
+            self.deferred = True
+            return DEFERRED
+        try:
+            self._sampled(rc, -1)
+        except LlamaError as exc:
+            return exc
+        return SamplerError("sampling failed: unexpected return code")
+
     @property
     def pending(self):
         """Whether a deferred pick awaits :meth:`resolve`."""
@@ -690,6 +712,29 @@ cdef class StepInterrupt:
         return self.flag != 0
 
 
+# What decode_steps needs of a sampler with a grammar, for its nogil loop.
+cdef struct _GrammarRow:
+    runner_fast_sampler * fast
+    llama_sampler * grammar
+    llama_token_data * cur
+    float * kept
+    char * err
+
+# decode_steps writes a grammar's return code rc (other than OK) in the
+# token's place as _GRAMMAR_CODE + rc: below -1, which means "no number".
+cdef enum:
+    _GRAMMAR_CODE = -100
+
+
+cdef inline int32_t _grammar_row(_GrammarRow * g, const float * row, int32_t n_vocab) noexcept nogil:
+    """One row of a grammar's sampler in a native run: the token, or
+    _GRAMMAR_CODE + the return code (a rejected pick is deferred)."""
+    cdef llama_token tok = -1
+    cdef int rc = runner_fast_grammar_sample(g.fast, g.grammar, row, n_vocab, g.cur, g.kept, 1, &tok,
+                                             g.err, 512)
+    return tok if rc == RUNNER_SAMPLE_OK else _GRAMMAR_CODE + rc
+
+
 def decode_steps(Context ctx not None, Batch batch not None, list samplers not None,
                  list seq_ids not None, list positions not None, list tokens not None,
                  list budgets not None, list stop_on_eog not None, int max_steps,
@@ -701,11 +746,15 @@ def decode_steps(Context ctx not None, Batch batch not None, list samplers not N
     ``positions[i]``, then the token sampled for it at the next position --
     and samples every row with its sequence's native sampler (plain argmax
     or the one-pass chain, which records the token for its penalties), as
-    :func:`sample_batch` would.  The run stops after a step in which a token
-    ends a sequence (an end-of-generation token where ``stop_on_eog[i]``,
-    the ``budgets[i]``-th token of the run, or -1 for a row with no number
-    among its logits), before a step once ``interrupt`` is set, or at a
-    decode that fails.  ``doorbell`` is written to before the first decode
+    :func:`sample_batch` would.  A sampler with a grammar draws natively
+    too, and its grammar checks the pick (runner_fast_grammar_sample); a
+    pick it rejects is deferred (:meth:`Sampler.resolve`), and
+    :data:`DEFERRED` takes the token's place, or the exception the check
+    raised.  The run stops after a step in which a token ends a sequence
+    (an end-of-generation token where ``stop_on_eog[i]``, the
+    ``budgets[i]``-th token of the run, -1 for a row with no number among
+    its logits, a deferred pick or an error), before a step once
+    ``interrupt`` is set, or at a decode that fails.  ``doorbell`` is written to before the first decode
     (see :meth:`Context.decode`).
 
     Returns ``(sampled, rc)``: ``sampled[i]`` lists the tokens sampled for
@@ -737,8 +786,12 @@ def decode_steps(Context ctx not None, Batch batch not None, list samplers not N
             raise ClosedError("sampler is closed")
         if s.model is not ctx.model:
             raise ValueError("sampler and context belong to different models")
-        if not s.native:
-            raise ValueError("decode_steps needs native samplers (Sampler.native)")
+        if not s.native_chain:
+            raise ValueError("decode_steps needs samplers the native chain serves (Sampler.native_chain)")
+        if s.deferred:
+            raise ValueError("a sampler's last pick was deferred and is not resolved")
+        if s.grammar != NULL:
+            s._grammar_buffers()
         if not 0 <= <long> seq_ids[i] < n_seq:
             raise ValueError(f"sequence id {seq_ids[i]} outside 0..{n_seq - 1}")
         if not 0 <= <long> tokens[i] < n_vocab:
@@ -754,10 +807,20 @@ def decode_steps(Context ctx not None, Batch batch not None, list samplers not N
     cdef int64_t * left = <int64_t *> malloc(n * sizeof(int64_t))
     cdef uint8_t * eog = <uint8_t *> malloc(n * sizeof(uint8_t))
     cdef int32_t * out = <int32_t *> malloc(n * max_steps * sizeof(int32_t))
+    # Rows whose sampler has a grammar: their index, and the rest's.
+    cdef Py_ssize_t * gram = <Py_ssize_t *> malloc(n * sizeof(Py_ssize_t))
+    cdef Py_ssize_t * plain = <Py_ssize_t *> malloc(n * sizeof(Py_ssize_t))
+    cdef runner_fast_sampler ** pfasts = <runner_fast_sampler **> malloc(n * sizeof(void *))
+    cdef const float ** prows = <const float **> malloc(n * sizeof(void *))
+    cdef int32_t * ptoks = <int32_t *> malloc(n * sizeof(int32_t))
+    cdef _GrammarRow * grows = <_GrammarRow *> malloc(n * sizeof(_GrammarRow))
     if (fasts == NULL or rows == NULL or cur == NULL or toks == NULL or pos == NULL or sid == NULL
-            or left == NULL or eog == NULL or out == NULL):
+            or left == NULL or eog == NULL or out == NULL or gram == NULL or plain == NULL
+            or pfasts == NULL or prows == NULL or ptoks == NULL or grows == NULL):
         free(fasts); free(rows); free(cur); free(toks); free(pos); free(sid); free(left); free(eog); free(out)
+        free(gram); free(plain); free(pfasts); free(prows); free(ptoks); free(grows)
         raise MemoryError()
+    cdef Py_ssize_t n_gram = 0, n_plain = 0, j
     cdef int32_t rc = 0, steps = 0, step, m
     cdef bint ended
     cdef uint64_t one = 1
@@ -770,6 +833,18 @@ def decode_steps(Context ctx not None, Batch batch not None, list samplers not N
         for i in range(n):
             s = <Sampler> samplers[i]
             fasts[i] = s.fast  # NULL: plain argmax
+            if s.grammar != NULL:
+                gram[n_gram] = i
+                grows[n_gram].fast = s.fast
+                grows[n_gram].grammar = s.grammar
+                grows[n_gram].cur = s.cur
+                grows[n_gram].kept = s.kept
+                grows[n_gram].err = s.err
+                n_gram += 1
+            else:
+                plain[n_plain] = i
+                pfasts[n_plain] = s.fast
+                n_plain += 1
             cur[i] = <int32_t> tokens[i]
             pos[i] = <int32_t> positions[i]
             sid[i] = <int32_t> seq_ids[i]
@@ -797,12 +872,25 @@ def decode_steps(Context ctx not None, Batch batch not None, list samplers not N
                     rows[i] = llama_get_logits_ith(ctx.ptr, <int32_t> i)
                     if rows[i] == NULL:
                         m += 1
-                if m == 0:
+                if m == 0 and n_gram == 0:
                     runner_sample_rows(fasts, rows, toks, <int32_t> n, n_vocab, runner_argmax_f32, n_threads)
+                elif m == 0:
+                    for j in range(n_plain):
+                        prows[j] = rows[plain[j]]
+                    if n_plain > 0:
+                        runner_sample_rows(pfasts, prows, ptoks, <int32_t> n_plain, n_vocab,
+                                           runner_argmax_f32, n_threads)
+                    for j in range(n_plain):
+                        toks[plain[j]] = ptoks[j]
+                    for j in range(n_gram):  # a grammar's check on this thread, one row at a time
+                        toks[gram[j]] = _grammar_row(&grows[j], rows[gram[j]], n_vocab)
                 else:  # never seen: a row without logits ends its sequence as unsampleable
-                    for i in range(n):
-                        toks[i] = -1 if rows[i] == NULL else runner_sample_rows_one(
-                            fasts[i], rows[i], n_vocab)
+                    for j in range(n_plain):
+                        i = plain[j]
+                        toks[i] = -1 if rows[i] == NULL else runner_sample_rows_one(fasts[i], rows[i], n_vocab)
+                    for j in range(n_gram):
+                        i = gram[j]
+                        toks[i] = -1 if rows[i] == NULL else _grammar_row(&grows[j], rows[i], n_vocab)
                 ended = False
                 for i in range(n):
                     out[step * n + i] = toks[i]
@@ -815,6 +903,11 @@ def decode_steps(Context ctx not None, Batch batch not None, list samplers not N
                 if ended:
                     break
         sampled = [[out[step * n + i] for step in range(steps)] for i in range(n)]
+        for j in range(n_gram):  # a grammar's outcome other than a token: what sample() gives
+            run = sampled[gram[j]]
+            if steps > 0 and run[steps - 1] < -1:
+                run[steps - 1] = (<Sampler> samplers[gram[j]])._grammar_outcome(run[steps - 1] - _GRAMMAR_CODE)
     finally:
         free(fasts); free(rows); free(cur); free(toks); free(pos); free(sid); free(left); free(eog); free(out)
+        free(gram); free(plain); free(pfasts); free(prows); free(ptoks); free(grows)
     return sampled, rc

@@ -1041,7 +1041,7 @@ class Engine:
         for e in entries:
             seq, opts = e.seq, e.seq.options
             if (not e.generating or e.draft or e.draft_limit or seq.spans or opts.speculative
-                    or opts.logprobs or opts.top_logprobs or not seq.sampler.native):
+                    or opts.logprobs or opts.top_logprobs or not seq.sampler.native_chain):
                 return 0
             steps = min(steps, self.slot_ctx - e.start)
             if seq.n_predict:
@@ -1071,7 +1071,10 @@ class Engine:
         for seq, run in zip(seqs, sampled):
             record(seq.slot, [seq.next_token, *run[:-1]])
             seq.next_token = None
-        n_gen = self._hand_on(((seq, [(t if t >= 0 else _NO_NUMBER, None) for t in run])
+        # A token, -1 (no number among the logits), or a grammar's DEFERRED
+        # or error (decode_steps), which ends its run.
+        n_gen = self._hand_on(((seq, [(t if type(t) is not int or t >= 0 else _NO_NUMBER, None)
+                                      for t in run])
                                for seq, run in zip(seqs, sampled)), t2)
         self._last_decode_end = t2
         per_step = (t2 - t1) / n_steps

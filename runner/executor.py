@@ -175,7 +175,9 @@ class Executor:
             self.ctx, self.batch, [s.sampler for s in seqs], [s.slot.id for s in seqs],
             [s.position(e.start) for s, e in zip(seqs, entries)], [s.next_token for s in seqs],
             [(s.n_predict - len(s.generated)) if s.n_predict else budget for s in seqs],
-            [not s.options.ignore_eos for s in seqs], steps, interrupt, self.claim_doorbell(),
+            # a grammar ends at an end token even under ignore_eos (Engine._take)
+            [not s.options.ignore_eos or s.sampler.has_grammar for s in seqs], steps, interrupt,
+            self.claim_doorbell(),
             self.sample_threads)
 
     def media_rows(self, span: MediaSpan) -> np.ndarray:

@@ -173,3 +173,49 @@ def test_bad_calls_are_refused_before_any_decode(llama, model, make_ctx):
     for s in (greedy, other, chain):
         s.close()
     batch.close()
+
+
+@pytest.mark.parametrize("grammar", ['root ::= [^\\x00]*', 'root ::= "zq" [a-z]*'])
+def test_a_grammar_rides_a_native_run(llama, model, make_ctx, grammar):
+    """A sampler with a grammar in a native run: each pick the grammar takes
+    goes on as in steps one at a time (sample_batch with defer); the first
+    pick it rejects ends the run as DEFERRED, and resolve() then gives the
+    token the one-at-a-time path gives."""
+    def pair():
+        return [llama.Sampler(model, temperature=0.0, repeat_penalty=1.1),
+                llama.Sampler(model, temperature=0.8, top_k=40, top_p=0.9, repeat_penalty=1.1, seed=5,
+                              grammar=grammar)]
+
+    ctx, positions, first = prefilled(llama, model, make_ctx, 2)
+    ss = pair()
+    assert not ss[1].native and ss[1].native_chain
+    batch = llama.Batch(64)
+    sampled, rc = llama.decode_steps(ctx, batch, ss, [0, 1], positions, first, [8, 8], [True, True], 8)
+    batch.close()
+    assert rc == 0
+
+    ctx, positions, first = prefilled(llama, model, make_ctx, 2)
+    ref_ss = pair()
+    batch = llama.Batch(64)
+    cur, pos, ref = list(first), list(positions), [[], []]
+    for _ in range(8):
+        batch.clear()
+        for i in range(2):
+            batch.add(cur[i], pos[i], i, True)
+        ctx.decode(batch)
+        toks = llama.sample_batch(ctx, ref_ss, [0, 1], 1, True)
+        for i, t in enumerate(toks):
+            ref[i].append(t)
+        if any(t is llama.DEFERRED or model.is_eog(t) for t in toks):
+            break
+        cur = toks
+        pos = [p + 1 for p in pos]
+    batch.close()
+    assert sampled == ref
+    if sampled[1][-1] is llama.DEFERRED:
+        assert grammar.startswith('root ::= "zq"') and ss[1].pending and len(sampled[1]) == 1
+        token = ss[1].resolve()
+        assert token == ref_ss[1].resolve()
+        assert model.token_to_piece(token).decode() in ("z", "zq")
+    else:
+        assert len(sampled[1]) == 8 or model.is_eog(sampled[1][-1])

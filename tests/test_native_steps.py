@@ -100,11 +100,30 @@ def test_a_wake_up_interrupts_a_run(tiny):
 
 @pytest.mark.parametrize("options", [{"logprobs": True, "temperature": 0},
                                      {"speculative": True, "temperature": 0},
-                                     {"temperature": 0.8, "top_k": 0, "seed": 2},   # llama.cpp's chain
-                                     {"grammar": 'root ::= "a"+', "temperature": 0}])
+                                     {"temperature": 0.8, "top_k": 0, "seed": 2}])  # llama.cpp's chain
 def test_requests_that_need_python_between_tokens_never_run_natively(tiny, options):
     with Engine(EngineConfig(str(tiny), n_ctx=1024, n_threads=1, burst_ms=1000.0)) as e:
         e.complete("warm up", num_predict=8, temperature=0)
         first = len(e.timings)
         e.complete("hello hello hello hello", num_predict=40, ignore_eos=True, **options)
         assert {t.steps for t in list(e.timings)[first:]} == {1}
+
+
+@pytest.mark.parametrize("grammar", ['root ::= [^\\x00]*', 'root ::= [a-z ]+'])
+def test_a_grammar_stream_runs_natively_with_the_same_text(tiny, grammar):
+    """A grammar's stream rides native runs while its grammar takes the
+    picks (every pick, for the first grammar) and leaves them at a pick it
+    rejects (most picks, for the second): the same text as one step at a
+    time.  One stream, so no other stream's timing changes its batches."""
+    out = {}
+    for burst in (0.0, 1000.0):
+        with Engine(EngineConfig(str(tiny), n_ctx=1024, n_threads=1, burst_ms=burst)) as e:
+            e.complete("warm up", num_predict=8, temperature=0)
+            first = len(e.timings)
+            text, final = e.complete("Once upon a time", seed=4, num_predict=60, grammar=grammar)
+            out[burst] = ((text, final.done_reason, final.eval_count),
+                          [t.steps for t in list(e.timings)[first:]])
+    assert out[0.0][0] == out[1000.0][0]
+    assert set(out[0.0][1]) == {1}
+    if "^" in grammar and out[0.0][0][2] > 8:
+        assert max(out[1000.0][1]) > 1
