@@ -1283,7 +1283,8 @@ class Engine:
         """Turn one sampled token of ``seq`` into generated text (appended to
         ``toks``) or an end; returns the end (seq, reason, error), or None
         when the token is the next step's input."""
-        if token is _llama.DEFERRED:
+        if token is _llama.DEFERRED:  # (after a native run's tokens, which set next_token)
+            seq.next_token = None
             self._defer(seq, logits)
             return None
         if type(token) is not int:

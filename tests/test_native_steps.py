@@ -5,6 +5,7 @@ n_predict, cancellation, several streams at once -- on the tiny model."""
 
 from __future__ import annotations
 
+import re
 import sys
 import threading
 from pathlib import Path
@@ -127,3 +128,23 @@ def test_a_grammar_stream_runs_natively_with_the_same_text(tiny, grammar):
     assert set(out[0.0][1]) == {1}
     if "^" in grammar and out[0.0][0][2] > 8:
         assert max(out[1000.0][1]) > 1
+
+
+def test_a_grammar_stream_among_others_in_native_runs(tiny):
+    """Three plain streams keep the loop stepping while the grammar stream's
+    redraws run off the loop: a run that ended at its rejected pick must not
+    leave it scheduled (it once was, with the run's last token, and its
+    sampler refused the next pick)."""
+    with Engine(EngineConfig(str(tiny), n_ctx=4096, n_threads=1, parallel=4, burst_ms=1000.0)) as e:
+        e.complete("warm up", num_predict=8, temperature=0)
+        handles = [e.submit(CompletionRequest(prompt=[1000 + 37 * i + k for k in range(32)],
+                                              options=CompletionOptions.from_dict(
+            {"temperature": 0.0, "repeat_penalty": 1.0, "ignore_eos": True, "num_predict": 120,
+             **({"grammar": "root ::= [a-z ]+"} if i == 0 else {})}))) for i in range(4)]
+        results = [h.result() for h in handles]
+        redraws = e.totals.snapshot()["grammar_redraw_seconds"]["count"]
+        steps = [t.steps for t in e.timings]
+    for text, final in results:
+        assert final.error is None and final.done_reason == "length" and final.eval_count == 120, final
+    assert re.fullmatch(r"[a-z ]+", results[0][0]), results[0][0]
+    assert redraws > 0 and max(steps) > 1
