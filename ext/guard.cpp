@@ -58,14 +58,22 @@ bool grammar_allows(llama_sampler * grammar, llama_token token) {
     return std::isfinite(single.logit);
 }
 
+// `arr` := every token of `logits` in `cur`, the grammar applied (what it
+// rejects at -inf); false when it allows none.  The slow part of a redraw.
+bool apply_grammar(llama_sampler * grammar, const float * logits, int32_t n_vocab, llama_token_data * cur,
+                   llama_token_data_array & arr) {
+    fill(cur, logits, n_vocab);
+    arr = {cur, (size_t) n_vocab, -1, false};
+    llama_sampler_apply(grammar, &arr);
+    return any_finite(arr);
+}
+
 // The grammar applied to every token of `logits`, then the chain run again
 // (the slow half of runner_sample); the token, or -1 with `*rc` set.
 llama_token constrain_and_sample(llama_sampler * chain, llama_sampler * grammar, const float * logits,
                                  int32_t n_vocab, llama_token_data * cur, int * rc) {
-    fill(cur, logits, n_vocab);
-    llama_token_data_array arr = {cur, (size_t) n_vocab, -1, false};
-    llama_sampler_apply(grammar, &arr);
-    if (!any_finite(arr)) {
+    llama_token_data_array arr;
+    if (!apply_grammar(grammar, logits, n_vocab, cur, arr)) {
         *rc = RUNNER_SAMPLE_NO_TOKEN;
         return -1;
     }
@@ -93,10 +101,8 @@ const char * const kNoSelection = "the sampler chain selected no token (are the 
 // then the best allowed token is taken.
 llama_token fast_constrained(runner_fast_sampler * fast, llama_sampler * grammar, float * row,
                              int32_t n_vocab, llama_token_data * cur, int * rc) {
-    fill(cur, row, n_vocab);
-    llama_token_data_array arr = {cur, (size_t) n_vocab, -1, false};
-    llama_sampler_apply(grammar, &arr);
-    if (!any_finite(arr)) {
+    llama_token_data_array arr;
+    if (!apply_grammar(grammar, row, n_vocab, cur, arr)) {
         *rc = RUNNER_SAMPLE_NO_TOKEN;
         return -1;
     }

@@ -46,6 +46,10 @@ def fast_sample_once(const float[::1] logits not None, *, float temperature=0.0,
     return tok
 
 
+cdef enum:
+    _ERR_LEN = 512  # bytes of a Sampler's error message buffer
+
+
 class _DeferredPick:
     """What :meth:`Sampler.sample` returns, with ``defer=True``, for a pick
     left to :meth:`Sampler.resolve`; :data:`DEFERRED` is its one instance."""
@@ -110,7 +114,7 @@ cdef class Sampler:
     cdef readonly bint greedy      # temperature <= 0
     cdef bint argmax_only          # greedy with no stateful stage: sample() is a plain argmax
     cdef runner_fast_sampler * fast  # owned; the native chain, or NULL when llama.cpp's runs
-    cdef char err[512]             # message of the last guarded call that failed
+    cdef char err[_ERR_LEN]        # message of the last guarded call that failed
     cdef float * kept              # the row of a deferred pick, n_vocab floats (allocated on first use)
     cdef bint deferred             # a pick awaits resolve(); sample() refuses until then
     # resolve() is running with the GIL released; close() then only sets
@@ -362,18 +366,25 @@ cdef class Sampler:
     def has_grammar(self):
         return self.grammar != NULL
 
+    cdef inline bint _native_chain(self) noexcept:
+        return self.fast != NULL or self.argmax_only
+
+    cdef inline bint _native(self) noexcept:
+        return self._native_chain() and self.grammar == NULL
+
     @property
     def native(self):
         """Whether every pick is made in native code with nothing else to
         consult (ext/fastsample.cpp, or a plain argmax): such samplers are
-        sampled together across threads and may run in decode_steps.  A
-        grammar's samplers are not, even when the native chain draws."""
-        return (self.fast != NULL or self.argmax_only) and self.grammar == NULL
+        sampled together across threads.  A grammar's samplers are not, even
+        when the native chain draws."""
+        return self._native()
 
     @property
     def native_chain(self):
-        """Whether the native chain draws (with or without a grammar)."""
-        return self.fast != NULL or self.argmax_only
+        """Whether the native chain draws (with or without a grammar): such
+        samplers may run in decode_steps."""
+        return self._native_chain()
 
     def __enter__(self):
         return self
@@ -442,12 +453,10 @@ cdef class Sampler:
             if self.cur == NULL:
                 raise MemoryError()
         cdef float * keep = NULL
-        if self.grammar != NULL and (defer or self.fast != NULL):
-            if self.kept == NULL:
-                self.kept = <float *> malloc(self.model.n_vocab * sizeof(float))
-                if self.kept == NULL:
-                    raise MemoryError()
-            keep = self.kept
+        if self.grammar != NULL:
+            self._grammar_buffers()
+            if defer or self.fast != NULL:
+                keep = self.kept
         if self.fast != NULL:  # with a grammar
             logits = llama_get_logits_ith(ctx.ptr, idx)
             with nogil:
@@ -667,7 +676,7 @@ def sample_batch(Context ctx not None, list samplers not None, list rows not Non
             if s.model is not ctx.model:
                 out[i] = ValueError("sampler and context belong to different models")
                 continue
-            if not s.native:
+            if not s._native():
                 try:
                     out[i] = s.sample(ctx, rows[i], defer)
                 except Exception as exc:
@@ -731,7 +740,7 @@ cdef inline int32_t _grammar_row(_GrammarRow * g, const float * row, int32_t n_v
     _GRAMMAR_CODE + the return code (a rejected pick is deferred)."""
     cdef llama_token tok = -1
     cdef int rc = runner_fast_grammar_sample(g.fast, g.grammar, row, n_vocab, g.cur, g.kept, 1, &tok,
-                                             g.err, 512)
+                                             g.err, _ERR_LEN)
     return tok if rc == RUNNER_SAMPLE_OK else _GRAMMAR_CODE + rc
 
 
@@ -786,7 +795,7 @@ def decode_steps(Context ctx not None, Batch batch not None, list samplers not N
             raise ClosedError("sampler is closed")
         if s.model is not ctx.model:
             raise ValueError("sampler and context belong to different models")
-        if not s.native_chain:
+        if not s._native_chain():
             raise ValueError("decode_steps needs samplers the native chain serves (Sampler.native_chain)")
         if s.deferred:
             raise ValueError("a sampler's last pick was deferred and is not resolved")
@@ -872,9 +881,7 @@ def decode_steps(Context ctx not None, Batch batch not None, list samplers not N
                     rows[i] = llama_get_logits_ith(ctx.ptr, <int32_t> i)
                     if rows[i] == NULL:
                         m += 1
-                if m == 0 and n_gram == 0:
-                    runner_sample_rows(fasts, rows, toks, <int32_t> n, n_vocab, runner_argmax_f32, n_threads)
-                elif m == 0:
+                if m == 0:
                     for j in range(n_plain):
                         prows[j] = rows[plain[j]]
                     if n_plain > 0:

@@ -1283,7 +1283,7 @@ class Engine:
         """Turn one sampled token of ``seq`` into generated text (appended to
         ``toks``) or an end; returns the end (seq, reason, error), or None
         when the token is the next step's input."""
-        if token is _llama.DEFERRED:  # (after a native run's tokens, which set next_token)
+        if token is _DEFERRED:  # (after a native run's tokens, which set next_token)
             seq.next_token = None
             self._defer(seq, logits)
             return None
@@ -1517,6 +1517,7 @@ MAX_BURST = 64  # most steps of one native run (Engine._burst_steps)
 
 # What _take is given for a row of a native run with no number among its logits.
 _NO_NUMBER = _llama.SamplerError("sampling failed: no logit is a number")
+_DEFERRED = _llama.DEFERRED  # a grammar's rejected pick, redrawn off the loop (Engine._defer)
 
 
 class _Wake(threading.Condition):

@@ -39,6 +39,17 @@ def engine(default_model_path):
     e.close()
 
 
+@pytest.fixture
+def after_hello(llama, model, make_ctx):
+    """A context that decoded "Hello", and the batch row of its logits."""
+    ctx = make_ctx(n_ctx=256)
+    batch = llama.Batch(16)
+    batch.add_tokens(model.tokenize("Hello", add_special=True), 0, 0, output_last=True)
+    ctx.decode(batch)
+    yield ctx, len(batch) - 1
+    batch.close()
+
+
 def run(engine, prompt, **options):
     handle = engine.submit(CompletionRequest(prompt=prompt, options=CompletionOptions.from_dict(options)))
     events = list(handle)
@@ -111,28 +122,22 @@ def test_bad_grammar_reason_is_reported(engine):
     assert "expecting" in str(info.value)
 
 
-def test_sampler_guards_directly(llama, model, make_ctx):
-    ctx = make_ctx(n_ctx=256)
-    batch = llama.Batch(16)
-    try:
-        batch.add_tokens(model.tokenize("Hello", add_special=True), 0, 0, output_last=True)
-        ctx.decode(batch)
-        for temp in (0.0, 1.0):
-            with llama.Sampler(model, temperature=temp, grammar="root ::= [z-a]") as s:
-                assert s.has_grammar
-                with pytest.raises(llama.NoTokenError):
-                    s.sample(ctx, len(batch) - 1)
-        with llama.Sampler(model, temperature=0.0, grammar='root ::= "ab"') as s:
-            eos = model.eos_token if hasattr(model, "eos_token") else None
-            # Prompt tokens go to the penalties only: any token is accepted.
-            for tok in model.tokenize("}}}]]] not json", add_special=False):
-                s.accept(tok)
-            tok = s.sample(ctx, len(batch) - 1)
-            assert model.token_to_piece(tok).decode() in ("a", "ab")
-            if eos is not None:
-                assert not s.allows(eos)
-    finally:
-        batch.close()
+def test_sampler_guards_directly(llama, model, after_hello):
+    ctx, row = after_hello
+    for temp in (0.0, 1.0):
+        with llama.Sampler(model, temperature=temp, grammar="root ::= [z-a]") as s:
+            assert s.has_grammar
+            with pytest.raises(llama.NoTokenError):
+                s.sample(ctx, row)
+    with llama.Sampler(model, temperature=0.0, grammar='root ::= "ab"') as s:
+        eos = model.eos_token if hasattr(model, "eos_token") else None
+        # Prompt tokens go to the penalties only: any token is accepted.
+        for tok in model.tokenize("}}}]]] not json", add_special=False):
+            s.accept(tok)
+        tok = s.sample(ctx, row)
+        assert model.token_to_piece(tok).decode() in ("a", "ab")
+        if eos is not None:
+            assert not s.allows(eos)
 
 
 def test_runner_survives_constrained_requests(default_model_path):
@@ -220,85 +225,72 @@ def test_impossible_grammars_are_refused_naming_the_field(engine, options, field
 DEEP_GRAMMAR = 'root ::= ("a"? ){60} "b"'
 
 
-def test_a_deferred_pick_resolves_to_the_token_sampling_gives(llama, model, make_ctx):
-    ctx = make_ctx(n_ctx=256)
-    batch = llama.Batch(16)
-    try:
-        batch.add_tokens(model.tokenize("Hello", add_special=True), 0, 0, output_last=True)
-        ctx.decode(batch)
-        row = len(batch) - 1
-        grammar = 'root ::= "zq" [a-z]*'  # the model's first choice after "Hello" breaks it
-        for temp, native in ((0.0, True), (0.8, True), (0.0, False), (0.8, False)):
-            with llama.Sampler(model, temperature=temp, seed=7, grammar=grammar, native=native) as now, \
-                    llama.Sampler(model, temperature=temp, seed=7, grammar=grammar, native=native) as later:
-                assert now.native_chain == native and not now.native
-                expected = now.sample(ctx, row)
-                assert later.sample(ctx, row, defer=True) is llama.DEFERRED
-                assert later.pending
-                with pytest.raises(ValueError, match="deferred"):
-                    later.sample(ctx, row, defer=True)
-                assert later.resolve() == expected
-                assert not later.pending
-                with pytest.raises(ValueError, match="no deferred pick"):
-                    later.resolve()
-                # Both accepted the token: the grammar moved on alike.
-                assert later.allows(expected) == now.allows(expected)
-        # Without a grammar, or when the grammar takes the first choice,
-        # nothing is deferred.
-        with llama.Sampler(model, temperature=0.0) as plain:
-            assert isinstance(plain.sample(ctx, row, defer=True), int)
-        with llama.Sampler(model, temperature=0.0, grammar=grammar) as g:
+def test_a_deferred_pick_resolves_to_the_token_sampling_gives(llama, model, after_hello):
+    ctx, row = after_hello
+    grammar = 'root ::= "zq" [a-z]*'  # the model's first choice after "Hello" breaks it
+    for temp, native in ((0.0, True), (0.8, True), (0.0, False), (0.8, False)):
+        with llama.Sampler(model, temperature=temp, seed=7, grammar=grammar, native=native) as now, \
+                llama.Sampler(model, temperature=temp, seed=7, grammar=grammar, native=native) as later:
+            assert now.native_chain == native and not now.native
+            expected = now.sample(ctx, row)
+            assert later.sample(ctx, row, defer=True) is llama.DEFERRED
+            assert later.pending
+            with pytest.raises(ValueError, match="deferred"):
+                later.sample(ctx, row, defer=True)
+            assert later.resolve() == expected
+            assert not later.pending
             with pytest.raises(ValueError, match="no deferred pick"):
-                g.resolve()
-        # An unsatisfiable grammar fails in resolve, as sample would.
-        with llama.Sampler(model, temperature=0.0, grammar="root ::= [z-a]") as never:
-            assert never.sample(ctx, row, defer=True) is llama.DEFERRED
-            with pytest.raises(llama.NoTokenError):
-                never.resolve()
-        # reset() forgets a deferred pick: the sampler samples again.
-        with llama.Sampler(model, temperature=0.0, grammar=grammar) as again:
-            assert again.sample(ctx, row, defer=True) is llama.DEFERRED
-            again.reset()
-            assert not again.pending
-            assert isinstance(again.sample(ctx, row), int)
-        # Closed while deferred: freed at once, resolve refuses.
-        closed = llama.Sampler(model, temperature=0.0, grammar=grammar)
-        assert closed.sample(ctx, row, defer=True) is llama.DEFERRED
-        closed.close()
-        assert closed.closed
+                later.resolve()
+            # Both accepted the token: the grammar moved on alike.
+            assert later.allows(expected) == now.allows(expected)
+    # Without a grammar, or when the grammar takes the first choice,
+    # nothing is deferred.
+    with llama.Sampler(model, temperature=0.0) as plain:
+        assert isinstance(plain.sample(ctx, row, defer=True), int)
+    with llama.Sampler(model, temperature=0.0, grammar=grammar) as g:
+        with pytest.raises(ValueError, match="no deferred pick"):
+            g.resolve()
+    # An unsatisfiable grammar fails in resolve, as sample would.
+    with llama.Sampler(model, temperature=0.0, grammar="root ::= [z-a]") as never:
+        assert never.sample(ctx, row, defer=True) is llama.DEFERRED
+        with pytest.raises(llama.NoTokenError):
+            never.resolve()
+    # reset() forgets a deferred pick: the sampler samples again.
+    with llama.Sampler(model, temperature=0.0, grammar=grammar) as again:
+        assert again.sample(ctx, row, defer=True) is llama.DEFERRED
+        again.reset()
+        assert not again.pending
+        assert isinstance(again.sample(ctx, row), int)
+    # Closed while deferred: freed at once, resolve refuses.
+    closed = llama.Sampler(model, temperature=0.0, grammar=grammar)
+    assert closed.sample(ctx, row, defer=True) is llama.DEFERRED
+    closed.close()
+    assert closed.closed
+    with pytest.raises(llama.ClosedError):
+        closed.resolve()
+
+
+def test_closing_a_sampler_during_its_resolve_frees_it_afterwards(llama, model, after_hello):
+    ctx, row = after_hello
+    for _ in range(3):
+        s = llama.Sampler(model, temperature=0.0, grammar=DEEP_GRAMMAR)
+        assert s.sample(ctx, row, defer=True) is llama.DEFERRED
+        outcome = []
+
+        def resolve():
+            try:
+                outcome.append(s.resolve())
+            except llama.ClosedError as exc:
+                outcome.append(exc)
+
+        t = threading.Thread(target=resolve)
+        t.start()
+        s.close()  # before, during or after the resolve: never a crash
+        assert s.closed
+        t.join()
+        assert len(outcome) == 1
         with pytest.raises(llama.ClosedError):
-            closed.resolve()
-    finally:
-        batch.close()
-
-
-def test_closing_a_sampler_during_its_resolve_frees_it_afterwards(llama, model, make_ctx):
-    ctx = make_ctx(n_ctx=256)
-    batch = llama.Batch(16)
-    try:
-        batch.add_tokens(model.tokenize("Hello", add_special=True), 0, 0, output_last=True)
-        ctx.decode(batch)
-        for _ in range(3):
-            s = llama.Sampler(model, temperature=0.0, grammar=DEEP_GRAMMAR)
-            assert s.sample(ctx, len(batch) - 1, defer=True) is llama.DEFERRED
-            outcome = []
-
-            def resolve():
-                try:
-                    outcome.append(s.resolve())
-                except llama.ClosedError as exc:
-                    outcome.append(exc)
-
-            t = threading.Thread(target=resolve)
-            t.start()
-            s.close()  # before, during or after the resolve: never a crash
-            assert s.closed
-            t.join()
-            assert len(outcome) == 1
-            with pytest.raises(llama.ClosedError):
-                s.sample(ctx, len(batch) - 1)
-    finally:
-        batch.close()
+            s.sample(ctx, row)
 
 
 @pytest.fixture(scope="module")
