@@ -30,10 +30,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from runner.bench import greedy_options  # noqa: E402
-from runner.engine import Engine, EngineConfig  # noqa: E402
-from runner.models import default_model_path  # noqa: E402
-from runner.requests import Chunk, CompletionOptions, CompletionRequest  # noqa: E402
+from runner.bench.harness import greedy_options  # noqa: E402
+from runner.engine.core import Engine, EngineConfig  # noqa: E402
+from runner.model.models import default_model_path  # noqa: E402
+from runner.engine.requests import Chunk, CompletionOptions, CompletionRequest  # noqa: E402
 
 # scripts/build_peers.sh's, unless LLAMA_RUNNER_BATCHED_BENCH names another
 # (scripts/gpu_check.sh builds one beside the extension).

@@ -1,8 +1,8 @@
-"""Header-reading speed: runner.gguf against gguf-py's GGUFReader.
+"""Header-reading speed: runner.model.gguf against gguf-py's GGUFReader.
 
 Run with ``python -m pytest benchmarks/bench_gguf.py``; add ``-s`` to see the
 speed-up lines, which also land in ``--benchmark-json`` as extra_info.
-runner.gguf reads with max_array_size=1024 (vocabularies skipped), the way
+runner.model.gguf reads with max_array_size=1024 (vocabularies skipped), the way
 ``inspect`` and the memory planner use it; GGUFReader always maps and indexes
 every array.
 """
@@ -16,7 +16,7 @@ import pytest
 
 gguf = pytest.importorskip("gguf")
 
-from runner.gguf import read_gguf  # noqa: E402
+from runner.model.gguf import read_gguf  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 VOCAB = REPO / "vendor" / "llama.cpp" / "models" / "ggml-vocab-qwen2.gguf"  # 151,936 tokens + 151,387 merges
@@ -24,7 +24,7 @@ VOCAB = REPO / "vendor" / "llama.cpp" / "models" / "ggml-vocab-qwen2.gguf"  # 15
 
 def _default_model() -> str:
     try:
-        from runner.models import default_model_path
+        from runner.model.models import default_model_path
 
         return str(default_model_path())
     except (ImportError, OSError) as exc:
@@ -68,6 +68,6 @@ def test_speedup(benchmark, gguf_path, capsys):
     benchmark.pedantic(read_gguf, args=(gguf_path,), kwargs={"max_array_size": 1024}, rounds=1, iterations=1)
     with capsys.disabled():
         print(
-            f"\n{Path(gguf_path).name}: runner.gguf {ours * 1e3:.1f} ms, "
+            f"\n{Path(gguf_path).name}: runner.model.gguf {ours * 1e3:.1f} ms, "
             f"gguf.GGUFReader {theirs * 1e3:.1f} ms, {theirs / ours:.0f}x faster"
         )

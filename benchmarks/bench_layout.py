@@ -10,7 +10,7 @@ slot order, a step where one of four sequences verifies four proposals,
 and the same sets with one KV buffer shared by
 all slots (``--kv-unified``), which has no such cut but attends over every
 slot's cells.  Nothing of the runner's scheduling is involved; the result is
-why runner.scheduler keeps its rows in slot order (docs/design.md, "Batch
+why runner.engine.scheduler keeps its rows in slot order (docs/design.md, "Batch
 order").
 
     .venv/bin/python benchmarks/bench_layout.py                 # default model, 2 threads
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    from runner.models import resolve_model
+    from runner.model.models import resolve_model
     from tiny_model import resolve
 
     model = str(resolve_model(resolve(args.model)))

@@ -6,7 +6,7 @@ again.  This times one generation-sized decode (``--seqs`` tokens, one per
 sequence) on a context with two random adapters (tests/lora_models.py):
 always under the same set, and switching sets before every decode.  The
 difference is the price of one switch, which the scheduler's LoRA turns
-(runner.scheduler, ``LORA_TURN_STEPS``) amortise.
+(runner.engine.scheduler, ``LORA_TURN_STEPS``) amortise.
 
     python benchmarks/bench_lora.py [--model PATH] [--steps 40] [--seqs 4]
 
@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from lora_models import write_lora  # noqa: E402
 
 from runner import _llama  # noqa: E402
-from runner.models import default_model_path  # noqa: E402
+from runner.model.models import default_model_path  # noqa: E402
 
 
 def run(model_path: str, steps: int, seqs: int, threads: int) -> dict:

@@ -69,9 +69,9 @@ from mmproj import VisionEncoder, png_bytes, write_vision_projector  # noqa: E40
 
 from llama_server import SERVER, LlamaServer  # noqa: E402
 
-from runner.bench import OPTIONS, cpu_model, filler_text, greedy_options  # noqa: E402
-from runner.client import Runner  # noqa: E402
-from runner.requests import Chunk  # noqa: E402
+from runner.bench.harness import OPTIONS, cpu_model, filler_text, greedy_options  # noqa: E402
+from runner.process.client import Runner  # noqa: E402
+from runner.engine.requests import Chunk  # noqa: E402
 
 PLACEHOLDER = "[img-0]"   # where the image goes; the server side swaps in its own marker
 IMAGE_SIZE = (320, 240)   # pixels of the PNGs sent (the projector resizes them)
@@ -436,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
             setattr(args, name, value)
     if args.turns < 1 or args.repeats < 1:
         ap.error("--turns and --repeats must be >= 1")
-    from runner.models import resolve_model
+    from runner.model.models import resolve_model
 
     args.model = str(resolve_model(args.model))
     with tempfile.TemporaryDirectory(prefix="bench-media-") as workdir:

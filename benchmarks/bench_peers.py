@@ -12,7 +12,7 @@ llama-server excepted, see ServerSide):
 * **llama-server**, spawned on a free loopback port and driven over its HTTP
   ``/completion`` API (streamed, urllib), ``-np`` slots, its prompt cache as
   it comes (``cache_prompt`` and ``--cache-ram`` defaults);
-* **the runner**, spawned and driven through ``runner.client``.
+* **the runner**, spawned and driven through ``runner.process.client``.
 
 Requests are greedy and ignore end-of-generation on both servers.  Times are
 taken by the client from the streamed chunks, the same way on both.
@@ -74,13 +74,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_engine import PEER as BATCHED_BENCH, batched_bench  # noqa: E402
 from bench_process import run_concurrently, window_rate  # noqa: E402
-from runner.bench import OPTIONS, greedy_options  # noqa: E402
+from runner.bench.harness import OPTIONS, greedy_options  # noqa: E402
 from llama_server import SERVER, LlamaServer  # noqa: E402
 
-from runner.bench import cpu_model, filler_text  # noqa: E402
-from runner.benchstats import percentile  # noqa: E402
-from runner.client import Runner  # noqa: E402
-from runner.requests import Chunk  # noqa: E402
+from runner.bench.harness import cpu_model, filler_text  # noqa: E402
+from runner.bench.stats import percentile  # noqa: E402
+from runner.process.client import Runner  # noqa: E402
+from runner.engine.requests import Chunk  # noqa: E402
 
 
 
@@ -595,7 +595,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         for name, value in SMOKE.items():
             setattr(args, name, value)
-    from runner.models import resolve_model
+    from runner.model.models import resolve_model
 
     from tiny_model import resolve
 

@@ -41,11 +41,11 @@ import sys
 import threading
 import time
 
-from runner import protocol as P
-from runner import security
-from runner.bench import greedy_options
-from runner.client import Runner
-from runner.requests import Chunk, Final
+from runner.process import protocol as P
+from runner.process import security
+from runner.bench.harness import greedy_options
+from runner.process.client import Runner
+from runner.engine.requests import Chunk, Final
 
 PROMPTS = ["Write a long story about a lighthouse keeper.", "List facts about the moon.",
            "Explain how bread is made.", "Describe a walk through a forest.",
@@ -149,8 +149,8 @@ def window_rate(streams: list[tuple[list[tuple[float, int]], float]]) -> dict:
 
 
 def bench_engine(model: str, parallel: int, tokens: int, threads: int | None) -> dict:
-    from runner.engine import Engine, EngineConfig
-    from runner.requests import CompletionOptions, CompletionRequest
+    from runner.engine.core import Engine, EngineConfig
+    from runner.engine.requests import CompletionOptions, CompletionRequest
 
     def submit(engine, prompt, n):
         request = CompletionRequest(prompt=prompt, options=CompletionOptions.from_dict(greedy_options(n)))
@@ -183,7 +183,7 @@ class _InstantEngine:
     on_delivered = None
 
     def __init__(self, pace: float = 0.0) -> None:
-        from runner.hostcache import HostCache
+        from runner.engine.hostcache import HostCache
 
         self.host_cache = HostCache(None, 0)  # the tier off, for health replies
         self.pace = pace                      # seconds between chunks (0: none)
@@ -215,7 +215,7 @@ class _InstantEngine:
 
 
 def _fake_runner(endpoint: str, pace: float) -> int:
-    from runner.server import Server
+    from runner.process.server import Server
 
     class InstantServer(Server):
         def _load_model(self, params):
@@ -364,7 +364,7 @@ def main() -> int:
     if args.fake_runner:
         return _fake_runner(args.fake_runner, args.protocol_pace_us / 1e6)
 
-    from runner.models import resolve_model
+    from runner.model.models import resolve_model
 
     if args.model == "tiny":
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

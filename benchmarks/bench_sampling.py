@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_engine import engine_rate  # noqa: E402
 from tiny_model import write_tiny_llama  # noqa: E402
 
-from runner.engine import Engine, EngineConfig  # noqa: E402
+from runner.engine.core import Engine, EngineConfig  # noqa: E402
 
 GREEDY = {"temperature": 0.0, "repeat_penalty": 1.0, "ignore_eos": True}
 DEFAULTS = {"ignore_eos": True}  # every other option at its default

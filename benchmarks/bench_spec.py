@@ -58,8 +58,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from llama_server import LlamaServer  # noqa: E402
 from tiny_model import write_tiny_llama  # noqa: E402
 
-from runner.engine import Engine, EngineConfig  # noqa: E402
-from runner.models import default_model_path  # noqa: E402
+from runner.engine.core import Engine, EngineConfig  # noqa: E402
+from runner.model.models import default_model_path  # noqa: E402
 
 GREEDY = {"temperature": 0.0, "repeat_penalty": 1.0}
 

@@ -18,7 +18,7 @@ Cases (the sizes of issue 15's probe, and the largest each limit accepts):
 * ``tokenize-10mb``: a tokenize of 10 MB of text;
 * ``grammar-20k``: a completion whose GBNF grammar has 20,000 alternatives;
 * ``enum-20k``: a completion whose JSON schema is an enum of 20,000 strings;
-* ``*-limit``: the same at the largest size :mod:`runner.limits` accepts.
+* ``*-limit``: the same at the largest size :mod:`runner.engine.limits` accepts.
 """
 
 from __future__ import annotations
@@ -32,10 +32,10 @@ import time
 import msgpack
 import zmq
 
-from runner import limits
-from runner.bench import filler_text, greedy_options
-from runner.client import Runner
-from runner.requests import Chunk
+from runner.engine import limits
+from runner.bench.harness import filler_text, greedy_options
+from runner.process.client import Runner
+from runner.engine.requests import Chunk
 
 N_STREAMS = 4
 
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=4000, help="tokens each stream may generate")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
-    from runner.models import resolve_model
+    from runner.model.models import resolve_model
 
     model = str(resolve_model(args.model))
     results = []

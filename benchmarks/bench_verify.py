@@ -24,7 +24,7 @@ import sys
 import time
 
 from runner import _llama
-from runner.models import default_model_path
+from runner.model.models import default_model_path
 
 
 def measure(args: argparse.Namespace) -> dict:

@@ -9,8 +9,8 @@ import random
 
 import pytest
 
-from runner.slots import SlotCache
-from runner.textstream import TextStream
+from runner.engine.slots import SlotCache
+from runner.engine.textstream import TextStream
 
 
 class NullKV:
@@ -84,7 +84,7 @@ def test_batch_building(benchmark):
         assert benchmark(build) == 512
 
 
-# -- wire messages (runner/protocol.py): the per-token path and the request path --------
+# -- wire messages (runner/process/protocol.py): the per-token path and the request path --------
 
 def _completion_request() -> dict:
     return {"op": "completion", "id": 12345, "prompt": "Write a story about a lighthouse keeper. " * 8,
@@ -94,21 +94,21 @@ def _completion_request() -> dict:
 
 
 def test_encode_chunk_reply(benchmark):
-    from runner import protocol as P
+    from runner.process import protocol as P
 
     reply = P.ChunkReply(id=12345, text=" lighthouse", tokens=[28431])
     assert P.decode_reply(benchmark(P.encode, reply)) == reply
 
 
 def test_decode_chunk_reply(benchmark):
-    from runner import protocol as P
+    from runner.process import protocol as P
 
     data = P.encode(P.ChunkReply(id=12345, text=" lighthouse", tokens=[28431]))
     assert benchmark(P.decode_reply, data).tokens == [28431]
 
 
 def test_encode_decode_final_reply(benchmark):
-    from runner import protocol as P
+    from runner.process import protocol as P
 
     reply = P.FinalReply(id=12345, done_reason="length", prompt_eval_count=64,
                          prompt_eval_duration=0.21, eval_count=128, eval_duration=1.07,
@@ -117,21 +117,21 @@ def test_encode_decode_final_reply(benchmark):
 
 
 def test_encode_completion_request(benchmark):
-    from runner import protocol as P
+    from runner.process import protocol as P
 
     request = _completion_request()
     assert len(benchmark(P.encode, request)) > 300
 
 
 def test_decode_completion_request(benchmark):
-    from runner import protocol as P
+    from runner.process import protocol as P
 
     data = P.encode(_completion_request())
     assert benchmark(P.decode_request, data).options["num_predict"] == 128
 
 
 def test_decode_token_id_prompt_2k(benchmark):
-    from runner import protocol as P
+    from runner.process import protocol as P
 
     data = P.encode({"op": "completion", "id": 1, "prompt": list(range(1000, 3000))})
     assert len(benchmark(P.decode_request, data).prompt) == 2000
@@ -139,7 +139,7 @@ def test_decode_token_id_prompt_2k(benchmark):
 
 def test_refuse_bad_request(benchmark):
     """The slow path: a request that fails validation is decoded twice to name its id."""
-    from runner import protocol as P
+    from runner.process import protocol as P
 
     data = P.encode({**_completion_request(), "options": "not a map"})
 

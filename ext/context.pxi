@@ -192,7 +192,7 @@ cdef class Context:
         write an 8-byte 1 to once the GIL is released, just before the
         decode: a thread waiting on it wakes to find the GIL free, so its
         work overlaps the decode instead of queueing behind the caller's
-        Python (runner.delivery rings the delivery thread this way).
+        Python (runner.engine.delivery rings the delivery thread this way).
 
         Raises :class:`NoKVSlotError` (retry smaller), :class:`DecodeAbortedError`
         or :class:`DecodeError`; a bad batch raises ValueError before any C call.

@@ -1,7 +1,7 @@
 # Multimodal projector (libmtmd): media bytes -> chunks -> embedding rows.
 #
 # Policy (which chunk to encode, caching embeddings, where they go in the KV
-# cache) lives in runner.media and runner.engine; this file owns the mtmd
+# cache) lives in runner.engine.media and runner.engine.core; this file owns the mtmd
 # context, bitmaps and chunks, and copies encoder output into numpy arrays.
 
 cdef dict _CHUNK_KINDS = {

@@ -1,9 +1,9 @@
 # ggml's RPC backend: serve this host's devices over TCP, add a remote
 # host's devices to those this process sees.  Policy (which endpoints, the
-# loopback rule, probing a server before ggml connects) is runner/rpc.py.
+# loopback rule, probing a server before ggml connects) is runner/model/rpc.py.
 #
 # ggml's RPC client aborts the process when it cannot connect (the runner
-# probes an endpoint first, runner/rpc.py); set_plain_aborts() makes such an
+# probes an endpoint first, runner/model/rpc.py); set_plain_aborts() makes such an
 # abort one line on stderr.  A connection lost later no longer aborts
 # (patches/0003): its operations fail, and Context.decode raises
 # DeviceLostError once rpc_lost() names the server.
@@ -42,7 +42,7 @@ def rpc_add_server(str endpoint):
 
     ggml connects at once and **aborts the process** when the server cannot
     be reached or speaks another protocol version: check it first
-    (runner.rpc.probe).  Adding an endpoint again returns the same devices.
+    (runner.model.rpc.probe).  Adding an endpoint again returns the same devices.
     """
     cdef ggml_backend_reg_t rpc = _rpc_registry()
     cdef ggml_backend_rpc_add_server_t add_server = <ggml_backend_rpc_add_server_t> \

@@ -96,7 +96,7 @@ cdef class Sampler:
 
     Every stage that draws (xtc, dist, mirostat, adaptive_p) uses ``seed``.
     The chain never runs natively then; which stages a request gets, and in
-    what order, is decided in runner/sampling.py.
+    what order, is decided in runner/engine/sampling.py.
 
     Without logit bias or typical-p, and with ``top_k`` in
     1..1024 (or greedy), the chain runs natively (ext/fastsample.cpp) with

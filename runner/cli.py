@@ -32,7 +32,7 @@ _SAMPLING_FLAGS = (
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    from runner.requests import CompletionOptions
+    from runner.engine.requests import CompletionOptions
 
     g = p.add_argument_group("sampling")
     for flag, name, kind, what in _SAMPLING_FLAGS:
@@ -111,7 +111,7 @@ def _chat_messages(args: argparse.Namespace, prompt: str) -> list[dict]:
 
 def _chat_prompt(model, args: argparse.Namespace, prompt: str) -> str:
     """generate --chat in-process: the messages rendered with the model's template."""
-    from runner.chat import ChatRequest, ChatTemplates
+    from runner.process.chat import ChatRequest, ChatTemplates
 
     return ChatTemplates(model).render(ChatRequest(messages=_chat_messages(args, prompt))).prompt
 
@@ -125,18 +125,18 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         return _generate_engine(args)
     from runner import _llama
     from runner.generate import GenerationStats, generate
-    from runner.models import resolve_model
-    from runner.requests import CompletionOptions
+    from runner.model.models import resolve_model
+    from runner.engine.requests import CompletionOptions
 
     path = resolve_model(args.model)
     options = CompletionOptions.from_dict(_completion_options(args))
     progress = _progress_bar() if sys.stderr.isatty() and not args.quiet else None
     if args.rpc:
-        from runner import rpc
+        from runner.model import rpc
 
         rpc.add_servers(rpc.parse_endpoints(args.rpc))
-    from runner.engine import EngineConfig
-    from runner.placement import place_load
+    from runner.engine.core import EngineConfig
+    from runner.model.placement import place_load
 
     # the same placement a served load gets (one sequence, no host cache)
     placed = place_load(EngineConfig(path, n_ctx=args.ctx, n_batch=args.batch, n_gpu_layers=args.n_gpu_layers,
@@ -163,10 +163,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _generate_engine(args: argparse.Namespace) -> int:
     """generate with media or LoRA adapters: through the in-process engine,
     which owns the projector and applies the request's adapter scales."""
-    from runner.engine import Engine, EngineConfig
-    from runner.media import MediaItem
-    from runner.models import resolve_model
-    from runner.requests import CompletionOptions, CompletionRequest
+    from runner.engine.core import Engine, EngineConfig
+    from runner.engine.media import MediaItem
+    from runner.model.models import resolve_model
+    from runner.engine.requests import CompletionOptions, CompletionRequest
 
     if args.image and not args.mmproj:
         raise SystemExit("--image needs --mmproj (the model's multimodal projector)")
@@ -209,8 +209,8 @@ def _add_connect_args(p: argparse.ArgumentParser, endpoint_help: str) -> None:
 
 def _connect(args: argparse.Namespace):
     """A Runner connected to ``--endpoint``, with CURVE keys when given."""
-    from runner.client import Runner
-    from runner.security import ClientKeys
+    from runner.process.client import Runner
+    from runner.process.security import ClientKeys
 
     keys = None
     if args.server_key or args.client_key:
@@ -308,7 +308,7 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
 
 
 def _rpc_list(text: str | None) -> list[str] | None:
-    from runner.rpc import parse_endpoints
+    from runner.model.rpc import parse_endpoints
 
     return parse_endpoints(text) or None
 
@@ -337,9 +337,9 @@ def _load_params(args: argparse.Namespace) -> dict:
 def _cmd_serve(args: argparse.Namespace) -> int:
     import msgspec
 
-    from runner import protocol as P
-    from runner.security import ServerKeys
-    from runner.server import serve
+    from runner.process import protocol as P
+    from runner.process.security import ServerKeys
+    from runner.process.server import serve
 
     load = None
     if not args.defer_load:
@@ -355,7 +355,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_keys(args: argparse.Namespace) -> int:
-    from runner.security import create_keys
+    from runner.process.security import create_keys
 
     for path in create_keys(args.directory, args.client):
         print(path)
@@ -363,7 +363,7 @@ def _cmd_keys(args: argparse.Namespace) -> int:
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:
-    from runner.client import Runner
+    from runner.process.client import Runner
 
     if args.endpoint:
         runner = _connect(args)
@@ -379,7 +379,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 
 
 def _cmd_rerank(args: argparse.Namespace) -> int:
-    from runner.client import Runner
+    from runner.process.client import Runner
 
     if args.endpoint:
         runner = _connect(args)
@@ -404,7 +404,7 @@ def _progress_bar():
 
 def _cmd_tokenize(args: argparse.Namespace) -> int:
     from runner import _llama
-    from runner.models import resolve_model
+    from runner.model.models import resolve_model
 
     with _llama.Model(resolve_model(args.model), vocab_only=True) as model:
         tokens = model.tokenize(args.text, add_special=args.add_special, parse_special=True)
@@ -432,7 +432,7 @@ def _cmd_discover(args: argparse.Namespace) -> int:
     from runner import _llama
 
     if args.rpc:
-        from runner import rpc
+        from runner.model import rpc
 
         rpc.add_servers(rpc.parse_endpoints(args.rpc))
     devices = _llama.devices()
@@ -447,7 +447,7 @@ def _cmd_discover(args: argparse.Namespace) -> int:
 
 def _cmd_metrics(args: argparse.Namespace) -> int:
     try:
-        from runner.metrics import render_prometheus
+        from runner.engine.metrics import render_prometheus
         import prometheus_client  # noqa: F401
     except ImportError:
         print("error: llama-runner metrics needs prometheus_client "
@@ -458,7 +458,7 @@ def _cmd_metrics(args: argparse.Namespace) -> int:
         return 2
     import msgspec
 
-    from runner.requests import NotReady
+    from runner.engine.requests import NotReady
 
     with _connect(args) as runner:
         try:
@@ -479,7 +479,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         print(json.dumps(msgspec.to_builtins(reply), indent=2, default=str))
         return 0
     from runner import _llama, buildinfo
-    from runner.models import resolve_model
+    from runner.model.models import resolve_model
 
     build = _llama.build_info()
     # The CPU backend's library says which CPU variant ggml picked.
@@ -527,7 +527,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_rpc_server(args: argparse.Namespace) -> int:
-    from runner import _llama, rpc
+    from runner import _llama
+    from runner.model import rpc
 
     _llama.set_plain_aborts()
     devices = None if not args.device else [d for v in args.device for d in v.split(",") if d]
@@ -537,7 +538,7 @@ def _cmd_rpc_server(args: argparse.Namespace) -> int:
 
 
 def _cmd_fetch_model(args: argparse.Namespace) -> int:
-    from runner.models import fetch_default_model
+    from runner.model.models import fetch_default_model
 
     print(fetch_default_model())
     return 0
@@ -705,7 +706,7 @@ def build_parser() -> argparse.ArgumentParser:
         inspect_cmd.add_arguments(p)
         p.set_defaults(func=inspect_cmd.run)
 
-    from runner import bench
+    from runner.bench import harness as bench
 
     p = sub.add_parser("bench", help="time completions through a runner: rates, latencies, throughput",
                        description=bench.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -727,7 +728,7 @@ SERVE_GOMP_SPINCOUNT = "10000"
 
 
 def main(argv: list[str] | None = None) -> int:
-    from runner.requests import EngineError
+    from runner.engine.requests import EngineError
 
     args = build_parser().parse_args(argv)
     if args.command == "serve":

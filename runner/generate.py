@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from runner import _llama
-from runner.requests import CompletionOptions
-from runner.sampling import make_sampler, prompt_tokens_to_accept
+from runner.engine.requests import CompletionOptions
+from runner.engine.sampling import make_sampler, prompt_tokens_to_accept
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 Its load flags are ``serve``'s (the same parser code, the same defaults),
 turned into the same load settings, and the estimate is the ``estimate`` op's
-(runner/placement.py): inspect answers for this machine's devices what that
+(runner/model/placement.py): inspect answers for this machine's devices what that
 op answers for the runner's.
 """
 
@@ -15,8 +15,8 @@ from typing import Any
 
 import msgspec
 
-from runner.gguf import GGUFError, GGUFFile, read_gguf
-from runner.requests import BadRequest
+from runner.model.gguf import GGUFError, GGUFFile, read_gguf
+from runner.engine.requests import BadRequest
 
 # Arrays longer than this (vocabularies, merges) are skipped: inspect only needs their lengths.
 _MAX_ARRAY_SIZE = 4096
@@ -35,14 +35,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Print the summary; returns the process exit status."""
     from runner import _llama
-    from runner import protocol as P
+    from runner.process import protocol as P
     from runner.cli import _load_params
-    from runner.placement import config_from_load, devices_for, estimate_report, host_available, report_dict
+    from runner.model.placement import config_from_load, devices_for, estimate_report, host_available, report_dict
 
     try:
         path = args.model
         if path == "default":
-            from runner.models import default_model_path
+            from runner.model.models import default_model_path
 
             path = str(default_model_path())
         try:

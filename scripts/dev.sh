@@ -47,7 +47,12 @@ ensure_vendor() {
 }
 
 ensure_build() {
-  local want; want=$(digest CMakeLists.txt pyproject.toml build_backend/*.py vendor/.sync-state.json ext/*.pyx ext/*.pxd ext/*.pxi ext/*.h ext/*.cpp)
+  # The editable install maps each module it saw to its file, so a module
+  # moved or added under runner/ needs a reinstall too: the list of them is
+  # part of the stamp.
+  local want; want=$({ digest CMakeLists.txt pyproject.toml build_backend/*.py vendor/.sync-state.json \
+                        ext/*.pyx ext/*.pxd ext/*.pxi ext/*.h ext/*.cpp; find runner -name '*.py' | sort; } \
+                      | sha256sum | cut -c1-16)
   if [ "$(cat "$STAMPS/build" 2>/dev/null)" != "$want" ] || ! "$PY" -c "import runner._llama" 2>/dev/null; then
     say "building the extension (incremental; the first build takes several minutes)"
     export CCACHE_BASEDIR=$ROOT CCACHE_NOHASHDIR=1

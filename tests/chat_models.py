@@ -46,8 +46,8 @@ FAMILIES = {
 
 def write_chat_model(directory: Path, name: str) -> Path:
     """Write family ``name``'s tiny model into ``directory`` (if absent)."""
-    from runner.gguf import read_gguf
-    from runner.models import default_model_path
+    from runner.model.gguf import read_gguf
+    from runner.model.models import default_model_path
 
     family = FAMILIES[name]
     tokens = list(read_gguf(default_model_path()).fields["tokenizer.ggml.tokens"].value)

@@ -18,7 +18,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def default_model_path():
-    from runner.models import default_model_path as find
+    from runner.model.models import default_model_path as find
 
     return str(find())
 
@@ -63,7 +63,7 @@ def spawn(default_model_path):
     import os
     import signal
 
-    from runner.client import Runner
+    from runner.process.client import Runner
 
     made = []
 

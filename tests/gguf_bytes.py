@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-# gguf_type values (runner.gguf.ValueType numbers them the same way)
+# gguf_type values (runner.model.gguf.ValueType numbers them the same way)
 U8, I8, U16, I16, U32, I32, F32, BOOL, STRING, ARRAY, U64, I64, F64 = range(13)
 _CODES = {U8: "B", I8: "b", U16: "H", I16: "h", U32: "I", I32: "i", F32: "f", BOOL: "?", U64: "Q", I64: "q", F64: "d"}
 GGML_F32 = 0  # ggml_type id of f32 tensors

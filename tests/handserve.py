@@ -13,7 +13,7 @@ import sys
 def deferred_runner(model_path: str):
     """Yields ``(process, endpoint)`` once the runner printed its endpoint;
     kills it (if still running) and removes its ipc directory after."""
-    from runner import security
+    from runner.process import security
 
     endpoint, directory = security.private_ipc_endpoint()
     proc = subprocess.Popen([sys.executable, "-m", "runner.cli", "serve", "--model", str(model_path),

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runner.gguf import read_gguf
+from runner.model.gguf import read_gguf
 
 # Weights adapted in every block, and the output projection (which moves the
 # logits most directly, so that a small adapter changes greedy text).

@@ -154,10 +154,10 @@ def copy_tokenizer(w, src=None, replace: dict | None = None) -> int:
     (same type) or are added (strings and booleans)."""
     import gguf
 
-    from runner.gguf import read_gguf  # the project's header reader: 50x faster than GGUFReader
+    from runner.model.gguf import read_gguf  # the project's header reader: 50x faster than GGUFReader
 
     if src is None:
-        from runner.models import default_model_path
+        from runner.model.models import default_model_path
 
         src = default_model_path()
     n_vocab = 0
@@ -165,7 +165,7 @@ def copy_tokenizer(w, src=None, replace: dict | None = None) -> int:
     for key, field in read_gguf(src).fields.items():
         if not key.startswith("tokenizer."):
             continue
-        # runner.gguf and gguf.GGUFValueType number the value types as the spec does
+        # runner.model.gguf and gguf.GGUFValueType number the value types as the spec does
         sub = None if field.element_type is None else gguf.GGUFValueType(int(field.element_type))
         value = replace[key] if replace and key in replace else field.value
         w.add_key_value(key, value, gguf.GGUFValueType(int(field.type)), sub_type=sub)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from runner.client import Runner
+from runner.process.client import Runner
 from runner.cli import main
 
 pytestmark = pytest.mark.model
@@ -134,7 +134,7 @@ def test_the_smol_shaped_stand_in_has_the_default_models_tensors(default_model_p
     from tiny_model import SMOL_SHAPE, write_tiny_llama
 
     from runner import _llama
-    from runner.gguf import read_gguf
+    from runner.model.gguf import read_gguf
 
     path = write_tiny_llama(tmp_path / "smol.gguf", **SMOL_SHAPE)
     smol, real = read_gguf(path), read_gguf(default_model_path)

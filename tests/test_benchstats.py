@@ -13,11 +13,11 @@ import time
 import numpy as np
 import pytest
 
-from runner.bench import PromptBuilder, filler_text, run_requests
-from runner.benchstats import (RequestSample, RunSample, build_report, check_plot_available,
+from runner.bench.harness import PromptBuilder, filler_text, run_requests
+from runner.bench.stats import (RequestSample, RunSample, build_report, check_plot_available,
                                distribution, format_table, human_bytes, human_count,
                                model_summary, percentile, rate, summarize, summarize_run, to_json)
-from runner.requests import Chunk, Final
+from runner.engine.requests import Chunk, Final
 
 
 @pytest.mark.parametrize("values, q, expected", [
@@ -177,7 +177,7 @@ def test_cli_checks_counts(capsys):
 
 def test_plot_writes_a_png(tmp_path):
     pytest.importorskip("matplotlib")
-    from runner.benchstats import plot
+    from runner.bench.stats import plot
 
     path = tmp_path / "bench.png"
     plot(make_report(), str(path))

@@ -508,7 +508,7 @@ def test_log_lines_reach_python_logging(llama, default_model_path, caplog, tmp_p
 
 @pytest.mark.skipif(not hasattr(os, "eventfd"), reason="counts through an eventfd")
 def test_decode_rings_a_doorbell_once_per_decode(llama, model, make_ctx):
-    from runner.handoff import Doorbell
+    from runner.engine.handoff import Doorbell
 
     ctx = make_ctx()
     bell = Doorbell()

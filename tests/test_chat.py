@@ -1,4 +1,4 @@
-"""Chat templates (runner/chat.py), answer parsing (runner/chatparse.py) and the
+"""Chat templates (runner/process/chat.py), answer parsing (runner/process/chatparse.py) and the
 ``chat`` op.
 
 The rendering tests load tiny models that carry each family's real template
@@ -16,10 +16,10 @@ import time
 
 import pytest
 
-from runner import chatparse
-from runner.chat import ChatRequest, ChatTemplate, ChatTemplates, normalize_messages
-from runner.chatparse import ChatFormat, ChatMessage, ToolCall
-from runner.requests import BadRequest
+from runner.process import chatparse
+from runner.process.chat import ChatRequest, ChatTemplate, ChatTemplates, normalize_messages
+from runner.process.chatparse import ChatFormat, ChatMessage, ToolCall
+from runner.engine.requests import BadRequest
 
 from chat_models import write_chat_model
 
@@ -331,7 +331,7 @@ def test_the_sandbox_holds():
 
 
 def test_chatml_fallback():
-    from runner.chat import CHATML_TEMPLATE
+    from runner.process.chat import CHATML_TEMPLATE
 
     assert ChatTemplate(CHATML_TEMPLATE).render(chat("system", "S", "user", "Hi")) == (
         "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
@@ -446,7 +446,7 @@ def test_chat_is_a_completion_of_the_rendered_prompt(spawn):
 
 
 def test_chat_errors_fail_only_their_request(spawn):
-    from runner.requests import BadRequest as ClientBadRequest
+    from runner.engine.requests import BadRequest as ClientBadRequest
 
     r = spawn()
     with pytest.raises(ClientBadRequest, match="needs content or tool_calls"):
@@ -455,7 +455,7 @@ def test_chat_errors_fail_only_their_request(spawn):
         r.chat(chat("user", "x"), top_k=-1).text()
     with pytest.raises(ClientBadRequest, match="tools"):
         r.chat(chat("user", "x"), tools=[{"type": "retrieval"}]).text()
-    from runner.requests import InputTooLong
+    from runner.engine.requests import InputTooLong
 
     with pytest.raises(InputTooLong, match="does not fit"):
         r.chat(chat("user", "word " * 200_000)).text()  # 1 MB, rendered on the heavy pool
@@ -497,8 +497,8 @@ def test_template_errors_and_tool_calls_through_a_runner(family_dir):
     """A tiny Qwen 2.5 runner: arguments its template cannot take are that
     request's bad_request; a tool call (forced by a grammar) comes back
     parsed in the final."""
-    from runner.client import Runner
-    from runner.requests import BadRequest as ClientBadRequest
+    from runner.process.client import Runner
+    from runner.engine.requests import BadRequest as ClientBadRequest
 
     path = write_chat_model(family_dir, "qwen25")
     call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
@@ -519,7 +519,7 @@ def test_template_errors_and_tool_calls_through_a_runner(family_dir):
 
 
 def test_reasoning_through_a_runner(family_dir):
-    from runner.client import Runner
+    from runner.process.client import Runner
 
     path = write_chat_model(family_dir, "qwen3")
     answer = "<think>\nLet me add.\n</think>\n\n4"

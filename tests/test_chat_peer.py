@@ -59,8 +59,8 @@ def _their_prompt(server: LlamaServer, body: dict) -> str | None:
 
 @pytest.mark.parametrize("family", ["default", *FAMILIES])
 def test_rendered_prompts_match_llama_server(family, llama, default_model_path, tmp_path_factory):
-    from runner.chat import ChatRequest, ChatTemplates
-    from runner.requests import BadRequest
+    from runner.process.chat import ChatRequest, ChatTemplates
+    from runner.engine.requests import BadRequest
 
     if family == "default":
         path = default_model_path
@@ -91,7 +91,7 @@ def test_rendered_prompts_match_llama_server(family, llama, default_model_path, 
 def test_greedy_answers_match_llama_server(default_model_path):
     """The default model answers the same, token for token (greedy; llama-server's
     default penalties are off, so ours are switched off too)."""
-    from runner.client import Runner
+    from runner.process.client import Runner
 
     conversations = [
         chat("user", "What is the capital of France?"),

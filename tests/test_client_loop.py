@@ -1,5 +1,5 @@
 """An asyncio event loop reading the client's socket itself
-(runner/client.py, ``_Connection._reader``): real runner processes on the
+(runner/process/client.py, ``_Connection._reader``): real runner processes on the
 tiny model (benchmarks/tiny_model.py) and the default model, consumed by
 asyncio tasks, blocking threads and several loops at once, with streams
 cancelled, the runner killed and the client closed mid-stream.
@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 
 from polling import wait_until
-from runner.client import _NO_READER, Runner, RunnerGone, _IGNORE, _LoopSink, _Routes
-from runner.requests import Chunk, Final
+from runner.process.client import _NO_READER, Runner, RunnerGone, _IGNORE, _LoopSink, _Routes
+from runner.engine.requests import Chunk, Final
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from tiny_model import write_tiny_llama  # noqa: E402

@@ -18,9 +18,9 @@ import time
 
 import pytest
 
-from runner.client import Runner
-from runner.engine import Engine, EngineConfig
-from runner.requests import BadRequest, Chunk, CompletionOptions, CompletionRequest, Final
+from runner.process.client import Runner
+from runner.engine.core import Engine, EngineConfig
+from runner.engine.requests import BadRequest, Chunk, CompletionOptions, CompletionRequest, Final
 
 pytestmark = pytest.mark.model
 
@@ -220,7 +220,7 @@ def test_impossible_grammars_are_refused_naming_the_field(engine, options, field
 
 
 # A short grammar whose check of the whole vocabulary takes about half a
-# second on the development VM (runner.limits.MAX_GRAMMAR_CHECK_S): many
+# second on the development VM (runner.engine.limits.MAX_GRAMMAR_CHECK_S): many
 # optional repeats in a row.
 DEEP_GRAMMAR = 'root ::= ("a"? ){60} "b"'
 

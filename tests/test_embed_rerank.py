@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runner.engine import Engine, EngineConfig
-from runner.requests import BadRequest, CompletionOptions, CompletionRequest, InputTooLong
-from runner.rerank import rerank_inputs
+from runner.engine.core import Engine, EngineConfig
+from runner.engine.requests import BadRequest, CompletionOptions, CompletionRequest, InputTooLong
+from runner.engine.rerank import rerank_inputs
 
 from rerank_models import RERANK_TEMPLATE, write_tiny_reranker
 
@@ -109,7 +109,7 @@ def test_requests_from_many_threads_share_decodes_and_get_their_own(engines, uni
 
 def test_callers_sending_one_text_at_a_time_each_get_their_own(engines):
     """Four callers embed one text per request, each sending the next as
-    soon as the last came back (the loop holds texts for them: runner.embedwait),
+    soon as the last came back (the loop holds texts for them: runner.engine.embedwait),
     and one caller stops early; every vector equals its text embedded alone,
     and a text sent after all that is answered (nothing waits for callers
     that are gone)."""
@@ -255,7 +255,7 @@ def test_rerank_needs_a_reranker(engines, paths):
 # -- over the wire ---------------------------------------------------------
 
 def test_embedding_and_rerank_ops(paths):
-    from runner.client import Runner
+    from runner.process.client import Runner
 
     with Runner.spawn(str(paths["llama"]), n_ctx=512, n_batch=128, n_threads=2, parallel=2,
                       pooling="none") as r:

@@ -1,10 +1,10 @@
-"""The embedding batching window (runner.embedwait): pure policy, times given."""
+"""The embedding batching window (runner.engine.embedwait): pure policy, times given."""
 
 from __future__ import annotations
 
 from hypothesis import given, strategies as st
 
-from runner.embedwait import EmbedWindow
+from runner.engine.embedwait import EmbedWindow
 
 
 def test_nothing_answered_yet_decodes_at_once():

@@ -7,8 +7,8 @@ import threading
 
 import pytest
 
-from runner.engine import Engine, EngineConfig
-from runner.requests import (
+from runner.engine.core import Engine, EngineConfig
+from runner.engine.requests import (
     BadRequest, Busy, Chunk, CompletionOptions, CompletionRequest, Final, InputTooLong,
 )
 

@@ -22,10 +22,10 @@ import time
 import pytest
 
 from polling import drain, wait_until
-from runner import protocol as P
-from runner.client import Runner, RunnerGone
-from runner.requests import Chunk, EngineError, Final
-from runner.security import private_ipc_endpoint
+from runner.process import protocol as P
+from runner.process.client import Runner, RunnerGone
+from runner.engine.requests import Chunk, EngineError, Final
+from runner.process.security import private_ipc_endpoint
 
 pytestmark = pytest.mark.model
 
@@ -68,7 +68,7 @@ def test_a_stopped_runner_fails_the_stream_within_the_heartbeat_window(spawn):
 
 CLIENT = r"""
 import sys
-from runner.client import Runner
+from runner.process.client import Runner
 r = Runner.connect(sys.argv[1])
 stream = r.complete("Count to a thousand:", num_predict=100000, ignore_eos=True, temperature=0.0)
 next(stream)

@@ -8,9 +8,9 @@ import dataclasses
 import pytest
 
 from runner.cli import _SAMPLING_FLAGS, _completion_options, build_parser
-from runner.engine import Engine, EngineConfig
+from runner.engine.core import Engine, EngineConfig
 from runner.generate import GenerationStats, generate
-from runner.requests import Chunk, CompletionOptions, CompletionRequest
+from runner.engine.requests import Chunk, CompletionOptions, CompletionRequest
 
 # Repeats within the penalty window: the penalties change the greedy pick only
 # if the prompt's tokens reach the sampler.

@@ -1,4 +1,4 @@
-"""Tests for runner.gguf: GGUF header reading, the ggml type table and malformed-file handling."""
+"""Tests for runner.model.gguf: GGUF header reading, the ggml type table and malformed-file handling."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 gguf = pytest.importorskip("gguf")
 
-from runner.gguf import (  # noqa: E402
+from runner.model.gguf import (  # noqa: E402
     DEFAULT_ALIGNMENT,
     GGML_TYPES,
     MAX_ARRAY_DEPTH,
@@ -41,11 +41,11 @@ VT = gguf.GGUFValueType
 @pytest.fixture(scope="module")
 def default_model() -> str:
     try:
-        from runner.models import default_model_path
+        from runner.model.models import default_model_path
 
         path = str(default_model_path())
-    except (ImportError, OSError) as exc:  # no runner.models, or the model is not installed
-        pytest.skip(f"default model unavailable: runner.models.default_model_path() raised {exc!r}")
+    except (ImportError, OSError) as exc:  # no runner.model.models, or the model is not installed
+        pytest.skip(f"default model unavailable: runner.model.models.default_model_path() raised {exc!r}")
     if not os.path.exists(path):
         pytest.skip(f"default model {path} is not downloaded")
     return path

@@ -43,9 +43,9 @@ from gguf_bytes import (  # noqa: E402
 )
 
 from runner import inspect_cmd  # noqa: E402
-from runner.gguf import MAX_LAYERS, GGUFError, GGUFFile, parse_gguf  # noqa: E402
-from runner.load_checks import model_problems  # noqa: E402
-from runner.memory import LoadOptions, estimate  # noqa: E402
+from runner.model.gguf import MAX_LAYERS, GGUFError, GGUFFile, parse_gguf  # noqa: E402
+from runner.model.load_checks import model_problems  # noqa: E402
+from runner.model.memory import LoadOptions, estimate  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 FUZZ_EXAMPLES = max(1, round(50 * float(os.environ.get("RUNNER_FUZZ_SCALE") or 1)))
@@ -117,7 +117,7 @@ resource.setrlimit(resource.RLIMIT_AS, ({memory}, {memory}))
 # reports go to the original stdout; anything else (C code included) writes to stderr
 report = os.fdopen(os.dup(1), "w")
 os.dup2(2, 1)
-from runner.engine import Engine, EngineConfig
+from runner.engine.core import Engine, EngineConfig
 def say(**fields):
     report.write(json.dumps(fields) + "\\n")
     report.flush()

@@ -1,4 +1,4 @@
-"""JSON Schema -> GBNF through llama.cpp's converter (runner/grammar.py over
+"""JSON Schema -> GBNF through llama.cpp's converter (runner/engine/grammar.py over
 the binding): what each grammar accepts, and the errors it gives.
 
 Acceptance is checked with a small GBNF parser and matcher defined below (test
@@ -20,7 +20,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runner.grammar import JSON_GBNF, JSON_VALUE_GBNF, json_schema_to_gbnf
+from runner.engine.grammar import JSON_GBNF, JSON_VALUE_GBNF, json_schema_to_gbnf
 
 # -- a small GBNF reader and matcher ---------------------------------------------
 #

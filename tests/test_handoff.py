@@ -1,4 +1,4 @@
-"""runner.handoff: items from several putting threads reach the one reader
+"""runner.engine.handoff: items from several putting threads reach the one reader
 in each putter's order, none lost, whoever waits first."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from runner.handoff import Handoff, new_handoff
+from runner.engine.handoff import Handoff, new_handoff
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "eventfd"), reason="eventfd is Linux-only")
 
@@ -62,7 +62,7 @@ def test_new_handoff_has_the_queue_interface():
 
 
 def test_doorbell_rings_before_the_wait_are_kept():
-    from runner.handoff import Doorbell
+    from runner.engine.handoff import Doorbell
 
     bell = Doorbell()
     try:

@@ -14,9 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_slots import FakeKV, assert_consistent
 
-from runner.hostbuffers import HostBuffers
-from runner.hostcache import RESTORE_OVERHEAD_S, HostCache
-from runner.slots import SlotCache
+from runner.engine.hostbuffers import HostBuffers
+from runner.engine.hostcache import RESTORE_OVERHEAD_S, HostCache
+from runner.engine.slots import SlotCache
 
 PER_INPUT = 10  # bytes of fake state per input
 
@@ -358,7 +358,7 @@ def test_multi_policy_saves_the_fork_target():
 ])
 def test_cost_decision(n, n_slot, nbytes, eval_s, bps, want):
     host = HostCache(FakeState(FakeKV()), 1 << 30, restore_bytes_per_s=bps, eval_s_per_input=eval_s)
-    from runner.hostcache import HostEntry
+    from runner.engine.hostcache import HostEntry
 
     entry = HostEntry(tuple(range(n)), b"x" * nbytes, 0, 0)
     assert host.worth(entry, n, n_slot) is want
@@ -424,8 +424,8 @@ def test_random_traffic_keeps_every_invariant(ops, n_slots, max_entries, policy,
 def test_memory_estimate_counts_the_tier_in_host_memory(tmp_path):
     from gguf_bytes import write_tiny_llama
 
-    from runner.gguf import read_gguf
-    from runner.memory import Device, LoadOptions, estimate, plan_layers
+    from runner.model.gguf import read_gguf
+    from runner.model.memory import Device, LoadOptions, estimate, plan_layers
 
     info = read_gguf(write_tiny_llama(tmp_path / "tiny.gguf"))
     bound = 256 << 20

@@ -13,8 +13,8 @@ import pytest
 from gemma3_models import write_gemma3_text_model
 from mmproj import _matrix, _normal, _ones, _zeros, copy_tokenizer, finish_gguf
 
-from runner.engine import Engine, EngineConfig
-from runner.requests import Chunk, CompletionOptions, CompletionRequest
+from runner.engine.core import Engine, EngineConfig
+from runner.engine.requests import Chunk, CompletionOptions, CompletionRequest
 
 pytestmark = pytest.mark.model
 

@@ -1,4 +1,4 @@
-"""Stated limits (runner/limits.py), the bound on what the runner buffers, and
+"""Stated limits (runner/engine/limits.py), the bound on what the runner buffers, and
 preparation on worker threads (docs/protocol.md, "Limits")."""
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ import msgpack
 import pytest
 import zmq
 
-from runner import limits
-from runner import protocol as P
-from runner import security
-from runner.grammar import json_schema_to_gbnf
-from runner.requests import BadRequest, Busy, CompletionOptions, InputTooLong
-from runner.sampling import grammar_for
-from runner.server import Server, WorkBudget
+from runner.engine import limits
+from runner.process import protocol as P
+from runner.process import security
+from runner.engine.grammar import json_schema_to_gbnf
+from runner.engine.requests import BadRequest, Busy, CompletionOptions, InputTooLong
+from runner.engine.sampling import grammar_for
+from runner.process.server import Server, WorkBudget
 
 # -- the limits themselves ----------------------------------------------------------
 
@@ -219,7 +219,7 @@ GREEDY = {"temperature": 0.0, "repeat_penalty": 1.0}
 
 @pytest.fixture(scope="module")
 def engine(default_model_path):
-    from runner.engine import Engine, EngineConfig
+    from runner.engine.core import Engine, EngineConfig
 
     e = Engine(EngineConfig(model_path=default_model_path, n_ctx=512, parallel=1, n_threads=2))
     yield e
@@ -227,7 +227,7 @@ def engine(default_model_path):
 
 
 def test_engine_refuses_text_over_the_limit_before_tokenizing(engine):
-    from runner.requests import CompletionRequest
+    from runner.engine.requests import CompletionRequest
 
     big = "x" * (limits.MAX_TEXT_BYTES + 1)
     with pytest.raises(InputTooLong, match="^prompt has "):
@@ -245,7 +245,7 @@ def test_engine_refuses_text_over_the_limit_before_tokenizing(engine):
 
 @pytest.mark.parametrize("prompt", [[1, 2, -1], [1, 2.0], [True], [[1]], [1, 1 << 70]])
 def test_engine_refuses_bad_token_prompts(engine, prompt):
-    from runner.requests import CompletionRequest
+    from runner.engine.requests import CompletionRequest
 
     with pytest.raises(BadRequest, match="prompt token ids must be integers"):
         engine.submit(CompletionRequest(prompt=prompt, options=CompletionOptions(**GREEDY)))
@@ -288,7 +288,7 @@ class Raw:
 
 @pytest.fixture(scope="module")
 def runner(default_model_path):
-    from runner.client import Runner
+    from runner.process.client import Runner
 
     r = Runner.spawn(default_model_path, n_ctx=1024, parallel=2, n_threads=2,
                      max_message_bytes=1 << 20)
@@ -363,7 +363,7 @@ def _largest_alternatives() -> str:
 
 def test_a_grammar_too_slow_to_check_is_refused_before_it_is_queued(default_model_path):
     from runner import _llama
-    from runner.sampling import make_sampler
+    from runner.engine.sampling import make_sampler
 
     model = _llama.Model(default_model_path)
     with pytest.raises(BadRequest, match=r"^invalid option grammar: checking the vocabulary against "
@@ -386,7 +386,7 @@ def test_a_slow_grammar_is_a_bad_request_and_other_streams_go_on(tmp_path):
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
     from tiny_model import write_tiny_llama
 
-    from runner.client import Runner
+    from runner.process.client import Runner
 
     tiny = str(write_tiny_llama(tmp_path / "tiny.gguf"))
     with Runner.spawn(tiny, n_ctx=1024, parallel=2, n_threads=1) as runner:

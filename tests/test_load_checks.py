@@ -1,4 +1,4 @@
-"""Model files that would abort llama.cpp are refused before it sees them (runner.load_checks).
+"""Model files that would abort llama.cpp are refused before it sees them (runner.model.load_checks).
 
 Each case in CASES is the tiny llama of tests/gguf_bytes.py with one
 hyperparameter out of range. ``test_unchecked_cases_abort_llama_cpp`` (slow)
@@ -26,9 +26,9 @@ from gguf_bytes import (  # noqa: E402
 )
 
 from handserve import deferred_runner  # noqa: E402
-from runner import load_checks  # noqa: E402
-from runner.gguf import MAX_LAYERS, parse_gguf  # noqa: E402
-from runner.load_checks import ModelFileError, check_model_file, model_problems  # noqa: E402
+from runner.model import load_checks  # noqa: E402
+from runner.model.gguf import MAX_LAYERS, parse_gguf  # noqa: E402
+from runner.model.load_checks import ModelFileError, check_model_file, model_problems  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 VENDOR = ROOT / "vendor" / "llama.cpp"
@@ -175,7 +175,7 @@ def test_same_head_and_rope_list_matches_vendored_graphs():
 _ENGINE_CHILD = """
 import json, resource, sys
 resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
-from runner.engine import Engine, EngineConfig
+from runner.engine.core import Engine, EngineConfig
 for path in sys.argv[1:]:
     try:
         engine = Engine(EngineConfig(model_path=path, n_ctx=256, n_threads=1))
@@ -236,8 +236,8 @@ def test_unchecked_cases_abort_llama_cpp(tmp_path, name, kw, reason):
 
 @pytest.mark.model
 def test_runner_process_reports_the_reason(tmp_path):
-    from runner.client import Runner, RunnerGone
-    from runner.requests import EngineError
+    from runner.process.client import Runner, RunnerGone
+    from runner.engine.requests import EngineError
 
     paths = _write_cases(tmp_path, [c for c in CASES if c[0] in ("too_many_layers", "duplicate_token")])
     reasons = dict((c[0], c[2]) for c in CASES)
@@ -267,8 +267,8 @@ def test_load_error_carries_llama_cpp_lines_only_when_llama_cpp_failed(tmp_path)
     is in the error), then the engine refuses the parameters before touching
     the file, and that error carries no llama.cpp line (the stale one is
     unrelated)."""
-    from runner.client import Runner
-    from runner.requests import BadRequest, EngineError
+    from runner.process.client import Runner
+    from runner.engine.requests import BadRequest, EngineError
 
     path = write_tiny_llama(tmp_path / "three_layers.gguf", hparams={"block_count": 3})  # tensors for 2
     with deferred_runner(str(path)) as (proc, endpoint):
@@ -290,8 +290,8 @@ def test_load_error_carries_llama_cpp_lines_only_when_llama_cpp_failed(tmp_path)
 def test_vocabulary_without_byte_tokens_fails_the_request_not_the_process(tmp_path):
     """llama.cpp's tokenizer throws std::out_of_range for a SentencePiece
     vocabulary with no <0xNN> tokens; ext/guard.cpp turns it into an error."""
-    from runner.engine import Engine, EngineConfig
-    from runner.requests import EngineError
+    from runner.engine.core import Engine, EngineConfig
+    from runner.engine.requests import EngineError
 
     path = write_tiny_llama(tmp_path / "no_bytes.gguf", tokens=["<unk>", "<s>", "</s>", "a"])
     with Engine(EngineConfig(str(path), n_ctx=64, n_threads=1)) as engine:

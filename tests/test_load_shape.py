@@ -9,9 +9,9 @@ from pathlib import Path
 
 import msgspec
 
-from runner import protocol as P
+from runner.process import protocol as P
 from runner.cli import _load_params, build_parser
-from runner.engine import EngineConfig
+from runner.engine.core import EngineConfig
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
 
@@ -53,7 +53,7 @@ def test_inspect_reads_ctx_and_parallel_as_serve_does(default_model_path, capsys
     import json as _json
 
     from runner.cli import main
-    from runner.engine import Engine
+    from runner.engine.core import Engine
 
     for extra, streams in (([], 2), (["--kv-unified"], 1)):
         assert main(["inspect", default_model_path, "--ctx", "1024", "--parallel", "2", "--json", *extra]) == 0
@@ -86,8 +86,8 @@ def test_n_ctx_0_takes_the_trained_context_and_main_gpu_is_read(default_model_pa
     """As documented: n_ctx 0 is the model's trained context, shared by the
     slots, in the engine and in the estimate alike; main_gpu selects llama.cpp's
     split mode "none" (on a machine without a GPU it places nothing)."""
-    from runner.engine import Engine
-    from runner.placement import estimate_load
+    from runner.engine.core import Engine
+    from runner.model.placement import estimate_load
 
     config = EngineConfig(default_model_path, n_ctx=0, parallel=2, n_threads=2, main_gpu=0, cache_ram_mb=0)
     with Engine(config) as e:

@@ -2,7 +2,7 @@
 adapters written by tests/lora_models.py.  Greedy text is the observable:
 an adapter at scale 1 changes it, scale 0 gives the base model's, and
 requests of different adapter sets in flight at once each get what they get
-alone (the scheduler never mixes sets in one decode, runner.scheduler)."""
+alone (the scheduler never mixes sets in one decode, runner.engine.scheduler)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runner.engine import Engine, EngineConfig
-from runner.requests import BadRequest, CompletionOptions, CompletionRequest
+from runner.engine.core import Engine, EngineConfig
+from runner.engine.requests import BadRequest, CompletionOptions, CompletionRequest
 
 from lora_models import write_lora
 
@@ -223,7 +223,7 @@ def test_an_unusable_adapter_file_is_a_bad_request_naming_it(files, tmp_path, ca
 def test_a_runner_refuses_an_unusable_adapter_as_a_bad_request(files, tmp_path, case):
     """Through a spawned runner: code bad_request, the message is the
     reason alone (no unrelated llama.cpp log line)."""
-    from runner.client import Runner
+    from runner.process.client import Runner
 
     path, reason = _bad_adapters(files, tmp_path)[case]
     with pytest.raises(BadRequest, match="load failed: " + _expected(path, reason)) as info:

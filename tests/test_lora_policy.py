@@ -9,10 +9,10 @@ import threading
 
 import pytest
 
-from runner import lora
-from runner.requests import BadRequest, CompletionOptions
-from runner.scheduler import Scheduler
-from runner.slots import SlotCache
+from runner.engine import lora
+from runner.engine.requests import BadRequest, CompletionOptions
+from runner.engine.scheduler import Scheduler
+from runner.engine.slots import SlotCache
 
 from test_scheduler import run_decode, seq, shape
 from test_slots import FakeKV
@@ -229,7 +229,7 @@ def test_uncached_slots_and_restored_files_take_the_default_set():
 def test_the_host_tier_keeps_only_the_default_set():
     """A slot of another set is dropped, not saved; a default-set slot is
     saved and restored for a default-set prompt only."""
-    from runner.hostcache import HostCache
+    from runner.engine.hostcache import HostCache
     from test_hostcache import FakeState
 
     kv = FakeKV()

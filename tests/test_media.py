@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from mmproj import png_bytes, wav_bytes, write_audio_projector, write_vision_projector
-from runner.media import MediaCache, MediaItem
-from runner.requests import BadRequest, CompletionOptions, CompletionRequest
-from runner.slots import SpanInput, reusable_prefix
+from runner.engine.media import MediaCache, MediaItem
+from runner.engine.requests import BadRequest, CompletionOptions, CompletionRequest
+from runner.engine.slots import SpanInput, reusable_prefix
 
 
 # -- the cache alone ------------------------------------------------------------
@@ -102,7 +102,7 @@ def projectors(tmp_path_factory):
 
 
 def make_engine(model_path: str, projector: str, **kw):
-    from runner.engine import Engine, EngineConfig
+    from runner.engine.core import Engine, EngineConfig
 
     kw.setdefault("n_ctx", 2048)
     kw.setdefault("n_threads", 2)
@@ -130,7 +130,7 @@ def misses(engine) -> int:
 
 def test_projector_encodes_the_same_image_to_the_same_rows(engine):
     img = png_bytes(32, 32, seed=11)
-    from runner.media import build_prompt
+    from runner.engine.media import build_prompt
 
     mp1 = build_prompt(engine.mtmd, "look: [img-0]", [MediaItem(0, img)], True)
     mp2 = build_prompt(engine.mtmd, "look: [img-0]", [MediaItem(0, img)], True)
@@ -244,7 +244,7 @@ def test_media_at_the_end_of_the_prompt_gives_the_first_token(engine):
 
 def test_the_default_marker_takes_items_in_order(engine):
     a, b = png_bytes(32, 32, seed=31), png_bytes(32, 32, seed=32)
-    from runner.media import build_prompt
+    from runner.engine.media import build_prompt
 
     marker = engine.mtmd.marker
     by_marker = build_prompt(engine.mtmd, f"x {marker} y {marker}", [MediaItem(0, a), MediaItem(1, b)], True)
@@ -271,7 +271,7 @@ def test_bad_media_fail_the_request_not_the_engine(engine, prompt, media, messag
 
 
 def test_media_without_a_projector_is_a_clear_error(default_model_path):
-    from runner.engine import Engine, EngineConfig
+    from runner.engine.core import Engine, EngineConfig
 
     with Engine(EngineConfig(default_model_path, n_ctx=512, n_threads=2)) as e:
         with pytest.raises(BadRequest, match="no multimodal projector"):
@@ -310,7 +310,7 @@ def test_audio_through_an_audio_projector(default_model_path, projectors):
 
 
 def test_media_through_the_runner_process(default_model_path, projectors):
-    from runner.client import Runner
+    from runner.process.client import Runner
 
     img = png_bytes(32, 32, seed=41)
     with Runner.spawn(default_model_path, n_ctx=1024, parallel=2, n_threads=2,

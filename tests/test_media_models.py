@@ -20,9 +20,9 @@ import pytest
 from gemma3_models import write_gemma3_projector, write_gemma3_text_model
 from mmproj import png_bytes
 from qwen2vl_models import image_grid, write_qwen2vl_projector, write_qwen2vl_text_model
-from runner.media import MediaItem
-from runner.requests import BadRequest, CompletionOptions, CompletionRequest
-from runner.slots import kv_position
+from runner.engine.media import MediaItem
+from runner.engine.requests import BadRequest, CompletionOptions, CompletionRequest
+from runner.engine.slots import kv_position
 
 MARKER = "<__media__>"
 TOP = 5
@@ -43,7 +43,7 @@ def gemma3(tmp_path_factory):
 
 
 def make_engine(paths, **kw):
-    from runner.engine import Engine, EngineConfig
+    from runner.engine.core import Engine, EngineConfig
 
     kw.setdefault("n_ctx", 1024)
     kw.setdefault("n_threads", 2)
@@ -235,7 +235,7 @@ def test_sliding_window_prefix_is_not_reused_without_its_window(tmp_path):
     prompt again rather than continue from that KV (llama.cpp would accept
     it silently and compute with the window missing)."""
     path = str(write_gemma3_text_model(tmp_path / "swa.gguf", sliding_window=8))
-    from runner.engine import Engine, EngineConfig
+    from runner.engine.core import Engine, EngineConfig
 
     config = EngineConfig(path, n_ctx=512, n_batch=64, n_threads=2)
     with Engine(config) as engine:

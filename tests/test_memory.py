@@ -1,4 +1,4 @@
-"""Tests for runner.memory (KV cache, graph and projector estimates, layer planning) and runner.inspect_cmd."""
+"""Tests for runner.model.memory (KV cache, graph and projector estimates, layer planning) and runner.inspect_cmd."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import pytest
 gguf = pytest.importorskip("gguf")
 
 from runner import inspect_cmd  # noqa: E402
-from runner.gguf import ggml_type, read_gguf  # noqa: E402
-from runner.memory import (  # noqa: E402
+from runner.model.gguf import ggml_type, read_gguf  # noqa: E402
+from runner.model.memory import (  # noqa: E402
     GPU_RESERVE_FIXED,
     MLLAMA_VISION_TOKENS,
     Device,
@@ -43,11 +43,11 @@ U32, I32, STR, BOOL, ARR = VT.UINT32, VT.INT32, VT.STRING, VT.BOOL, VT.ARRAY
 @pytest.fixture(scope="module")
 def default_model() -> str:
     try:
-        from runner.models import default_model_path
+        from runner.model.models import default_model_path
 
         path = str(default_model_path())
-    except (ImportError, OSError) as exc:  # no runner.models, or the model is not installed
-        pytest.skip(f"default model unavailable: runner.models.default_model_path() raised {exc!r}")
+    except (ImportError, OSError) as exc:  # no runner.model.models, or the model is not installed
+        pytest.skip(f"default model unavailable: runner.model.models.default_model_path() raised {exc!r}")
     if not os.path.exists(path):
         pytest.skip(f"default model {path} is not downloaded")
     return path
@@ -577,9 +577,9 @@ def test_inspect_json(tmp_path, capsys):
 
 def test_inspect_text_and_default(tmp_path, capsys, monkeypatch):
     _llama_with_tensors(tmp_path)
-    fake = types.ModuleType("runner.models")
+    fake = types.ModuleType("runner.model.models")
     fake.default_model_path = lambda: tmp_path / "w.gguf"
-    monkeypatch.setitem(sys.modules, "runner.models", fake)
+    monkeypatch.setitem(sys.modules, "runner.model.models", fake)
     assert _inspect(["default", "--type-k", "q8_0", "--type-v", "q8_0", "--flash-attn", "off"]) == 0
     out = capsys.readouterr().out
     assert "architecture    llama" in out

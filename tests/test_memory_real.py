@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from runner.gguf import read_gguf
-from runner.memory import kv_cache_size
+from runner.model.gguf import read_gguf
+from runner.model.memory import kv_cache_size
 
 pytestmark = pytest.mark.model
 
@@ -65,7 +65,7 @@ def test_total_estimate_within_tolerance(llama, model, default_model_path, caplo
     compute buffer, the total within -5% / +20% of what llama.cpp allocates
     (it over-counts the tied output matrix, the safe direction for placement).
     """
-    from runner.memory import LoadOptions, estimate
+    from runner.model.memory import LoadOptions, estimate
 
     info = read_gguf(default_model_path, max_array_size=0)
     est = estimate(info, LoadOptions(n_ctx=n_ctx, parallel=1, flash_attention=False))

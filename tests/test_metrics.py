@@ -11,9 +11,9 @@ import threading
 
 import pytest
 
-from runner.client import Runner
-from runner.engine import Engine, EngineConfig
-from runner.requests import (BadRequest, Busy, Chunk, CompletionOptions, CompletionRequest, EngineError,
+from runner.process.client import Runner
+from runner.engine.core import Engine, EngineConfig
+from runner.engine.requests import (BadRequest, Busy, Chunk, CompletionOptions, CompletionRequest, EngineError,
                              Final)
 
 pytestmark = pytest.mark.model
@@ -99,7 +99,7 @@ def test_the_metrics_op_counts_a_known_mix_exactly(default_model_path):
     pytest.importorskip("prometheus_client")
     from prometheus_client.parser import text_string_to_metric_families
 
-    from runner.requests import InputTooLong
+    from runner.engine.requests import InputTooLong
 
     finals: list[Final] = []
     with Runner.spawn(default_model_path, n_ctx=256, parallel=1, max_queue=0, n_threads=2,

@@ -29,7 +29,7 @@ from mmproj import (  # noqa: E402
     write_projector,
     write_vision_projector,
 )
-from runner.gguf import read_gguf  # noqa: E402
+from runner.model.gguf import read_gguf  # noqa: E402
 
 VT = gguf.GGUFValueType
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from runner.engine import Engine, EngineConfig
-from runner.requests import CompletionOptions, CompletionRequest
+from runner.engine.core import Engine, EngineConfig
+from runner.engine.requests import CompletionOptions, CompletionRequest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from tiny_model import write_tiny_llama  # noqa: E402

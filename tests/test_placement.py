@@ -1,4 +1,4 @@
-"""n_gpu_layers "auto" (runner.placement): pure policy on fake device lists,
+"""n_gpu_layers "auto" (runner.model.placement): pure policy on fake device lists,
 then the real path end to end on this machine's devices."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import pytest
 
 gguf = pytest.importorskip("gguf")
 
-from runner import placement  # noqa: E402
-from runner.gguf import read_gguf  # noqa: E402
-from runner.memory import Device, gpu_reserve  # noqa: E402
-from runner.requests import BadRequest  # noqa: E402
+from runner.model import placement  # noqa: E402
+from runner.model.gguf import read_gguf  # noqa: E402
+from runner.model.memory import Device, gpu_reserve  # noqa: E402
+from runner.engine.requests import BadRequest  # noqa: E402
 
 MiB = 1 << 20
 N_LAYER = 6
@@ -201,8 +201,8 @@ def test_devices_as_llama_cpp_picks_them():
 
 @pytest.mark.model
 def test_auto_is_the_default_and_loads(default_model_path):
-    from runner.engine import Engine, EngineConfig
-    from runner.requests import CompletionOptions, CompletionRequest
+    from runner.engine.core import Engine, EngineConfig
+    from runner.engine.requests import CompletionOptions, CompletionRequest
 
     with Engine(EngineConfig(default_model_path, n_ctx=512, n_threads=2, cache_ram_mb=0)) as engine:
         got = engine.info()["placement"]
@@ -222,7 +222,7 @@ def test_auto_is_the_default_and_loads(default_model_path):
 
 @pytest.mark.model
 def test_a_load_that_cannot_fit_is_refused_before_llama_cpp_allocates(default_model_path):
-    from runner.engine import Engine, EngineConfig
+    from runner.engine.core import Engine, EngineConfig
 
     with pytest.raises(placement.NoRoom, match=r"CPU needs .* KV cache .* but has .* free"):
         Engine(EngineConfig(default_model_path, n_ctx=2**31 - 1, n_threads=2))

@@ -1,4 +1,4 @@
-"""runner.pool with real runner processes: the default model and tiny
+"""runner.process.pool with real runner processes: the default model and tiny
 random-weight llamas (benchmarks/tiny_model.py).  The policy's own tables
 are in tests/test_pool_policy.py."""
 
@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from polling import wait_until
-from runner import pool_fit
-from runner.gguf import GGUFError
-from runner.pool import DoesNotFit, ModelFailed, ModelLoadError, RunnerCrashed, RunnerPool
-from runner.requests import BadRequest, Chunk, Final
+from runner.process import pool_fit
+from runner.model.gguf import GGUFError
+from runner.process.pool import DoesNotFit, ModelFailed, ModelLoadError, RunnerCrashed, RunnerPool
+from runner.engine.requests import BadRequest, Chunk, Final
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from tiny_model import write_tiny_llama  # noqa: E402

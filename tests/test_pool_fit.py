@@ -1,13 +1,13 @@
-"""runner/pool_fit.py: where a pooled model goes (fake discover lists) and what it needs."""
+"""runner/process/pool_fit.py: where a pooled model goes (fake discover lists) and what it needs."""
 
 from __future__ import annotations
 
 import pytest
 
-from runner import pool_fit
-from runner.memory import LoadOptions, estimate
-from runner.gguf import read_gguf
-from runner.pool_policy import Room
+from runner.process import pool_fit
+from runner.model.memory import LoadOptions, estimate
+from runner.model.gguf import read_gguf
+from runner.process.pool_policy import Room
 
 GiB = 1 << 30
 CPU = {"index": 0, "name": "CPU", "type": "cpu", "free": 60 * GiB, "total": 64 * GiB}
@@ -62,7 +62,7 @@ def test_discover_here_lists_this_machines_devices():
 def test_a_projector_and_its_media_cache_count(default_model_path, tmp_path):
     from mmproj import write_vision_projector
 
-    from runner.memory import projector_size
+    from runner.model.memory import projector_size
 
     path, projector = str(default_model_path), str(write_vision_projector(tmp_path / "vision.gguf"))
     plain = pool_fit.load_message({"n_ctx": 1024, "cache_ram_mb": 0})

@@ -1,10 +1,10 @@
-"""The pool's policy (runner/pool_policy.py) with plain numbers: no process, no model."""
+"""The pool's policy (runner/process/pool_policy.py) with plain numbers: no process, no model."""
 
 from __future__ import annotations
 
 import pytest
 
-from runner.pool_policy import PoolPolicy, Room
+from runner.process.pool_policy import PoolPolicy, Room
 
 MiB = 1 << 20
 UNKNOWN = Room(0, 0)  # discover said nothing: only the pool's own limits apply

@@ -21,9 +21,9 @@ import zmq
 
 from handserve import deferred_runner
 from polling import drain, wait_until
-from runner import protocol as P
-from runner.client import Runner, RunnerGone
-from runner.requests import BadRequest, Chunk, Final, InputTooLong, InternalError
+from runner.process import protocol as P
+from runner.process.client import Runner, RunnerGone
+from runner.engine.requests import BadRequest, Chunk, Final, InputTooLong, InternalError
 
 pytestmark = pytest.mark.model
 
@@ -372,7 +372,7 @@ def test_sigkill_runner_fails_every_pending_call(spawn):
 
 PARENT = r"""
 import sys, time
-from runner.client import Runner
+from runner.process.client import Runner
 r = Runner.spawn(sys.argv[1], n_ctx=256, n_threads=1)
 print(r.process.pid, r.endpoint, flush=True)
 time.sleep(600)

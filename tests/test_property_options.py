@@ -35,8 +35,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from runner.grammar import JSON_GBNF
-from runner.requests import (_NUMBERS, INT32_MAX, MAX_STOP_CHARS, MAX_STOP_STRINGS, BadRequest,
+from runner.engine.grammar import JSON_GBNF
+from runner.engine.requests import (_NUMBERS, INT32_MAX, MAX_STOP_CHARS, MAX_STOP_STRINGS, BadRequest,
                              CompletionOptions)
 from fuzzconfig import examples
 from wire import RawClient
@@ -145,7 +145,7 @@ class Field:
 
 
 def number_field(name: str) -> Field:
-    """Values across the option's whole range (runner.requests._NUMBERS), and outside it."""
+    """Values across the option's whole range (runner.engine.requests._NUMBERS), and outside it."""
     spec = _NUMBERS[name]
     if spec.kind is int:
         return Field(ints(spec.lo, spec.hi), bad_ints(spec.lo, spec.hi))
@@ -337,7 +337,7 @@ class Session:
         self.start()
 
     def start(self) -> None:
-        from runner.client import Runner
+        from runner.process.client import Runner
 
         self.runner = Runner.spawn(self.model_path, n_ctx=512, parallel=4, n_threads=2)
         self.client = RawClient(self.runner.endpoint, hang_s=120)
@@ -559,7 +559,7 @@ def _doc_rows() -> dict[str, list[str]]:
 
 
 def test_protocol_doc_lists_every_option_with_its_range_and_default():
-    from runner.requests import _num
+    from runner.engine.requests import _num
 
     rows = _doc_rows()
     fields = {f.name: f for f in dataclasses.fields(CompletionOptions)}

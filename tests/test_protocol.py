@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import zmq
 
-from runner import protocol as P
-from runner import security
-from runner.client import StallTimer, describe_exit, pick_error_line
-from runner.requests import BadRequest, Busy, Cancelled, InputTooLong, InternalError, NotReady
-from runner.server import Job, Outbox, PeerSender, Server
+from runner.process import protocol as P
+from runner.process import security
+from runner.process.client import StallTimer, describe_exit, pick_error_line
+from runner.engine.requests import BadRequest, Busy, Cancelled, InputTooLong, InternalError, NotReady
+from runner.process.server import Job, Outbox, PeerSender, Server
 
 
 def pack(obj) -> bytes:
@@ -377,8 +377,8 @@ def test_stall_timer_restarts_on_progress():
     (["ggml.c:123: GGML_ASSERT(n > 0) failed", "Aborted"], "Aborted"),
     (["llama-runner: error: model file not found: /x", "exiting"],
      "llama-runner: error: model file not found: /x"),
-    (["ERROR runner.server: loading m failed: bad", "INFO bye"],
-     "ERROR runner.server: loading m failed: bad"),
+    (["ERROR runner.process.server: loading m failed: bad", "INFO bye"],
+     "ERROR runner.process.server: loading m failed: bad"),
     (["Traceback (most recent call last):", "  File x", "MemoryError: out of memory"],
      "MemoryError: out of memory"),
 ])

@@ -31,7 +31,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from fuzzconfig import examples
-from runner import protocol as P
+from runner.process import protocol as P
 from wire import RawClient
 
 pytestmark = pytest.mark.model
@@ -177,7 +177,7 @@ class Fuzz:
     """A runner, a raw client for the fuzz frames, and a client streaming beside them."""
 
     def __init__(self, model_path: str) -> None:
-        from runner.client import Runner
+        from runner.process.client import Runner
 
         self.runner = Runner.spawn(model_path, n_ctx=512, parallel=2, n_threads=2,
                                    max_message_bytes=MAX_MESSAGE_BYTES)

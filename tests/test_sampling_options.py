@@ -1,5 +1,5 @@
 """Every sampler stage of llama.cpp per request (issue 19): the options'
-validation, the chain built from them (runner/sampling.py), and what each
+validation, the chain built from them (runner/engine/sampling.py), and what each
 stage does to real output on the default model.
 
 The policy part needs no model: option tables, the stage list built for each
@@ -17,9 +17,9 @@ import re
 
 import pytest
 
-from runner.requests import (DEFAULT_SAMPLERS, BadRequest, CompletionOptions, CompletionRequest,
+from runner.engine.requests import (DEFAULT_SAMPLERS, BadRequest, CompletionOptions, CompletionRequest,
                              Chunk, Final, grammar_problem, logit_bias_pairs, sampler_order)
-from runner.sampling import prompt_tokens_to_accept, sampler_stages
+from runner.engine.sampling import prompt_tokens_to_accept, sampler_stages
 
 # -- validation ---------------------------------------------------------------------
 
@@ -189,7 +189,7 @@ def test_prompt_tokens_the_sampler_sees(kw, n):
 
 @pytest.fixture(scope="module")
 def engine(default_model_path):
-    from runner.engine import Engine, EngineConfig
+    from runner.engine.core import Engine, EngineConfig
 
     e = Engine(EngineConfig(default_model_path, n_ctx=2048, parallel=4, n_threads=2))
     yield e
@@ -215,7 +215,7 @@ GREEDY = {"temperature": 0.0, "num_predict": 12, "repeat_penalty": 1.0}
 
 
 def test_native_only_where_its_stages_suffice(model):
-    from runner.sampling import make_sampler
+    from runner.engine.sampling import make_sampler
 
     assert make_sampler(model, opts(), SLOT).native
     assert make_sampler(model, opts(samplers="edskypmxt"), SLOT).native

@@ -11,10 +11,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runner.requests import CompletionOptions
-from runner.scheduler import Scheduler
-from runner.sequence import Sequence
-from runner.slots import SlotCache
+from runner.engine.requests import CompletionOptions
+from runner.engine.scheduler import Scheduler
+from runner.engine.sequence import Sequence
+from runner.engine.slots import SlotCache
 
 from test_slots import FakeKV
 
@@ -114,7 +114,7 @@ def test_prefill_rotates_between_prompts():
 def test_steps_list_sequences_in_slot_order_whatever_the_arrival():
     """Rows go into the batch by ascending slot (= sequence id): with one KV
     stream per slot, llama.cpp decodes a batch whose ids are out of order in
-    several passes over the weights (runner.scheduler, "Batch order")."""
+    several passes over the weights (runner.engine.scheduler, "Batch order")."""
     sched, cache, kv = make(parallel=4, n_batch=64)
     held = [cache.acquire([100 * k + i for i in range(3)])[0] for k in range(4)]
     for k in (3, 1, 2, 0):   # least recently used first: 3, 1, 2, 0
@@ -233,7 +233,7 @@ def test_release_keeps_prompt_and_returned_tokens(error, kept):
                           st.integers(1, 12)), max_size=40))
 def test_every_plan_lists_its_rows_by_ascending_slot(ops):
     """Whatever arrives, ends and generates in whatever order, a plan's
-    entries come in ascending slot ids (runner.scheduler, "Batch order")."""
+    entries come in ascending slot ids (runner.engine.scheduler, "Batch order")."""
     sched, cache, kv = make(parallel=3, n_batch=24, prefill_budget=6)
     n = 0
     for op, k, length in ops:

@@ -3,7 +3,7 @@ model's output under ``json_schema`` -- default sampling options, several
 seeds, several requests in flight at once -- parses as JSON and validates
 against the schema with the ``jsonschema`` package.
 
-The schemas use the keywords llama.cpp's converter enforces (runner/grammar.py
+The schemas use the keywords llama.cpp's converter enforces (runner/engine/grammar.py
 lists them); strings and arrays are mostly bounded so that every output
 finishes within ``num_predict`` (the recursive schema cannot be: see
 ``UNBOUNDED``).  Keywords it does not enforce (number
@@ -22,7 +22,7 @@ import pytest
 
 jsonschema = pytest.importorskip("jsonschema")
 
-from runner.requests import Chunk, CompletionOptions, CompletionRequest, Final  # noqa: E402
+from runner.engine.requests import Chunk, CompletionOptions, CompletionRequest, Final  # noqa: E402
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 
@@ -120,7 +120,7 @@ UNBOUNDED = {"recursive", "any object"}
 
 @pytest.fixture(scope="module")
 def engine(default_model_path):
-    from runner.engine import Engine, EngineConfig
+    from runner.engine.core import Engine, EngineConfig
 
     e = Engine(EngineConfig(default_model_path, n_ctx=4096, parallel=4, n_threads=2, max_queue=128))
     yield e

@@ -1,4 +1,4 @@
-"""Who may connect (runner/security.py): endpoint policy, CURVE keys, ipc
+"""Who may connect (runner/process/security.py): endpoint policy, CURVE keys, ipc
 modes and private directories; then real runner processes behind CURVE."""
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import zmq
 import zmq.auth
 
 from polling import wait_until
-from runner import security
-from runner.client import AccessDenied, Runner, RunnerGone
-from runner.security import ClientKeys, InsecureEndpoint, ServerKeys
+from runner.process import security
+from runner.process.client import AccessDenied, Runner, RunnerGone
+from runner.process.security import ClientKeys, InsecureEndpoint, ServerKeys
 
 GREEDY = {"temperature": 0.0, "repeat_penalty": 1.0, "ignore_eos": True}
 
@@ -382,7 +382,7 @@ def test_a_spawned_runner_found_gone_takes_its_directory(default_model_path):
 
 KILLED_CLIENT = r"""
 import sys, time
-from runner.client import Runner
+from runner.process.client import Runner
 r = Runner.spawn(sys.argv[1], n_ctx=256, n_threads=1)
 print(r.endpoint, r.process.pid, flush=True)
 time.sleep(600)

@@ -1,4 +1,4 @@
-"""Slots saved to disk and restored (save_slot / restore_slot, runner/slotfile.py).
+"""Slots saved to disk and restored (save_slot / restore_slot, runner/engine/slotfile.py).
 
 The format checks run without a model; the engine tests compare the greedy
 tokens after a restore with those of the slot that never left, and check
@@ -13,8 +13,8 @@ import struct
 import pytest
 from gguf_bytes import write_tiny_llama
 
-from runner import slotfile
-from runner.requests import BadRequest, Busy, Chunk, CompletionOptions, CompletionRequest
+from runner.engine import slotfile
+from runner.engine.requests import BadRequest, Busy, Chunk, CompletionOptions, CompletionRequest
 
 MODEL = "a" * 64  # a model identity for the format tests
 
@@ -213,7 +213,7 @@ def test_restored_slot_continues_as_if_it_never_left(default_model_path, tmp_pat
     is the reference.  The same turn after the conversation's slot was
     overwritten and its file restored into the other slot, and in a fresh
     engine (a restarted runner), gives the same tokens with the same reuse."""
-    from runner.engine import Engine, EngineConfig
+    from runner.engine.core import Engine, EngineConfig
 
     config = EngineConfig(default_model_path, n_ctx=2048, parallel=2, n_threads=2, cache_ram_mb=0,
                           slot_save_dir=str(tmp_path))
@@ -249,7 +249,7 @@ def test_a_file_restores_into_another_parallel_and_kv_unified(default_model_path
     tokens of the slot that never left in a runner with 1 slot, with 3, and
     with 3 sharing one unified stream; and the files those write restore
     back into 2 streams, continuing as they do where they were written."""
-    from runner.engine import Engine, EngineConfig
+    from runner.engine.core import Engine, EngineConfig
 
     def config(parallel, **kw):
         return EngineConfig(default_model_path, n_ctx=1024 * parallel, parallel=parallel,
@@ -289,8 +289,8 @@ def test_states_are_copied_into_buffers_the_caller_touched_and_restore_alike(
     byte for byte the same, their state is llama_state_seq_get_data's, and a
     restore over the slot (whose prior state is copied the same way)
     continues with the greedy tokens of the slot that never left."""
-    import runner.engine
-    from runner.engine import Engine, EngineConfig
+    import runner.engine.core
+    from runner.engine.core import Engine, EngineConfig
 
     config = EngineConfig(default_model_path, n_ctx=2048, parallel=2, n_threads=2, cache_ram_mb=0,
                           slot_save_dir=str(tmp_path))
@@ -302,7 +302,7 @@ def test_states_are_copied_into_buffers_the_caller_touched_and_restore_alike(
         assert e.slot_copies == {"short": 1, "touched": 1}   # nothing measured yet
         e.save_slot(first.slot, "again")
         assert e.slot_copies == {"short": 1, "touched": 2}   # sized from the first
-        monkeypatch.setattr(runner.engine, "SLOT_JOB_ROUNDS", 1)
+        monkeypatch.setattr(runner.engine.core, "SLOT_JOB_ROUNDS", 1)
         e._state_bytes_per_input = 0.0
         e.save_slot(first.slot, "fresh")
         assert e.slot_copies == {"short": 1, "touched": 2, "fresh": 1}
@@ -329,7 +329,7 @@ def test_a_state_the_memory_refuses_puts_back_what_the_slot_held(default_model_p
     right, the state cut short) is refused after the slot was emptied for
     it; the slot's prior state, copied into the caller's buffer, is put
     back and continues as before."""
-    from runner.engine import Engine, EngineConfig
+    from runner.engine.core import Engine, EngineConfig
 
     with Engine(EngineConfig(default_model_path, n_ctx=2048, parallel=2, n_threads=2,
                              slot_save_dir=str(tmp_path))) as e:
@@ -359,7 +359,7 @@ def test_a_state_the_memory_refuses_puts_back_what_the_slot_held(default_model_p
 
 @pytest.mark.model
 def test_refused_files_leave_the_slot_as_it_was(default_model_path, tmp_path):
-    from runner.engine import Engine, EngineConfig
+    from runner.engine.core import Engine, EngineConfig
 
     other = tmp_path / "other"
     tiny = write_tiny_llama(tmp_path / "tiny.gguf")
@@ -407,7 +407,7 @@ def test_refused_files_leave_the_slot_as_it_was(default_model_path, tmp_path):
 
 @pytest.mark.model
 def test_a_slot_in_use_is_busy_and_an_empty_one_cannot_be_saved(default_model_path, tmp_path):
-    from runner.engine import Engine, EngineConfig
+    from runner.engine.core import Engine, EngineConfig
 
     with Engine(EngineConfig(default_model_path, n_ctx=1024, parallel=2, n_threads=2,
                              slot_save_dir=str(tmp_path))) as e:
@@ -435,8 +435,8 @@ def test_a_slot_in_use_is_busy_and_an_empty_one_cannot_be_saved(default_model_pa
 @pytest.mark.model
 def test_the_ops_through_a_runner_process_and_the_cli(default_model_path, tmp_path, capsys):
     from runner.cli import main
-    from runner.client import Runner
-    from runner.requests import BadRequest as Refused
+    from runner.process.client import Runner
+    from runner.engine.requests import BadRequest as Refused
 
     def copies():
         """slot_copies as info and metrics report them (the same counts)."""

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runner.slots import (
+from runner.engine.slots import (
     NoFreeSlot, PositionedKV, ShiftResult, SlotCache, SpanInput, common_prefix, kv_position,
     truncate_prompt,
 )
@@ -211,7 +211,7 @@ def test_lru_eviction_order(policy):
 @pytest.mark.parametrize("adjacent, want", [(True, 1), (False, 0)])
 def test_adjacency_breaks_ties_between_slots_that_lose_nothing(policy, adjacent, want):
     # slots 0, 1, 3 empty, slot 2 running: an empty neighbour of 2 keeps the
-    # running ids consecutive (runner.scheduler, "Batch order"); of the two
+    # running ids consecutive (runner.engine.scheduler, "Batch order"); of the two
     # neighbours, 1 is the less recently used
     cache, kv = make_cache([[], [], [9, 9], []], lru=[0, 1, 3, 2], busy=(2,), policy=policy)
     cache.adjacent = adjacent

@@ -1,6 +1,6 @@
 """Speculative decoding by prompt lookup.
 
-Without a model: the lookup (runner.speculative) proposes what followed the
+Without a model: the lookup (runner.engine.speculative) proposes what followed the
 longest earlier match, and the scheduler places proposals only in the room a
 step has left (over the recording fake KV of tests/test_slots.py), trims them
 on rollback, and cuts rejected ones from the slot.  With the default model:
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from runner.speculative import NgramLookup, next_cap, wait_after
+from runner.engine.speculative import NgramLookup, next_cap, wait_after
 
 from test_scheduler import make, run_decode, seq, shape
 
@@ -246,7 +246,7 @@ COPY = (f"<|im_start|>user\nRepeat this JSON record exactly, with nothing else:\
 
 @pytest.fixture(scope="module")
 def engine(default_model_path):
-    from runner.engine import Engine, EngineConfig
+    from runner.engine.core import Engine, EngineConfig
 
     e = Engine(EngineConfig(default_model_path, n_ctx=3072, parallel=3, n_threads=2))
     yield e
@@ -254,7 +254,7 @@ def engine(default_model_path):
 
 
 def _run(engine, prompt, **options):
-    from runner.requests import Chunk, CompletionOptions, CompletionRequest
+    from runner.engine.requests import Chunk, CompletionOptions, CompletionRequest
 
     events = list(engine.submit(CompletionRequest(prompt=prompt,
                                                   options=CompletionOptions.from_dict(options))))
@@ -354,7 +354,7 @@ def test_several_speculating_streams_at_once(engine):
 
 
 def test_a_draft_model_proposes_and_output_is_identical(default_model_path):
-    from runner.engine import Engine, EngineConfig
+    from runner.engine.core import Engine, EngineConfig
 
     # The model as its own draft: greedy proposals are what the model picks.
     with Engine(EngineConfig(default_model_path, n_ctx=1024, parallel=2, n_threads=2,
@@ -374,7 +374,7 @@ def test_a_tiny_draft_model_with_the_default_vocabulary(default_model_path, tmp_
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
     from tiny_model import write_tiny_llama
 
-    from runner.engine import Engine, EngineConfig
+    from runner.engine.core import Engine, EngineConfig
 
     tiny = str(write_tiny_llama(tmp_path / "draft.gguf"))
     with Engine(EngineConfig(default_model_path, n_ctx=1024, parallel=2, n_threads=2,
@@ -391,9 +391,9 @@ def test_a_draft_model_with_another_vocabulary_is_refused(default_model_path, tm
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
     from tiny_model import write_tiny_llama
 
-    from runner.engine import Engine, EngineConfig
-    from runner.gguf import read_gguf
-    from runner.requests import BadRequest
+    from runner.engine.core import Engine, EngineConfig
+    from runner.model.gguf import read_gguf
+    from runner.engine.requests import BadRequest
 
     tokens = list(read_gguf(default_model_path).fields["tokenizer.ggml.tokens"].value)
     tokens[1000] = "zzzz-not-in-the-model"

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runner.textstream import TextStream
+from runner.engine.textstream import TextStream
 
 
 def run(stop, pieces):

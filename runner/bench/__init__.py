@@ -1,0 +1,3 @@
+"""``llama-runner bench``: the load generator (``harness``) and its statistics
+and report formats (``stats``).
+"""
