@@ -66,6 +66,9 @@ cdef extern from "fastsample.h" nogil:
 # ext/vecscan.h: vector scans over a row of logits.
 cdef extern from "vecscan.h" nogil:
     int32_t runner_argmax_f32(const float * x, int32_t n) noexcept
+    enum:
+        RUNNER_MAXIMA_BLOCK
+    void runner_block_maxima(const float * x, int32_t n_blocks, float * out) noexcept
     const char * runner_vecscan_isa() noexcept
 
 # ext/samplerows.h: one step's rows sampled on several threads.

@@ -4,6 +4,7 @@
 #include "vecscan.h"
 
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <cstddef>
 #include <deque>
@@ -17,6 +18,14 @@ namespace {
 struct Cand {
     float logit;
     int32_t id;
+};
+
+// A token of the penalty window and how often it occurs there.  The sampler
+// reads them all for every pick, so they sit in one array, not in a hash
+// map's scattered nodes (a cache miss each once other rows have been read).
+struct Pen {
+    int32_t token;
+    int32_t count;
 };
 
 // Descending by logit; ties by id so the order never depends on the scan.
@@ -73,12 +82,19 @@ struct runner_fast_sampler {
     bool penalise;            // any penalty is active
     uint64_t rng[4];          // xoshiro256** state
     std::deque<int32_t> window;                   // the last last_n accepted tokens
-    std::unordered_map<int32_t, int32_t> counts;  // token -> occurrences in window
+    std::vector<Pen> pens;                        // the window's distinct tokens, in no order
+    std::unordered_map<int32_t, int32_t> pen_at;  // token -> its index in pens
     std::unordered_map<int32_t, float> bias;      // token -> logit bias (llama.cpp's stage, before penalties)
-    // n_vocab flags, per token: kInWindow (a key of counts), kBiased (a key
+    // n_vocab flags, per token: kInWindow (in pens), kBiased (a key
     // of bias).  A flagged token's logit is adjusted on the side.
     std::vector<uint8_t> penalised_mask;
+    // per block of RUNNER_MAXIMA_BLOCK tokens, how many of them are flagged
+    std::vector<uint16_t> flagged_in_block;
     std::vector<Cand> heap;   // scratch: the best raw logits (a min-heap in top_raw_heap)
+    std::vector<float> maxima;  // scratch: top_raw's block maxima
+    std::vector<float> order;   // scratch: their copy, side blocks at -inf
+    std::vector<float> kept;    // scratch: the largest of them so far
+    std::vector<int32_t> side_blocks;  // scratch: the blocks that hold side tokens
     std::vector<Cand> cands;  // scratch: candidates through the stages
     std::vector<float> probs; // scratch: their probabilities
 };
@@ -101,8 +117,24 @@ double uniform01(runner_fast_sampler * s) {
 // The mask of tokens the raw scan skips (their logits are adjusted on the
 // side), or NULL when no token is.
 const uint8_t * side_mask(const runner_fast_sampler * s) {
-    const bool any = (s->penalise && !s->counts.empty()) || !s->bias.empty();
+    const bool any = (s->penalise && !s->pens.empty()) || !s->bias.empty();
     return any ? s->penalised_mask.data() : nullptr;
+}
+
+// Set or clear `flag` in a token's mask entry, keeping flagged_in_block.
+void set_flag(runner_fast_sampler * s, int32_t token, uint8_t flag) {
+    uint8_t & f = s->penalised_mask[(size_t) token];
+    if (f == 0) {
+        s->flagged_in_block[(size_t) token / RUNNER_MAXIMA_BLOCK]++;
+    }
+    f |= flag;
+}
+
+void clear_flag(runner_fast_sampler * s, int32_t token, uint8_t flag) {
+    uint8_t & f = s->penalised_mask[(size_t) token];
+    if (f != 0 && (f &= (uint8_t) ~flag) == 0) {
+        s->flagged_in_block[(size_t) token / RUNNER_MAXIMA_BLOCK]--;
+    }
 }
 
 float penalised(const runner_fast_sampler * s, float logit, int32_t count) {
@@ -154,23 +186,17 @@ void top_raw_heap(runner_fast_sampler * s, const float * logits, int32_t n, int3
     std::sort(heap.begin(), heap.end(), better);
 }
 
-// The `m` largest of logits[0:n] (NaN never enters) among the tokens that
-// are not penalised, into s->heap sorted by `better`.  One pass; blocks of
-// 16 with no value at or above the floor are skipped by
-// runner_next_block_ge (vecscan.h), a vector compare that NaN never passes.
-//
-// For m >= kBufferMinM what reaches the floor is appended to a buffer, and
+// top_raw for m >= kBufferMinM when top_raw_blocks would read much of the
+// row twice.  One pass; blocks of 16 with no value at or above the floor
+// are skipped by runner_next_block_ge (vecscan.h), a vector compare that
+// NaN never passes.  What reaches the floor is appended to a buffer, and
 // when the buffer holds 2m + 16 its m best are kept (nth_element) and the
 // floor rises to the m-th.  On SmolLM2's logits at top_k 40 about 220
 // entries pass a floor that keeps rising, and keeping them in a heap costs
 // 30-40 ns each; with the entries of a passing block taken by their bits
 // (runner_mask16_ge) rather than tested one by one, 5.3-8.3 us against the
 // heap's 6.3-12.6 (the row's one read, an argmax, is 2.5).
-void top_raw(runner_fast_sampler * s, const float * logits, int32_t n, int32_t m) {
-    if (m < kBufferMinM) {
-        top_raw_heap(s, logits, n, m);
-        return;
-    }
+void top_raw_rising(runner_fast_sampler * s, const float * logits, int32_t n, int32_t m) {
     const uint8_t * skip = side_mask(s);
     auto & out = s->heap;
     out.clear();
@@ -207,11 +233,177 @@ void top_raw(runner_fast_sampler * s, const float * logits, int32_t n, int32_t m
     std::sort(out.begin(), out.end(), better);
 }
 
+
+// The `m` largest of logits[0:n] (NaN and -inf never enter) among the
+// tokens that are not adjusted on the side, into s->heap sorted by `better`.
+//
+// Two passes.  The first takes the maximum of every block of 64
+// (runner_block_maxima: one streaming read, no branches on the data).
+// Among the blocks that hold no side token, the m-th largest maximum T is a
+// floor: those m blocks each hold a plain token >= T, so nothing below T can
+// be among the m best.  The second pass reads only the blocks whose maximum
+// reaches T (about m of SmolLM2's 768) and keeps their entries >= T; only
+// in blocks that hold a side token is the side mask read.
+//
+// The single pass it replaces (top_raw_rising) raised a floor as it went:
+// cheap on a peaked row, but on a flat one (a random-weight model, a
+// high-entropy position) 500 entries in 290 blocks of 16 passed that floor,
+// each a mispredicted branch, with 8 rounds of nth_element.
+void top_raw_blocks(runner_fast_sampler * s, const float * logits, int32_t n, int32_t m) {
+    const uint8_t * skip = side_mask(s);
+    constexpr int32_t kB = RUNNER_MAXIMA_BLOCK;
+    const int32_t n_blocks = n / kB;
+    auto & maxima = s->maxima;
+    maxima.resize((size_t) n_blocks);
+    runner_block_maxima(logits, n_blocks, maxima.data());
+    const uint16_t * flagged = skip == nullptr ? nullptr : s->flagged_in_block.data();  // side tokens per block
+    // The m-th largest maximum among the blocks without a side token, by a
+    // floor that rises as the scan goes (as in top_raw_rising, over 768
+    // values in cache instead of 49,152).
+    auto & order = s->order;
+    auto & side_blocks = s->side_blocks;
+    side_blocks.clear();
+    const float * from = maxima.data();
+    if (skip != nullptr) {
+        // A block counts as it is unless a side token holds its maximum;
+        // such a block is left out here and counted below with its largest
+        // plain entry.
+        order.assign(maxima.begin(), maxima.end());
+        auto mark = [&](int32_t token) {
+            const size_t b = (size_t) token / kB;
+            // once: a marked block is at -inf; NaN never holds a maximum
+            if ((int32_t) b < n_blocks && order[b] > -INFINITY && logits[token] >= order[b]) {
+                order[b] = -INFINITY;
+                side_blocks.push_back((int32_t) b);
+            }
+        };
+        if (s->penalise) {
+            for (const Pen & p : s->pens) {
+                mark(p.token);
+            }
+        }
+        for (const auto & kv : s->bias) {
+            mark(kv.first);
+        }
+        from = order.data();
+    }
+    auto & buf = s->kept;
+    buf.clear();
+    const size_t cap = 2 * (size_t) m + 16;
+    auto later = [](float a, float c) { return a > c; };
+    float floor = -INFINITY;
+    int32_t b = 0;
+    const int32_t nb16 = n_blocks - n_blocks % 16;
+    while ((b = runner_next_block_ge(from, b, nb16, floor)) < nb16) {
+        for (uint32_t bits = runner_mask16_ge(from + b, floor); bits != 0; bits &= bits - 1) {
+            buf.push_back(from[b + lowest_bit(bits)]);
+        }
+        if (buf.size() >= cap) {
+            std::nth_element(buf.begin(), buf.begin() + (m - 1), buf.end(), later);
+            buf.resize((size_t) m);
+            floor = buf.back();
+        }
+        b += 16;
+    }
+    for (; b < n_blocks; ++b) {
+        if (from[b] >= floor) {
+            buf.push_back(from[b]);
+        }
+    }
+    // A block that holds side tokens counts with its largest plain entry,
+    // computed only where its maximum beats the floor so far: on a real
+    // model the window's tokens sit in the blocks with the highest maxima,
+    // and leaving those blocks out would sink the floor.
+    floor = -INFINITY;
+    if ((int32_t) buf.size() >= m) {
+        std::nth_element(buf.begin(), buf.begin() + (m - 1), buf.end(), later);
+        floor = buf[(size_t) m - 1];
+    }
+    bool more = false;
+    for (const int32_t sb : side_blocks) {
+        if (maxima[(size_t) sb] > floor) {
+            const float * x = logits + (size_t) sb * kB;
+            const uint8_t * k = skip + (size_t) sb * kB;
+            float best = -INFINITY;
+            for (int32_t j = 0; j < kB; ++j) {
+                best = (k[j] == 0 && x[j] > best) ? x[j] : best;  // false for NaN
+            }
+            if (best > floor) {
+                buf.push_back(best);
+                more = true;
+            }
+        }
+    }
+    if (more) {
+        std::nth_element(buf.begin(), buf.begin() + (m - 1), buf.end(), later);
+        floor = buf[(size_t) m - 1];
+    } else if ((int32_t) buf.size() < m) {  // every finite entry is a candidate
+        floor = -INFINITY;
+    }
+    // -inf is never a candidate (its probability is 0 at every stage): rows
+    // a grammar masked are mostly -inf.
+    if (!(floor > -INFINITY)) {
+        floor = -FLT_MAX;
+    }
+    auto & out = s->heap;
+    out.clear();
+    auto take_block = [&](int32_t i) {
+        const bool check = flagged != nullptr && flagged[i / kB] != 0;
+        for (int32_t q = 0; q < kB; q += 16) {
+            for (uint32_t bits = runner_mask16_ge(logits + i + q, floor); bits != 0; bits &= bits - 1) {
+                const int32_t j = i + q + lowest_bit(bits);
+                if (!check || !skip[j]) {
+                    out.push_back(Cand{logits[j], j});
+                }
+            }
+        }
+    };
+    // The blocks whose maximum reaches the floor, 16 maxima at a time.
+    b = 0;
+    while ((b = runner_next_block_ge(maxima.data(), b, nb16, floor)) < nb16) {
+        for (uint32_t bits = runner_mask16_ge(maxima.data() + b, floor); bits != 0; bits &= bits - 1) {
+            take_block((b + lowest_bit(bits)) * kB);
+        }
+        b += 16;
+    }
+    for (; b < n_blocks; ++b) {
+        if (maxima[(size_t) b] >= floor) {
+            take_block(b * kB);
+        }
+    }
+    for (int32_t i = n_blocks * kB; i < n; ++i) {  // the tail past the last block
+        if (logits[i] >= floor && (skip == nullptr || !skip[i])) {
+            out.push_back(Cand{logits[i], i});
+        }
+    }
+    if ((int32_t) out.size() > m) {
+        std::nth_element(out.begin(), out.begin() + m, out.end(), better);
+        out.resize((size_t) m);
+    }
+    std::sort(out.begin(), out.end(), better);
+}
+
+// The `m` largest of logits[0:n] among the tokens not adjusted on the side,
+// into s->heap sorted by `better`: by a heap for small m, by block maxima
+// while m is a small share of the blocks (top_k up to 192 on SmolLM2's
+// 768), else in one pass.
+void top_raw(runner_fast_sampler * s, const float * logits, int32_t n, int32_t m) {
+    if (m < kBufferMinM) {
+        top_raw_heap(s, logits, n, m);
+        return;
+    }
+    if ((size_t) m * 4 <= (size_t) (n / RUNNER_MAXIMA_BLOCK)) {
+        top_raw_blocks(s, logits, n, m);
+    } else {
+        top_raw_rising(s, logits, n, m);
+    }
+}
+
 // s->cands := the candidates after logit bias, penalties and top-k (sorted
 // by `better`): the k best of (raw logits of the tokens neither biased nor
 // penalised) and (the adjusted logits of those that are).
 void candidates(runner_fast_sampler * s, const float * logits, int32_t k) {
-    const int32_t n_pen = s->penalise ? (int32_t) s->counts.size() : 0;
+    const int32_t n_pen = s->penalise ? (int32_t) s->pens.size() : 0;
     top_raw(s, logits, s->n_vocab, std::min(s->n_vocab, k));
     auto & out = s->cands;
     out.assign(s->heap.begin(), s->heap.end());
@@ -229,17 +421,16 @@ void candidates(runner_fast_sampler * s, const float * logits, int32_t k) {
                 }
             }
         };
+        const uint8_t * mask = s->penalised_mask.data();
         for (const auto & kv : s->bias) {  // biased tokens outside the window
-            if (n_pen == 0 || s->counts.count(kv.first) == 0) {
+            if (n_pen == 0 || !(mask[kv.first] & kInWindow)) {
                 offer(kv.first, logits[kv.first] + kv.second);
             }
         }
-        if (n_pen > 0) {
-            for (const auto & kv : s->counts) {
-                auto b = s->bias.find(kv.first);
-                const float x = logits[kv.first] + (b == s->bias.end() ? 0.0f : b->second);
-                offer(kv.first, penalised(s, x, kv.second));
-            }
+        for (int32_t i = 0; i < n_pen; ++i) {
+            const Pen & p = s->pens[(size_t) i];
+            const float bias = (mask[p.token] & kBiased) ? s->bias.find(p.token)->second : 0.0f;
+            offer(p.token, penalised(s, logits[p.token] + bias, p.count));
         }
         std::sort(out.begin() + (std::ptrdiff_t) n_raw, out.end(), better);
         std::inplace_merge(out.begin(), out.begin() + (std::ptrdiff_t) n_raw, out.end(), better);
@@ -329,6 +520,7 @@ extern "C" runner_fast_sampler * runner_fast_new(int32_t n_vocab, float temperat
                                     presence_penalty != 0.0f);
     try {
         s->penalised_mask.assign((size_t) n_vocab, 0);
+        s->flagged_in_block.assign((size_t) n_vocab / RUNNER_MAXIMA_BLOCK + 1, 0);
     } catch (...) {
         delete s;
         return nullptr;
@@ -349,15 +541,26 @@ extern "C" void runner_fast_accept(runner_fast_sampler * s, int32_t token) {
     if ((int32_t) s->window.size() >= s->last_n) {
         const int32_t old = s->window.front();
         s->window.pop_front();
-        auto it = s->counts.find(old);
-        if (it != s->counts.end() && --it->second <= 0) {
-            s->counts.erase(it);
-            s->penalised_mask[(size_t) old] &= (uint8_t) ~kInWindow;
+        auto it = s->pen_at.find(old);
+        if (it != s->pen_at.end() && --s->pens[(size_t) it->second].count <= 0) {
+            const int32_t at = it->second;
+            s->pen_at.erase(it);
+            if ((size_t) at + 1 < s->pens.size()) {  // the last one takes its place
+                s->pens[(size_t) at] = s->pens.back();
+                s->pen_at[s->pens[(size_t) at].token] = at;
+            }
+            s->pens.pop_back();
+            clear_flag(s, old, kInWindow);
         }
     }
     s->window.push_back(token);
-    s->counts[token] += 1;
-    s->penalised_mask[(size_t) token] |= kInWindow;
+    auto [it, fresh] = s->pen_at.try_emplace(token, (int32_t) s->pens.size());
+    if (fresh) {
+        s->pens.push_back(Pen{token, 1});
+        set_flag(s, token, kInWindow);
+    } else {
+        s->pens[(size_t) it->second].count++;
+    }
 }
 
 extern "C" int runner_fast_set_bias(runner_fast_sampler * s, const int32_t * tokens, const float * biases,
@@ -370,7 +573,7 @@ extern "C" int runner_fast_set_bias(runner_fast_sampler * s, const int32_t * tok
     try {
         for (int32_t i = 0; i < n; ++i) {
             s->bias[tokens[i]] += biases[i];
-            s->penalised_mask[(size_t) tokens[i]] |= kBiased;
+            set_flag(s, tokens[i], kBiased);
         }
     } catch (...) {
         return -1;
@@ -379,11 +582,12 @@ extern "C" int runner_fast_set_bias(runner_fast_sampler * s, const int32_t * tok
 }
 
 extern "C" void runner_fast_reset(runner_fast_sampler * s) {
-    for (const auto & kv : s->counts) {
-        s->penalised_mask[(size_t) kv.first] &= (uint8_t) ~kInWindow;
+    for (const Pen & p : s->pens) {
+        clear_flag(s, p.token, kInWindow);
     }
     s->window.clear();
-    s->counts.clear();
+    s->pens.clear();
+    s->pen_at.clear();
 }
 
 extern "C" int32_t runner_fast_sample(runner_fast_sampler * s, const float * logits) {

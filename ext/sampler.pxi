@@ -46,6 +46,60 @@ def fast_sample_once(const float[::1] logits not None, *, float temperature=0.0,
     return tok
 
 
+def block_maxima(const float[::1] x not None):
+    """The largest non-NaN entry (-inf if none) of each whole block of
+    RUNNER_MAXIMA_BLOCK (64) entries of a float32 array, as the native
+    chain's top-k reads them first; for tests."""
+    cdef int32_t n_blocks = <int32_t> (x.shape[0] // RUNNER_MAXIMA_BLOCK)
+    out = np.empty(n_blocks, dtype=np.float32)
+    cdef float[::1] ov = out
+    if n_blocks > 0:
+        with nogil:
+            runner_block_maxima(&x[0], n_blocks, &ov[0])
+    return out
+
+
+def fast_distribution_once(const float[::1] logits not None, window=(), bias=None, *,
+                           float temperature=0.8, int32_t top_k=40, float top_p=1.0, float min_p=0.0,
+                           float repeat_penalty=1.0, float frequency_penalty=0.0,
+                           float presence_penalty=0.0):
+    """The native chain's final distribution over a float32 array of
+    logits, after the tokens of ``window`` were accepted (penalty window of
+    their length) and with ``bias`` ({token: bias}): (token ids,
+    probabilities), for tests."""
+    window = [int(t) for t in window]
+    cdef int32_t n = <int32_t> logits.shape[0]
+    if n == 0:
+        raise ValueError("no logits")
+    cdef runner_fast_sampler * fs = runner_fast_new(n, temperature, top_k, top_p, min_p,
+                                                    max(len(window), 1), repeat_penalty,
+                                                    frequency_penalty, presence_penalty, 0)
+    if fs == NULL:
+        raise ValueError("parameters outside the native sampler's range")
+    cdef int32_t[::1] bt
+    cdef float[::1] bv
+    cdef int32_t got
+    try:
+        for t in window:
+            if not 0 <= t < n:
+                raise ValueError(f"token {t} outside the logits")
+            runner_fast_accept(fs, <int32_t> t)
+        if bias:
+            bt = np.array(list(bias), dtype=np.int32)
+            bv = np.array(list(bias.values()), dtype=np.float32)
+            if runner_fast_set_bias(fs, &bt[0], &bv[0], <int32_t> len(bias)) != 0:
+                raise ValueError("a bias outside the logits, or NaN")
+        tokens = np.empty(max(top_k, 1), dtype=np.int32)
+        probs = np.empty(max(top_k, 1), dtype=np.float32)
+        bt = tokens
+        bv = probs
+        with nogil:
+            got = runner_fast_distribution(fs, &logits[0], &bt[0], &bv[0], max(top_k, 1))
+        return tokens[:got], probs[:got]
+    finally:
+        runner_fast_free(fs)
+
+
 cdef enum:
     _ERR_LEN = 512  # bytes of a Sampler's error message buffer
 

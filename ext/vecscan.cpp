@@ -47,12 +47,13 @@ inline int32_t argmax_with(const float * x, int32_t n, BlockMax block_max) {
     return 0;
 }
 
+template <int N>
 float block_max_scalar(const float * p) {
     float lane[16];
     for (int j = 0; j < 16; ++j) {
         lane[j] = -INFINITY;
     }
-    for (int k = 0; k < kBlock; k += 16) {
+    for (int k = 0; k < N; k += 16) {
         for (int j = 0; j < 16; ++j) {
             lane[j] = p[k + j] > lane[j] ? p[k + j] : lane[j];
         }
@@ -86,9 +87,10 @@ uint32_t mask_ge_scalar(const float * x, float floor) {
 #if RUNNER_VECSCAN_X86
 // maxps(a, b) returns b when either operand is NaN: with the data as `a`
 // and the accumulator as `b`, a NaN in the data leaves the accumulator as is.
+template <int N>
 float block_max_sse2(const float * p) {
     __m128 a0 = _mm_set1_ps(-INFINITY), a1 = a0, a2 = a0, a3 = a0;
-    for (int k = 0; k < kBlock; k += 16) {
+    for (int k = 0; k < N; k += 16) {
         a0 = _mm_max_ps(_mm_loadu_ps(p + k), a0);
         a1 = _mm_max_ps(_mm_loadu_ps(p + k + 4), a1);
         a2 = _mm_max_ps(_mm_loadu_ps(p + k + 8), a2);
@@ -123,9 +125,10 @@ uint32_t mask_ge_sse2(const float * x, float floor) {
            (uint32_t) _mm_movemask_ps(_mm_cmpge_ps(_mm_loadu_ps(x + 12), f)) << 12;
 }
 
+template <int N>
 __attribute__((target("avx2"))) float block_max_avx2(const float * p) {
     __m256 a0 = _mm256_set1_ps(-INFINITY), a1 = a0, a2 = a0, a3 = a0;
-    for (int k = 0; k < kBlock; k += 32) {
+    for (int k = 0; k < N; k += 32) {
         a0 = _mm256_max_ps(_mm256_loadu_ps(p + k), a0);
         a1 = _mm256_max_ps(_mm256_loadu_ps(p + k + 8), a1);
         a2 = _mm256_max_ps(_mm256_loadu_ps(p + k + 16), a2);
@@ -159,11 +162,11 @@ __attribute__((target("avx2"))) uint32_t mask_ge_avx2(const float * x, float flo
 }
 
 __attribute__((target("avx2"))) int32_t argmax_avx2(const float * x, int32_t n) {
-    return argmax_with(x, n, block_max_avx2);
+    return argmax_with(x, n, block_max_avx2<kBlock>);
 }
 
 int32_t argmax_sse2(const float * x, int32_t n) {
-    return argmax_with(x, n, block_max_sse2);
+    return argmax_with(x, n, block_max_sse2<kBlock>);
 }
 
 bool has_avx2() {
@@ -174,9 +177,10 @@ bool has_avx2() {
 
 #if RUNNER_VECSCAN_NEON
 // vmaxnmq returns the number when one operand is NaN.
+template <int N>
 float block_max_neon(const float * p) {
     float32x4_t a0 = vdupq_n_f32(-INFINITY), a1 = a0, a2 = a0, a3 = a0;
-    for (int k = 0; k < kBlock; k += 16) {
+    for (int k = 0; k < N; k += 16) {
         a0 = vmaxnmq_f32(vld1q_f32(p + k), a0);
         a1 = vmaxnmq_f32(vld1q_f32(p + k + 4), a1);
         a2 = vmaxnmq_f32(vld1q_f32(p + k + 8), a2);
@@ -186,7 +190,7 @@ float block_max_neon(const float * p) {
 }
 
 int32_t argmax_neon(const float * x, int32_t n) {
-    return argmax_with(x, n, block_max_neon);
+    return argmax_with(x, n, block_max_neon<kBlock>);
 }
 
 int32_t next_ge_neon(const float * x, int32_t i, int32_t end, float floor) {
@@ -210,10 +214,37 @@ struct Impl {
     int32_t (*argmax)(const float *, int32_t);                   // runner_argmax_f32's body
     int32_t (*next_ge)(const float *, int32_t, int32_t, float);  // runner_next_block_ge's body
     uint32_t (*mask_ge)(const float *, float);                   // runner_mask16_ge's body
+    void (*maxima)(const float *, int32_t, float *);             // runner_block_maxima's body
 };
 
+// runner_block_maxima's body for one block function.
+template <typename BlockMax>
+inline void maxima_with(const float * x, int32_t n_blocks, float * out, BlockMax block_max) {
+    for (int32_t j = 0; j < n_blocks; ++j) {
+        out[j] = block_max(x + (size_t) j * RUNNER_MAXIMA_BLOCK);
+    }
+}
+
+void maxima_scalar(const float * x, int32_t n_blocks, float * out) {
+    maxima_with(x, n_blocks, out, block_max_scalar<RUNNER_MAXIMA_BLOCK>);
+}
+
+#if RUNNER_VECSCAN_X86
+void maxima_sse2(const float * x, int32_t n_blocks, float * out) {
+    maxima_with(x, n_blocks, out, block_max_sse2<RUNNER_MAXIMA_BLOCK>);
+}
+
+__attribute__((target("avx2"))) void maxima_avx2(const float * x, int32_t n_blocks, float * out) {
+    maxima_with(x, n_blocks, out, block_max_avx2<RUNNER_MAXIMA_BLOCK>);
+}
+#elif RUNNER_VECSCAN_NEON
+void maxima_neon(const float * x, int32_t n_blocks, float * out) {
+    maxima_with(x, n_blocks, out, block_max_neon<RUNNER_MAXIMA_BLOCK>);
+}
+#endif
+
 int32_t argmax_scalar(const float * x, int32_t n) {
-    return argmax_with(x, n, block_max_scalar);
+    return argmax_with(x, n, block_max_scalar<kBlock>);
 }
 
 // The best the CPU has, unless LLAMA_RUNNER_VECSCAN names a narrower one
@@ -222,17 +253,17 @@ Impl choose() {
     const char * want = std::getenv("LLAMA_RUNNER_VECSCAN");
     const std::string w = want != nullptr ? want : "";
     if (w == "scalar") {
-        return {"scalar", argmax_scalar, next_ge_scalar, mask_ge_scalar};
+        return {"scalar", argmax_scalar, next_ge_scalar, mask_ge_scalar, maxima_scalar};
     }
 #if RUNNER_VECSCAN_X86
     if (w != "sse2" && has_avx2()) {
-        return {"avx2", argmax_avx2, next_ge_avx2, mask_ge_avx2};
+        return {"avx2", argmax_avx2, next_ge_avx2, mask_ge_avx2, maxima_avx2};
     }
-    return {"sse2", argmax_sse2, next_ge_sse2, mask_ge_sse2};
+    return {"sse2", argmax_sse2, next_ge_sse2, mask_ge_sse2, maxima_sse2};
 #elif RUNNER_VECSCAN_NEON
-    return {"neon", argmax_neon, next_ge_neon, mask_ge_scalar};
+    return {"neon", argmax_neon, next_ge_neon, mask_ge_scalar, maxima_neon};
 #else
-    return {"scalar", argmax_scalar, next_ge_scalar, mask_ge_scalar};
+    return {"scalar", argmax_scalar, next_ge_scalar, mask_ge_scalar, maxima_scalar};
 #endif
 }
 
@@ -253,6 +284,10 @@ extern "C" int32_t runner_next_block_ge(const float * x, int32_t from, int32_t e
 
 extern "C" uint32_t runner_mask16_ge(const float * x, float floor) {
     return impl().mask_ge(x, floor);
+}
+
+extern "C" void runner_block_maxima(const float * x, int32_t n_blocks, float * out) {
+    impl().maxima(x, n_blocks, out);
 }
 
 extern "C" const char * runner_vecscan_isa(void) {

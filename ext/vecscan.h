@@ -30,6 +30,12 @@ int32_t runner_next_block_ge(const float * x, int32_t from, int32_t end, float f
  * (NEON builds compute it without branches in scalar code.) */
 uint32_t runner_mask16_ge(const float * x, float floor);
 
+/* out[j] := the largest non-NaN of x[64j:64j+64] (-inf if none), for
+ * j < n_blocks: the first pass of the native chain's top-k, which then
+ * reads only the blocks whose maximum could matter. */
+#define RUNNER_MAXIMA_BLOCK 64
+void runner_block_maxima(const float * x, int32_t n_blocks, float * out);
+
 /* Which implementation was chosen, once per process: "avx2", "sse2", "neon"
  * or "scalar".  The environment variable LLAMA_RUNNER_VECSCAN=scalar (or
  * =sse2 on x86-64) asks for a narrower one, so that tests can check each. */

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 pytestmark = pytest.mark.model
 
@@ -224,3 +226,81 @@ def test_a_sampler_listed_twice_is_refused(llama, model, make_ctx):
     with pytest.raises(ValueError, match="twice"):
         llama.sample_batch(ctx, [s, s], rows, 2)
     s.close()
+
+
+# -- the top-k's two passes over block maxima, on rows built to stress them --
+
+def _row(kind: str, rng: np.random.Generator, n: int) -> np.ndarray:
+    """A row of logits: flat (a random-weight model), peaked (a trained
+    one), clustered (its best entries by fours in blocks of 64, so that a
+    block's maximum and runners-up meet the penalty window together), or
+    mostly -inf (what a grammar leaves), with NaN sprinkled in."""
+    if kind == "flat":
+        x = rng.standard_normal(n) * 0.4
+    elif kind == "pairs":  # see the test: blocks with two high entries among a flat row
+        x = rng.standard_normal(n) * 0.4
+    elif kind == "clustered":
+        x = rng.standard_normal(n)
+        for start in rng.integers(0, n // 64, 40) * 64 + rng.integers(0, 60, 40):
+            x[start:start + 4] = rng.uniform(5, 10, 4)
+    elif kind == "peaked":
+        x = rng.standard_normal(n) * 2.0
+        x[rng.integers(0, n, 30)] += rng.uniform(5, 12, 30)
+    else:
+        x = np.full(n, -np.inf)
+        x[rng.integers(0, n, 25)] = rng.standard_normal(25)
+    x = x.astype(np.float32)
+    x[rng.integers(0, n, 3)] = np.nan
+    return x
+
+
+@given(kind=st.sampled_from(["flat", "peaked", "clustered", "pairs", "masked"]), seed=st.integers(0, 2**32 - 1),
+       n=st.sampled_from([49152, 49152 + 37, 20000]), top_k=st.sampled_from([16, 40, 100, 192]),
+       n_window=st.sampled_from([0, 8, 64, 256]), n_bias=st.sampled_from([0, 5]),
+       repeat=st.sampled_from([1.1, 0.7]))
+@settings(max_examples=60, deadline=None)
+def test_top_k_by_block_maxima_matches_the_stages(llama, kind, seed, n, top_k, n_window, n_bias, repeat):
+    """The penalty window and the biases hold the row's best entries, several
+    to a block of 64, so that blocks whose maximum is a side token must be
+    counted by their best plain entry: the distribution stays the stages'."""
+    rng = np.random.default_rng(seed)
+    x = _row(kind, rng, n)
+    best = [int(t) for t in np.argsort(-np.nan_to_num(x, nan=-np.inf))[:max(n_window, n_bias) * 2]]
+    # the best entries and their neighbours, which share their blocks
+    pool = sorted({min(n - 1, t + d) for t in best for d in (0, 1, 2, 5)})
+    window = [int(t) for t in rng.choice(pool, size=n_window)] if n_window else []
+    if kind == "pairs":
+        # Blocks whose maximum is in the window, with a second window token
+        # after it, and whose runner-up is plain and among the best: such a
+        # block must count once, by that runner-up, or the floor rises past
+        # a candidate of another block.
+        window = []
+        for start in rng.choice(n // 64, size=12, replace=False) * 64:
+            x[start + 3], x[start + 9] = 4.0 + rng.random(), 3.0 + rng.random()
+            window += [start + 3, start + 20, start + 40]
+        window = window[:n_window] if n_window else window
+    bias = {int(t): float(b) for t, b in zip(rng.choice(pool, size=n_bias, replace=False),
+                                             rng.choice([-np.inf, -2.0, 1.5, 9.0], size=n_bias))}
+    got_tokens, got_probs = llama.fast_distribution_once(
+        x, window, bias, temperature=0.8, top_k=top_k, top_p=0.95, repeat_penalty=repeat,
+        frequency_penalty=0.1, presence_penalty=0.2)
+    finite = np.where(np.isnan(x), -np.inf, x)  # llama.cpp's chain never takes NaN either
+    want_tokens, want_probs = reference(finite, window, bias=bias, temperature=0.8, top_k=top_k,
+                                        top_p=0.95, min_p=0.0, repeat=repeat, freq=0.1, present=0.2)
+    live = want_probs > 0  # -inf entries are never candidates of the native chain
+    assert list(got_tokens) == [int(t) for t in want_tokens[live]]
+    np.testing.assert_allclose(got_probs, want_probs[live], rtol=1e-4, atol=1e-6)
+
+
+def test_block_maxima_are_numpy_s(llama):
+    rng = np.random.default_rng(3)
+    for n in (63, 64, 65, 49152, 49190):
+        x = rng.standard_normal(n).astype(np.float32)
+        x[rng.integers(0, n, 40)] = np.nan
+        x[128:192] = np.nan  # a block with no number
+        x[192:256] = -np.inf
+        blocks = x[:n // 64 * 64].reshape(-1, 64) if n >= 64 else np.zeros((0, 64), np.float32)
+        with np.errstate(all="ignore"):
+            want = np.array([np.nanmax(b) if not np.isnan(b).all() else -np.inf for b in blocks],
+                            dtype=np.float32)
+        np.testing.assert_array_equal(llama.block_maxima(x), want)

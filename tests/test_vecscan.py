@@ -1,5 +1,5 @@
-"""ext/vecscan.cpp: every implementation of the argmax and of the native
-chain's top-k scan gives the same answers.
+"""ext/vecscan.cpp: every implementation of the argmax, of the block maxima
+and of the native chain's top-k scan gives the same answers.
 
 The process picks one implementation, the widest the CPU has, so each
 narrower one runs in a child process with LLAMA_RUNNER_VECSCAN set.  The
@@ -54,9 +54,10 @@ PROBE = ARRAYS + r"""
 import json
 from runner import _llama
 
-out = {"isa": _llama.vecscan_isa(), "argmax": [], "draws": []}
+out = {"isa": _llama.vecscan_isa(), "argmax": [], "maxima": [], "draws": []}
 for x in arrays():
     out["argmax"].append(_llama.argmax(x))
+    out["maxima"].append([float(v) for v in _llama.block_maxima(x)])
     for top_k, temp in ((1, 1.0), (5, 0.8), (40, 0.8), (1024, 1.5), (40, 0.0)):
         if x.shape[0] > 1:
             out["draws"].append(_llama.fast_sample_once(x, temperature=temp, top_k=top_k,
@@ -82,6 +83,11 @@ def reference_argmax(x: np.ndarray) -> int:
     return int(np.nanargmax(x))
 
 
+def reference_block_max(block: np.ndarray) -> float:
+    numbers = block[~np.isnan(block)]
+    return float(numbers.max()) if numbers.size else float("-inf")
+
+
 def narrower_isas() -> list[str]:
     return ["scalar", "sse2"] if platform.machine() in ("x86_64", "AMD64") else ["scalar"]
 
@@ -93,11 +99,15 @@ def test_every_implementation_agrees(llama):
     namespace: dict = {}
     exec(ARRAYS, namespace)
     expected = [reference_argmax(x) for x in namespace["arrays"]()]
+    maxima = [[reference_block_max(b) for b in x[:len(x) // 64 * 64].reshape(-1, 64)]
+              for x in namespace["arrays"]()]
     assert best["argmax"] == expected
+    assert best["maxima"] == maxima
     for isa in narrower_isas():
         other = run_probe(isa)
         assert other["isa"] == isa
         assert other["argmax"] == expected, isa
+        assert other["maxima"] == maxima, isa
         assert other["draws"] == best["draws"], isa
 
 
