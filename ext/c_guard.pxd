@@ -59,6 +59,11 @@ cdef extern from "fastsample.h" nogil:
     int runner_fast_set_bias(runner_fast_sampler * s, const int32_t * tokens, const float * biases, int32_t n)
     void runner_fast_accept(runner_fast_sampler * s, int32_t token)
     void runner_fast_reset(runner_fast_sampler * s)
+    enum:
+        RUNNER_FAST_SCAN_AUTO
+        RUNNER_FAST_SCAN_ONE_PASS
+        RUNNER_FAST_SCAN_BLOCKS
+    void runner_fast_set_scan(runner_fast_sampler * s, int scan)
     int32_t runner_fast_sample(runner_fast_sampler * s, const float * logits)
     int32_t runner_fast_distribution(runner_fast_sampler * s, const float * logits, int32_t * tokens,
                                      float * probs, int32_t cap)

@@ -63,6 +63,18 @@ inline int lowest_bit(uint32_t bits) {
 // tokens); at m = 8 the two were even on SmolLM2's logits.
 constexpr int32_t kBufferMinM = 16;
 
+// Which top-k a sampler uses next (runner_fast_sampler::flat).  On a peaked
+// row (a trained model, most positions) the one-pass scan's floor reaches
+// the top within a few blocks: SmolLM2's rows let 30-70 blocks of 16 past
+// it, and one read is cheapest.  On a flat row (a random-weight model, an
+// unsure position) 260-300 blocks passed, and reading block maxima first
+// halves the cost.  Each path measures its row and sets the flag for the
+// next: more blocks of 16 past the one-pass floor than kFlatBlocks16, or
+// more block maxima past the floor over maxima than kFlatMaxima (about 115
+// on SmolLM2's rows, 225 on the random model's), means flat.
+constexpr int32_t kFlatBlocks16 = 120;
+constexpr int32_t kFlatMaxima = 170;
+
 // penalised_mask's flags.
 constexpr uint8_t kInWindow = 1;
 constexpr uint8_t kBiased = 2;
@@ -80,6 +92,8 @@ struct runner_fast_sampler {
     float freq;               // frequency penalty per occurrence
     float present;            // presence penalty
     bool penalise;            // any penalty is active
+    bool flat = false;        // the last rows were flat: top_raw reads block maxima first
+    int scan = RUNNER_FAST_SCAN_AUTO;  // top_raw's choice: by `flat`, or fixed
     uint64_t rng[4];          // xoshiro256** state
     std::deque<int32_t> window;                   // the last last_n accepted tokens
     std::vector<Pen> pens;                        // the window's distinct tokens, in no order
@@ -208,8 +222,10 @@ void top_raw_rising(runner_fast_sampler * s, const float * logits, int32_t n, in
         }
     };
     int32_t i = 0;
+    int32_t passed = 0;
     const int32_t n16 = n - n % 16;
     while ((i = runner_next_block_ge(logits, i, n16, floor)) < n16) {
+        ++passed;
         // Only the entries that reach the floor, by their bits.
         for (uint32_t bits = runner_mask16_ge(logits + i, floor); bits != 0; bits &= bits - 1) {
             take(i + lowest_bit(bits));
@@ -231,6 +247,7 @@ void top_raw_rising(runner_fast_sampler * s, const float * logits, int32_t n, in
         out.resize((size_t) m);
     }
     std::sort(out.begin(), out.end(), better);
+    s->flat = passed > kFlatBlocks16;
 }
 
 
@@ -292,11 +309,13 @@ void top_raw_blocks(runner_fast_sampler * s, const float * logits, int32_t n, in
     const size_t cap = 2 * (size_t) m + 16;
     auto later = [](float a, float c) { return a > c; };
     float floor = -INFINITY;
+    int32_t pushed = 0;
     int32_t b = 0;
     const int32_t nb16 = n_blocks - n_blocks % 16;
     while ((b = runner_next_block_ge(from, b, nb16, floor)) < nb16) {
         for (uint32_t bits = runner_mask16_ge(from + b, floor); bits != 0; bits &= bits - 1) {
             buf.push_back(from[b + lowest_bit(bits)]);
+            ++pushed;
         }
         if (buf.size() >= cap) {
             std::nth_element(buf.begin(), buf.begin() + (m - 1), buf.end(), later);
@@ -381,6 +400,7 @@ void top_raw_blocks(runner_fast_sampler * s, const float * logits, int32_t n, in
         out.resize((size_t) m);
     }
     std::sort(out.begin(), out.end(), better);
+    s->flat = pushed > kFlatMaxima;
 }
 
 // The `m` largest of logits[0:n] among the tokens not adjusted on the side,
@@ -392,7 +412,8 @@ void top_raw(runner_fast_sampler * s, const float * logits, int32_t n, int32_t m
         top_raw_heap(s, logits, n, m);
         return;
     }
-    if ((size_t) m * 4 <= (size_t) (n / RUNNER_MAXIMA_BLOCK)) {
+    const bool blocks = s->scan == RUNNER_FAST_SCAN_BLOCKS || (s->scan == RUNNER_FAST_SCAN_AUTO && s->flat);
+    if (blocks && (size_t) m * 4 <= (size_t) (n / RUNNER_MAXIMA_BLOCK)) {
         top_raw_blocks(s, logits, n, m);
     } else {
         top_raw_rising(s, logits, n, m);
@@ -579,6 +600,10 @@ extern "C" int runner_fast_set_bias(runner_fast_sampler * s, const int32_t * tok
         return -1;
     }
     return 0;
+}
+
+extern "C" void runner_fast_set_scan(runner_fast_sampler * s, int scan) {
+    s->scan = scan;
 }
 
 extern "C" void runner_fast_reset(runner_fast_sampler * s) {

@@ -33,6 +33,14 @@ void runner_fast_free(runner_fast_sampler * s);
  * them may be set). */
 int runner_fast_set_bias(runner_fast_sampler * s, const int32_t * tokens, const float * biases, int32_t n);
 
+/* How top-k (from 16) finds its candidates: AUTO picks per row from what
+ * the last row showed (one pass on a peaked row, block maxima first on a
+ * flat one); the others fix it (benchmarks, and tests of each path). */
+#define RUNNER_FAST_SCAN_AUTO 0
+#define RUNNER_FAST_SCAN_ONE_PASS 1
+#define RUNNER_FAST_SCAN_BLOCKS 2
+void runner_fast_set_scan(runner_fast_sampler * s, int scan);
+
 /* Record a token in the penalty window (prompt tokens and sampled ones). */
 void runner_fast_accept(runner_fast_sampler * s, int32_t token);
 void runner_fast_reset(runner_fast_sampler * s);

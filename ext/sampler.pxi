@@ -62,11 +62,15 @@ def block_maxima(const float[::1] x not None):
 def fast_distribution_once(const float[::1] logits not None, window=(), bias=None, *,
                            float temperature=0.8, int32_t top_k=40, float top_p=1.0, float min_p=0.0,
                            float repeat_penalty=1.0, float frequency_penalty=0.0,
-                           float presence_penalty=0.0):
+                           float presence_penalty=0.0, str scan="auto"):
     """The native chain's final distribution over a float32 array of
     logits, after the tokens of ``window`` were accepted (penalty window of
     their length) and with ``bias`` ({token: bias}): (token ids,
-    probabilities), for tests."""
+    probabilities), for tests.  ``scan``: how top-k finds its candidates,
+    "auto" (a new sampler's first row: one pass), "one-pass" or "blocks"
+    (block maxima first; ext/fastsample.h)."""
+    cdef int mode = {"auto": RUNNER_FAST_SCAN_AUTO, "one-pass": RUNNER_FAST_SCAN_ONE_PASS,
+                     "blocks": RUNNER_FAST_SCAN_BLOCKS}[scan]
     window = [int(t) for t in window]
     cdef int32_t n = <int32_t> logits.shape[0]
     if n == 0:
@@ -76,6 +80,7 @@ def fast_distribution_once(const float[::1] logits not None, window=(), bias=Non
                                                     frequency_penalty, presence_penalty, 0)
     if fs == NULL:
         raise ValueError("parameters outside the native sampler's range")
+    runner_fast_set_scan(fs, mode)
     cdef int32_t[::1] bt
     cdef float[::1] bv
     cdef int32_t got

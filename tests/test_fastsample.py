@@ -237,8 +237,6 @@ def _row(kind: str, rng: np.random.Generator, n: int) -> np.ndarray:
     mostly -inf (what a grammar leaves), with NaN sprinkled in."""
     if kind == "flat":
         x = rng.standard_normal(n) * 0.4
-    elif kind == "pairs":  # see the test: blocks with two high entries among a flat row
-        x = rng.standard_normal(n) * 0.4
     elif kind == "clustered":
         x = rng.standard_normal(n)
         for start in rng.integers(0, n // 64, 40) * 64 + rng.integers(0, 60, 40):
@@ -254,42 +252,52 @@ def _row(kind: str, rng: np.random.Generator, n: int) -> np.ndarray:
     return x
 
 
-@given(kind=st.sampled_from(["flat", "peaked", "clustered", "pairs", "masked"]), seed=st.integers(0, 2**32 - 1),
-       n=st.sampled_from([49152, 49152 + 37, 20000]), top_k=st.sampled_from([16, 40, 100, 192]),
-       n_window=st.sampled_from([0, 8, 64, 256]), n_bias=st.sampled_from([0, 5]),
-       repeat=st.sampled_from([1.1, 0.7]))
-@settings(max_examples=60, deadline=None)
-def test_top_k_by_block_maxima_matches_the_stages(llama, kind, seed, n, top_k, n_window, n_bias, repeat):
-    """The penalty window and the biases hold the row's best entries, several
-    to a block of 64, so that blocks whose maximum is a side token must be
-    counted by their best plain entry: the distribution stays the stages'."""
-    rng = np.random.default_rng(seed)
-    x = _row(kind, rng, n)
-    best = [int(t) for t in np.argsort(-np.nan_to_num(x, nan=-np.inf))[:max(n_window, n_bias) * 2]]
-    # the best entries and their neighbours, which share their blocks
-    pool = sorted({min(n - 1, t + d) for t in best for d in (0, 1, 2, 5)})
-    window = [int(t) for t in rng.choice(pool, size=n_window)] if n_window else []
-    if kind == "pairs":
-        # Blocks whose maximum is in the window, with a second window token
-        # after it, and whose runner-up is plain and among the best: such a
-        # block must count once, by that runner-up, or the floor rises past
-        # a candidate of another block.
-        window = []
-        for start in rng.choice(n // 64, size=12, replace=False) * 64:
-            x[start + 3], x[start + 9] = 4.0 + rng.random(), 3.0 + rng.random()
-            window += [start + 3, start + 20, start + 40]
-        window = window[:n_window] if n_window else window
-    bias = {int(t): float(b) for t, b in zip(rng.choice(pool, size=n_bias, replace=False),
-                                             rng.choice([-np.inf, -2.0, 1.5, 9.0], size=n_bias))}
+def _check_against_stages(llama, x, window, bias, *, top_k, repeat, scan):
     got_tokens, got_probs = llama.fast_distribution_once(
         x, window, bias, temperature=0.8, top_k=top_k, top_p=0.95, repeat_penalty=repeat,
-        frequency_penalty=0.1, presence_penalty=0.2)
+        frequency_penalty=0.1, presence_penalty=0.2, scan=scan)
     finite = np.where(np.isnan(x), -np.inf, x)  # llama.cpp's chain never takes NaN either
     want_tokens, want_probs = reference(finite, window, bias=bias, temperature=0.8, top_k=top_k,
                                         top_p=0.95, min_p=0.0, repeat=repeat, freq=0.1, present=0.2)
-    live = want_probs > 0  # -inf entries are never candidates of the native chain
-    assert list(got_tokens) == [int(t) for t in want_tokens[live]]
-    np.testing.assert_allclose(got_probs, want_probs[live], rtol=1e-4, atol=1e-6)
+    # -inf entries: never candidates of the block path, probability 0 in the other
+    live, got_live = want_probs > 0, got_probs > 0
+    assert list(got_tokens[got_live]) == [int(t) for t in want_tokens[live]]
+    np.testing.assert_allclose(got_probs[got_live], want_probs[live], rtol=1e-4, atol=1e-6)
+
+
+@given(kind=st.sampled_from(["flat", "peaked", "clustered", "masked"]), seed=st.integers(0, 2**32 - 1),
+       n=st.sampled_from([49152, 49152 + 37, 20000]), top_k=st.sampled_from([16, 40, 100, 192]),
+       n_window=st.sampled_from([0, 8, 64, 256]), n_bias=st.sampled_from([0, 5]),
+       repeat=st.sampled_from([1.1, 0.7]), scan=st.sampled_from(["blocks", "one-pass", "auto"]))
+@settings(max_examples=80, deadline=None)
+def test_top_k_matches_the_stages(llama, kind, seed, n, top_k, n_window, n_bias, repeat, scan):
+    """The penalty window and the biases hold the row's best entries and
+    their neighbours, which share their blocks of 64: whichever way top-k
+    scans, the distribution stays the stages'."""
+    rng = np.random.default_rng(seed)
+    x = _row(kind, rng, n)
+    best = [int(t) for t in np.argsort(-np.nan_to_num(x, nan=-np.inf))[:max(n_window, n_bias) * 2]]
+    pool = sorted({min(n - 1, t + d) for t in best for d in (0, 1, 2, 5)})
+    window = [int(t) for t in rng.choice(pool, size=n_window)] if n_window else []
+    bias = {int(t): float(b) for t, b in zip(rng.choice(pool, size=n_bias, replace=False),
+                                             rng.choice([-np.inf, -2.0, 1.5, 9.0], size=n_bias))}
+    _check_against_stages(llama, x, window, bias, top_k=top_k, repeat=repeat, scan=scan)
+
+
+@pytest.mark.parametrize("scan", ["blocks", "one-pass"])
+@pytest.mark.parametrize("seed", range(12))
+def test_a_block_held_by_two_window_tokens_counts_once(llama, scan, seed):
+    """Blocks whose maximum is in the penalty window, with a second window
+    token after it and a plain runner-up among the best, in a flat row: such
+    a block must count once, by that runner-up, or the floor over block
+    maxima rises past a candidate of another block."""
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(49152) * 0.4).astype(np.float32)
+    window = []
+    for start in rng.choice(768, size=12, replace=False) * 64:
+        x[start + 3], x[start + 9] = 4.0 + rng.random(), 3.0 + rng.random()
+        window += [int(start) + 3, int(start) + 20, int(start) + 40]
+    _check_against_stages(llama, x, window, {}, top_k=40, repeat=1.1, scan=scan)
 
 
 def test_block_maxima_are_numpy_s(llama):
