@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from runner.process.client import Runner
 from runner.cli import main
+from runner.process.client import Runner
 
 pytestmark = pytest.mark.model
 
@@ -124,6 +124,19 @@ def test_layout_bench_smoke(tmp_path):
     for layout in ("per slot", "unified"):
         assert len(doc[layout]) == 9 and all(ms > 0 for ms in doc[layout].values()), doc[layout]
     assert "8 out of order" in proc.stdout
+
+
+def test_step_rows_bench_smoke(tmp_path):
+    """benchmarks/bench_sampling.py --step-rows on the tiny model: every
+    option set timed over a real step's rows."""
+    out = tmp_path / "rows.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_sampling.py"), "--step-rows", "4",
+                           "--steps", "2", "--rounds", "1", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["results"]
+    assert [r["arm"] for r in rows] == ["greedy", "greedy+rp", "defaults, rp 1.0", "defaults"]
+    assert all(r["parallel"] == 4 and r["step_ms"] > 0 for r in rows)
 
 
 def test_the_smol_shaped_stand_in_has_the_default_models_tensors(default_model_path, tmp_path):
