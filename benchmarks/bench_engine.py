@@ -32,8 +32,8 @@ sys.path.insert(0, str(ROOT))
 
 from runner.bench.harness import greedy_options  # noqa: E402
 from runner.engine.core import Engine, EngineConfig  # noqa: E402
-from runner.model.models import default_model_path  # noqa: E402
 from runner.engine.requests import Chunk, CompletionOptions, CompletionRequest  # noqa: E402
+from runner.model.models import default_model_path  # noqa: E402
 
 # scripts/build_peers.sh's, unless LLAMA_RUNNER_BATCHED_BENCH names another
 # (scripts/gpu_check.sh builds one beside the extension).

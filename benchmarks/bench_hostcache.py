@@ -57,8 +57,8 @@ from bench_peers import RunnerSide, ServerSide  # noqa: E402
 from runner.bench.harness import filler_text, greedy_options  # noqa: E402
 from runner.cli import SERVE_GOMP_SPINCOUNT  # noqa: E402
 from runner.engine.core import Engine, EngineConfig  # noqa: E402
-from runner.model.models import resolve_model  # noqa: E402
 from runner.engine.requests import Chunk, CompletionOptions, CompletionRequest  # noqa: E402
+from runner.model.models import resolve_model  # noqa: E402
 
 SIDES = ("llama-server", "runner tier on", "runner tier off")
 

@@ -70,8 +70,8 @@ from mmproj import VisionEncoder, png_bytes, write_vision_projector  # noqa: E40
 from llama_server import SERVER, LlamaServer  # noqa: E402
 
 from runner.bench.harness import OPTIONS, cpu_model, filler_text, greedy_options  # noqa: E402
-from runner.process.client import Runner  # noqa: E402
 from runner.engine.requests import Chunk  # noqa: E402
+from runner.process.client import Runner  # noqa: E402
 
 PLACEHOLDER = "[img-0]"   # where the image goes; the server side swaps in its own marker
 IMAGE_SIZE = (320, 240)   # pixels of the PNGs sent (the projector resizes them)

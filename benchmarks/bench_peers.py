@@ -79,8 +79,8 @@ from llama_server import SERVER, LlamaServer  # noqa: E402
 
 from runner.bench.harness import cpu_model, filler_text  # noqa: E402
 from runner.bench.stats import percentile  # noqa: E402
-from runner.process.client import Runner  # noqa: E402
 from runner.engine.requests import Chunk  # noqa: E402
+from runner.process.client import Runner  # noqa: E402
 
 
 

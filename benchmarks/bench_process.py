@@ -41,11 +41,11 @@ import sys
 import threading
 import time
 
+from runner.bench.harness import greedy_options
+from runner.engine.requests import Chunk, Final
 from runner.process import protocol as P
 from runner.process import security
-from runner.bench.harness import greedy_options
 from runner.process.client import Runner
-from runner.engine.requests import Chunk, Final
 
 PROMPTS = ["Write a long story about a lighthouse keeper.", "List facts about the moon.",
            "Explain how bread is made.", "Describe a walk through a forest.",

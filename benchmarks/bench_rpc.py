@@ -45,10 +45,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from runner.model import rpc  # noqa: E402
 from runner.bench.harness import OPTIONS, cpu_model, filler_text  # noqa: E402
-from runner.process.client import Runner  # noqa: E402
+from runner.model import rpc  # noqa: E402
 from runner.model.models import resolve_model  # noqa: E402
+from runner.process.client import Runner  # noqa: E402
 import tiny_model  # noqa: E402
 
 PEERS = ROOT / "build" / "peers-rpc" / "bin"

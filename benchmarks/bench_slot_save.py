@@ -33,8 +33,8 @@ def spread(values: list[float]) -> dict:
 def measure(args: argparse.Namespace) -> dict:
     from runner.bench.harness import filler_text
     from runner.engine.core import Engine, EngineConfig
-    from runner.model.models import resolve_model
     from runner.engine.requests import CompletionOptions, CompletionRequest
+    from runner.model.models import resolve_model
 
     model = str(resolve_model(args.model or "default"))
     with tempfile.TemporaryDirectory() as d:

@@ -32,10 +32,10 @@ import time
 import msgpack
 import zmq
 
-from runner.engine import limits
 from runner.bench.harness import filler_text, greedy_options
-from runner.process.client import Runner
+from runner.engine import limits
 from runner.engine.requests import Chunk
+from runner.process.client import Runner
 
 N_STREAMS = 4
 

@@ -26,11 +26,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from runner import _llama  # noqa: E402
-from runner.model import placement  # noqa: E402
 from runner.engine.core import Engine, EngineConfig  # noqa: E402
+from runner.engine.requests import CompletionOptions, CompletionRequest  # noqa: E402
+from runner.model import placement  # noqa: E402
 from runner.model.gguf import read_gguf  # noqa: E402
 from runner.model.models import resolve_model  # noqa: E402
-from runner.engine.requests import CompletionOptions, CompletionRequest  # noqa: E402
 
 # "load_tensors: CUDA0 model buffer size = ..." / "llama_kv_cache: CUDA0 KV buffer size = ..."
 BUFFER = re.compile(r"(\S+)\s+(model|KV|compute|output) buffer size =\s+([\d.]+) MiB")

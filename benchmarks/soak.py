@@ -36,8 +36,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from runner.process.client import Runner, RunnerGone  # noqa: E402
 from runner.engine.requests import Chunk, EngineError, Final  # noqa: E402
+from runner.process.client import Runner, RunnerGone  # noqa: E402
 
 ODD = ["", "\u0000", "\ufffd", "😀🇫🇷", "e\u0301", "\u202e", "\U0010ffff", "日本語", " \t\n", "\"}]", "a" * 300]
 SCHEMAS = [{}, {"type": "object"}, {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]},

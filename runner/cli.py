@@ -124,9 +124,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if args.image or args.mmproj or args.lora:
         return _generate_engine(args)
     from runner import _llama
+    from runner.engine.requests import CompletionOptions
     from runner.generate import GenerationStats, generate
     from runner.model.models import resolve_model
-    from runner.engine.requests import CompletionOptions
 
     path = resolve_model(args.model)
     options = CompletionOptions.from_dict(_completion_options(args))
@@ -165,8 +165,8 @@ def _generate_engine(args: argparse.Namespace) -> int:
     which owns the projector and applies the request's adapter scales."""
     from runner.engine.core import Engine, EngineConfig
     from runner.engine.media import MediaItem
-    from runner.model.models import resolve_model
     from runner.engine.requests import CompletionOptions, CompletionRequest
+    from runner.model.models import resolve_model
 
     if args.image and not args.mmproj:
         raise SystemExit("--image needs --mmproj (the model's multimodal projector)")

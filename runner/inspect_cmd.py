@@ -15,8 +15,8 @@ from typing import Any
 
 import msgspec
 
-from runner.model.gguf import GGUFError, GGUFFile, read_gguf
 from runner.engine.requests import BadRequest
+from runner.model.gguf import GGUFError, GGUFFile, read_gguf
 
 # Arrays longer than this (vocabularies, merges) are skipped: inspect only needs their lengths.
 _MAX_ARRAY_SIZE = 4096
@@ -35,9 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Print the summary; returns the process exit status."""
     from runner import _llama
-    from runner.process import protocol as P
     from runner.cli import _load_params
     from runner.model.placement import config_from_load, devices_for, estimate_report, host_available, report_dict
+    from runner.process import protocol as P
 
     try:
         path = args.model

@@ -16,10 +16,10 @@ import time
 
 import pytest
 
+from runner.engine.requests import BadRequest
 from runner.process import chatparse
 from runner.process.chat import ChatRequest, ChatTemplate, ChatTemplates, normalize_messages
 from runner.process.chatparse import ChatFormat, ChatMessage, ToolCall
-from runner.engine.requests import BadRequest
 
 from chat_models import write_chat_model
 
@@ -497,8 +497,8 @@ def test_template_errors_and_tool_calls_through_a_runner(family_dir):
     """A tiny Qwen 2.5 runner: arguments its template cannot take are that
     request's bad_request; a tool call (forced by a grammar) comes back
     parsed in the final."""
-    from runner.process.client import Runner
     from runner.engine.requests import BadRequest as ClientBadRequest
+    from runner.process.client import Runner
 
     path = write_chat_model(family_dir, "qwen25")
     call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'

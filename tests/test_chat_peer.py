@@ -59,8 +59,8 @@ def _their_prompt(server: LlamaServer, body: dict) -> str | None:
 
 @pytest.mark.parametrize("family", ["default", *FAMILIES])
 def test_rendered_prompts_match_llama_server(family, llama, default_model_path, tmp_path_factory):
-    from runner.process.chat import ChatRequest, ChatTemplates
     from runner.engine.requests import BadRequest
+    from runner.process.chat import ChatRequest, ChatTemplates
 
     if family == "default":
         path = default_model_path

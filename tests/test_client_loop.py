@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 
 from polling import wait_until
-from runner.process.client import _NO_READER, Runner, RunnerGone, _IGNORE, _LoopSink, _Routes
 from runner.engine.requests import Chunk, Final
+from runner.process.client import _NO_READER, Runner, RunnerGone, _IGNORE, _LoopSink, _Routes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from tiny_model import write_tiny_llama  # noqa: E402

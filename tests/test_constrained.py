@@ -18,9 +18,9 @@ import time
 
 import pytest
 
-from runner.process.client import Runner
 from runner.engine.core import Engine, EngineConfig
 from runner.engine.requests import BadRequest, Chunk, CompletionOptions, CompletionRequest, Final
+from runner.process.client import Runner
 
 pytestmark = pytest.mark.model
 

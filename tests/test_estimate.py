@@ -24,8 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from handserve import deferred_runner  # noqa: E402
-from runner.model import placement  # noqa: E402
 from runner.engine.core import Engine, EngineConfig  # noqa: E402
+from runner.model import placement  # noqa: E402
 
 pytestmark = pytest.mark.model
 
@@ -133,8 +133,8 @@ def test_the_estimate_op_inspect_and_the_load_agree(default_model_path, capsys):
     the same flags; the load then places as estimated, and a load the
     estimate refuses is refused with the same reason."""
     from runner.cli import main
-    from runner.process.client import Runner
     from runner.engine.requests import BadRequest
+    from runner.process.client import Runner
 
     params = dict(n_ctx=1024, parallel=2, type_k="q8_0", type_v="q8_0", flash_attn="on", cache_ram_mb=64)
     flags = ["--ctx", "1024", "--parallel", "2", "--type-k", "q8_0", "--type-v", "q8_0", "--flash-attn", "on",

@@ -22,9 +22,9 @@ import time
 import pytest
 
 from polling import drain, wait_until
+from runner.engine.requests import Chunk, EngineError, Final
 from runner.process import protocol as P
 from runner.process.client import Runner, RunnerGone
-from runner.engine.requests import Chunk, EngineError, Final
 from runner.process.security import private_ipc_endpoint
 
 pytestmark = pytest.mark.model

@@ -9,8 +9,8 @@ import pytest
 
 from runner.cli import _SAMPLING_FLAGS, _completion_options, build_parser
 from runner.engine.core import Engine, EngineConfig
-from runner.generate import GenerationStats, generate
 from runner.engine.requests import Chunk, CompletionOptions, CompletionRequest
+from runner.generate import GenerationStats, generate
 
 # Repeats within the penalty window: the penalties change the greedy pick only
 # if the prompt's tokens reach the sampler.

@@ -14,11 +14,11 @@ import pytest
 import zmq
 
 from runner.engine import limits
-from runner.process import protocol as P
-from runner.process import security
 from runner.engine.grammar import json_schema_to_gbnf
 from runner.engine.requests import BadRequest, Busy, CompletionOptions, InputTooLong
 from runner.engine.sampling import grammar_for
+from runner.process import protocol as P
+from runner.process import security
 from runner.process.server import Server, WorkBudget
 
 # -- the limits themselves ----------------------------------------------------------

@@ -236,8 +236,8 @@ def test_unchecked_cases_abort_llama_cpp(tmp_path, name, kw, reason):
 
 @pytest.mark.model
 def test_runner_process_reports_the_reason(tmp_path):
-    from runner.process.client import Runner, RunnerGone
     from runner.engine.requests import EngineError
+    from runner.process.client import Runner, RunnerGone
 
     paths = _write_cases(tmp_path, [c for c in CASES if c[0] in ("too_many_layers", "duplicate_token")])
     reasons = dict((c[0], c[2]) for c in CASES)
@@ -267,8 +267,8 @@ def test_load_error_carries_llama_cpp_lines_only_when_llama_cpp_failed(tmp_path)
     is in the error), then the engine refuses the parameters before touching
     the file, and that error carries no llama.cpp line (the stale one is
     unrelated)."""
-    from runner.process.client import Runner
     from runner.engine.requests import BadRequest, EngineError
+    from runner.process.client import Runner
 
     path = write_tiny_llama(tmp_path / "three_layers.gguf", hparams={"block_count": 3})  # tensors for 2
     with deferred_runner(str(path)) as (proc, endpoint):

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import msgspec
 
-from runner.process import protocol as P
 from runner.cli import _load_params, build_parser
 from runner.engine.core import EngineConfig
+from runner.process import protocol as P
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
 

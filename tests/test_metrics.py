@@ -11,8 +11,8 @@ import threading
 
 import pytest
 
-from runner.process.client import Runner
 from runner.engine.core import Engine, EngineConfig
+from runner.process.client import Runner
 from runner.engine.requests import (BadRequest, Busy, Chunk, CompletionOptions, CompletionRequest, EngineError,
                              Final)
 

@@ -11,10 +11,10 @@ import pytest
 
 gguf = pytest.importorskip("gguf")
 
+from runner.engine.requests import BadRequest  # noqa: E402
 from runner.model import placement  # noqa: E402
 from runner.model.gguf import read_gguf  # noqa: E402
 from runner.model.memory import Device, gpu_reserve  # noqa: E402
-from runner.engine.requests import BadRequest  # noqa: E402
 
 MiB = 1 << 20
 N_LAYER = 6

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from polling import wait_until
-from runner.process import pool_fit
-from runner.model.gguf import GGUFError
-from runner.process.pool import DoesNotFit, ModelFailed, ModelLoadError, RunnerCrashed, RunnerPool
 from runner.engine.requests import BadRequest, Chunk, Final
+from runner.model.gguf import GGUFError
+from runner.process import pool_fit
+from runner.process.pool import DoesNotFit, ModelFailed, ModelLoadError, RunnerCrashed, RunnerPool
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from tiny_model import write_tiny_llama  # noqa: E402

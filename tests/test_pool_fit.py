@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from runner.process import pool_fit
-from runner.model.memory import LoadOptions, estimate
 from runner.model.gguf import read_gguf
+from runner.model.memory import LoadOptions, estimate
+from runner.process import pool_fit
 from runner.process.pool_policy import Room
 
 GiB = 1 << 30

@@ -21,9 +21,9 @@ import zmq
 
 from handserve import deferred_runner
 from polling import drain, wait_until
+from runner.engine.requests import BadRequest, Chunk, Final, InputTooLong, InternalError
 from runner.process import protocol as P
 from runner.process.client import Runner, RunnerGone
-from runner.engine.requests import BadRequest, Chunk, Final, InputTooLong, InternalError
 
 pytestmark = pytest.mark.model
 

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import zmq
 
+from runner.engine.requests import BadRequest, Busy, Cancelled, InputTooLong, InternalError, NotReady
 from runner.process import protocol as P
 from runner.process import security
 from runner.process.client import StallTimer, describe_exit, pick_error_line
-from runner.engine.requests import BadRequest, Busy, Cancelled, InputTooLong, InternalError, NotReady
 from runner.process.server import Job, Outbox, PeerSender, Server
 
 

@@ -15,8 +15,8 @@ import threading
 
 import pytest
 
-from runner.model import rpc
 from runner.engine.requests import BadRequest
+from runner.model import rpc
 from polling import drain, wait_until
 
 GREEDY = {"temperature": 0.0, "seed": 1}
@@ -279,8 +279,8 @@ def test_a_server_killed_mid_stream_fails_the_streams_and_leaves_the_runner_unhe
     with an error naming the lost server, the runner stays up and says it
     is unhealthy, and refuses new work with the same reason; nothing waits
     forever, and it still shuts down cleanly."""
-    from runner.process.client import RunnerGone
     from runner.engine.requests import InternalError, NotReady
+    from runner.process.client import RunnerGone
 
     servers = rpc_servers(2)
     lost = servers[1].endpoint  # layers 21-29 and the output layer
@@ -321,8 +321,8 @@ def test_a_pool_replaces_a_runner_that_lost_a_server(rpc_servers):
     """RunnerPool treats a runner that lost a server like a dead one: after
     the failed stream it asks the runner's health, stops it, and the next
     request starts a new runner (here once the server is back)."""
-    from runner.process.pool import RunnerPool
     from runner.engine.requests import InternalError
+    from runner.process.pool import RunnerPool
 
     servers = rpc_servers(2)
     endpoints = [s.endpoint for s in servers]

@@ -435,8 +435,8 @@ def test_a_slot_in_use_is_busy_and_an_empty_one_cannot_be_saved(default_model_pa
 @pytest.mark.model
 def test_the_ops_through_a_runner_process_and_the_cli(default_model_path, tmp_path, capsys):
     from runner.cli import main
-    from runner.process.client import Runner
     from runner.engine.requests import BadRequest as Refused
+    from runner.process.client import Runner
 
     def copies():
         """slot_copies as info and metrics report them (the same counts)."""

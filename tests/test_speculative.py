@@ -392,8 +392,8 @@ def test_a_draft_model_with_another_vocabulary_is_refused(default_model_path, tm
     from tiny_model import write_tiny_llama
 
     from runner.engine.core import Engine, EngineConfig
-    from runner.model.gguf import read_gguf
     from runner.engine.requests import BadRequest
+    from runner.model.gguf import read_gguf
 
     tokens = list(read_gguf(default_model_path).fields["tokenizer.ggml.tokens"].value)
     tokens[1000] = "zzzz-not-in-the-model"

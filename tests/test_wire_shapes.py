@@ -9,9 +9,9 @@ import dataclasses
 import re
 from pathlib import Path
 
+from runner.engine.requests import Chunk, Final
 from runner.process import protocol as P
 from runner.process.client import _to_final
-from runner.engine.requests import Chunk, Final
 from runner.process.server import _final_reply
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"

@@ -43,6 +43,8 @@ from runner.engine.requests import (
     BadRequest, Busy, Chunk, CompletionOptions, CompletionRequest, DeviceLost, EmbeddingResult,
     EngineError, Final, InputTooLong, InternalError, NotReady,
 )
+from runner.engine import lora as lora_sets
+from runner.engine import slotfile
 from runner.engine.delivery import Delivery, SeqEnded, SeqReleased, Shutdown, StepTokens
 from runner.engine.drafter import Drafter
 from runner.engine.embedwait import EmbedWindow
@@ -50,18 +52,16 @@ from runner.engine.executor import Executor, PickResolver, device_lost
 from runner.engine.handoff import new_handoff
 from runner.engine.hostbuffers import touched
 from runner.engine.hostcache import HostCache
-from runner.model.load_checks import ModelFileError, check_model_file
 from runner.engine.media import DEFAULT_CACHE_BYTES, MediaCache, MediaSpan, build_prompt
-from runner.engine.rerank import rerank_inputs
 from runner.engine.metrics import EngineTotals
+from runner.engine.rerank import rerank_inputs
 from runner.engine.sampling import logprob_entry, make_sampler, prompt_tokens_to_accept
-from runner.engine import lora as lora_sets
-from runner.model import placement
-from runner.engine import slotfile
 from runner.engine.scheduler import Scheduler, StepPlan
 from runner.engine.sequence import Sequence
-from runner.engine.speculative import next_cap, wait_after
 from runner.engine.slots import NoFreeSlot, PositionedKV, Slot, SlotCache, truncate_prompt
+from runner.engine.speculative import next_cap, wait_after
+from runner.model import placement
+from runner.model.load_checks import ModelFileError, check_model_file
 
 log = logging.getLogger("runner.engine")
 

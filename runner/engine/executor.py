@@ -16,10 +16,10 @@ from typing import Callable
 import numpy as np
 
 from runner import _llama
-from runner.model import rpc
 from runner.engine.media import MediaCache, MediaSpan
 from runner.engine.requests import DeviceLost, InternalError
 from runner.engine.scheduler import StepPlan
+from runner.model import rpc
 
 log = logging.getLogger("runner.engine")
 

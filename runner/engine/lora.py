@@ -31,8 +31,8 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from runner.model.gguf import GGUFError, read_gguf
 from runner.engine.requests import BadRequest
+from runner.model.gguf import GGUFError, read_gguf
 
 __all__ = ["LoraKey", "SwitchCost", "check_adapter_files", "default_key", "describe", "resolve"]
 

@@ -47,8 +47,8 @@ from dataclasses import dataclass
 import msgspec
 import numpy as np
 
-from runner.model.gguf import read_gguf
 from runner.engine.requests import BadRequest
+from runner.model.gguf import read_gguf
 
 __all__ = ["FORMAT_VERSION", "MAGIC", "MAX_FILE_BYTES", "SlotFile", "SlotHeader", "encode", "decode",
            "model_identity", "restream", "slot_path", "write_atomic", "read_file"]

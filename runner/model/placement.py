@@ -34,9 +34,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from runner.engine import lora
+from runner.engine.requests import BadRequest
 from runner.model import memory
 from runner.model.gguf import GGUFFile
-from runner.engine.requests import BadRequest
 
 log = logging.getLogger("runner.placement")
 

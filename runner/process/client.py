@@ -42,10 +42,10 @@ import numpy as np
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from runner.process import protocol as P
-from runner.process import security
 from runner.engine.handoff import new_handoff
 from runner.engine.requests import BadRequest, Busy, Chunk, EmbeddingResult, Final, InternalError
+from runner.process import protocol as P
+from runner.process import security
 
 log = logging.getLogger("runner.client")
 

@@ -54,11 +54,11 @@ from typing import Any, Callable, NoReturn
 
 import msgspec
 
+from runner.engine.requests import Chunk, EngineError, Final
+from runner.model.models import resolve_model
 from runner.process import pool_fit
 from runner.process.client import Media, Runner, RunnerGone, describe_exit
-from runner.model.models import resolve_model
 from runner.process.pool_policy import Admission, PoolPolicy, Room
-from runner.engine.requests import Chunk, EngineError, Final
 
 log = logging.getLogger("runner.pool")
 

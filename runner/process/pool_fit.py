@@ -19,9 +19,9 @@ from typing import Any
 
 import msgspec
 
-from runner.process import protocol as P
 from runner.model.gguf import read_gguf
 from runner.model.memory import LoadOptions, estimate
+from runner.process import protocol as P
 from runner.process.pool_policy import Room
 
 _MAX_ARRAY_SIZE = 4096  # vocabularies are skipped: only their lengths count

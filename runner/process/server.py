@@ -36,11 +36,11 @@ from typing import Any, Callable
 import msgspec
 import zmq
 
+from runner.engine.media import MediaItem
 from runner.process import chatparse
 from runner.process import protocol as P
 from runner.process import security
 from runner.process.chat import ChatRequest, ChatTemplates
-from runner.engine.media import MediaItem
 from runner.engine.requests import (BadRequest, Busy, Chunk, CompletionOptions, CompletionRequest,
                              EngineError,
                              Final, NotReady)
@@ -687,8 +687,8 @@ class Server:
     def _load_model(self, params: P.Load) -> None:
         from runner import _llama
         from runner.engine.core import Engine
-        from runner.model.placement import config_from_load
         from runner.engine.requests import EngineError
+        from runner.model.placement import config_from_load
 
         t0 = time.perf_counter()
         mark = _llama.error_mark()
