@@ -2,7 +2,7 @@
 
 from libc.stdint cimport int32_t, uint64_t
 
-from c_llama cimport llama_context, llama_sampler, llama_token, llama_token_data, llama_vocab
+from c_llama cimport llama_context, llama_sampler, llama_seq_id, llama_token, llama_token_data, llama_vocab
 
 # ext/fastsample.h's handle, declared first: guard.h's native grammar
 # sampling takes it too.
@@ -23,6 +23,11 @@ cdef extern from "guard.h" nogil:
     int runner_sample_constrained(llama_sampler * chain, llama_sampler * grammar, const float * logits,
                                   int32_t n_vocab, llama_token_data * cur, llama_token * token,
                                   char * err, size_t err_len)
+    int runner_graph_attach(llama_context * ctx, llama_seq_id seq, llama_sampler * chain,
+                            char * err, size_t err_len)
+    int runner_graph_sample(llama_sampler * chain, llama_context * ctx, int32_t idx,
+                            llama_token_data * cur, int32_t n_vocab, llama_token * token,
+                            char * err, size_t err_len)
     int runner_fast_grammar_sample(runner_fast_sampler * fast, llama_sampler * grammar, const float * logits,
                                    int32_t n_vocab, llama_token_data * cur, float * keep, int defer,
                                    llama_token * token, char * err, size_t err_len)

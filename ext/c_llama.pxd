@@ -121,6 +121,7 @@ cdef extern from "llama.h" nogil:
         bint op_offload
         bint swa_full
         bint kv_unified
+        uint32_t n_outputs_max_per_seq  # 0: n_outputs_max; 1 lets penalties sample in the graph
 
     ctypedef struct llama_sampler_chain_params:
         bint no_perf

@@ -33,12 +33,16 @@ cdef class Context:
     cdef readonly int32_t n_embd # model embedding width
     cdef volatile int abort_flag # read by the abort callback inside decode
     cdef object _loras           # adapters applied now (kept alive while applied)
+    cdef readonly bint graph_sampling  # made for samplers in the decode graph (Sampler.attach)
+    cdef dict _graph_samplers    # seq id -> the Sampler attached for it (the context holds its chain)
 
     def __cinit__(self, Model model not None, *, uint32_t n_ctx=4096, uint32_t n_batch=512,
                   n_ubatch=None, uint32_t n_seq_max=1, n_threads=None, n_threads_batch=None,
                   flash_attn="auto", str type_k="f16", str type_v="f16", bint embeddings=False,
-                  pooling=None, bint kv_unified=False, bint swa_full=False, bint offload_kqv=True):
+                  pooling=None, bint kv_unified=False, bint swa_full=False, bint offload_kqv=True,
+                  bint graph_sampling=False):
         self.ptr = NULL
+        self._graph_samplers = {}
         model._check()
         if n_ctx == 0:
             raise ValueError("n_ctx must be positive")
@@ -68,6 +72,12 @@ cdef class Context:
         p.kv_unified = kv_unified
         p.swa_full = swa_full
         p.offload_kqv = offload_kqv
+        # Sampling in the decode graph takes at most this many outputs per
+        # sequence and step; llama.cpp keeps the penalties stage on the CPU
+        # (and with it every stage after it) unless that limit is 1.
+        self.graph_sampling = graph_sampling
+        if graph_sampling:
+            p.n_outputs_max_per_seq = 1
         p.no_perf = True
         self.abort_flag = 0
         p.abort_callback = _abort_trampoline
@@ -102,6 +112,11 @@ cdef class Context:
     @property
     def closed(self):
         return self.ptr == NULL
+
+    @property
+    def n_graph_samplers(self):
+        """Samplers attached to this context's decode graph now (Sampler.attach)."""
+        return len(self._graph_samplers)
 
     def __enter__(self):
         self._check()

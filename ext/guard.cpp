@@ -246,6 +246,68 @@ extern "C" int runner_sampler_accept(llama_sampler * smpl, llama_token token, ch
     return -1;
 }
 
+extern "C" int runner_graph_attach(llama_context * ctx, llama_seq_id seq, llama_sampler * chain,
+                                   char * err, size_t err_len) {
+    try {
+        return llama_set_sampler(ctx, seq, chain) ? 1 : 0;
+    } catch (const std::exception & e) {
+        set_error(err, err_len, e.what());
+    } catch (...) {
+        set_error(err, err_len, "unknown C++ exception");
+    }
+    return -1;
+}
+
+extern "C" int runner_graph_sample(llama_sampler * chain, llama_context * ctx, int32_t idx,
+                                   llama_token_data * cur, int32_t n_vocab, llama_token * token,
+                                   char * err, size_t err_len) {
+    try {
+        llama_token tok = llama_get_sampled_token_ith(ctx, idx);
+        if (tok == LLAMA_TOKEN_NULL) {
+            // Part of the chain ran in the graph: finish it on what it left.
+            // (llama_sampler_sample does the same, but aborts the process on
+            // an empty pick; here the request fails instead.)
+            const llama_token * ids = llama_get_sampled_candidates_ith(ctx, idx);
+            const float * logits = llama_get_sampled_logits_ith(ctx, idx);
+            const float * probs = llama_get_sampled_probs_ith(ctx, idx);
+            uint32_t n = probs != nullptr ? llama_get_sampled_probs_count_ith(ctx, idx)
+                                          : llama_get_sampled_logits_count_ith(ctx, idx);
+            if (ids == nullptr || logits == nullptr || n == 0 || n > (uint32_t) n_vocab) {
+                set_error(err, err_len, "the decode graph sampled nothing for this row");
+                return RUNNER_SAMPLE_ERROR;
+            }
+            for (uint32_t i = 0; i < n; ++i) {
+                cur[i].id = ids[i];
+                cur[i].logit = logits[i];
+                cur[i].p = probs != nullptr ? probs[i] : 0.0f;
+            }
+            llama_token_data_array arr = {cur, n, -1, false};
+            if (!any_finite(arr)) {
+                set_error(err, err_len, "no candidate left for this row is a number");
+                return RUNNER_SAMPLE_ERROR;
+            }
+            llama_sampler_apply(chain, &arr);
+            if (arr.selected < 0 || (size_t) arr.selected >= arr.size) {
+                set_error(err, err_len, "the sampler chain picked no candidate");
+                return RUNNER_SAMPLE_ERROR;
+            }
+            tok = arr.data[arr.selected].id;
+        }
+        if (tok < 0 || tok >= n_vocab) {
+            set_error(err, err_len, "the decode graph sampled a token outside the vocabulary");
+            return RUNNER_SAMPLE_ERROR;
+        }
+        llama_sampler_accept(chain, tok);
+        *token = tok;
+        return RUNNER_SAMPLE_OK;
+    } catch (const std::exception & e) {
+        set_error(err, err_len, e.what());
+    } catch (...) {
+        set_error(err, err_len, "unknown C++ exception");
+    }
+    return RUNNER_SAMPLE_ERROR;
+}
+
 extern "C" int runner_grammar_allows(llama_sampler * grammar, llama_token token, char * err, size_t err_len) {
     try {
         return grammar_allows(grammar, token) ? 1 : 0;

@@ -71,6 +71,29 @@ int runner_fast_grammar_constrained(struct runner_fast_sampler * fast, struct ll
 /* llama_sampler_accept with exceptions caught: 0, or -1 with err set. */
 int runner_sampler_accept(struct llama_sampler * smpl, llama_token token, char * err, size_t err_len);
 
+/* Sampling inside the decode graph (llama.cpp's experimental backend
+ * sampling).  runner_graph_attach hands `chain` (a llama_sampler_chain) to
+ * `ctx` for sequence `seq` (llama_set_sampler), or takes the sequence's
+ * chain back when `chain` is NULL; the context then holds a pointer to the
+ * chain until it is taken back.  Returns 1 when the context took it, 0 when
+ * it refused (the chain then samples nothing in the graph), -1 when
+ * llama.cpp threw (err set).  The next decode rebuilds the graph's buffers.
+ * Each chain may be handed over once: llama.cpp keeps it initialised for
+ * the graph afterwards. */
+int runner_graph_attach(struct llama_context * ctx, llama_seq_id seq, struct llama_sampler * chain,
+                        char * err, size_t err_len);
+
+/* The token the graph sampled for output row `idx` of `ctx`, accepted into
+ * `chain` (the one attached for that row's sequence).  When a stage of the
+ * chain could not run in the graph, the graph hands back what the stages
+ * before it left (candidates, logits, maybe probabilities) and the rest of
+ * the chain runs here on them (`cur`: n_vocab entries of scratch).  Returns
+ * RUNNER_SAMPLE_OK, or RUNNER_SAMPLE_ERROR with err set (nothing to sample
+ * for the row, no candidate picked, or llama.cpp threw). */
+int runner_graph_sample(struct llama_sampler * chain, struct llama_context * ctx, int32_t idx,
+                        llama_token_data * cur, int32_t n_vocab, llama_token * token,
+                        char * err, size_t err_len);
+
 /* Whether `grammar` would allow `token` next (1), not (0), or threw (-1). */
 int runner_grammar_allows(struct llama_sampler * grammar, llama_token token, char * err, size_t err_len);
 

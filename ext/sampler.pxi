@@ -181,6 +181,13 @@ cdef class Sampler:
     # flags change with the GIL held.
     cdef bint busy
     cdef bint close_pending
+    # Sampling in the decode graph (attach): the context that holds the
+    # chain for sequence graph_seq (None when not attached), and whether the
+    # chain was ever handed over (llama.cpp initialises it for the graph
+    # once; it cannot sample on the CPU alone afterwards).
+    cdef Context graph_ctx
+    cdef llama_seq_id graph_seq
+    cdef bint graph_used
 
     def __cinit__(self, Model model not None, *, float temperature=0.8, int32_t top_k=40,
                   float top_p=0.9, float min_p=0.0, float typical_p=1.0,
@@ -388,6 +395,7 @@ cdef class Sampler:
         return 0
 
     cdef void _free(self) noexcept:
+        self._detach()
         if self.chain != NULL:
             llama_sampler_free(self.chain)
             self.chain = NULL
@@ -425,8 +433,85 @@ cdef class Sampler:
     def has_grammar(self):
         return self.grammar != NULL
 
+    cdef void _detach(self) noexcept:
+        """Take the chain back from the context it is attached to (before
+        the chain is freed: the context holds a pointer to it)."""
+        cdef Context ctx = self.graph_ctx
+        if ctx is None:
+            return
+        self.graph_ctx = None
+        held = ctx._graph_samplers  # None when the collector has cleared a dying context
+        if held is not None and held.get(self.graph_seq) is self:
+            del held[self.graph_seq]
+        if ctx.ptr != NULL:  # a closed context holds nothing any more
+            runner_graph_attach(ctx.ptr, self.graph_seq, NULL, self.err, sizeof(self.err))
+
+    def attach(self, Context ctx not None, int seq_id):
+        """Sample sequence ``seq_id``'s rows of ``ctx`` inside the decode
+        graph from now on (llama.cpp's experimental backend sampling): the
+        stages run after the model's last layer on the device that computes
+        it, the row's logits are neither copied out nor read here, and
+        :meth:`sample` (or :func:`sample_batch`, :func:`decode_steps`) takes
+        the token the graph drew and accepts it.  Stages the device cannot
+        run finish on the CPU on what the graph left.  The next decode
+        rebuilds the graph's buffers (so does :meth:`close`).
+
+        Needs a context made with ``graph_sampling=True``, a sampler
+        without a grammar or native chain (``native=False``), never attached
+        before, and a sequence no other sampler holds; the sequence may then
+        have one output per decode.  The raw logits of its rows are not
+        available (no log-probabilities), and its draws differ from the CPU
+        chain's for the same seed.  Until :meth:`close` the sampler holds
+        the context and the context the chain.
+
+        Returns True; False when llama.cpp would not take the chain (it then
+        samples on the CPU as before).  Raises :class:`SamplerError` when
+        llama.cpp threw: the chain may be half prepared for the graph, and
+        the sampler must not sample any more."""
+        self._check()
+        ctx._check()
+        if not ctx.graph_sampling:
+            raise ValueError("the context was not made for sampling in the graph (graph_sampling)")
+        if ctx.model is not self.model:
+            raise ValueError("sampler and context belong to different models")
+        if self.grammar != NULL or self.fast != NULL:
+            raise ValueError("only a sampler with llama.cpp's chain and no grammar samples in the graph")
+        if self.graph_used:
+            raise ValueError("the sampler was attached before (a chain is handed to a graph once)")
+        if not 0 <= seq_id < <long> llama_n_seq_max(ctx.ptr):
+            raise ValueError(f"sequence id {seq_id} outside 0..{llama_n_seq_max(ctx.ptr) - 1}")
+        if seq_id in ctx._graph_samplers:
+            raise ValueError(f"sequence {seq_id} has a sampler attached already")
+        cdef int rc = runner_graph_attach(ctx.ptr, seq_id, self.chain, self.err, sizeof(self.err))
+        if rc == 0:
+            return False
+        self.graph_used = True
+        if rc < 0:
+            raise SamplerError(f"attaching the sampler failed: {self._last_err()}")
+        self.graph_ctx = ctx
+        self.graph_seq = seq_id
+        ctx._graph_samplers[seq_id] = self
+        return True
+
+    @property
+    def attached(self):
+        """Whether the sampler samples in a decode graph (:meth:`attach`)."""
+        return self.graph_ctx is not None
+
+    cdef inline bint _graph(self) noexcept:
+        return self.graph_ctx is not None
+
+    cdef int _graph_sample(self, Context ctx, int32_t idx, llama_token * tok) except -1 nogil:
+        """The graph's pick for row ``idx``, accepted (GIL released; raises with it)."""
+        cdef int rc = runner_graph_sample(self.chain, ctx.ptr, idx, self.cur, self.model.n_vocab, tok,
+                                          self.err, _ERR_LEN)
+        if rc != RUNNER_SAMPLE_OK:
+            with gil:
+                raise SamplerError(f"sampling in the graph failed: {self._last_err()}")
+        return 0
+
     cdef inline bint _native_chain(self) noexcept:
-        return self.fast != NULL or self.argmax_only
+        return (self.fast != NULL or self.argmax_only) and self.graph_ctx is None
 
     cdef inline bint _native(self) noexcept:
         return self._native_chain() and self.grammar == NULL
@@ -490,9 +575,20 @@ cdef class Sampler:
         if ctx.model is not self.model:
             raise ValueError("sampler and context belong to different models")
         ctx._sync()
+        cdef llama_token tok = -1
+        if self.graph_used and self.graph_ctx is None:
+            raise SamplerError("the sampler's chain was handed to a decode graph and cannot sample "
+                               "on its own")
+        if self.graph_ctx is not None:
+            if ctx is not self.graph_ctx:
+                raise ValueError("the sampler is attached to another context")
+            if self._scratch() < 0:
+                raise MemoryError()
+            with nogil:
+                self._graph_sample(ctx, idx, &tok)
+            return tok
         if llama_get_logits_ith(ctx.ptr, idx) == NULL:
             raise IndexError(f"no logits for batch index {idx}")
-        cdef llama_token tok = -1
         cdef float * logits
         cdef int rc
         if self.argmax_only:
@@ -507,10 +603,8 @@ cdef class Sampler:
             if tok < 0:
                 raise SamplerError("sampling failed: no logit is a number")
             return tok
-        if self.cur == NULL:
-            self.cur = <llama_token_data *> malloc(self.model.n_vocab * sizeof(llama_token_data))
-            if self.cur == NULL:
-                raise MemoryError()
+        if self._scratch() < 0:
+            raise MemoryError()
         cdef float * keep = NULL
         if self.grammar != NULL:
             self._grammar_buffers()
@@ -532,6 +626,14 @@ cdef class Sampler:
             self.deferred = True
             return DEFERRED
         return self._sampled(rc, tok)
+
+    cdef int _scratch(self) noexcept:
+        """Allocate ``cur`` (n_vocab candidates) on first use; -1 when out of memory."""
+        if self.cur == NULL:
+            self.cur = <llama_token_data *> malloc(self.model.n_vocab * sizeof(llama_token_data))
+            if self.cur == NULL:
+                return -1
+        return 0
 
     cdef object _sampled(self, int rc, llama_token tok):
         if rc == RUNNER_SAMPLE_NO_TOKEN:
@@ -735,6 +837,8 @@ def sample_batch(Context ctx not None, list samplers not None, list rows not Non
             if s.model is not ctx.model:
                 out[i] = ValueError("sampler and context belong to different models")
                 continue
+            if s._graph():  # the graph drew its token; taken below, after the CPU rows
+                continue
             if not s._native():
                 try:
                     out[i] = s.sample(ctx, rows[i], defer)
@@ -753,6 +857,13 @@ def sample_batch(Context ctx not None, list samplers not None, list rows not Non
             runner_sample_rows(fasts, logits, toks, <int32_t> m, n_vocab, runner_argmax_f32, n_threads)
         for i in range(m):
             out[where[i]] = toks[i] if toks[i] >= 0 else SamplerError("sampling failed: no logit is a number")
+        for i in range(n):
+            s = <Sampler> samplers[i]
+            if out[i] is None and s._graph():
+                try:
+                    out[i] = s.sample(ctx, rows[i])
+                except Exception as exc:
+                    out[i] = exc
     finally:
         free(fasts); free(logits); free(toks); free(where)
     return out
@@ -800,6 +911,22 @@ cdef inline int32_t _grammar_row(_GrammarRow * g, const float * row, int32_t n_v
     cdef llama_token tok = -1
     cdef int rc = runner_fast_grammar_sample(g.fast, g.grammar, row, n_vocab, g.cur, g.kept, 1, &tok,
                                              g.err, _ERR_LEN)
+    return tok if rc == RUNNER_SAMPLE_OK else _GRAMMAR_CODE + rc
+
+
+# What decode_steps needs of a sampler attached to the graph.
+cdef struct _GraphRow:
+    llama_sampler * chain
+    llama_token_data * cur
+    char * err
+
+
+cdef inline int32_t _graph_row(_GraphRow * g, llama_context * ctx, int32_t idx,
+                               int32_t n_vocab) noexcept nogil:
+    """One row of a graph-attached sampler in a native run: the token, or
+    _GRAMMAR_CODE + the return code."""
+    cdef llama_token tok = -1
+    cdef int rc = runner_graph_sample(g.chain, ctx, idx, g.cur, n_vocab, &tok, g.err, _ERR_LEN)
     return tok if rc == RUNNER_SAMPLE_OK else _GRAMMAR_CODE + rc
 
 
@@ -854,8 +981,13 @@ def decode_steps(Context ctx not None, Batch batch not None, list samplers not N
             raise ClosedError("sampler is closed")
         if s.model is not ctx.model:
             raise ValueError("sampler and context belong to different models")
-        if not s._native_chain():
-            raise ValueError("decode_steps needs samplers the native chain serves (Sampler.native_chain)")
+        if not (s._native_chain() or s._graph()):
+            raise ValueError("decode_steps needs samplers the native chain serves (Sampler.native_chain) "
+                             "or samplers attached to the context's graph")
+        if s._graph() and s.graph_ctx is not ctx:
+            raise ValueError("the sampler is attached to another context")
+        if s._graph() and s._scratch() < 0:
+            raise MemoryError()
         if s.deferred:
             raise ValueError("a sampler's last pick was deferred and is not resolved")
         if s.grammar != NULL:
@@ -882,13 +1014,17 @@ def decode_steps(Context ctx not None, Batch batch not None, list samplers not N
     cdef const float ** prows = <const float **> malloc(n * sizeof(void *))
     cdef int32_t * ptoks = <int32_t *> malloc(n * sizeof(int32_t))
     cdef _GrammarRow * grows = <_GrammarRow *> malloc(n * sizeof(_GrammarRow))
+    # Rows whose sampler is attached to the graph: their index and chain.
+    cdef Py_ssize_t * graph = <Py_ssize_t *> malloc(n * sizeof(Py_ssize_t))
+    cdef _GraphRow * hrows = <_GraphRow *> malloc(n * sizeof(_GraphRow))
     if (fasts == NULL or rows == NULL or cur == NULL or toks == NULL or pos == NULL or sid == NULL
             or left == NULL or eog == NULL or out == NULL or gram == NULL or plain == NULL
-            or pfasts == NULL or prows == NULL or ptoks == NULL or grows == NULL):
+            or pfasts == NULL or prows == NULL or ptoks == NULL or grows == NULL or graph == NULL
+            or hrows == NULL):
         free(fasts); free(rows); free(cur); free(toks); free(pos); free(sid); free(left); free(eog); free(out)
-        free(gram); free(plain); free(pfasts); free(prows); free(ptoks); free(grows)
+        free(gram); free(plain); free(pfasts); free(prows); free(ptoks); free(grows); free(graph); free(hrows)
         raise MemoryError()
-    cdef Py_ssize_t n_gram = 0, n_plain = 0, j
+    cdef Py_ssize_t n_gram = 0, n_plain = 0, n_graph = 0, j
     cdef int32_t rc = 0, steps = 0, step, m
     cdef bint ended
     cdef uint64_t one = 1
@@ -901,7 +1037,13 @@ def decode_steps(Context ctx not None, Batch batch not None, list samplers not N
         for i in range(n):
             s = <Sampler> samplers[i]
             fasts[i] = s.fast  # NULL: plain argmax
-            if s.grammar != NULL:
+            if s._graph():
+                graph[n_graph] = i
+                hrows[n_graph].chain = s.chain
+                hrows[n_graph].cur = s.cur
+                hrows[n_graph].err = s.err
+                n_graph += 1
+            elif s.grammar != NULL:
                 gram[n_gram] = i
                 grows[n_gram].fast = s.fast
                 grows[n_gram].grammar = s.grammar
@@ -936,10 +1078,19 @@ def decode_steps(Context ctx not None, Batch batch not None, list samplers not N
                 if rc != 0:
                     break
                 m = 0
-                for i in range(n):
+                for j in range(n_plain):
+                    i = plain[j]
                     rows[i] = llama_get_logits_ith(ctx.ptr, <int32_t> i)
                     if rows[i] == NULL:
                         m += 1
+                for j in range(n_gram):
+                    i = gram[j]
+                    rows[i] = llama_get_logits_ith(ctx.ptr, <int32_t> i)
+                    if rows[i] == NULL:
+                        m += 1
+                for j in range(n_graph):  # the graph's picks, on this thread (no row is read)
+                    i = graph[j]
+                    toks[i] = _graph_row(&hrows[j], ctx.ptr, <int32_t> i, n_vocab)
                 if m == 0:
                     for j in range(n_plain):
                         prows[j] = rows[plain[j]]
@@ -973,7 +1124,12 @@ def decode_steps(Context ctx not None, Batch batch not None, list samplers not N
             run = sampled[gram[j]]
             if steps > 0 and run[steps - 1] < -1:
                 run[steps - 1] = (<Sampler> samplers[gram[j]])._grammar_outcome(run[steps - 1] - _GRAMMAR_CODE)
+        for j in range(n_graph):  # a failed pick in the graph: the error sample() raises
+            run = sampled[graph[j]]
+            if steps > 0 and run[steps - 1] < -1:
+                run[steps - 1] = SamplerError(
+                    f"sampling in the graph failed: {(<Sampler> samplers[graph[j]])._last_err()}")
     finally:
         free(fasts); free(rows); free(cur); free(toks); free(pos); free(sid); free(left); free(eog); free(out)
-        free(gram); free(plain); free(pfasts); free(prows); free(ptoks); free(grows)
+        free(gram); free(plain); free(pfasts); free(prows); free(ptoks); free(grows); free(graph); free(hrows)
     return sampled, rc

@@ -295,6 +295,9 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
                    help="where tokens become text: a thread of its own, the loop, or auto")
     g.add_argument("--no-native-sampler", action="store_true",
                    help="sample every request with llama.cpp's CPU chain instead of the native one")
+    g.add_argument("--backend-sampling", action="store_true",
+                   help="sample the requests that allow it inside the decode graph, on the device that "
+                        "computes it (for GPU builds; on the CPU the native chain is faster)")
     g.add_argument("--slot-save-dir", default=None, metavar="DIR",
                    help="directory for 'llama-runner slot save/restore' files (default: those ops are off)")
     g.add_argument("--burst-ms", type=float, default=30.0,
@@ -329,7 +332,8 @@ def _load_params(args: argparse.Namespace) -> dict:
         "cache_ram_mb": args.cache_ram_mb, "swa_full": args.swa_full,
         "embeddings": args.embeddings, "pooling": args.pooling, "prefill_budget": args.prefill_budget,
         "kv_unified": args.kv_unified, "delivery": args.delivery,
-        "native_sampler": not args.no_native_sampler, "slot_save_dir": args.slot_save_dir,
+        "native_sampler": not args.no_native_sampler, "backend_sampling": args.backend_sampling,
+        "slot_save_dir": args.slot_save_dir,
         "draft_room": args.draft_room, "draft_model": args.draft_model, "burst_ms": args.burst_ms,
     }
 

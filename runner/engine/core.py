@@ -55,7 +55,7 @@ from runner.engine.hostcache import HostCache
 from runner.engine.media import DEFAULT_CACHE_BYTES, MediaCache, MediaSpan, build_prompt
 from runner.engine.metrics import EngineTotals
 from runner.engine.rerank import rerank_inputs
-from runner.engine.sampling import logprob_entry, make_sampler, prompt_tokens_to_accept
+from runner.engine.sampling import in_graph, logprob_entry, make_sampler, prompt_tokens_to_accept
 from runner.engine.scheduler import Scheduler, StepPlan
 from runner.engine.sequence import Sequence
 from runner.engine.slots import NoFreeSlot, PositionedKV, Slot, SlotCache, truncate_prompt
@@ -108,6 +108,7 @@ class EngineConfig:
     kv_unified: bool = False          # one KV buffer shared by all slots (see _StreamKV)
     delivery: str = "auto"            # thread | inline | auto (see Engine.delivery_mode)
     native_sampler: bool = True       # False: llama.cpp's CPU chain for every request (see _llama.Sampler)
+    backend_sampling: bool = False    # sample the requests that allow it inside the decode graph (sampling.in_graph)
     slot_save_dir: str | None = None  # directory of save_slot/restore_slot files (None: those ops are off)
     draft_room: int = 16              # speculative proposals fill a step up to this many inputs (0: never)
     draft_model: str | None = None    # GGUF of a draft model with the same vocabulary (None: prompt lookup)
@@ -383,7 +384,8 @@ class Engine:
                 self.model, n_ctx=n_ctx, n_batch=config.n_batch, n_seq_max=config.parallel,
                 n_threads=config.n_threads, flash_attn=config.flash_attn, type_k=config.type_k,
                 type_v=config.type_v, pooling=pooling, kv_unified=config.kv_unified,
-                swa_full=config.swa_full)
+                swa_full=config.swa_full,
+                graph_sampling=config.backend_sampling and not config.embeddings)
         except _llama.ContextError as exc:
             if not trained:
                 raise
@@ -525,12 +527,13 @@ class Engine:
                                    f"{self.config.parallel})")
             inputs = truncate_prompt(inputs, self.slot_ctx, options.num_keep)
         lora_key = lora_sets.resolve(options.lora, len(self._loras))
+        graph = self.config.backend_sampling and in_graph(options)
         sampler = make_sampler(self.model, options, self.slot_ctx,  # grammar errors surface here
-                               self.config.native_sampler)
+                               self.config.native_sampler and not graph)
         rid = request.id or f"r{next(self._ids)}"
         handle = Handle(self, rid, on_event)
         seq = Sequence(handle=handle, options=options, inputs=inputs, spans=spans, t_tokenize=t_tok,
-                   t_queued=time.perf_counter(), sampler=sampler, lora=lora_key)
+                   t_queued=time.perf_counter(), sampler=sampler, lora=lora_key, in_graph=graph)
         seq.n_predict = options.num_predict if options.num_predict > 0 else 0
         if options.num_predict == 0:
             seq.n_predict = -1  # nothing to generate: finish right after the prompt
@@ -1044,7 +1047,8 @@ class Engine:
         for e in entries:
             seq, opts = e.seq, e.seq.options
             if (not e.generating or e.draft or e.draft_limit or seq.spans or opts.speculative
-                    or opts.logprobs or opts.top_logprobs or not seq.sampler.native_chain):
+                    or opts.logprobs or opts.top_logprobs
+                    or not (seq.sampler.native_chain or seq.in_graph)):
                 return 0
             steps = min(steps, self.slot_ctx - e.start)
             if seq.n_predict:
@@ -1165,6 +1169,22 @@ class Engine:
             for tok in seq.inputs[-n_seen:]:
                 if type(tok) is int:  # media rows are not tokens
                     seq.sampler.accept(tok)
+        if seq.in_graph:
+            self._attach(seq)
+
+    def _attach(self, seq: Sequence) -> None:
+        """Hand the sequence's sampler to the decode graph for its slot.
+        Should llama.cpp refuse the chain, the sequence samples on the CPU
+        with the same chain; should it throw, the request fails."""
+        try:
+            if seq.sampler.attach(self.ctx, seq.slot.id):
+                return
+            log.warning("backend sampling: llama.cpp kept the chain of request %s on the CPU",
+                        seq.handle.id)
+            seq.in_graph = False
+        except _llama.SamplerError as exc:  # the chain is spoilt: only this request fails
+            seq.in_graph = False
+            self._end(seq, "error", InternalError(f"backend sampling: {exc}"))
 
     # -- execute --------------------------------------------------------
 

@@ -73,6 +73,18 @@ def _plain(o: CompletionOptions, order: tuple[str, ...]) -> bool:
             and not 0.0 < o.typical_p < 1.0 and o.dynatemp_range == 0.0 and o.min_keep <= 1)
 
 
+def in_graph(o: CompletionOptions) -> bool:
+    """Whether a request's chain can run inside the decode graph
+    (EngineConfig.backend_sampling; _llama.Sampler.attach): only the keyword
+    chain's stages, each of which llama.cpp can build into a graph; no
+    grammar (it is checked on the CPU); no log-probabilities (the graph hands
+    back the token, not the row); and one output per step (no speculative
+    proposals to verify)."""
+    order = DEFAULT_SAMPLERS if o.samplers is None else sampler_order(o.samplers)
+    return (_plain(o, order) and not o.grammar and o.json_schema is None and not o.logprobs and not o.top_logprobs
+            and not o.speculative)
+
+
 def resolve_logit_bias(model: _llama.Model, value) -> list[tuple[int, float]]:
     """(token id, bias) pairs for a request's ``logit_bias``: texts become
     every token of their tokenization (no BOS, special-token text kept as

@@ -42,6 +42,7 @@ class Sequence:
     t_tokenize: float                 # seconds spent tokenizing (caller thread)
     t_queued: float                   # perf_counter when queued
     sampler: "_llama.Sampler | None" = None  # built at submit, closed at the end
+    in_graph: bool = False            # the sampler samples inside the decode graph (attached at admission)
     slot: "Slot | None" = None        # slot while running
     n_cached: int = 0                 # prompt inputs found in the slot
     n_sched: int = 0                  # prompt inputs handed to a batch (decoded or in flight)

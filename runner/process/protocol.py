@@ -121,6 +121,7 @@ class Load(Request, tag="load"):
     kv_unified: bool = False             # one KV buffer shared by all slots (else one stream per slot)
     delivery: Literal["auto", "thread", "inline"] = "auto"  # where tokens become text and events
     native_sampler: bool = True          # False: llama.cpp's CPU sampler chain for every request
+    backend_sampling: bool = False       # sample the requests that allow it inside the decode graph
     slot_save_dir: str | None = None     # directory of save_slot/restore_slot files (None: ops off)
     draft_room: Count32 = 16             # speculative proposals fill a step up to this many inputs (0: never)
     draft_model: str | None = None       # draft model GGUF, same vocabulary (None: prompt lookup)
