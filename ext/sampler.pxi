@@ -240,7 +240,9 @@ cdef class Sampler:
                 self._fast_bias(logit_bias)
             return
         if top_k > 0:
-            llama_sampler_chain_add(self.chain, llama_sampler_init_top_k(top_k))
+            # Beyond the vocabulary top-k keeps every token; the CPU stage
+            # clamps k itself, the graph's stage would abort (ggml_top_k).
+            llama_sampler_chain_add(self.chain, llama_sampler_init_top_k(min(top_k, model.n_vocab)))
         if 0.0 < typical_p < 1.0:
             llama_sampler_chain_add(self.chain, llama_sampler_init_typical(typical_p, 1))
         if 0.0 < top_p < 1.0:
@@ -339,7 +341,7 @@ cdef class Sampler:
             return llama_sampler_init_top_n_sigma(n)
         if name == "top_k":
             (k,) = args
-            return llama_sampler_init_top_k(k)
+            return llama_sampler_init_top_k(min(k, self.model.n_vocab))  # as the keyword chain
         if name == "typical":
             p, min_keep = args
             return llama_sampler_init_typical(p, min_keep)

@@ -176,6 +176,7 @@ def test_engine_mixes_graph_and_cpu_requests(graph_engine):
         dict(num_predict=16, temperature=0.0, repeat_penalty=1.2),       # greedy with penalties: graph
         dict(num_predict=0),
         dict(num_predict=16, speculative=True, temperature=0.0),
+        dict(num_predict=8, min_p=1.0),                                 # CPU: the graph's min-p drops all
     ]
 
     def run(i, opts):
@@ -204,6 +205,9 @@ def test_engine_mixes_graph_and_cpu_requests(graph_engine):
     assert isinstance(obj["a"], int)
     assert len(results[3][2]) == results[3][1].eval_count > 0
     assert results[6][1].eval_count == 0
+    greedy, _ = graph_engine.complete(PROMPTS[8 % len(PROMPTS)] + " " * (8 % 3), num_predict=8,
+                                      temperature=0.0)
+    assert results[8][0] == greedy  # min-p 1 keeps the best token only
     assert graph_engine.ctx.n_graph_samplers == 0
 
 
@@ -240,5 +244,5 @@ def test_runner_process_with_backend_sampling(spawn):
 
     empty, *done = asyncio.run(main())
     assert isinstance(empty, BadRequest)  # refused alone; the others run
-    assert [final.done_reason for _, final in done] == ["length"] * len(done)
+    assert all(final.done_reason in ("length", "stop") for _, final in done), done  # a draw may end it
     assert runner.health().state == "ready"

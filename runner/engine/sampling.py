@@ -73,16 +73,23 @@ def _plain(o: CompletionOptions, order: tuple[str, ...]) -> bool:
             and not 0.0 < o.typical_p < 1.0 and o.dynatemp_range == 0.0 and o.min_keep <= 1)
 
 
+MAX_GRAPH_MIN_P = 0.999  # min-p from here up samples on the CPU (see in_graph)
+
+
 def in_graph(o: CompletionOptions) -> bool:
     """Whether a request's chain can run inside the decode graph
     (EngineConfig.backend_sampling; _llama.Sampler.attach): only the keyword
     chain's stages, each of which llama.cpp can build into a graph; no
     grammar (it is checked on the CPU); no log-probabilities (the graph hands
     back the token, not the row); and one output per step (no speculative
-    proposals to verify)."""
+    proposals to verify).  A min-p of 0.999 or more stays on the CPU too:
+    the graph's min-p keeps only logits strictly above its threshold, and a
+    threshold within rounding of the largest logit (min-p 1, or nearly) drops
+    every token, so that the draw picks an arbitrary one (llama.cpp
+    0c1e57098, llama_sampler_min_p_backend_apply)."""
     order = DEFAULT_SAMPLERS if o.samplers is None else sampler_order(o.samplers)
-    return (_plain(o, order) and not o.grammar and o.json_schema is None and not o.logprobs and not o.top_logprobs
-            and not o.speculative)
+    return (_plain(o, order) and not o.grammar and o.json_schema is None and not o.logprobs
+            and not o.top_logprobs and not o.speculative and o.min_p < MAX_GRAPH_MIN_P)
 
 
 def resolve_logit_bias(model: _llama.Model, value) -> list[tuple[int, float]]:
