@@ -151,24 +151,27 @@ def step_gap(engine: Engine) -> tuple[float, float, float]:
 
 
 def burst_ab(model: str, args: argparse.Namespace, levels: list[int], bursts: list[float],
-             options: dict | None) -> list[dict]:
-    """Per B, llama-batched-bench and one engine per ``burst_ms`` value,
-    taking turns over ``args.rounds`` rounds (the order reversed every
-    other round); per engine the median of its per-round ratios to the
-    peer, and its step gap (see step_gap)."""
+             options: dict | None, samplings: tuple[str, ...] = ("cpu",)) -> list[dict]:
+    """Per B, llama-batched-bench and one engine per ``burst_ms`` value and
+    sampling side (``cpu``: the runner's chains; ``graph``: backend_sampling,
+    the chain inside the decode graph), taking turns over ``args.rounds``
+    rounds (the order reversed every other round); per engine the median of
+    its per-round ratios to the peer, and its step gap (see step_gap)."""
     out = []
+    sides = [(burst, sampling) for burst in bursts for sampling in samplings]
     for b in levels:
         n_ctx = max(args.n_ctx, b * (args.pp + args.tg + 16))
-        engines = {burst: Engine(EngineConfig(model, n_ctx=n_ctx, n_batch=args.n_batch, parallel=b,
-                                              n_threads=args.threads, kv_unified=args.kv_unified,
-                                              burst_ms=burst)) for burst in bursts}
+        engines = {side: Engine(EngineConfig(model, n_ctx=n_ctx, n_batch=args.n_batch, parallel=b,
+                                             n_threads=args.threads, kv_unified=args.kv_unified,
+                                             burst_ms=side[0], backend_sampling=side[1] == "graph"))
+                   for side in sides}
         try:
             for engine in engines.values():
                 engine_rate(engine, b, 16, 8, options=options)  # warm-up
-            runs: dict = {"peer": [], **{burst: [] for burst in bursts}}
-            gaps: dict = {burst: [] for burst in bursts}
+            runs: dict = {"peer": [], **{side: [] for side in sides}}
+            gaps: dict = {side: [] for side in sides}
             for r in range(args.rounds):
-                order = ["peer", *bursts]
+                order = ["peer", *sides]
                 for side in (order if r % 2 == 0 else order[::-1]):
                     if side == "peer":
                         runs["peer"].append(batched_bench(model, args.threads, n_ctx, args.n_batch, [b],
@@ -181,10 +184,11 @@ def burst_ab(model: str, args: argparse.Namespace, levels: list[int], bursts: li
         finally:
             for engine in engines.values():
                 engine.close()
-        for burst in bursts:
-            ratios = [e / p for e, p in zip(runs[burst], runs["peer"])]
-            gap, step, visits = (statistics.median(g[i] for g in gaps[burst]) for i in range(3))
-            out.append({"B": b, "burst_ms": burst, "engine_tok_s": runs[burst], "S_TG": runs["peer"],
+        for side in sides:
+            ratios = [e / p for e, p in zip(runs[side], runs["peer"])]
+            gap, step, visits = (statistics.median(g[i] for g in gaps[side]) for i in range(3))
+            out.append({"B": b, "burst_ms": side[0], "sampling": side[1], "engine_tok_s": runs[side],
+                        "S_TG": runs["peer"],
                         "ratios": ratios, "ratio": statistics.median(ratios), "gap_ms": gap * 1e3,
                         "step_ms": step * 1e3, "steps_per_visit": visits})
     return out
@@ -209,6 +213,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5, help="rounds for --burst-ms")
     ap.add_argument("--options", choices=("greedy", "defaults"), default="greedy",
                     help="for --burst-ms: greedy, or every sampling option at its default")
+    ap.add_argument("--sampling", default="cpu",
+                    help="for --burst-ms: comma-separated sampling sides, cpu (the runner's chains) "
+                         "and/or graph (backend_sampling: the chain inside the decode graph)")
     args = ap.parse_args()
     from tiny_model import resolve
 
@@ -216,13 +223,17 @@ def main() -> int:
     parallel = [int(x) for x in args.parallel.split(",")]
     if args.burst_ms is not None:
         options = None if args.options == "greedy" else {"num_predict": args.tg}
-        rows = burst_ab(model, args, parallel, [float(x) for x in args.burst_ms.split(",")], options)
+        samplings = tuple(x.strip() for x in args.sampling.split(","))
+        if not set(samplings) <= {"cpu", "graph"}:
+            ap.error("--sampling takes cpu and/or graph")
+        rows = burst_ab(model, args, parallel, [float(x) for x in args.burst_ms.split(",")], options,
+                        samplings)
         print(f"model {Path(model).name}, threads {args.threads}, {args.options} options, "
               f"medians of {args.rounds} rounds taking turns")
-        print(f"{'B':>3} {'burst_ms':>8} {'engine tok/s':>13} {'S_TG':>8} {'ratio':>6} {'step ms':>8} "
-              f"{'gap ms':>7} {'steps/visit':>11}  per-round ratios")
+        print(f"{'B':>3} {'burst_ms':>8} {'sampling':>8} {'engine tok/s':>13} {'S_TG':>8} {'ratio':>6} "
+              f"{'step ms':>8} {'gap ms':>7} {'steps/visit':>11}  per-round ratios")
         for r in rows:
-            print(f"{r['B']:>3} {r['burst_ms']:>8g} {statistics.median(r['engine_tok_s']):>13.1f} "
+            print(f"{r['B']:>3} {r['burst_ms']:>8g} {r['sampling']:>8} {statistics.median(r['engine_tok_s']):>13.1f} "
                   f"{statistics.median(r['S_TG']):>8.1f} {r['ratio']:>6.3f} {r['step_ms']:>8.3f} "
                   f"{r['gap_ms']:>7.3f} {r['steps_per_visit']:>11.1f}  "
                   + " ".join(f"{x:.2f}" for x in r["ratios"]))

@@ -194,6 +194,12 @@ EOF
   # In order of importance; each starts only if its usual time is left.
   step bench-engine-smol 90 "$PY" benchmarks/bench_engine.py --model "$smol" --threads "$th" \
     --parallel "$levels" --tg "$tg" --burst-ms 0,30 --rounds "$rounds" --json "$r/engine_smol.json"
+  # The runner's chains against the chain inside the decode graph
+  # (backend_sampling), default options, burst 30 ms: the sampling the GPU
+  # wheels would use.
+  step bench-engine-graph-sampling 120 "$PY" benchmarks/bench_engine.py --model "$smol" --threads "$th" \
+    --parallel "$levels" --tg "$tg" --burst-ms 30 --sampling cpu,graph --rounds "$rounds" \
+    --options defaults --json "$r/engine_smol_graph_sampling.json"
   step bench-process-smol-asyncio 120 "$PY" benchmarks/bench_process.py --model "$smol" --peer-only \
     --threads "$th" --parallel "$levels" --tokens "$tokens" --rounds "$rounds" --consumers asyncio \
     --json "$r/process_smol_asyncio.json"
