@@ -110,6 +110,9 @@ def bench_generation_window(model: str, parallel: int, tokens: int, threads: int
         def prompt_of(i):
             return [1000 + 7919 * (i + 1) % 40000 + k for k in range(pp)]
 
+        before = runner.metrics().step_seconds
+        t_submit = time.perf_counter()
+
         if consumers == "asyncio":
             import asyncio
 
@@ -135,7 +138,17 @@ def bench_generation_window(model: str, parallel: int, tokens: int, threads: int
                         return seen, time.perf_counter()
 
             _, results = run_concurrently(parallel, one)
-    return window_rate(results)
+        t_done = max(end for _, end in results)
+        after = runner.metrics().step_seconds
+    out = window_rate(results)
+    # The share of the streams' time that the engine's loop spent in its
+    # steps (decodes, and in native runs the sampling between them): what
+    # is not in it is the loop's own Python and waiting.  The two sides of
+    # the quotient are timed by the same machine in the same seconds, so it
+    # keeps still where ratios to a second program scatter.
+    out["busy"] = (after.sum - before.sum) / (t_done - t_submit) if t_done > t_submit else 0.0
+    out["steps"] = after.count - before.count
+    return out
 
 
 def window_rate(streams: list[tuple[list[tuple[float, int]], float]]) -> dict:
@@ -300,6 +313,7 @@ def compare_with_peer(model: str, levels: list[int], tokens: int, threads: int,
 
     sides = [None] if not bursts else list(bursts)
     runs: dict[int, dict] = {level: {"peer": [], **{b: [] for b in sides}} for level in levels}
+    busy: dict[int, dict] = {level: {} for level in levels}
     for r in range(rounds):
         for level in levels:
             def run_peer() -> float:
@@ -308,8 +322,10 @@ def compare_with_peer(model: str, levels: list[int], tokens: int, threads: int,
 
             def run_client(burst) -> float:
                 load = {} if burst is None else {"burst_ms": burst}
-                return bench_generation_window(model, level, tokens, threads, pp=pp,
-                                               consumers=consumers, options=options, **load)["tok_s"]
+                got = bench_generation_window(model, level, tokens, threads, pp=pp,
+                                              consumers=consumers, options=options, **load)
+                busy[level].setdefault(burst, []).append(got["busy"])
+                return got["tok_s"]
 
             order = ["peer", *sides]
             if r % 2:
@@ -323,7 +339,8 @@ def compare_with_peer(model: str, levels: list[int], tokens: int, threads: int,
             client = runs[level][side]
             ratios = [c / p for c, p in zip(client, peer)]
             out.append({"parallel": level, "burst_ms": side, "client_tok_s": client,
-                        "S_TG": peer, "ratios": ratios, "ratio": statistics.median(ratios)})
+                        "S_TG": peer, "ratios": ratios, "ratio": statistics.median(ratios),
+                        "busy": busy[level][side], "busy_median": statistics.median(busy[level][side])})
     return out
 
 
@@ -392,12 +409,13 @@ def main() -> int:
         results["peer"] = compare_with_peer(model, levels, args.tokens, threads, args.rounds,
                                             args.consumers, options, args.pp, bursts)
         print(f"\n{'parallel':>8} {'burst_ms':>8} {'client tok/s':>13} {'batched-bench S_TG':>19} {'ratio':>6}"
-              f"  ({args.consumers} consumers, {args.options} options; medians of {args.rounds} "
-              f"alternating rounds; per-round ratios)")
+              f" {'busy':>6}  ({args.consumers} consumers, {args.options} options; medians of {args.rounds} "
+              f"alternating rounds; per-round ratios; busy: the share of the streams' time the "
+              f"engine loop spent in its steps)")
         for row in results["peer"]:
             burst = "default" if row["burst_ms"] is None else f"{row['burst_ms']:g}"
             print(f"{row['parallel']:>8} {burst:>8} {statistics.median(row['client_tok_s']):>13.1f} "
-                  f"{statistics.median(row['S_TG']):>19.1f} {row['ratio']:>6.3f}  "
+                  f"{statistics.median(row['S_TG']):>19.1f} {row['ratio']:>6.3f} {row['busy_median']:>6.3f}  "
                   + " ".join(f"{r:.2f}" for r in row["ratios"]))
     if not args.peer_only:
         print(f"\n{'streams':>8} {'chunks/s':>10} {'us/chunk':>9} {'client CPU us/chunk':>20} "

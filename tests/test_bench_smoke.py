@@ -168,3 +168,32 @@ def test_the_smol_shaped_stand_in_has_the_default_models_tensors(default_model_p
 
     logits = np.asarray(ctx.logits(len(batch) - 1))
     assert logits.shape == (model.n_vocab,) and np.isfinite(logits).all()
+
+
+def test_process_peer_bench_smoke(tmp_path):
+    """bench_process.py --peer-only on the tiny model, one round: the
+    client's rate beside batched-bench's, and the loop's busy share."""
+    out = tmp_path / "process.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_process.py"), "--model", "tiny",
+                           "--peer-only", "--threads", "1", "--parallel", "2", "--tokens", "16", "--pp", "8",
+                           "--rounds", "1", "--options", "defaults", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [row] = json.loads(out.read_text())["peer"]
+    assert row["parallel"] == 2 and row["S_TG"][0] > 0 and row["client_tok_s"][0] > 0
+    assert 0.0 < row["busy_median"] <= 1.0
+
+
+def test_engine_graph_sampling_bench_smoke(tmp_path):
+    """bench_engine.py --sampling cpu,graph on the tiny model, one round:
+    both sampling sides beside batched-bench."""
+    out = tmp_path / "engine.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_engine.py"), "--model", "tiny",
+                           "--threads", "1", "--parallel", "2", "--pp", "8", "--tg", "16", "--burst-ms", "30",
+                           "--sampling", "cpu,graph", "--rounds", "1", "--options", "defaults",
+                           "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["burst_ab"]
+    assert [r["sampling"] for r in rows] == ["cpu", "graph"]
+    assert all(r["engine_tok_s"][0] > 0 and r["S_TG"][0] > 0 for r in rows)
