@@ -68,9 +68,12 @@ def test_cli_bench_table_against_an_endpoint(default_model_path, capsys):
     assert all(float(r[3]) > 0 for r in rows)     # eval tok/s
 
 
-@pytest.mark.skipif(not all(p.exists() for p in PEERS),
-                    reason="peer binaries not built (scripts/build_peers.sh builds "
-                           "llama-batched-bench and llama-server, ~8 min cold)")
+NO_PEERS = pytest.mark.skipif(not all(p.exists() for p in PEERS),
+                              reason="peer binaries not built (scripts/build_peers.sh builds "
+                                     "llama-batched-bench and llama-server, ~8 min cold)")
+
+
+@NO_PEERS
 def test_peers_script_smoke(tmp_path):
     out = tmp_path / "peers.json"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_peers.py"), "--smoke",
@@ -170,6 +173,7 @@ def test_the_smol_shaped_stand_in_has_the_default_models_tensors(default_model_p
     assert logits.shape == (model.n_vocab,) and np.isfinite(logits).all()
 
 
+@NO_PEERS
 def test_process_peer_bench_smoke(tmp_path):
     """bench_process.py --peer-only on the tiny model, one round: the
     client's rate beside batched-bench's, and the loop's busy share."""
@@ -184,6 +188,7 @@ def test_process_peer_bench_smoke(tmp_path):
     assert 0.0 < row["busy_median"] <= 1.0
 
 
+@NO_PEERS
 def test_engine_graph_sampling_bench_smoke(tmp_path):
     """bench_engine.py --sampling cpu,graph on the tiny model, one round:
     both sampling sides beside batched-bench."""

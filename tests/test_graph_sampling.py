@@ -9,6 +9,8 @@ import json
 import threading
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from runner.engine.core import Engine, EngineConfig
 from runner.engine.requests import BadRequest, Chunk, CompletionOptions, CompletionRequest, Final
@@ -97,6 +99,47 @@ def test_graph_greedy_equals_the_cpu_chain(llama, model, make_ctx, opts):
     assert got == want
     for s in cpu + graph:
         s.close()
+    assert ctx.n_graph_samplers == 0
+
+
+@pytest.fixture(scope="module")
+def context_pair(llama, model):
+    """A plain context and a graph-sampling one, reused across examples
+    (cleared before each) so that the property test spends its time on
+    decodes rather than on context set-up."""
+    cpu_ctx = llama.Context(model, n_ctx=512, n_seq_max=2, n_threads=2)
+    ctx = llama.Context(model, n_ctx=512, n_seq_max=2, n_threads=2, graph_sampling=True)
+    yield cpu_ctx, ctx
+    cpu_ctx.close()
+    ctx.close()
+
+
+@settings(max_examples=20, deadline=None, derandomize=True)
+@given(repeat=st.sampled_from([1.0, 1.05, 1.3, 2.0]), last_n=st.sampled_from([-1, 0, 8, 64]),
+       freq=st.sampled_from([0.0, 0.3, 1.5]), presence=st.sampled_from([0.0, -0.5, 0.8]),
+       bias=st.lists(st.tuples(st.integers(0, 49151), st.sampled_from([-5.0, 3.0, -1e6])), max_size=4))
+def test_graph_greedy_matches_the_native_chain_for_any_penalties(llama, model, context_pair, repeat, last_n,
+                                                                  freq, presence, bias):
+    """Two implementations of the penalties and the bias -- the native
+    chain on the CPU and llama.cpp's graph stages -- pick the same greedy
+    tokens.  (Derandomized: the examples are the same in every run.)"""
+    window = 512 if last_n < 0 else last_n
+    opts = dict(temperature=0.0, repeat_penalty=repeat, repeat_last_n=window, frequency_penalty=freq,
+                presence_penalty=presence, logit_bias=dict(bias) or None)
+    prompts = PROMPTS[:2]
+    cpu_ctx, ctx = context_pair
+    cpu_ctx.clear()
+    ctx.clear()
+    cpu = [llama.Sampler(model, **opts) for _ in prompts]
+    graph = [llama.Sampler(model, native=False, **opts) for _ in prompts]
+    try:
+        for seq, s in enumerate(graph):
+            assert s.attach(ctx, seq)
+        assert _generate(llama, model, ctx, graph, prompts, 8) == \
+            _generate(llama, model, cpu_ctx, cpu, prompts, 8)
+    finally:
+        for s in cpu + graph:
+            s.close()
     assert ctx.n_graph_samplers == 0
 
 
