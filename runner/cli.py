@@ -297,7 +297,8 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
                    help="sample every request with llama.cpp's CPU chain instead of the native one")
     g.add_argument("--backend-sampling", action="store_true",
                    help="sample the requests that allow it inside the decode graph, on the device that "
-                        "computes it (for GPU builds; on the CPU the native chain is faster)")
+                        "computes it, unless a request's option backend_sampling says false (for GPU "
+                        "builds; on the CPU the native chain is faster)")
     g.add_argument("--slot-save-dir", default=None, metavar="DIR",
                    help="directory for 'llama-runner slot save/restore' files (default: those ops are off)")
     g.add_argument("--burst-ms", type=float, default=30.0,

@@ -289,3 +289,41 @@ def test_runner_process_with_backend_sampling(spawn):
     assert isinstance(empty, BadRequest)  # refused alone; the others run
     assert all(final.done_reason in ("length", "stop") for _, final in done), done  # a draw may end it
     assert runner.health().state == "ready"
+
+
+def test_requests_choose_where_they_sample(graph_engine, default_model_path):
+    """The completion option: false keeps a request on the CPU under a load
+    that samples in the graph, true puts one in the graph under a load that
+    does not (greedy text is the same either way), and nil takes the load's."""
+    def first_chunk(engine, **opts):
+        handle = engine.submit(CompletionRequest(prompt=PROMPTS[1], options=CompletionOptions.from_dict(
+            dict(num_predict=400, **opts))))
+        assert isinstance(next(iter(handle)), Chunk)
+        return handle
+
+    def settle(*handles):
+        for h in handles:
+            h.cancel()
+            assert h.result()[1].done_reason in ("cancelled", "length", "stop")
+
+    cpu = first_chunk(graph_engine, backend_sampling=False)
+    assert graph_engine.ctx.n_graph_samplers == 0
+    load_default = first_chunk(graph_engine)
+    assert graph_engine.ctx.n_graph_samplers == 1
+    settle(cpu, load_default)
+
+    plain = Engine(EngineConfig(default_model_path, n_ctx=1024, parallel=2, n_threads=2))
+    try:
+        h = first_chunk(plain)
+        assert plain.ctx.n_graph_samplers == 0
+        g = first_chunk(plain, backend_sampling=True)
+        assert plain.ctx.n_graph_samplers == 1
+        settle(h, g)
+        assert plain.ctx.n_graph_samplers == 0
+        texts = [plain.complete(PROMPTS[2], num_predict=16, temperature=0.0, repeat_penalty=1.3,
+                                backend_sampling=choice)[0] for choice in (None, True, False)]
+        assert texts[0] == texts[1] == texts[2] != ""
+    finally:
+        plain.close()
+    with pytest.raises(BadRequest, match="backend_sampling"):
+        CompletionOptions.from_dict({"backend_sampling": "yes"})

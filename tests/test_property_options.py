@@ -176,6 +176,7 @@ FIELDS: dict[str, Field] = {
     "shift": Field(st.booleans(), st.one_of(st.integers(0, 1), st.just("true"))),
     "ignore_eos": Field(st.booleans(), st.one_of(st.integers(0, 1), st.just([]))),
     "speculative": Field(st.booleans(), st.one_of(st.integers(0, 1), st.just("on"))),
+    "backend_sampling": Field(st.booleans(), st.one_of(st.integers(0, 1), st.just("graph"), st.just([]))),
     # This runner loads no adapter: only the empty list is valid; any id is refused.
     "lora": Field(st.just([]), st.one_of(
         st.lists(st.fixed_dictionaries({"id": st.integers(-2, 3), "scale": st.floats(-2, 2)}),
@@ -300,6 +301,12 @@ def cases(draw) -> Case:
 
 # -- policy only: validation never raises anything but a named BadRequest --------------
 
+# Refused only by a runner: a well-formed ``lora`` list names adapters, and
+# whether they are loaded is known at submission (runner.engine.lora), not
+# to CompletionOptions.validate.
+CHECKED_AT_SUBMIT = frozenset({"lora"})
+
+
 @settings(max_examples=examples(400), deadline=None)
 @given(option_maps())
 def test_options_validate_or_name_the_bad_field(drawn):
@@ -311,7 +318,7 @@ def test_options_validate_or_name_the_bad_field(drawn):
         assert any(name in str(exc) for name in bad | content), \
             f"{exc} names none of {sorted(bad | content)}"
     else:
-        assert not bad, f"accepted options with bad {sorted(bad)}: {options!r:.300}"
+        assert not bad - CHECKED_AT_SUBMIT, f"accepted options with bad {sorted(bad)}: {options!r:.300}"
 
 
 # -- through a real runner -----------------------------------------------------------

@@ -108,7 +108,7 @@ class EngineConfig:
     kv_unified: bool = False          # one KV buffer shared by all slots (see _StreamKV)
     delivery: str = "auto"            # thread | inline | auto (see Engine.delivery_mode)
     native_sampler: bool = True       # False: llama.cpp's CPU chain for every request (see _llama.Sampler)
-    backend_sampling: bool = False    # sample the requests that allow it inside the decode graph (sampling.in_graph)
+    backend_sampling: bool = False    # requests that leave options.backend_sampling out sample inside the decode graph (sampling.in_graph)
     slot_save_dir: str | None = None  # directory of save_slot/restore_slot files (None: those ops are off)
     draft_room: int = 16              # speculative proposals fill a step up to this many inputs (0: never)
     draft_model: str | None = None    # GGUF of a draft model with the same vocabulary (None: prompt lookup)
@@ -385,7 +385,7 @@ class Engine:
                 n_threads=config.n_threads, flash_attn=config.flash_attn, type_k=config.type_k,
                 type_v=config.type_v, pooling=pooling, kv_unified=config.kv_unified,
                 swa_full=config.swa_full,
-                graph_sampling=config.backend_sampling and not config.embeddings)
+                graph_sampling=not config.embeddings)  # requests choose (options.backend_sampling)
         except _llama.ContextError as exc:
             if not trained:
                 raise
@@ -527,7 +527,8 @@ class Engine:
                                    f"{self.config.parallel})")
             inputs = truncate_prompt(inputs, self.slot_ctx, options.num_keep)
         lora_key = lora_sets.resolve(options.lora, len(self._loras))
-        graph = self.config.backend_sampling and in_graph(options)
+        graph = (self.config.backend_sampling if options.backend_sampling is None
+                 else options.backend_sampling) and in_graph(options)
         sampler = make_sampler(self.model, options, self.slot_ctx,  # grammar errors surface here
                                self.config.native_sampler and not graph)
         rid = request.id or f"r{next(self._ids)}"

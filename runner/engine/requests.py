@@ -404,6 +404,7 @@ class CompletionOptions:
     adaptive_decay: float = 0.9      # adaptive-p's moving-average decay
     logit_bias: dict | list | None = None  # token id or text -> bias (false: banned); see logit_bias_pairs
     samplers: list[str] | str | None = None  # stage order (names or codes); None: DEFAULT_SAMPLERS
+    backend_sampling: bool | None = None  # sample inside the decode graph if the chain allows (sampling.in_graph); None: the load's
 
     def validate(self) -> "CompletionOptions":
         """Check every field; raises :class:`BadRequest` naming the first bad one."""
@@ -438,6 +439,8 @@ class CompletionOptions:
             logit_bias_pairs(self.logit_bias)
         if self.samplers is not None:
             sampler_order(self.samplers)
+        if self.backend_sampling is not None and type(self.backend_sampling) is not bool:
+            raise _bad("backend_sampling", f"must be a boolean or nil, got {_show(self.backend_sampling)}")
         if self.grammar is not None and type(self.grammar) is not str:
             raise _bad("grammar", f"must be a GBNF grammar string, got {_show(self.grammar)}")
         problem = grammar_problem(self.grammar) if self.grammar else None
