@@ -45,6 +45,10 @@ def run_all(path, burst_ms):
             handles.append(e.submit(req))
         out = [h.result() for h in handles]
         steps = [t.steps for t in e.timings]
+        totals = e.totals.snapshot()
+    # A run's decodes are counted one by one in the totals, as ordinary steps are.
+    assert totals["steps"] == sum(steps) == totals["step_seconds"]["count"] == totals["batch_tokens"]["count"]
+    assert sum(totals["batch_tokens"]["counts"]) == sum(steps)
     return [(text, f.done_reason, f.eval_count) for text, f in out], steps
 
 

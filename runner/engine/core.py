@@ -1079,20 +1079,43 @@ class Engine:
         for seq, run in zip(seqs, sampled):
             record(seq.slot, [seq.next_token, *run[:-1]])
             seq.next_token = None
-        # A token, -1 (no number among the logits), or a grammar's DEFERRED
-        # or error (decode_steps), which ends its run.
-        n_gen = self._hand_on(((seq, [(t if type(t) is not int or t >= 0 else _NO_NUMBER, None)
-                                      for t in run])
-                               for seq, run in zip(seqs, sampled)), t2)
+        n_gen = self._hand_on_run(seqs, sampled, t2)
         self._last_decode_end = t2
         per_step = (t2 - t1) / n_steps
         self._gen_step_seconds = per_step
         self.timings.append(StepTiming(build=t1 - t0, decode=t2 - t1, sample=0.0, idle_gap=idle,
                                        n_tokens=n_steps * len(entries), n_generating=n_gen,
                                        steps=n_steps))
-        for _ in range(n_steps):
-            self.totals.step(per_step, len(entries))
+        self.totals.step(per_step, len(entries), n_steps)
         return True
+
+    def _hand_on_run(self, seqs: list[Sequence], sampled: list[list], now: float) -> int:
+        """_hand_on for a native run's tokens, ``sampled[i]`` those of
+        ``seqs[i]``.  decode_steps stops a run after the step in which any
+        token ends its sequence (an end token where it ends one, the budget
+        of n_predict, -1, a grammar's DEFERRED or error), so every token but
+        a sequence's last is one that _take would only append: those go in
+        bulk, and the last through _take.  On a fast decode this is most of
+        the loop's Python per generated token (~1 us each in _take)."""
+        toks: list[tuple] = []  # as in _hand_on
+        ends: list[tuple] = []
+        take = self._take
+        for seq, run in zip(seqs, sampled):
+            if len(run) > 1 and seq.t_first:  # (a first token sets t_first in _take)
+                head = run[:-1]
+                seq.generated += head
+                toks += zip(itertools.repeat(seq), head, itertools.repeat(None))
+                run = run[-1:]
+            for token in run:
+                # A token, -1 (no number among the logits), or a grammar's
+                # DEFERRED or error, which ends the run.
+                if type(token) is int and token < 0:
+                    token = _NO_NUMBER
+                end = take(seq, token, None, now, toks)
+                if end is not None:
+                    ends.append(end)
+                    break
+        return self._hand_over(toks, ends)
 
     def _accepting(self) -> bool:
         """Whether queued requests may still start (called under the lock)."""
@@ -1252,6 +1275,11 @@ class Engine:
                 if end is not None:
                     ends.append(end)
                     break
+        return self._hand_over(toks, ends)
+
+    def _hand_over(self, toks: list[tuple], ends: list[tuple]) -> int:
+        """A step's tokens to delivery as one record, then the ends; the
+        number of tokens."""
         if toks:
             self._out.put(StepTokens(toks))
         for seq, reason, error in ends:

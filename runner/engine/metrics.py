@@ -43,10 +43,11 @@ class Histogram:
     def __post_init__(self) -> None:
         self.counts = [0] * (len(self.bounds) + 1)
 
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.bounds, value)] += 1
-        self.total += value
-        self.n += 1
+    def observe(self, value: float, times: int = 1) -> None:
+        """Count ``value`` ``times`` times."""
+        self.counts[bisect.bisect_left(self.bounds, value)] += times
+        self.total += value * times
+        self.n += times
 
     def snapshot(self) -> dict:
         return {"bounds": list(self.bounds), "counts": list(self.counts), "sum": self.total, "count": self.n}
@@ -90,11 +91,13 @@ class EngineTotals:
         with self._lock:
             self.queue_seconds.observe(waited)
 
-    def step(self, seconds: float, n_tokens: int) -> None:
+    def step(self, seconds: float, n_tokens: int, steps: int = 1) -> None:
+        """``steps`` decodes of ``n_tokens`` inputs each, ``seconds`` each
+        (a native run's steps are counted at their mean)."""
         with self._lock:
-            self.steps += 1
-            self.step_seconds.observe(seconds)
-            self.batch_tokens.observe(n_tokens)
+            self.steps += steps
+            self.step_seconds.observe(seconds, steps)
+            self.batch_tokens.observe(n_tokens, steps)
 
     def grammar_redraw(self, seconds: float) -> None:
         with self._lock:
