@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from runner.bench.harness import greedy_options  # noqa: E402
+from runner.bench.stats import format_interval, median_interval  # noqa: E402
 from runner.engine.core import Engine, EngineConfig  # noqa: E402
 from runner.engine.requests import Chunk, CompletionOptions, CompletionRequest  # noqa: E402
 from runner.model.models import default_model_path  # noqa: E402
@@ -189,7 +190,8 @@ def burst_ab(model: str, args: argparse.Namespace, levels: list[int], bursts: li
             gap, step, visits = (statistics.median(g[i] for g in gaps[side]) for i in range(3))
             out.append({"B": b, "burst_ms": side[0], "sampling": side[1], "engine_tok_s": runs[side],
                         "S_TG": runs["peer"],
-                        "ratios": ratios, "ratio": statistics.median(ratios), "gap_ms": gap * 1e3,
+                        "ratios": ratios, "ratio": statistics.median(ratios),
+                        "ratio_interval": median_interval(ratios), "gap_ms": gap * 1e3,
                         "step_ms": step * 1e3, "steps_per_visit": visits})
     return out
 
@@ -231,10 +233,12 @@ def main() -> int:
         print(f"model {Path(model).name}, threads {args.threads}, {args.options} options, "
               f"medians of {args.rounds} rounds taking turns")
         print(f"{'B':>3} {'burst_ms':>8} {'sampling':>8} {'engine tok/s':>13} {'S_TG':>8} {'ratio':>6} "
-              f"{'step ms':>8} {'gap ms':>7} {'steps/visit':>11}  per-round ratios")
+              f"{'interval':>17} {'step ms':>8} {'gap ms':>7} {'steps/visit':>11}  per-round ratios "
+              f"(interval: the median ratio's confidence interval, at the coverage shown)")
         for r in rows:
             print(f"{r['B']:>3} {r['burst_ms']:>8g} {r['sampling']:>8} {statistics.median(r['engine_tok_s']):>13.1f} "
-                  f"{statistics.median(r['S_TG']):>8.1f} {r['ratio']:>6.3f} {r['step_ms']:>8.3f} "
+                  f"{statistics.median(r['S_TG']):>8.1f} {r['ratio']:>6.3f} "
+                  f"{format_interval(r['ratio_interval']):>17} {r['step_ms']:>8.3f} "
                   f"{r['gap_ms']:>7.3f} {r['steps_per_visit']:>11.1f}  "
                   + " ".join(f"{x:.2f}" for x in r["ratios"]))
         if args.json:

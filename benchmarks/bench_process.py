@@ -42,6 +42,7 @@ import threading
 import time
 
 from runner.bench.harness import greedy_options
+from runner.bench.stats import format_interval, median_interval
 from runner.engine.requests import Chunk, Final
 from runner.process import protocol as P
 from runner.process import security
@@ -340,6 +341,7 @@ def compare_with_peer(model: str, levels: list[int], tokens: int, threads: int,
             ratios = [c / p for c, p in zip(client, peer)]
             out.append({"parallel": level, "burst_ms": side, "client_tok_s": client,
                         "S_TG": peer, "ratios": ratios, "ratio": statistics.median(ratios),
+                        "ratio_interval": median_interval(ratios),
                         "busy": busy[level][side], "busy_median": statistics.median(busy[level][side])})
     return out
 
@@ -409,13 +411,15 @@ def main() -> int:
         results["peer"] = compare_with_peer(model, levels, args.tokens, threads, args.rounds,
                                             args.consumers, options, args.pp, bursts)
         print(f"\n{'parallel':>8} {'burst_ms':>8} {'client tok/s':>13} {'batched-bench S_TG':>19} {'ratio':>6}"
-              f" {'busy':>6}  ({args.consumers} consumers, {args.options} options; medians of {args.rounds} "
-              f"alternating rounds; per-round ratios; busy: the share of the streams' time the "
-              f"engine loop spent in its steps)")
+              f" {'interval':>17} {'busy':>6}  ({args.consumers} consumers, {args.options} options; "
+              f"medians of {args.rounds} alternating rounds; interval: the median ratio's confidence "
+              f"interval, at the coverage shown; per-round ratios; busy: the share of the streams' "
+              f"time the engine loop spent in its steps)")
         for row in results["peer"]:
             burst = "default" if row["burst_ms"] is None else f"{row['burst_ms']:g}"
             print(f"{row['parallel']:>8} {burst:>8} {statistics.median(row['client_tok_s']):>13.1f} "
-                  f"{statistics.median(row['S_TG']):>19.1f} {row['ratio']:>6.3f} {row['busy_median']:>6.3f}  "
+                  f"{statistics.median(row['S_TG']):>19.1f} {row['ratio']:>6.3f} "
+                  f"{format_interval(row['ratio_interval']):>17} {row['busy_median']:>6.3f}  "
                   + " ".join(f"{r:.2f}" for r in row["ratios"]))
     if not args.peer_only:
         print(f"\n{'streams':>8} {'chunks/s':>10} {'us/chunk':>9} {'client CPU us/chunk':>20} "

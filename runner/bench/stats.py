@@ -68,6 +68,41 @@ def percentile(values: Iterable[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
+def median_interval(values: Iterable[float], level: float = 0.95) -> tuple[float, float, float]:
+    """A confidence interval for the median of what ``values`` were drawn
+    from, assuming nothing of its shape (independent draws): ``(low, high,
+    coverage)``.  The interval runs from the k-th smallest to the k-th
+    largest value, which holds the median unless at least n - k + 1 draws
+    fall on one side of it, so its coverage is 1 - 2 P(Binomial(n, 1/2) < k);
+    k is the largest whose coverage is at least ``level``.  Below six values
+    no k reaches 0.95: the whole range is returned with the coverage it has.
+    NaNs for no values.  Used for the per-round ratios of the peer
+    benchmarks, whose rounds scatter too much for a median alone to say
+    whether a target is met."""
+    ordered = sorted(values)
+    n = len(ordered)
+    if not n:
+        return math.nan, math.nan, math.nan
+    if not 0 < level < 1:
+        raise ValueError(f"level must be within (0, 1), not {level}")
+
+    def coverage(k: int) -> float:
+        return 1.0 - 2.0 * sum(math.comb(n, i) for i in range(k)) / 2.0 ** n
+
+    k = 1
+    while k < (n + 1) // 2 and coverage(k + 1) >= level:
+        k += 1
+    return ordered[k - 1], ordered[n - k], coverage(k)
+
+
+def format_interval(interval: tuple[float, float, float]) -> str:
+    """``median_interval``'s result as "[0.91, 0.97] 96%"."""
+    low, high, coverage = interval
+    if math.isnan(coverage):
+        return "-"
+    return f"[{low:.2f}, {high:.2f}] {coverage * 100:.0f}%"
+
+
 def rate(count: float, seconds: float) -> float:
     """``count / seconds``; 0 when no time was measured."""
     return count / seconds if seconds > 0 else 0.0
